@@ -1,0 +1,120 @@
+"""Command line: `python -m convert SRC DST` and `python -m convert verify`. See `--help`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from convert.checkpoints import FORMATS, load_checkpoint, save_checkpoint
+from convert.rules import ConversionError
+from whisper_config import PRESETS, SIZES, ConfigError, InputError, ModelConfig
+
+DEFAULT_TARGET = {"torch": "flax", "openai": "flax", "flax": "torch"}
+
+CONVERT_HELP = """\
+Convert a checkpoint between frameworks. The source format is detected:
+  torch   a directory with config.json + model.safetensors (torch_ref)
+  flax    a directory with config.json + state/ (orbax, flax_whisper)
+  openai  an OpenAI Whisper .pt file (read with torch.load(weights_only=True))
+By default torch and OpenAI checkpoints become flax, and flax becomes torch.
+Run `python -m convert verify --help` for the parity checker."""
+
+
+def convert_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert",
+        description=CONVERT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help="source checkpoint (directory or .pt file)")
+    parser.add_argument("dst", help="destination (a directory, or a .pt file for --to openai)")
+    parser.add_argument("--to", choices=FORMATS, help="target format (default: the other framework)")
+    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    args = parser.parse_args(argv)
+    ckpt = load_checkpoint(args.src)
+    target = args.to or DEFAULT_TARGET[ckpt.format]
+    save_checkpoint(args.dst, target, ckpt.config, ckpt.tensors, overwrite=args.overwrite)
+    n_weights = sum(v.size for v in ckpt.tensors.values())
+    print(f"{args.src} ({ckpt.format}) -> {args.dst} ({target}): {len(ckpt.tensors)} tensors, {n_weights:,} weights")
+    return 0
+
+
+def verify_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m convert verify",
+        description=(
+            "Load one set of weights into torch_ref and flax_whisper, run both on the same random "
+            "log-mel and tokens, print the max abs/rel differences of the encoder output, logits "
+            "and loss, and exit 1 if any exceeds atol + rtol * max|torch|. Without CKPT, checks "
+            "a freshly initialised model of --preset or --config."
+        ),
+    )
+    parser.add_argument("ckpt", nargs="?", help="checkpoint of any format (omit to verify a fresh model)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--preset", choices=sorted(PRESETS), help="fresh model of this preset")
+    source.add_argument("--config", metavar="FILE", help="fresh model from a config.json")
+    parser.add_argument("--size", choices=list(SIZES), help="OpenAI size for --preset (default: tiny)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
+    parser.add_argument("--frames", type=int, help="mel frames (default 2 * n_audio_ctx)")
+    parser.add_argument("--tokens", type=int, help="decoder tokens (default min(32, n_text_ctx))")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and the input")
+    parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    args = parser.parse_args(argv)
+    if (args.ckpt is None) == (args.preset is None and args.config is None):
+        parser.error("give either a checkpoint or one of --preset / --config")
+    if args.size and not args.preset:
+        parser.error("--size goes with --preset")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("error: verify runs torch_ref and needs torch: pip install '.[torch]'", file=sys.stderr)
+        return 2
+
+    from convert.verify import verify
+
+    if args.ckpt:
+        ckpt = load_checkpoint(args.ckpt)
+        config, tensors = ckpt.config, ckpt.tensors
+        print(f"checkpoint {args.ckpt} ({ckpt.format})")
+    else:
+        from flax import nnx
+
+        from convert.core import flax_to_torch
+        from flax_whisper import Whisper
+
+        if args.preset:
+            config = ModelConfig.from_preset(args.preset, size=args.size)
+            print(f"fresh flax_whisper model, preset {args.preset!r}, size {args.size or 'tiny'}, seed {args.seed}")
+        else:
+            config = ModelConfig.load(args.config)
+            print(f"fresh flax_whisper model from {args.config}, seed {args.seed}")
+        tensors = flax_to_torch(Whisper(config, rngs=nnx.Rngs(args.seed)))
+    results = verify(
+        config,
+        tensors,
+        batch=args.batch,
+        frames=args.frames,
+        n_tokens=args.tokens,
+        seed=args.seed,
+        atol=args.atol,
+        rtol=args.rtol,
+    )
+    failed = [r.name for r in results if not r.ok]
+    print("parity FAILED: " + ", ".join(failed) if failed else "parity ok")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["verify"]:
+            return verify_main(argv[1:])
+        return convert_main(argv)
+    except (ConversionError, ConfigError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Tensors between the two frameworks, through the plan of `rules.py`.
+
+The interchange form is a flat dict of NumPy arrays under `torch_ref` names (what a
+`model.safetensors` holds). Going to Flax needs no torch; building the torch model does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from convert.rules import CARRIED, abstract_model, build_plan, check_inventory
+from flax_whisper import Whisper
+from whisper_config import ModelConfig
+
+Tensors = dict[str, np.ndarray]
+
+
+def check_torch_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, what: str = "checkpoint") -> None:
+    """Raise `ConversionError` unless `tensors` are exactly the torch state of `config`'s model."""
+    expected = {e.torch_key: e.torch_shape for e in build_plan(config)}
+    check_inventory({k: tuple(v.shape) for k, v in tensors.items()}, expected, what)
+
+
+def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> nnx.State:
+    """torch-named arrays -> the Flax `nnx.State` of parameters and buffers (checked, float32)."""
+    check_torch_tensors(tensors, config)
+    state = nnx.state(abstract_model(config), CARRIED)
+    flat = dict(nnx.to_flat_state(state))
+    for entry in build_plan(config):
+        array = entry.transform.to_flax(np.asarray(tensors[entry.torch_key], dtype=np.float32))
+        flat[entry.flax_path].set_value(jnp.asarray(array))
+    return state
+
+
+def flax_arrays_to_torch(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> Tensors:
+    """Flax arrays under dotted paths (`encoder.conv1.kernel`) -> torch-named NumPy arrays (checked)."""
+    plan = build_plan(config)
+    check_inventory(
+        {k: tuple(np.shape(v)) for k, v in arrays.items()},
+        {e.flax_key: e.flax_shape for e in plan},
+        "Flax state",
+    )
+    return {e.torch_key: e.transform.to_torch(np.asarray(arrays[e.flax_key])) for e in plan}
+
+
+def flax_state_to_torch(state: nnx.State, config: ModelConfig) -> Tensors:
+    """The Flax parameters and buffers of a model (an `nnx.State`) -> torch-named NumPy arrays."""
+    arrays = {".".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(state)}
+    return flax_arrays_to_torch(arrays, config)
+
+
+def flax_to_torch(model: Whisper) -> Tensors:
+    """A Flax `Whisper` -> torch-named NumPy arrays."""
+    return flax_state_to_torch(nnx.state(model, CARRIED), model.config)
+
+
+def new_flax_model(config: ModelConfig, tensors: Mapping[str, np.ndarray], seed: int = 0) -> Whisper:
+    """A Flax `Whisper` holding `tensors`, without first allocating a random initialisation.
+
+    Parameters and buffers come from `tensors`; the remaining state (dropout RNG streams) is
+    built under `jit`, which drops the unused parameter initialisers.
+    """
+    carried = torch_to_flax_state(tensors, config)
+    graphdef, _ = nnx.split(abstract_model(config))
+
+    @jax.jit
+    def rest():
+        return nnx.state(Whisper(config, rngs=nnx.Rngs(seed)), nnx.Not(CARRIED))
+
+    return nnx.merge(graphdef, carried, rest())
+
+
+def new_torch_model(config: ModelConfig, tensors: Mapping[str, np.ndarray]):
+    """A `torch_ref.Whisper` holding `tensors` (checked by name and shape first), float32."""
+    import torch
+
+    from torch_ref import Whisper as TorchWhisper
+
+    check_torch_tensors(tensors, config)
+    with torch.device("meta"):
+        model = TorchWhisper(config)
+    state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def torch_to_numpy(model) -> Tensors:
+    """A `torch_ref.Whisper` -> torch-named NumPy arrays (parameters and persistent buffers)."""
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

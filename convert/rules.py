@@ -1,0 +1,132 @@
+"""The declarative conversion table between `torch_ref` state dicts and `flax_whisper` state.
+
+Both packages mirror each other's module names, so a parameter's path is the same on both sides
+except for its leaf name and layout, which depend only on the layer class that owns it. `LAYERS`
+says, for each mirrored layer class, how each Flax leaf is named in torch and which named,
+invertible transform maps the layout. A variable owned directly by a model module (a position
+table, say) keeps its name and layout.
+
+`build_plan(config)` walks the abstract Flax model (`nnx.eval_shape`, nothing allocated) and
+returns one `Entry` per tensor; `check_inventory` compares a set of tensors against it and reports
+every missing, unexpected and mis-shaped key by name in one error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from flax_whisper import Whisper
+from flax_whisper.layers import Buffer
+from whisper_config import ModelConfig
+
+# What the converter carries: trainable parameters and persistent buffers (not RNG stream state).
+CARRIED = nnx.Any(nnx.Param, Buffer)
+
+
+class ConversionError(ValueError):
+    """Tensors do not match the model they are converted for; the message lists every problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """A named axis permutation taking the torch layout to the Flax one; its inverse goes back."""
+
+    name: str
+    to_flax_axes: tuple[int, ...] | None  # None: same layout
+
+    def to_flax(self, array: np.ndarray) -> np.ndarray:
+        return array if self.to_flax_axes is None else np.ascontiguousarray(array.transpose(self.to_flax_axes))
+
+    def to_torch(self, array: np.ndarray) -> np.ndarray:
+        if self.to_flax_axes is None:
+            return array
+        return np.ascontiguousarray(array.transpose(np.argsort(self.to_flax_axes)))
+
+    def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.to_flax_axes is None:
+            return tuple(flax_shape)
+        inverse = np.argsort(self.to_flax_axes)
+        return tuple(flax_shape[i] for i in inverse)
+
+
+IDENTITY = Transform("identity", None)
+LINEAR = Transform("linear_transpose", (1, 0))  # torch (out, in) <-> flax (in, out)
+CONV1D = Transform("conv_permute", (2, 1, 0))  # torch (out, in, k) <-> flax (k, in, out)
+
+# layer class (same name in torch_ref and flax_whisper) -> flax leaf -> (torch leaf, transform)
+LAYERS: dict[str, dict[str, tuple[str, Transform]]] = {
+    "Linear": {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
+    "Conv1d": {"kernel": ("weight", CONV1D), "bias": ("bias", IDENTITY)},
+    "LayerNorm": {"scale": ("weight", IDENTITY), "bias": ("bias", IDENTITY)},
+    "Embedding": {"embedding": ("weight", IDENTITY)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One tensor: its torch key, its Flax path, the transform between them and both shapes."""
+
+    torch_key: str
+    flax_path: tuple[str | int, ...]
+    transform: Transform
+    flax_shape: tuple[int, ...]
+    torch_shape: tuple[int, ...]
+    trainable: bool
+
+    @property
+    def flax_key(self) -> str:
+        return ".".join(str(p) for p in self.flax_path)
+
+
+def abstract_model(config: ModelConfig) -> Whisper:
+    """The Flax model with shapes only (no memory allocated)."""
+    return nnx.eval_shape(lambda: Whisper(config, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=16)
+def build_plan(config: ModelConfig) -> tuple[Entry, ...]:
+    """Every tensor of the model `config` describes, in both namings, in a stable order."""
+    model = abstract_model(config)
+    owners = {path: type(module).__name__ for path, module in nnx.iter_modules(model)}
+    entries = []
+    for path, variable in nnx.to_flat_state(nnx.state(model, CARRIED)):
+        *owner, leaf = path
+        rules = LAYERS.get(owners[tuple(owner)], {})
+        if owners[tuple(owner)] in LAYERS and leaf not in rules:
+            raise AssertionError(f"conversion table has no rule for {'.'.join(map(str, path))}")
+        torch_leaf, transform = rules.get(leaf, (leaf, IDENTITY))
+        shape = tuple(variable.get_value().shape)
+        entries.append(
+            Entry(
+                torch_key=".".join([*map(str, owner), torch_leaf]),
+                flax_path=tuple(path),
+                transform=transform,
+                flax_shape=shape,
+                torch_shape=transform.torch_shape(shape),
+                trainable=isinstance(variable, nnx.Param),
+            )
+        )
+    return tuple(entries)
+
+
+def check_inventory(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise one `ConversionError` naming every missing, unexpected and mis-shaped key."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    misshaped = sorted(
+        f"{key}: expected {tuple(expected[key])}, got {tuple(shapes[key])}"
+        for key in set(shapes) & set(expected)
+        if tuple(shapes[key]) != tuple(expected[key])
+    )
+    if missing or unexpected or misshaped:
+        lines = [f"{what} does not match the model configuration:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}):")
+                lines.extend(f"    {key}" for key in keys)
+        raise ConversionError("\n".join(lines))

@@ -1,0 +1,105 @@
+"""Multi-head attention with an explicit KV cache (SPEC section 4.1), mirroring `torch_ref/attention.py`.
+
+The cache is a plain dict pytree passed in and returned, never module state, so a jitted decoding
+loop can carry it:
+
+- self-attention: `{"k": (B, L, d), "v": (B, L, d)}`, buffers of fixed capacity `L` written at
+  `offset` (which may be traced); the causal mask hides every slot after the current position.
+- cross-attention: `{"k": (B, S, d), "v": (B, S, d)}`, projected once from the encoder output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_whisper.layers import Linear
+from whisper_config import ModelConfig
+
+Cache = dict[str, jax.Array]
+
+
+def causal_mask(offset, length: int, n_keys: int) -> jax.Array:
+    """`(T, S)` bool: query at `offset + i` may see key `j` iff `j <= offset + i`."""
+    q_pos = offset + jnp.arange(length)
+    k_pos = jnp.arange(n_keys)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    n_head: int,
+    scale: float,
+    mask: jax.Array | None,
+    dropout: nnx.Dropout,
+) -> jax.Array:
+    """Scaled dot-product attention over heads; softmax in float32.
+
+    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S) -> (B, T, d)
+    """
+    b, t, d = q.shape
+    q = q.reshape(b, t, n_head, d // n_head)  # (B, T, H, dh)
+    k = k.reshape(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
+    v = v.reshape(b, v.shape[1], n_head, d // n_head)  # (B, S, H, dh)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # (B, H, T, S)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    weights = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
+    return jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
+
+
+class MultiHeadAttention(nnx.Module):
+    """OpenAI Whisper's multi-head attention, for self-attention and cross-attention."""
+
+    def __init__(self, n_state: int, n_head: int, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.n_head = n_head
+        self.scale = (n_state // n_head) ** -0.5
+        self.query = Linear(n_state, n_state, rngs=rngs)
+        self.key = Linear(n_state, n_state, bias=False, rngs=rngs)
+        self.value = Linear(n_state, n_state, rngs=rngs)
+        self.out = Linear(n_state, n_state, rngs=rngs)
+        self.attention_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        xa: jax.Array | None = None,
+        *,
+        causal: bool = False,
+        cache: Cache | None = None,
+        offset=0,
+    ) -> tuple[jax.Array, Cache | None]:
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache.
+
+        With `xa`, attends to the encoder output (cross-attention), using the cache's projected
+        keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.
+        """
+        q = self.query(x)
+        if xa is not None:
+            if cache is None:
+                k, v = self.key(xa), self.value(xa)
+            else:
+                k, v = cache["k"], cache["v"]
+            mask = None
+        else:
+            k, v = self.key(x), self.value(x)
+            if cache is not None:
+                # Write the new rows at offset .. offset + T of the fixed-size buffers.
+                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), offset, axis=1)
+                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), offset, axis=1)
+                cache = {"k": k, "v": v}
+            mask = causal_mask(offset, x.shape[1], k.shape[1]) if causal else None
+        y = attend(q, k, v, self.n_head, self.scale, mask, self.attention_dropout)
+        return self.out(y), cache
+
+    def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
+        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, d)."""
+        shape = (batch, length, self.out.out_features)
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def init_cross_cache(self, xa: jax.Array) -> Cache:
+        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, d)."""
+        return {"k": self.key(xa), "v": self.value(xa)}

@@ -1,0 +1,163 @@
+"""AudioEncoder, TextDecoder and Whisper (SPEC section 5), mirroring `torch_ref/model.py`.
+
+The public input layout is torch's: log-mel `(B, n_mels, frames)`; the encoder transposes it to
+NWC for its convolutions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_whisper.blocks import ResidualAttentionBlock
+from flax_whisper.layers import EMBEDDING_STD, Buffer, Conv1d, Embedding, gelu, is_traced, make_norm
+from flax_whisper.positions import lookup_positions, sinusoids
+from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
+from whisper_config.checks import check_cache_offset
+
+IGNORE_INDEX = -100
+DecoderCache = dict[str, Any]
+
+
+def _check_token_values(config: ModelConfig, tokens: jax.Array) -> None:
+    # Values of traced arrays are unknown; eager calls (and the host before a jitted loop) check.
+    if not is_traced(tokens):
+        check_token_range(config, int(tokens.min()), int(tokens.max()))
+
+
+class AudioEncoder(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d = config.n_audio_state
+        self.conv1 = Conv1d(config.n_mels, d, kernel_size=3, padding=1, rngs=rngs)
+        self.conv2 = Conv1d(d, d, kernel_size=3, stride=2, padding=1, rngs=rngs)
+        self.positional_embedding = Buffer(sinusoids(config.n_audio_ctx, d))
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+        self.blocks = nnx.List(
+            ResidualAttentionBlock(d, config.n_audio_head, config.encoder_attention, config, rngs=rngs)
+            for _ in range(config.n_audio_layer)
+        )
+        self.ln_post = make_norm(config, d)
+
+    def __call__(self, mel: jax.Array) -> jax.Array:
+        """mel (B, n_mels, frames) log-mel -> (B, T, d) with T = ceil(frames / 2) <= n_audio_ctx."""
+        n_ctx = check_mel_shape(self.config, mel.shape)
+        x = jnp.swapaxes(mel, 1, 2)  # (B, frames, n_mels)
+        x = gelu(self.conv1(x))  # (B, frames, d)
+        x = gelu(self.conv2(x))  # (B, T, d)
+        x = self.dropout(x + lookup_positions(self.positional_embedding[...], 0, n_ctx, "audio").astype(x.dtype))
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d = config.n_text_state
+        self.token_embedding = Embedding(config.n_vocab, d, rngs=rngs)
+        init = jax.nn.initializers.normal(EMBEDDING_STD)
+        self.positional_embedding = nnx.Param(init(rngs.params(), (config.n_text_ctx, d), jnp.float32))
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
+        self.blocks = nnx.List(
+            ResidualAttentionBlock(
+                d, config.n_text_head, config.decoder_attention, config, cross_attention=True, rngs=rngs
+            )
+            for _ in range(config.n_text_layer)
+        )
+        self.ln = make_norm(config, d)
+
+    def __call__(
+        self, tokens: jax.Array, xa: jax.Array, cache: DecoderCache | None = None
+    ) -> tuple[jax.Array, DecoderCache | None]:
+        """tokens (B, T) int, xa (B, S, d) encoder output -> logits (B, T, n_vocab) float32, cache.
+
+        With a cache (from `init_cache`), `tokens` follow the `cache["offset"]` tokens already
+        decoded, and the returned cache holds them too.
+        """
+        offset = 0 if cache is None else cache["offset"]
+        length = check_tokens_shape(self.config, tokens.shape, 0 if is_traced(offset) else int(offset))
+        _check_token_values(self.config, tokens)
+        if cache is not None:
+            capacity = cache["layers"][0]["attn"]["k"].shape[1]
+            check_cache_offset(self.config, 0 if is_traced(offset) else int(offset), length, capacity)
+        positions = lookup_positions(self.positional_embedding[...], offset, length, "tokens")
+        x = self.dropout((self.token_embedding(tokens) + positions).astype(xa.dtype))  # (B, T, d)
+        layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
+        new_caches = []
+        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
+            x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset)
+            new_caches.append(layer_cache)
+        x = self.ln(x)
+        logits = (x @ self.token_embedding.embedding[...].astype(x.dtype).T).astype(jnp.float32)
+        if cache is not None:
+            cache = {"offset": offset + length, "layers": new_caches}
+        return logits, cache
+
+    def init_cache(self, xa: jax.Array, max_length: int | None = None) -> DecoderCache:
+        """An empty cache for decoding up to `max_length` (default n_text_ctx) tokens after `xa`.
+
+        Cross-attention keys and values of `xa (B, S, d)` are projected here, once per utterance.
+        """
+        length = self.config.n_text_ctx if max_length is None else max_length
+        layers = [
+            {
+                "attn": block.attn.init_cache(xa.shape[0], length, xa.dtype),
+                "cross_attn": block.cross_attn.init_cross_cache(xa),
+            }
+            for block in self.blocks
+        ]
+        return {"offset": jnp.zeros((), jnp.int32), "layers": layers}
+
+
+class Whisper(nnx.Module):
+    """The encoder-decoder. `model(mel, tokens)` gives the decoder's logits."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.encoder = AudioEncoder(config, rngs=rngs)
+        self.decoder = TextDecoder(config, rngs=rngs)
+
+    def embed_audio(self, mel: jax.Array) -> jax.Array:
+        return self.encoder(mel)
+
+    def __call__(self, mel: jax.Array, tokens: jax.Array) -> jax.Array:
+        """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab) float32"""
+        logits, _ = self.decoder(tokens, self.encoder(mel))
+        return logits
+
+    def loss(self, mel: jax.Array, labels: jax.Array, tokens: jax.Array | None = None) -> jax.Array:
+        """Teacher-forcing cross-entropy; labels (B, T) with -100 ignored.
+
+        The decoder reads `tokens` when given, else the labels shifted right behind
+        `config.start_token_id`.
+        """
+        if not is_traced(labels):
+            kept = labels[labels != IGNORE_INDEX]
+            if kept.size:
+                check_token_range(self.config, int(kept.min()), int(kept.max()))
+        if tokens is None:
+            tokens = shift_right(labels, self.config.start_token_id)
+        return cross_entropy(self(mel, tokens), labels)
+
+
+def shift_right(labels: jax.Array, start_token_id: int) -> jax.Array:
+    """labels (B, T) -> decoder inputs (B, T): `[start, labels[:-1]]`, ignored labels read as start.
+
+    An ignored (-100) label only feeds positions after it; with padding at the end those are
+    ignored too, so the id read there does not matter as long as it is a valid token.
+    """
+    start = jnp.full_like(labels[:, :1], start_token_id)
+    tokens = jnp.concatenate([start, labels[:, :-1]], axis=1)
+    return jnp.where(tokens == IGNORE_INDEX, start_token_id, tokens)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean float32 cross-entropy over labels != -100 (0 when all are). logits (B, T, V), labels (B, T) -> ()"""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    keep = labels != IGNORE_INDEX
+    nll = -jnp.take_along_axis(logp, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]  # (B, T)
+    return jnp.sum(jnp.where(keep, nll, 0.0)) / jnp.maximum(keep.sum(), 1)

@@ -1,0 +1,20 @@
+"""The one registry of self-attention mechanisms (SPEC section 4), same keys as `torch_ref/registry.py`.
+
+Blocks ask this table for `config.encoder_attention` / `config.decoder_attention`; they never
+branch on the name.
+"""
+
+from __future__ import annotations
+
+from flax import nnx
+
+from flax_whisper.attention import MultiHeadAttention
+from whisper_config import ModelConfig
+
+ATTENTION: dict[str, type[nnx.Module]] = {
+    "mha": MultiHeadAttention,
+}
+
+
+def build_attention(kind: str, n_state: int, n_head: int, config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    return ATTENTION[kind](n_state, n_head, config, rngs=rngs)

@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny configs and weight-identical model pairs.
+
+Parity tests run in float32 with JAX matmuls at "highest" precision (CPU is exact anyway; GPUs
+default to TF32 and TPUs to bf16 passes).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from whisper_config import ModelConfig
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(
+    n_mels=8,
+    n_audio_ctx=16,
+    n_audio_state=32,
+    n_audio_head=4,
+    n_audio_layer=2,
+    n_vocab=96,
+    n_text_ctx=12,
+    n_text_state=32,
+    n_text_head=4,
+    n_text_layer=2,
+    decoder_start_token_id=1,
+)
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    return ModelConfig.from_preset("whisper", **{**TINY, **overrides})
+
+
+def make_pair(config: ModelConfig, seed: int = 0):
+    """(torch_ref.Whisper, flax_whisper.Whisper) in eval mode with the same weights.
+
+    Every weight is perturbed after the default init so that norm scales, biases and zero-init
+    tensors hold distinct values: a wrong mapping cannot hide behind ones and zeros.
+    """
+    from convert import new_flax_model
+    from convert.core import torch_to_numpy
+    from torch_ref import Whisper as TorchWhisper
+
+    torch.manual_seed(seed)
+    torch_model = TorchWhisper(config)
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch_model.eval()
+    flax_model = new_flax_model(config, torch_to_numpy(torch_model))
+    flax_model.eval()
+    return torch_model, flax_model
+
+
+def random_batch(config: ModelConfig, batch: int, frames: int, n_tokens: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    mel = rng.standard_normal((batch, config.n_mels, frames)).astype(np.float32)
+    tokens = rng.integers(0, config.n_vocab, (batch, n_tokens))
+    return mel, tokens
+
+
+def assert_close(ours, reference, atol: float, what: str = "") -> None:
+    ours, reference = np.asarray(ours), np.asarray(reference)
+    assert ours.shape == reference.shape, f"{what}: shape {ours.shape} != {reference.shape}"
+    diff = float(np.max(np.abs(ours.astype(np.float64) - reference.astype(np.float64))))
+    assert diff <= atol, f"{what}: max abs diff {diff:.3e} > {atol:.0e}"
+
+
+@pytest.fixture(scope="session")
+def config() -> ModelConfig:
+    return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def pair(config):
+    return make_pair(config)

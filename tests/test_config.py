@@ -1,0 +1,88 @@
+"""ModelConfig: presets, JSON round trip, OpenAI dims, validation messages."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from whisper_config import PRESETS, SIZES, ConfigError, ModelConfig
+
+
+def test_defaults_are_openai_tiny_whisper():
+    config = ModelConfig()
+    assert config.openai_dims() == SIZES["tiny"]
+    assert config.is_openai_compatible()
+    assert config.is_multilingual and config.start_token_id == 50258
+    assert ModelConfig.from_preset("whisper", size="base.en").start_token_id == 50257
+
+
+def test_json_round_trip(tmp_path):
+    config = ModelConfig.from_preset("whisper", size="small", dropout=0.1, decoder_start_token_id=7)
+    assert ModelConfig.from_json(config.to_json()) == config
+    config.save(tmp_path / "config.json")
+    assert ModelConfig.load(tmp_path / "config.json") == config
+
+
+def test_preset_overrides_field_by_field():
+    config = ModelConfig.from_preset("whisper", size="base", n_text_layer=2)
+    assert config.n_text_layer == 2 and config.n_audio_layer == SIZES["base"]["n_audio_layer"]
+    assert PRESETS["whisper"]["decoder_positions"] == config.decoder_positions
+
+
+def test_from_openai_dims():
+    dims = dict(SIZES["large-v3"])
+    config = ModelConfig.from_openai_dims(dims)
+    assert config.openai_dims() == dims and config.n_mels == 128
+    with pytest.raises(ConfigError, match="n_text_layer"):
+        ModelConfig.from_openai_dims({k: v for k, v in dims.items() if k != "n_text_layer"})
+
+
+def test_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ModelConfig().n_mels = 128
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(n_audio_head=5), "n_audio_head=5 does not divide n_audio_state=384"),
+        (dict(n_text_head=7), "n_text_head=7 does not divide n_text_state=384"),
+        (dict(n_mels=0), "n_mels must be a positive integer"),
+        (dict(n_vocab=2.5), "n_vocab must be a positive integer"),
+        (dict(n_text_state=768), "must equal n_text_state"),
+        (dict(encoder_attention="flash"), "encoder_attention='flash' is not one of"),
+        (dict(decoder_attention="hybrid"), "decoder_attention='hybrid' is a planned mechanism that is not built yet"),
+        (dict(encoder_positions="none"), "not built yet"),
+        (dict(norm="rmsnorm"), "norm='rmsnorm' is a planned mechanism that is not built yet"),
+        (dict(encoder_rotary=True), "encoder_rotary=True selects a mechanism that is not built yet"),
+        (dict(gradient_checkpointing=True), "not built yet"),
+        (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
+        (dict(decoder_start_token_id=51865), "decoder_start_token_id=51865 must be a token id"),
+    ],
+)
+def test_validation_messages(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig(**fields)
+
+
+def test_unknown_fields_and_presets_are_named():
+    with pytest.raises(ConfigError, match=r"unknown config field.*n_layers"):
+        ModelConfig.from_dict({"n_layers": 3})
+    with pytest.raises(ConfigError, match="unknown preset 'wisper'"):
+        ModelConfig.from_preset("wisper")
+    with pytest.raises(ConfigError, match="unknown size 'huge'"):
+        ModelConfig.from_preset("whisper", size="huge")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_json("{n_mels: 80")
+
+
+def test_non_openai_vocab_needs_a_start_token():
+    with pytest.raises(ConfigError, match="set decoder_start_token_id"):
+        _ = ModelConfig(n_vocab=100).start_token_id
+
+
+def test_config_imports_no_framework():
+    code = "import sys, whisper_config; print(any(m in sys.modules for m in ('torch', 'jax', 'flax')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,110 @@
+"""Multi-head attention with an explicit KV cache (SPEC section 4.1).
+
+OpenAI Whisper's attention: `query` (bias), `key` (no bias), `value` (bias), `out` (bias). The
+cache is a plain dict passed in and returned, never module state:
+
+- self-attention: `{"k": (B, L, d), "v": (B, L, d)}`, buffers of fixed capacity `L` written at
+  `offset`; the causal mask hides every slot after the current position, unwritten ones included.
+- cross-attention: `{"k": (B, S, d), "v": (B, S, d)}`, projected once from the encoder output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch_ref.layers import Linear
+from whisper_config import ModelConfig
+
+Cache = dict[str, Tensor]
+
+
+def causal_mask(offset: int, length: int, n_keys: int, device: torch.device) -> Tensor:
+    """`(T, S)` bool: query at `offset + i` may see key `j` iff `j <= offset + i`."""
+    q_pos = offset + torch.arange(length, device=device)
+    k_pos = torch.arange(n_keys, device=device)
+    return k_pos[None, :] <= q_pos[:, None]
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    n_head: int,
+    scale: float,
+    mask: Tensor | None,
+    dropout: nn.Dropout,
+) -> Tensor:
+    """Scaled dot-product attention over heads; softmax in float32.
+
+    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S) -> (B, T, d)
+    """
+    b, t, d = q.shape
+    q = q.view(b, t, n_head, d // n_head)  # (B, T, H, dh)
+    k = k.view(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
+    v = v.view(b, v.shape[1], n_head, d // n_head)  # (B, S, H, dh)
+    logits = torch.einsum("bthd,bshd->bhts", q, k).float() * scale  # (B, H, T, S)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    weights = dropout(F.softmax(logits, dim=-1).to(v.dtype))
+    return torch.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
+
+
+class MultiHeadAttention(nn.Module):
+    """OpenAI Whisper's multi-head attention, for self-attention and cross-attention."""
+
+    def __init__(self, n_state: int, n_head: int, config: ModelConfig):
+        super().__init__()
+        self.n_head = n_head
+        self.scale = (n_state // n_head) ** -0.5
+        self.query = Linear(n_state, n_state)
+        self.key = Linear(n_state, n_state, bias=False)
+        self.value = Linear(n_state, n_state)
+        self.out = Linear(n_state, n_state)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        xa: Tensor | None = None,
+        *,
+        causal: bool = False,
+        cache: Cache | None = None,
+        offset: int = 0,
+    ) -> tuple[Tensor, Cache | None]:
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache.
+
+        With `xa`, attends to the encoder output (cross-attention), using the cache's projected
+        keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.
+        """
+        q = self.query(x)
+        if xa is not None:
+            if cache is None:
+                k, v = self.key(xa), self.value(xa)
+            else:
+                k, v = cache["k"], cache["v"]
+            mask = None
+        else:
+            k, v = self.key(x), self.value(x)
+            if cache is not None:
+                # Write the new rows at offset .. offset + T of the fixed-size buffers.
+                index = torch.arange(offset, offset + x.shape[1], device=x.device)
+                k = cache["k"].index_copy(1, index, k.to(cache["k"].dtype))
+                v = cache["v"].index_copy(1, index, v.to(cache["v"].dtype))
+                cache = {"k": k, "v": v}
+            mask = causal_mask(offset, x.shape[1], k.shape[1], x.device) if causal else None
+        y = attend(q, k, v, self.n_head, self.scale, mask, self.attention_dropout)
+        return self.out(y), cache
+
+    def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:
+        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, d)."""
+        shape = (batch, length, self.out.out_features)
+        return {
+            "k": torch.zeros(shape, dtype=dtype, device=device),
+            "v": torch.zeros(shape, dtype=dtype, device=device),
+        }
+
+    def init_cross_cache(self, xa: Tensor) -> Cache:
+        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, d)."""
+        return {"k": self.key(xa), "v": self.value(xa)}

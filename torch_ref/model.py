@@ -1,0 +1,152 @@
+"""AudioEncoder, TextDecoder and Whisper (SPEC section 5), with the teacher-forcing loss.
+
+The `whisper` preset is exactly OpenAI Whisper: an OpenAI checkpoint, renamed by `convert`,
+loads into `Whisper` and gives OpenAI's logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torch_ref.blocks import ResidualAttentionBlock
+from torch_ref.layers import EMBEDDING_STD, Conv1d, Embedding, gelu, make_norm
+from torch_ref.positions import lookup_positions, sinusoids
+from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
+from whisper_config.checks import check_cache_offset
+
+IGNORE_INDEX = -100
+DecoderCache = dict[str, Any]
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.n_audio_state
+        self.conv1 = Conv1d(config.n_mels, d, kernel_size=3, padding=1)
+        self.conv2 = Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", sinusoids(config.n_audio_ctx, d))
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(d, config.n_audio_head, config.encoder_attention, config)
+            for _ in range(config.n_audio_layer)
+        )
+        self.ln_post = make_norm(config, d)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel (B, n_mels, frames) log-mel -> (B, T, d) with T = ceil(frames / 2) <= n_audio_ctx."""
+        n_ctx = check_mel_shape(self.config, mel.shape)
+        x = gelu(self.conv1(mel))  # (B, d, frames)
+        x = gelu(self.conv2(x))  # (B, d, T)
+        x = x.permute(0, 2, 1)  # (B, T, d)
+        x = self.dropout(x + lookup_positions(self.positional_embedding, 0, n_ctx, "audio").to(x.dtype))
+        for block in self.blocks:
+            x, _ = block(x)
+        return self.ln_post(x)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.n_text_state
+        self.token_embedding = Embedding(config.n_vocab, d)
+        self.positional_embedding = nn.Parameter(torch.randn(config.n_text_ctx, d) * EMBEDDING_STD)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            ResidualAttentionBlock(d, config.n_text_head, config.decoder_attention, config, cross_attention=True)
+            for _ in range(config.n_text_layer)
+        )
+        self.ln = make_norm(config, d)
+
+    def forward(
+        self, tokens: Tensor, xa: Tensor, cache: DecoderCache | None = None
+    ) -> tuple[Tensor, DecoderCache | None]:
+        """tokens (B, T) int, xa (B, S, d) encoder output -> logits (B, T, n_vocab) float32, cache.
+
+        With a cache (from `init_cache`), `tokens` follow the `cache["offset"]` tokens already
+        decoded, and the returned cache holds them too.
+        """
+        offset = 0 if cache is None else cache["offset"]
+        length = check_tokens_shape(self.config, tokens.shape, offset)
+        check_token_range(self.config, int(tokens.min()), int(tokens.max()))
+        if cache is not None:
+            check_cache_offset(self.config, offset, length, cache["layers"][0]["attn"]["k"].shape[1])
+        positions = lookup_positions(self.positional_embedding, offset, length, "tokens")
+        x = self.dropout((self.token_embedding(tokens) + positions).to(xa.dtype))  # (B, T, d)
+        layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
+        new_caches = []
+        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
+            x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset)
+            new_caches.append(layer_cache)
+        x = self.ln(x)
+        logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()  # (B, T, n_vocab)
+        if cache is not None:
+            cache = {"offset": offset + length, "layers": new_caches}
+        return logits, cache
+
+    def init_cache(self, xa: Tensor, max_length: int | None = None) -> DecoderCache:
+        """An empty cache for decoding up to `max_length` (default n_text_ctx) tokens after `xa`.
+
+        Cross-attention keys and values of `xa (B, S, d)` are projected here, once per utterance.
+        """
+        length = self.config.n_text_ctx if max_length is None else max_length
+        layers = [
+            {
+                "attn": block.attn.init_cache(xa.shape[0], length, xa.dtype, xa.device),
+                "cross_attn": block.cross_attn.init_cross_cache(xa),
+            }
+            for block in self.blocks
+        ]
+        return {"offset": 0, "layers": layers}
+
+
+class Whisper(nn.Module):
+    """The encoder-decoder. `forward(mel, tokens)` gives the decoder's logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = AudioEncoder(config)
+        self.decoder = TextDecoder(config)
+
+    def embed_audio(self, mel: Tensor) -> Tensor:
+        return self.encoder(mel)
+
+    def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab) float32"""
+        logits, _ = self.decoder(tokens, self.encoder(mel))
+        return logits
+
+    def loss(self, mel: Tensor, labels: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """Teacher-forcing cross-entropy; labels (B, T) with -100 ignored.
+
+        The decoder reads `tokens` when given, else the labels shifted right behind
+        `config.start_token_id`.
+        """
+        kept = labels[labels != IGNORE_INDEX]
+        if kept.numel():
+            check_token_range(self.config, int(kept.min()), int(kept.max()))
+        if tokens is None:
+            tokens = shift_right(labels, self.config.start_token_id)
+        return cross_entropy(self(mel, tokens), labels)
+
+
+def shift_right(labels: Tensor, start_token_id: int) -> Tensor:
+    """labels (B, T) -> decoder inputs (B, T): `[start, labels[:-1]]`, ignored labels read as start.
+
+    An ignored (-100) label only feeds positions after it; with padding at the end those are
+    ignored too, so the id read there does not matter as long as it is a valid token.
+    """
+    tokens = torch.cat([torch.full_like(labels[:, :1], start_token_id), labels[:, :-1]], dim=1)
+    return tokens.masked_fill(tokens == IGNORE_INDEX, start_token_id)
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean float32 cross-entropy over labels != -100 (0 when all are). logits (B, T, V), labels (B, T) -> ()"""
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -1,0 +1,20 @@
+"""The one registry of self-attention mechanisms (SPEC section 4).
+
+Blocks ask this table for `config.encoder_attention` / `config.decoder_attention`; they never
+branch on the name. `flax_whisper/registry.py` has the same keys.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from torch_ref.attention import MultiHeadAttention
+from whisper_config import ModelConfig
+
+ATTENTION: dict[str, type[nn.Module]] = {
+    "mha": MultiHeadAttention,
+}
+
+
+def build_attention(kind: str, n_state: int, n_head: int, config: ModelConfig) -> nn.Module:
+    return ATTENTION[kind](n_state, n_head, config)

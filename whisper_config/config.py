@@ -1,0 +1,276 @@
+"""`ModelConfig`: one frozen dataclass describing a Whisper-like encoder-decoder.
+
+Dimension fields keep OpenAI Whisper's `ModelDimensions` names, so the `dims` of an OpenAI
+checkpoint load directly (`ModelConfig.from_openai_dims`). The remaining fields select the
+mechanisms of SPEC sections 2-4. A field whose mechanism is not built yet is rejected with an
+error that says so, rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+OPENAI_DIM_FIELDS = (
+    "n_mels",
+    "n_audio_ctx",
+    "n_audio_state",
+    "n_audio_head",
+    "n_audio_layer",
+    "n_vocab",
+    "n_text_ctx",
+    "n_text_state",
+    "n_text_head",
+    "n_text_layer",
+)
+
+# Values the SPEC names for each choice field, and the subset built so far. A value in the first
+# set but not the second is a known mechanism whose implementation has not landed.
+CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "encoder_attention": (
+        ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
+        ("mha",),
+    ),
+    "decoder_attention": (
+        ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
+        ("mha",),
+    ),
+    "encoder_positions": (("sinusoidal", "learned_sinusoidal", "none"), ("sinusoidal",)),
+    "decoder_positions": (("learned", "sinusoidal", "learned_sinusoidal", "none"), ("learned",)),
+    "norm": (("layernorm", "rmsnorm", "group_rms"), ("layernorm",)),
+}
+
+# Boolean switches whose mechanism is not built yet: only their default (False) is accepted.
+UNBUILT_SWITCHES = (
+    "encoder_rotary",
+    "decoder_rotary",
+    "normalize_positions",
+    "mlp_norm",
+    "learned_temperature",
+    "memory_update",
+    "gradient_checkpointing",
+)
+
+# OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
+_EN = 51864
+_MULTI = 51865
+SIZES: dict[str, dict[str, int]] = {
+    name: dict(
+        n_mels=mels,
+        n_audio_ctx=1500,
+        n_audio_state=d,
+        n_audio_head=h,
+        n_audio_layer=n,
+        n_vocab=vocab,
+        n_text_ctx=448,
+        n_text_state=d,
+        n_text_head=h,
+        n_text_layer=n,
+    )
+    for name, (mels, d, h, n, vocab) in {
+        "tiny": (80, 384, 6, 4, _MULTI),
+        "tiny.en": (80, 384, 6, 4, _EN),
+        "base": (80, 512, 8, 6, _MULTI),
+        "base.en": (80, 512, 8, 6, _EN),
+        "small": (80, 768, 12, 12, _MULTI),
+        "small.en": (80, 768, 12, 12, _EN),
+        "medium": (80, 1024, 16, 24, _MULTI),
+        "medium.en": (80, 1024, 16, 24, _EN),
+        "large-v2": (80, 1280, 20, 32, _MULTI),
+        "large-v3": (128, 1280, 20, 32, 51866),
+    }.items()
+}
+
+# Named position/mechanism schemes (SPEC section 1). Sizes are independent of the preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "whisper": dict(
+        encoder_attention="mha",
+        decoder_attention="mha",
+        encoder_positions="sinusoidal",
+        decoder_positions="learned",
+        encoder_rotary=False,
+        decoder_rotary=False,
+        norm="layernorm",
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A `ModelConfig` value is invalid; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyperparameters of the encoder-decoder; defaults are OpenAI's `tiny` with the `whisper` preset."""
+
+    # OpenAI `ModelDimensions`
+    n_mels: int = 80
+    n_audio_ctx: int = 1500
+    n_audio_state: int = 384
+    n_audio_head: int = 6
+    n_audio_layer: int = 4
+    n_vocab: int = 51865
+    n_text_ctx: int = 448
+    n_text_state: int = 384
+    n_text_head: int = 6
+    n_text_layer: int = 4
+    # mechanisms (SPEC sections 2-4)
+    encoder_attention: str = "mha"
+    decoder_attention: str = "mha"
+    encoder_positions: str = "sinusoidal"
+    decoder_positions: str = "learned"
+    encoder_rotary: bool = False
+    decoder_rotary: bool = False
+    rotary_base: float = 10000.0
+    normalize_positions: bool = False
+    norm: str = "layernorm"
+    norm_groups: int = 1
+    mlp_norm: bool = False
+    learned_temperature: bool = False
+    window_size: int = 64
+    conv_kernel_size: int = 3
+    memory_size: int = 16
+    memory_update: bool = False
+    memory_momentum: float = 0.9
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    gradient_checkpointing: bool = False
+    # Teacher forcing: the token fed before the first label. None picks OpenAI's
+    # <|startoftranscript|> for OpenAI vocabularies (see `start_token_id`).
+    decoder_start_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in OPENAI_DIM_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for side, state, head in (
+            ("audio", self.n_audio_state, self.n_audio_head),
+            ("text", self.n_text_state, self.n_text_head),
+        ):
+            if state % head:
+                raise ConfigError(
+                    f"n_{side}_head={head} does not divide n_{side}_state={state}: "
+                    "each head needs an equal share of the width"
+                )
+        if self.n_audio_state != self.n_text_state:
+            raise ConfigError(
+                f"n_audio_state={self.n_audio_state} must equal n_text_state={self.n_text_state}: "
+                "cross-attention projects encoder states with the decoder's width"
+            )
+        if self.n_audio_state % 2 or self.n_audio_state < 4:
+            raise ConfigError(f"n_audio_state={self.n_audio_state} must be even and >= 4 (sinusoidal table)")
+        for name, (known, built) in CHOICES.items():
+            value = getattr(self, name)
+            if value not in known:
+                raise ConfigError(f"{name}={value!r} is not one of {', '.join(known)}")
+            if value not in built:
+                raise ConfigError(
+                    f"{name}={value!r} is a planned mechanism that is not built yet; available now: {', '.join(built)}"
+                )
+        for name in UNBUILT_SWITCHES:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be true or false, got {value!r}")
+            if value:
+                raise ConfigError(f"{name}=True selects a mechanism that is not built yet")
+        for name in ("dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
+        start = self.decoder_start_token_id
+        if start is not None and not (isinstance(start, int) and 0 <= start < self.n_vocab):
+            raise ConfigError(f"decoder_start_token_id={start!r} must be a token id in [0, n_vocab={self.n_vocab})")
+
+    # ---------------------------------------------------------------- derived values
+
+    @property
+    def is_multilingual(self) -> bool:
+        """OpenAI's rule: the multilingual vocabulary has at least 51865 tokens."""
+        return self.n_vocab >= _MULTI
+
+    @property
+    def start_token_id(self) -> int:
+        """The decoder start token: the configured one, else OpenAI's <|startoftranscript|>."""
+        if self.decoder_start_token_id is not None:
+            return self.decoder_start_token_id
+        if self.n_vocab >= _MULTI:
+            return 50258
+        if self.n_vocab == _EN:
+            return 50257
+        raise ConfigError(f"n_vocab={self.n_vocab} is not an OpenAI vocabulary: set decoder_start_token_id")
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_preset(cls, name: str, size: str | None = None, **overrides: Any) -> ModelConfig:
+        """A named preset (SPEC section 1), optionally at an OpenAI size, then field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        fields = dict(SIZES[_check_size(size)]) if size is not None else {}
+        fields.update(PRESETS[name])
+        fields.update(overrides)
+        return cls.from_dict(fields)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping, rejecting unknown field names (a typo must not pass silently)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    @classmethod
+    def from_openai_dims(cls, dims: dict[str, Any]) -> ModelConfig:
+        """The `whisper` preset with the dimensions of an OpenAI checkpoint's `dims`."""
+        missing = [name for name in OPENAI_DIM_FIELDS if name not in dims]
+        if missing:
+            raise ConfigError(f"OpenAI dims lack field(s): {', '.join(missing)}")
+        return cls.from_preset("whisper", **{name: int(dims[name]) for name in OPENAI_DIM_FIELDS})
+
+    def openai_dims(self) -> dict[str, int]:
+        """The OpenAI `ModelDimensions` of this config, as a plain dict."""
+        return {name: getattr(self, name) for name in OPENAI_DIM_FIELDS}
+
+    def is_openai_compatible(self) -> bool:
+        """True when this config is exactly OpenAI Whisper's architecture."""
+        return self == ModelConfig.from_openai_dims(self.openai_dims())
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------- serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config is not valid JSON: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError("config JSON must be an object of field names to values")
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ModelConfig:
+        with open(path, encoding="utf-8") as f:
+            return cls.from_json(f.read())
+
+
+def _check_size(size: str) -> str:
+    if size not in SIZES:
+        raise ConfigError(f"unknown size {size!r}; known sizes: {', '.join(SIZES)}")
+    return size
