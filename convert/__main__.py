@@ -58,8 +58,8 @@ def verify_main(argv: list[str]) -> int:
     parser.add_argument("--frames", type=int, help="mel frames (default 2 * n_audio_ctx)")
     parser.add_argument("--tokens", type=int, help="decoder tokens (default min(32, n_text_ctx))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and the input")
-    parser.add_argument("--atol", type=float, default=1e-4)
-    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    parser.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max|torch| (default 1e-5)")
     args = parser.parse_args(argv)
     if (args.ckpt is None) == (args.preset is None and args.config is None):
         parser.error("give either a checkpoint or one of --preset / --config")

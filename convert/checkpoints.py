@@ -131,6 +131,7 @@ def save_torch_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors,
 
 def save_flax_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors, overwrite: bool = False) -> None:
     import orbax.checkpoint as ocp
+    from flax import nnx
 
     p = Path(path)
     state = torch_to_flax_state(tensors, config)
@@ -138,7 +139,7 @@ def save_flax_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors, 
     p.mkdir(parents=True)
     config.save(p / CONFIG_FILE)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((p / FLAX_STATE).absolute(), state.to_pure_dict())
+    checkpointer.save((p / FLAX_STATE).absolute(), nnx.to_pure_dict(state))
     checkpointer.wait_until_finished()
 
 

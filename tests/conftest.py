@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from whisper_config import ModelConfig
 
@@ -53,6 +54,12 @@ def make_pair(config: ModelConfig, seed: int = 0):
     flax_model = new_flax_model(config, torch_to_numpy(torch_model))
     flax_model.eval()
     return torch_model, flax_model
+
+
+@nnx.jit
+def flax_forward(model, mel, tokens):
+    """Jitted `model(mel, tokens)`: one compile per shape rather than one per primitive."""
+    return model(mel, tokens)
 
 
 def random_batch(config: ModelConfig, batch: int, frames: int, n_tokens: int, seed: int = 0):

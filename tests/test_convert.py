@@ -1,0 +1,180 @@
+"""The conversion table, the checked inventory, and the checkpoint formats."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, flax_forward, make_pair, random_batch, tiny_config
+from flax import nnx
+
+from convert import (
+    ConversionError,
+    build_plan,
+    detect_format,
+    flax_to_torch,
+    load_checkpoint,
+    load_flax_model,
+    load_torch_model,
+    new_flax_model,
+    save_checkpoint,
+)
+from convert.core import torch_to_numpy
+from convert.openai import from_openai_names, to_openai_names
+from convert.rules import CONV1D, LINEAR
+from flax_whisper import Whisper as FlaxWhisper
+from torch_ref import Whisper as TorchWhisper
+
+
+def test_plan_matches_both_models(config):
+    """The table's torch names and shapes are exactly torch_ref's state dict, and every Flax
+    parameter and buffer is covered once."""
+    plan = build_plan(config)
+    torch_state = TorchWhisper(config).state_dict()
+    assert {e.torch_key: e.torch_shape for e in plan} == {k: tuple(v.shape) for k, v in torch_state.items()}
+    flax_state = nnx.state(FlaxWhisper(config, rngs=nnx.Rngs(0)), nnx.Param)
+    assert {e.flax_key for e in plan if e.trainable} == {
+        ".".join(map(str, p)) for p, _ in nnx.to_flat_state(flax_state)
+    }
+    assert {e.torch_key for e in plan if not e.trainable} == {"encoder.positional_embedding"}
+
+
+def test_transforms_are_named_inverses():
+    w = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert CONV1D.to_flax(w).shape == (4, 3, 2)
+    assert np.array_equal(CONV1D.to_torch(CONV1D.to_flax(w)), w)
+    assert np.array_equal(CONV1D.to_flax(w)[1, 2, 0], w[0, 2, 1])
+    assert np.array_equal(LINEAR.to_torch(LINEAR.to_flax(w[0])), w[0])
+    assert CONV1D.torch_shape((4, 3, 2)) == (2, 3, 4) and LINEAR.name == "linear_transpose"
+
+
+def test_torch_flax_torch_is_bit_exact(config):
+    torch_model, _ = make_pair(config, seed=2)
+    tensors = torch_to_numpy(torch_model)
+    back = flax_to_torch(new_flax_model(config, tensors))
+    assert sorted(back) == sorted(tensors)
+    for key, value in tensors.items():
+        assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
+
+
+def test_flax_torch_flax_is_bit_exact(config):
+    flax_model = FlaxWhisper(config, rngs=nnx.Rngs(4))
+    again = new_flax_model(config, flax_to_torch(flax_model))
+    for (path, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(flax_model, nnx.Param)), nnx.to_flat_state(nnx.state(again, nnx.Param)), strict=True
+    ):
+        assert np.array_equal(a.get_value(), b.get_value()), path
+
+
+def test_inventory_names_every_problem(config):
+    tensors = torch_to_numpy(TorchWhisper(config))
+    del tensors["decoder.ln.weight"]
+    tensors["decoder.extra.weight"] = np.zeros(3, np.float32)
+    tensors["encoder.conv1.weight"] = tensors["encoder.conv1.weight"][:, :, :2]
+    with pytest.raises(ConversionError) as info:
+        new_flax_model(config, tensors)
+    message = str(info.value)
+    assert "missing (1):\n    decoder.ln.weight" in message
+    assert "unexpected (1):\n    decoder.extra.weight" in message
+    assert "encoder.conv1.weight: expected (32, 8, 3), got (32, 8, 2)" in message
+
+
+def test_openai_names_map_both_ways():
+    ours = {"encoder.blocks.3.mlp.fc1.weight": 1, "decoder.blocks.0.mlp.fc2.bias": 2, "decoder.ln.weight": 3}
+    theirs = to_openai_names(ours)
+    assert set(theirs) == {"encoder.blocks.3.mlp.0.weight", "decoder.blocks.0.mlp.2.bias", "decoder.ln.weight"}
+    assert from_openai_names(theirs) == ours
+
+
+@pytest.mark.parametrize("fmt", ["torch", "flax", "openai"])
+def test_checkpoint_formats_round_trip(tmp_path, fmt):
+    config = tiny_config(decoder_start_token_id=None, n_vocab=51865, n_text_layer=1, n_audio_layer=1)
+    torch_model, _ = make_pair(config, seed=3)
+    tensors = torch_to_numpy(torch_model)
+    path = tmp_path / ("model.pt" if fmt == "openai" else "ckpt")
+    save_checkpoint(path, fmt, config, tensors)
+    assert detect_format(path) == fmt
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == config and ckpt.format == fmt
+    for key, value in tensors.items():
+        assert np.array_equal(ckpt.tensors[key], value), key
+    with pytest.raises(ConversionError, match="exists; pass overwrite=True"):
+        save_checkpoint(path, fmt, config, tensors)
+    save_checkpoint(path, fmt, config, tensors, overwrite=True)
+
+
+def test_loaded_models_agree(tmp_path, config):
+    torch_model, flax_model = make_pair(config, seed=4)
+    save_checkpoint(tmp_path / "t", "torch", config, torch_to_numpy(torch_model))
+    mel, tokens = random_batch(config, 2, 20, 6)
+    loaded_t, loaded_f = load_torch_model(tmp_path / "t").eval(), load_flax_model(tmp_path / "t")
+    loaded_f.eval()
+    with torch.no_grad():
+        reference = torch_model(torch.from_numpy(mel), torch.from_numpy(tokens)).numpy()
+        assert np.array_equal(loaded_t(torch.from_numpy(mel), torch.from_numpy(tokens)).numpy(), reference)
+    assert np.array_equal(flax_forward(loaded_f, mel, tokens), flax_forward(flax_model, mel, tokens))
+    assert_close(flax_forward(loaded_f, mel, tokens), reference, 1e-4)
+
+
+def test_wrong_shape_checkpoint_is_reported(tmp_path, config):
+    save_checkpoint(tmp_path / "small", "torch", config, torch_to_numpy(TorchWhisper(config)))
+    (tmp_path / "small" / "config.json").write_text(tiny_config(n_text_ctx=20).to_json())
+    with pytest.raises(ConversionError, match=r"decoder.positional_embedding: expected \(20, 32\), got \(12, 32\)"):
+        load_checkpoint(tmp_path / "small")
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    fake_pt = tmp_path / "model.pt"
+    fake_pt.write_bytes(b"\x00garbage")
+    (tmp_path / "empty").mkdir()
+    bad_st = tmp_path / "bad"
+    bad_st.mkdir()
+    (bad_st / "model.safetensors").write_bytes(b"nope")
+    (bad_st / "config.json").write_text(tiny_config().to_json())
+    cases = [
+        (tmp_path / "missing", "no such file or directory"),
+        (text, "not a checkpoint"),
+        (fake_pt, "not a PyTorch checkpoint"),
+        (tmp_path / "empty", "not a checkpoint directory"),
+        (bad_st, "not a safetensors file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ConversionError, match=message):
+            load_checkpoint(path)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(ConversionError, match="not an OpenAI Whisper checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"dims": {}, "model_state_dict": Payload()}, path)
+    with pytest.raises(ConversionError, match="weights_only"):
+        load_checkpoint(path)
+
+
+def test_cli_converts_and_reports_errors(tmp_path, config):
+    save_checkpoint(tmp_path / "t", "torch", config, torch_to_numpy(TorchWhisper(config)))
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "convert", *args], capture_output=True, text=True)
+
+    done = run(str(tmp_path / "t"), str(tmp_path / "f"))
+    assert done.returncode == 0, done.stderr
+    assert "(torch) ->" in done.stdout and "(flax)" in done.stdout
+    assert detect_format(tmp_path / "f") == "flax"
+    assert json.loads((tmp_path / "f" / "config.json").read_text()) == config.to_dict()
+    back = run(str(tmp_path / "f"), str(tmp_path / "t2"))
+    assert back.returncode == 0 and detect_format(tmp_path / "t2") == "torch"
+    original, again = load_checkpoint(tmp_path / "t").tensors, load_checkpoint(tmp_path / "t2").tensors
+    assert all(np.array_equal(original[k], again[k]) for k in original)
+    failed = run(str(tmp_path / "nowhere"), str(tmp_path / "x"))
+    assert failed.returncode == 2 and "error:" in failed.stderr and "Traceback" not in failed.stderr

@@ -1,0 +1,62 @@
+"""Bad model input is a clear `InputError` in both frameworks, never a crash deep in a library."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import random_batch
+
+from whisper_config import InputError
+
+
+def both(pair, mel, tokens, loss=False):
+    """Call the torch and the flax model on the same input; yields one callable per framework."""
+    t, f = pair
+    if loss:
+        return [lambda: t.loss(torch.from_numpy(mel), torch.from_numpy(tokens)).detach(), lambda: f.loss(mel, tokens)]
+    return [lambda: t(torch.from_numpy(mel), torch.from_numpy(tokens)), lambda: f(jnp.asarray(mel), tokens)]
+
+
+@pytest.mark.parametrize(
+    "mel_shape, n_tokens, message",
+    [
+        ((1, 5, 20), 3, r"mel has 5 mel bins but the model expects n_mels=8"),
+        ((1, 8, 33), 3, r"audio too long: 33 mel frames give 17 encoder positions, more than n_audio_ctx=16"),
+        ((8, 20), 3, r"mel must have shape \(batch, n_mels=8, frames\)"),
+        ((1, 8, 20), 13, r"too many tokens: 13 exceed n_text_ctx=12"),
+    ],
+)
+def test_shape_errors(pair, config, mel_shape, n_tokens, message):
+    mel = np.zeros(mel_shape, np.float32)
+    tokens = np.zeros((1, n_tokens), np.int64)
+    for call in both(pair, mel, tokens):
+        with pytest.raises(InputError, match=message):
+            call()
+
+
+@pytest.mark.parametrize("bad", [-1, 96, 10_000])
+def test_token_ids_outside_vocabulary(pair, config, bad):
+    mel, tokens = random_batch(config, 2, 20, 4)
+    tokens[1, 2] = bad
+    for call in both(pair, mel, tokens) + both(pair, mel, tokens, loss=True):
+        with pytest.raises(InputError, match=rf"token id {bad} is outside the vocabulary \[0, 96\)"):
+            call()
+
+
+def test_ignored_labels_are_not_token_ids(pair, config):
+    mel, labels = random_batch(config, 2, 20, 4)
+    labels[:, 2:] = -100
+    losses = [float(call()) for call in both(pair, mel, labels, loss=True)]
+    assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_all_labels_ignored_gives_zero_loss(pair, config):
+    mel, labels = random_batch(config, 1, 20, 4)
+    labels[:] = -100
+    assert [float(call()) for call in both(pair, mel, labels, loss=True)] == [0.0, 0.0]
+
+
+def test_longest_valid_input_is_accepted(pair, config):
+    mel, tokens = random_batch(config, 1, 2 * config.n_audio_ctx, config.n_text_ctx)
+    for call in both(pair, mel, tokens):
+        assert call().shape == (1, config.n_text_ctx, config.n_vocab)

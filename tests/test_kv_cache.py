@@ -1,0 +1,91 @@
+"""Incremental decoding with the KV cache equals the full forward pass, in each framework."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, random_batch
+from flax import nnx
+
+from whisper_config import InputError
+
+CHUNKS = (3, 1, 1, 2, 1, 4)  # a prompt, then single tokens and short runs: 12 = n_text_ctx
+
+
+def test_torch_incremental_equals_full(pair, config):
+    t, _ = pair
+    mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
+    tokens = torch.from_numpy(tokens)
+    with torch.no_grad():
+        xa = t.encoder(torch.from_numpy(mel))
+        full, _ = t.decoder(tokens, xa)
+        cache, start, steps = t.decoder.init_cache(xa), 0, []
+        for n in CHUNKS:
+            logits, cache = t.decoder(tokens[:, start : start + n], xa, cache)
+            steps.append(logits)
+            start += n
+    assert cache["offset"] == sum(CHUNKS)
+    assert_close(torch.cat(steps, 1).numpy(), full.numpy(), 1e-5)
+
+
+def test_flax_incremental_equals_full(pair, config):
+    _, f = pair
+    mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
+    decode = nnx.jit(lambda model, tokens, xa, cache: model.decoder(tokens, xa, cache))
+    xa = f.encoder(mel)
+    full, _ = decode(f, tokens, xa, None)
+    cache, start, steps = f.decoder.init_cache(xa), 0, []
+    for n in CHUNKS:
+        logits, cache = decode(f, tokens[:, start : start + n], xa, cache)
+        steps.append(logits)
+        start += n
+    assert int(cache["offset"]) == sum(CHUNKS)
+    assert_close(np.concatenate(steps, 1), full, 1e-5)
+
+
+def test_flax_jitted_decode_step_compiles_once(pair, config):
+    _, f = pair
+    mel, tokens = random_batch(config, 2, 30, config.n_text_ctx, seed=6)
+    xa = f.encoder(mel)
+    full, _ = f.decoder(tokens, xa)
+    traces = []
+
+    @nnx.jit
+    def step(model, token, cache):
+        traces.append(1)  # runs only while tracing
+        return model.decoder(token, xa, cache)
+
+    cache, steps = f.decoder.init_cache(xa), []
+    for i in range(config.n_text_ctx):
+        logits, cache = step(f, tokens[:, i : i + 1], cache)
+        steps.append(logits)
+    assert len(traces) == 1, "the offset is traced data: one compilation serves every step"
+    assert_close(np.concatenate(steps, 1), full, 1e-5)
+
+
+def test_cache_of_smaller_capacity(pair, config):
+    t, f = pair
+    mel, tokens = random_batch(config, 1, 10, 4, seed=7)
+    xa = f.encoder(mel)
+    cache = f.decoder.init_cache(xa, max_length=4)
+    logits, cache = f.decoder(tokens, xa, cache)
+    assert_close(logits, f.decoder(tokens, xa)[0], 1e-5)
+    with pytest.raises(InputError, match="KV cache full: 4 cached \\+ 1 new tokens exceed its 4 slots"):
+        f.decoder(tokens[:, :1], xa, cache)
+    with torch.no_grad():
+        xa_t = t.encoder(torch.from_numpy(mel))
+        cache_t = t.decoder.init_cache(xa_t, max_length=4)
+        _, cache_t = t.decoder(torch.from_numpy(tokens), xa_t, cache_t)
+        with pytest.raises(InputError, match="KV cache full"):
+            t.decoder(torch.from_numpy(tokens[:, :1]), xa_t, cache_t)
+
+
+def test_cache_is_a_pytree(pair, config):
+    _, f = pair
+    mel, _ = random_batch(config, 3, 8, 1, seed=8)
+    cache = f.decoder.init_cache(f.encoder(mel))
+    leaves = jax.tree.leaves(cache)
+    layer = cache["layers"][0]
+    assert len(leaves) == 1 + 4 * config.n_text_layer
+    assert layer["attn"]["k"].shape == (3, config.n_text_ctx, config.n_text_state)
+    assert layer["cross_attn"]["k"].shape == (3, 4, config.n_text_state)

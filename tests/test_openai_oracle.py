@@ -1,0 +1,103 @@
+"""Independent oracle: OpenAI's own model code (the `openai-whisper` package).
+
+A `whisper.model.Whisper` with random weights is saved in OpenAI's `.pt` format, converted by the
+`python -m convert` command into both frameworks, and both must reproduce OpenAI's logits.
+"""
+
+import dataclasses
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import whisper
+from conftest import assert_close, flax_forward
+from whisper.model import ModelDimensions
+
+from convert import load_checkpoint, load_flax_model, load_torch_model
+
+DIMS = ModelDimensions(
+    n_mels=80,
+    n_audio_ctx=20,
+    n_audio_state=64,
+    n_audio_head=4,
+    n_audio_layer=2,
+    n_vocab=51865,
+    n_text_ctx=16,
+    n_text_state=64,
+    n_text_head=4,
+    n_text_layer=2,
+)
+
+
+@pytest.fixture(scope="module")
+def openai_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = whisper.model.Whisper(DIMS)
+    with torch.no_grad():
+        # OpenAI leaves decoder.positional_embedding uninitialised (torch.empty): fill every tensor,
+        # the stored encoder sinusoids included (SPEC 6: checkpoints carry their own table).
+        for name, tensor in model.state_dict().items():
+            noise = 0.1 * torch.randn_like(tensor)
+            tensor.copy_((1.0 if name.endswith("ln.weight") or "_ln." in name else 0.0) + noise)
+            if name == "encoder.positional_embedding":
+                tensor.copy_(whisper.model.sinusoids(*tensor.shape) + 1e-3 * noise)
+    path = tmp_path_factory.mktemp("openai") / "tiny-random.pt"
+    torch.save({"dims": dataclasses.asdict(DIMS), "model_state_dict": model.state_dict()}, path)
+    return model.eval(), path
+
+
+def convert_cli(*args):
+    done = subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_both_frameworks_reproduce_openai_logits(openai_checkpoint, tmp_path):
+    model, path = openai_checkpoint
+    convert_cli(path, tmp_path / "flax")
+    convert_cli(path, tmp_path / "torch", "--to", "torch")
+    rng = np.random.default_rng(0)
+    mel = rng.standard_normal((2, DIMS.n_mels, 2 * DIMS.n_audio_ctx)).astype(np.float32)
+    tokens = rng.integers(0, DIMS.n_vocab, (2, DIMS.n_text_ctx))
+    with torch.no_grad():
+        reference = model(torch.from_numpy(mel), torch.from_numpy(tokens)).numpy()
+        ours_t = load_torch_model(tmp_path / "torch").eval()(torch.from_numpy(mel), torch.from_numpy(tokens))
+    flax_model = load_flax_model(tmp_path / "flax")
+    flax_model.eval()
+    assert_close(ours_t.numpy(), reference, 1e-4, "torch_ref vs OpenAI")
+    assert_close(flax_forward(flax_model, mel, tokens), reference, 1e-4, "flax_whisper vs OpenAI")
+
+
+def test_export_back_to_openai_is_exact_and_loadable(openai_checkpoint, tmp_path):
+    _, path = openai_checkpoint
+    convert_cli(path, tmp_path / "flax")
+    convert_cli(tmp_path / "flax", tmp_path / "again.pt", "--to", "openai")
+    original = torch.load(path, weights_only=True)
+    exported = torch.load(tmp_path / "again.pt", weights_only=True)
+    assert exported["dims"] == original["dims"]
+    assert exported["model_state_dict"].keys() == original["model_state_dict"].keys()
+    for key, value in original["model_state_dict"].items():
+        assert torch.equal(exported["model_state_dict"][key], value), key
+    reloaded = whisper.load_model(str(tmp_path / "again.pt"), device="cpu")
+    assert reloaded.dims == DIMS
+
+
+def test_openai_dims_become_the_whisper_preset(openai_checkpoint):
+    _, path = openai_checkpoint
+    config = load_checkpoint(path).config
+    assert config.is_openai_compatible() and config.openai_dims() == dataclasses.asdict(DIMS)
+    assert config.start_token_id == 50258
+
+
+def test_float16_checkpoint_loads_as_float32(openai_checkpoint, tmp_path):
+    """OpenAI ships float16 weights; they are widened exactly to the float32 model."""
+    model, _ = openai_checkpoint
+    half = {k: v.half() for k, v in model.state_dict().items()}
+    torch.save({"dims": dataclasses.asdict(DIMS), "model_state_dict": half}, tmp_path / "half.pt")
+    tensors = load_checkpoint(tmp_path / "half.pt").tensors
+    assert tensors["decoder.blocks.1.mlp.fc2.weight"].dtype == np.float32
+    assert np.array_equal(
+        tensors["decoder.blocks.1.mlp.fc2.weight"], half["decoder.blocks.1.mlp.2.weight"].float().numpy()
+    )
