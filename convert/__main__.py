@@ -17,6 +17,9 @@ Convert a checkpoint between frameworks. The source format is detected:
   flax    a directory with config.json + state/ (orbax, flax_whisper)
   openai  an OpenAI Whisper .pt file (read with torch.load(weights_only=True))
 By default torch and OpenAI checkpoints become flax, and flax becomes torch.
+With --preset NAME, SRC warm-starts a model of another preset (a whisper
+checkpoint into all_rotary, say): matching tensors are copied, the rest is
+initialised fresh, and both are listed by name.
 Run `python -m convert verify --help` for the parity checker."""
 
 
@@ -30,12 +33,26 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("dst", help="destination (a directory, or a .pt file for --to openai)")
     parser.add_argument("--to", choices=FORMATS, help="target format (default: the other framework)")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="warm start: write a model of this preset, copying every tensor of SRC whose name, shape "
+        "and role match and initialising the rest (reported by name)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the fresh tensors with --preset (default 0)")
     args = parser.parse_args(argv)
     ckpt = load_checkpoint(args.src)
     target = args.to or DEFAULT_TARGET[ckpt.format]
-    save_checkpoint(args.dst, target, ckpt.config, ckpt.tensors, overwrite=args.overwrite)
-    n_weights = sum(v.size for v in ckpt.tensors.values())
-    print(f"{args.src} ({ckpt.format}) -> {args.dst} ({target}): {len(ckpt.tensors)} tensors, {n_weights:,} weights")
+    config, tensors = ckpt.config, ckpt.tensors
+    if args.preset:
+        from convert.warm_start import preset_config, warm_start
+
+        started = warm_start(ckpt, preset_config(ckpt.config, args.preset), seed=args.seed)
+        print(f"warm start of preset {args.preset!r} from {args.src}:\n{started.report()}")
+        config, tensors = started.config, started.tensors
+    save_checkpoint(args.dst, target, config, tensors, overwrite=args.overwrite)
+    n_weights = sum(v.size for v in tensors.values())
+    print(f"{args.src} ({ckpt.format}) -> {args.dst} ({target}): {len(tensors)} tensors, {n_weights:,} weights")
     return 0
 
 

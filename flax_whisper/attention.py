@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_whisper.layers import Linear
+from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
 
 Cache = dict[str, jax.Array]
@@ -52,10 +53,15 @@ def attend(
 
 
 class MultiHeadAttention(nnx.Module):
-    """OpenAI Whisper's multi-head attention, for self-attention and cross-attention."""
+    """OpenAI Whisper's multi-head attention, for self-attention and cross-attention.
 
-    def __init__(self, n_state: int, n_head: int, config: ModelConfig, *, rngs: nnx.Rngs):
+    With `rotary`, queries and keys of self-attention are rotated by their positions (SPEC 3);
+    cross-attention never is (text and audio positions are unrelated).
+    """
+
+    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, *, rngs: nnx.Rngs):
         self.n_head = n_head
+        self.rotary_base = config.rotary_base if rotary else None
         self.scale = (n_state // n_head) ** -0.5
         self.query = Linear(n_state, n_state, rngs=rngs)
         self.key = Linear(n_state, n_state, bias=False, rngs=rngs)
@@ -86,6 +92,11 @@ class MultiHeadAttention(nnx.Module):
             mask = None
         else:
             k, v = self.key(x), self.value(x)
+            if self.rotary_base is not None:
+                # New tokens sit at offset .. offset + T; cached keys were rotated when written.
+                positions = offset + jnp.arange(x.shape[1])
+                q = apply_rotary(q, positions, self.n_head, self.rotary_base)
+                k = apply_rotary(k, positions, self.n_head, self.rotary_base)
             if cache is not None:
                 # Write the new rows at offset .. offset + T of the fixed-size buffers.
                 k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), offset, axis=1)

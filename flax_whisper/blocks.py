@@ -23,10 +23,11 @@ class ResidualAttentionBlock(nnx.Module):
         attention: str,
         config: ModelConfig,
         cross_attention: bool = False,
+        rotary: bool = False,
         *,
         rngs: nnx.Rngs,
     ):
-        self.attn = build_attention(attention, n_state, n_head, config, rngs=rngs)
+        self.attn = build_attention(attention, n_state, n_head, config, rotary, rngs=rngs)
         self.attn_ln = make_norm(config, n_state)
         self.cross_attn = MultiHeadAttention(n_state, n_head, config, rngs=rngs) if cross_attention else None
         self.cross_attn_ln = make_norm(config, n_state) if cross_attention else None

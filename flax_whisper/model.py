@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_whisper.blocks import ResidualAttentionBlock
-from flax_whisper.layers import EMBEDDING_STD, Buffer, Conv1d, Embedding, gelu, is_traced, make_norm
-from flax_whisper.positions import lookup_positions, sinusoids
+from flax_whisper.layers import Conv1d, Embedding, gelu, is_traced, make_norm
+from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
 from whisper_config.checks import check_cache_offset
 
@@ -34,10 +34,13 @@ class AudioEncoder(nnx.Module):
         d = config.n_audio_state
         self.conv1 = Conv1d(config.n_mels, d, kernel_size=3, padding=1, rngs=rngs)
         self.conv2 = Conv1d(d, d, kernel_size=3, stride=2, padding=1, rngs=rngs)
-        self.positional_embedding = Buffer(sinusoids(config.n_audio_ctx, d))
+        self.positional_embedding = position_table(config.encoder_positions, config.n_audio_ctx, d, rngs)
+        self.normalize_positions = config.normalize_positions and config.encoder_positions == "learned_sinusoidal"
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
         self.blocks = nnx.List(
-            ResidualAttentionBlock(d, config.n_audio_head, config.encoder_attention, config, rngs=rngs)
+            ResidualAttentionBlock(
+                d, config.n_audio_head, config.encoder_attention, config, rotary=config.encoder_rotary, rngs=rngs
+            )
             for _ in range(config.n_audio_layer)
         )
         self.ln_post = make_norm(config, d)
@@ -48,7 +51,10 @@ class AudioEncoder(nnx.Module):
         x = jnp.swapaxes(mel, 1, 2)  # (B, frames, n_mels)
         x = gelu(self.conv1(x))  # (B, frames, d)
         x = gelu(self.conv2(x))  # (B, T, d)
-        x = self.dropout(x + lookup_positions(self.positional_embedding[...], 0, n_ctx, "audio").astype(x.dtype))
+        if self.positional_embedding is not None:
+            table = self.positional_embedding[...]
+            x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
+        x = self.dropout(x)
         for block in self.blocks:
             x, _ = block(x)
         return self.ln_post(x)
@@ -59,12 +65,18 @@ class TextDecoder(nnx.Module):
         self.config = config
         d = config.n_text_state
         self.token_embedding = Embedding(config.n_vocab, d, rngs=rngs)
-        init = jax.nn.initializers.normal(EMBEDDING_STD)
-        self.positional_embedding = nnx.Param(init(rngs.params(), (config.n_text_ctx, d), jnp.float32))
+        self.positional_embedding = position_table(config.decoder_positions, config.n_text_ctx, d, rngs)
+        self.normalize_positions = config.normalize_positions and config.decoder_positions == "learned_sinusoidal"
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
         self.blocks = nnx.List(
             ResidualAttentionBlock(
-                d, config.n_text_head, config.decoder_attention, config, cross_attention=True, rngs=rngs
+                d,
+                config.n_text_head,
+                config.decoder_attention,
+                config,
+                cross_attention=True,
+                rotary=config.decoder_rotary,
+                rngs=rngs,
             )
             for _ in range(config.n_text_layer)
         )
@@ -84,8 +96,11 @@ class TextDecoder(nnx.Module):
         if cache is not None:
             capacity = cache["layers"][0]["attn"]["k"].shape[1]
             check_cache_offset(self.config, 0 if is_traced(offset) else int(offset), length, capacity)
-        positions = lookup_positions(self.positional_embedding[...], offset, length, "tokens")
-        x = self.dropout((self.token_embedding(tokens) + positions).astype(xa.dtype))  # (B, T, d)
+        x = self.token_embedding(tokens)  # (B, T, d)
+        if self.positional_embedding is not None:
+            table = self.positional_embedding[...]
+            x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
+        x = self.dropout(x.astype(xa.dtype))
         layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
         new_caches = []
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):

@@ -1,15 +1,18 @@
-"""Absolute position tables (SPEC section 3), mirroring `torch_ref/positions.py`.
+"""Position information (SPEC section 3), mirroring `torch_ref/positions.py`.
 
-Tables are looked up at `offset + arange(T)`; `offset` may be traced (a jitted decoding loop), in
-which case the bound was checked on the host before tracing or is enforced by the cache size.
+Absolute tables (`sinusoidal` buffer, `learned`, `learned_sinusoidal`, `none`) are looked up at
+`offset + arange(T)`; `offset` may be traced (a jitted decoding loop), in which case the bound was
+checked on the host before tracing or is enforced by the cache size. Rotary (RoPE) rotates each
+interleaved pair of every query and key head by `position * base ** (-2i / dh)`.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
-from flax_whisper.layers import is_traced
+from flax_whisper.layers import EMBEDDING_STD, Buffer, is_traced
 from whisper_config import InputError, tables
 
 
@@ -18,12 +21,40 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> jax
     return jnp.asarray(tables.sinusoids(length, channels, max_timescale))
 
 
-def lookup_positions(table: jax.Array, offset, length: int, what: str) -> jax.Array:
+def position_table(kind: str, n_ctx: int, n_state: int, rngs: nnx.Rngs) -> nnx.Variable | None:
+    """The `positional_embedding` `(n_ctx, d)` of the given kind (None for `none`)."""
+    if kind == "sinusoidal":
+        return Buffer(sinusoids(n_ctx, n_state))
+    if kind == "learned":
+        init = jax.nn.initializers.normal(EMBEDDING_STD)
+        return nnx.Param(init(rngs.params(), (n_ctx, n_state), jnp.float32))
+    if kind == "learned_sinusoidal":
+        return nnx.Param(sinusoids(n_ctx, n_state))
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown position table {kind!r}")
+
+
+def lookup_positions(table: jax.Array, offset, length: int, what: str, normalize: bool = False) -> jax.Array:
     """Rows `offset .. offset + length` of `table (L, d)`, or a clear error past its end."""
-    last = length if is_traced(offset) else int(offset) + length
-    if last > table.shape[0]:
-        start = 0 if is_traced(offset) else int(offset)
+    start = 0 if is_traced(offset) else int(offset)
+    if start + length > table.shape[0]:
         raise InputError(
             f"{what}: positions {start}..{start + length - 1} exceed the {table.shape[0]}-row position table"
         )
-    return jax.lax.dynamic_slice_in_dim(table, offset, length, axis=0)
+    rows = jax.lax.dynamic_slice_in_dim(table, offset, length, axis=0)
+    if normalize:  # as torch's F.normalize: x / max(||x||, 1e-12)
+        rows = rows / jnp.maximum(jnp.linalg.norm(rows, axis=-1, keepdims=True), 1e-12)
+    return rows
+
+
+def apply_rotary(x: jax.Array, positions: jax.Array, n_head: int, base: float) -> jax.Array:
+    """Rotate every head of `x (B, T, d)` by its `positions (T,)`; computed in float32."""
+    b, t, d = x.shape
+    inv_freq = jnp.asarray(tables.rotary_inv_freq(d // n_head, base))  # (dh/2,)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, dh/2)
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # (T, 1, dh/2)
+    pairs = x.astype(jnp.float32).reshape(b, t, n_head, d // n_head // 2, 2)  # (B, T, H, dh/2, 2)
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (B, T, H, dh/2, 2)
+    return rotated.reshape(b, t, d).astype(x.dtype)

@@ -16,5 +16,7 @@ ATTENTION: dict[str, type[nnx.Module]] = {
 }
 
 
-def build_attention(kind: str, n_state: int, n_head: int, config: ModelConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    return ATTENTION[kind](n_state, n_head, config, rngs=rngs)
+def build_attention(
+    kind: str, n_state: int, n_head: int, config: ModelConfig, rotary: bool, *, rngs: nnx.Rngs
+) -> nnx.Module:
+    return ATTENTION[kind](n_state, n_head, config, rotary, rngs=rngs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 
-from whisper_config import ModelConfig
+from whisper_config import PRESETS, ModelConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -31,8 +31,19 @@ TINY = dict(
 )
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    return ModelConfig.from_preset("whisper", **{**TINY, **overrides})
+# Every position scheme: the five presets, plus the options no preset uses.
+SCHEMES = {
+    **{name: (name, {}) for name in PRESETS},
+    "rotary_learned_sinusoidal_normalized": ("rotary_learned_sinusoidal", dict(normalize_positions=True)),
+    "encoder_learned_sinusoidal_normalized": (
+        "whisper",
+        dict(encoder_positions="learned_sinusoidal", normalize_positions=True, decoder_positions="none"),
+    ),
+}
+
+
+def tiny_config(preset: str = "whisper", **overrides) -> ModelConfig:
+    return ModelConfig.from_preset(preset, **{**TINY, **overrides})
 
 
 def make_pair(config: ModelConfig, seed: int = 0):
@@ -84,3 +95,15 @@ def config() -> ModelConfig:
 @pytest.fixture(scope="session")
 def pair(config):
     return make_pair(config)
+
+
+@pytest.fixture(scope="session", params=sorted(SCHEMES))
+def scheme(request) -> ModelConfig:
+    """A tiny config of each position scheme."""
+    preset, overrides = SCHEMES[request.param]
+    return tiny_config(preset, **overrides)
+
+
+@pytest.fixture(scope="session")
+def scheme_pair(scheme):
+    return make_pair(scheme, seed=11)

@@ -24,6 +24,24 @@ def test_json_round_trip(tmp_path):
     assert ModelConfig.load(tmp_path / "config.json") == config
 
 
+def test_the_five_presets():
+    expected = {  # SPEC section 1: (encoder positions, encoder rotary, decoder positions, decoder rotary)
+        "whisper": ("sinusoidal", False, "learned", False),
+        "all_rotary": ("none", True, "none", True),
+        "rotary_sinusoidal": ("none", True, "sinusoidal", False),
+        "rotary_rotary_sinusoidal": ("none", True, "sinusoidal", True),
+        "rotary_learned_sinusoidal": ("none", True, "learned_sinusoidal", True),
+    }
+    assert set(PRESETS) == set(expected)
+    for name, scheme in expected.items():
+        config = ModelConfig.from_preset(name, size="tiny")
+        got = (config.encoder_positions, config.encoder_rotary, config.decoder_positions, config.decoder_rotary)
+        assert got == scheme, name
+        assert config.is_openai_compatible() == (name == "whisper")
+    config = ModelConfig.from_preset("rotary_learned_sinusoidal", normalize_positions=True, encoder_rotary=False)
+    assert config.normalize_positions and not config.encoder_rotary
+
+
 def test_preset_overrides_field_by_field():
     config = ModelConfig.from_preset("whisper", size="base", n_text_layer=2)
     assert config.n_text_layer == 2 and config.n_audio_layer == SIZES["base"]["n_audio_layer"]
@@ -53,9 +71,14 @@ def test_frozen():
         (dict(n_text_state=768), "must equal n_text_state"),
         (dict(encoder_attention="flash"), "encoder_attention='flash' is not one of"),
         (dict(decoder_attention="hybrid"), "decoder_attention='hybrid' is a planned mechanism that is not built yet"),
-        (dict(encoder_positions="none"), "not built yet"),
+        (dict(norm="group_rms"), "not built yet"),
         (dict(norm="rmsnorm"), "norm='rmsnorm' is a planned mechanism that is not built yet"),
-        (dict(encoder_rotary=True), "encoder_rotary=True selects a mechanism that is not built yet"),
+        (dict(mlp_norm=True), "mlp_norm=True selects a mechanism that is not built yet"),
+        (dict(decoder_positions="rotary"), "decoder_positions='rotary' is not one of"),
+        (dict(encoder_rotary=1), "encoder_rotary must be true or false"),
+        (dict(n_text_state=384, n_text_head=128, decoder_rotary=True), "decoder_rotary needs an even head width"),
+        (dict(rotary_base=1.0), "rotary_base must be a number > 1"),
+        (dict(normalize_positions=True), "neither encoder_positions nor decoder_positions is learned_sinusoidal"),
         (dict(gradient_checkpointing=True), "not built yet"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(decoder_start_token_id=51865), "decoder_start_token_id=51865 must be a token id"),

@@ -28,9 +28,10 @@ from flax_whisper import Whisper as FlaxWhisper
 from torch_ref import Whisper as TorchWhisper
 
 
-def test_plan_matches_both_models(config):
+def test_plan_matches_both_models(scheme):
     """The table's torch names and shapes are exactly torch_ref's state dict, and every Flax
     parameter and buffer is covered once."""
+    config = scheme
     plan = build_plan(config)
     torch_state = TorchWhisper(config).state_dict()
     assert {e.torch_key: e.torch_shape for e in plan} == {k: tuple(v.shape) for k, v in torch_state.items()}
@@ -38,7 +39,11 @@ def test_plan_matches_both_models(config):
     assert {e.flax_key for e in plan if e.trainable} == {
         ".".join(map(str, p)) for p, _ in nnx.to_flat_state(flax_state)
     }
-    assert {e.torch_key for e in plan if not e.trainable} == {"encoder.positional_embedding"}
+    buffers = {e.torch_key for e in plan if not e.trainable}
+    tables = {"encoder": config.encoder_positions, "decoder": config.decoder_positions}
+    assert buffers == {f"{side}.positional_embedding" for side, kind in tables.items() if kind == "sinusoidal"}
+    for side, kind in tables.items():
+        assert (f"{side}.positional_embedding" in {e.torch_key for e in plan}) == (kind != "none")
 
 
 def test_transforms_are_named_inverses():
@@ -50,7 +55,8 @@ def test_transforms_are_named_inverses():
     assert CONV1D.torch_shape((4, 3, 2)) == (2, 3, 4) and LINEAR.name == "linear_transpose"
 
 
-def test_torch_flax_torch_is_bit_exact(config):
+def test_torch_flax_torch_is_bit_exact(scheme):
+    config = scheme
     torch_model, _ = make_pair(config, seed=2)
     tensors = torch_to_numpy(torch_model)
     back = flax_to_torch(new_flax_model(config, tensors))
@@ -59,7 +65,8 @@ def test_torch_flax_torch_is_bit_exact(config):
         assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
 
 
-def test_flax_torch_flax_is_bit_exact(config):
+def test_flax_torch_flax_is_bit_exact(scheme):
+    config = scheme
     flax_model = FlaxWhisper(config, rngs=nnx.Rngs(4))
     again = new_flax_model(config, flax_to_torch(flax_model))
     for (path, a), (_, b) in zip(

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, random_batch
+from conftest import assert_close, make_pair, random_batch, tiny_config
 from flax import nnx
 
 from whisper_config import InputError
@@ -12,8 +12,9 @@ from whisper_config import InputError
 CHUNKS = (3, 1, 1, 2, 1, 4)  # a prompt, then single tokens and short runs: 12 = n_text_ctx
 
 
-def test_torch_incremental_equals_full(pair, config):
-    t, _ = pair
+def test_torch_incremental_equals_full(scheme_pair, scheme):
+    t, _ = scheme_pair
+    config = scheme
     mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
     tokens = torch.from_numpy(tokens)
     with torch.no_grad():
@@ -28,8 +29,9 @@ def test_torch_incremental_equals_full(pair, config):
     assert_close(torch.cat(steps, 1).numpy(), full.numpy(), 1e-5)
 
 
-def test_flax_incremental_equals_full(pair, config):
-    _, f = pair
+def test_flax_incremental_equals_full(scheme_pair, scheme):
+    _, f = scheme_pair
+    config = scheme
     mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
     decode = nnx.jit(lambda model, tokens, xa, cache: model.decoder(tokens, xa, cache))
     xa = f.encoder(mel)
@@ -43,8 +45,10 @@ def test_flax_incremental_equals_full(pair, config):
     assert_close(np.concatenate(steps, 1), full, 1e-5)
 
 
-def test_flax_jitted_decode_step_compiles_once(pair, config):
-    _, f = pair
+@pytest.mark.parametrize("preset", ["whisper", "rotary_learned_sinusoidal"])
+def test_flax_jitted_decode_step_compiles_once(preset):
+    config = tiny_config(preset)
+    _, f = make_pair(config)
     mel, tokens = random_batch(config, 2, 30, config.n_text_ctx, seed=6)
     xa = f.encoder(mel)
     full, _ = f.decoder(tokens, xa)

@@ -10,6 +10,7 @@ from conftest import tiny_config
 import flax_whisper.layers
 from convert.__main__ import main
 from convert.verify import compare
+from whisper_config import PRESETS
 
 
 def test_verify_fresh_model_from_config_file(tmp_path):
@@ -57,3 +58,10 @@ def test_compare_tolerance():
     assert compare("x", [1.0, 2.0], [1.0, 2.0 + 1e-5], atol=0.0, rtol=1e-5).ok
     bad = compare("x", [1.0, 2.0], [1.0, 2.1], atol=1e-4, rtol=1e-4)
     assert not bad.ok and abs(bad.max_abs - 0.1) < 1e-9 and abs(bad.max_rel - 0.1 / 2.1) < 1e-9
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_verify_every_preset(preset, tmp_path, capsys):
+    tiny_config(preset).save(tmp_path / "config.json")
+    assert main(["verify", "--config", str(tmp_path / "config.json"), "--frames", "20"]) == 0
+    assert capsys.readouterr().out.endswith("parity ok\n")

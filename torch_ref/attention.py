@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch_ref.layers import Linear
+from torch_ref.positions import apply_rotary
 from whisper_config import ModelConfig
 
 Cache = dict[str, Tensor]
@@ -52,11 +53,16 @@ def attend(
 
 
 class MultiHeadAttention(nn.Module):
-    """OpenAI Whisper's multi-head attention, for self-attention and cross-attention."""
+    """OpenAI Whisper's multi-head attention, for self-attention and cross-attention.
 
-    def __init__(self, n_state: int, n_head: int, config: ModelConfig):
+    With `rotary`, queries and keys of self-attention are rotated by their positions (SPEC 3);
+    cross-attention never is (text and audio positions are unrelated).
+    """
+
+    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False):
         super().__init__()
         self.n_head = n_head
+        self.rotary_base = config.rotary_base if rotary else None
         self.scale = (n_state // n_head) ** -0.5
         self.query = Linear(n_state, n_state)
         self.key = Linear(n_state, n_state, bias=False)
@@ -87,6 +93,11 @@ class MultiHeadAttention(nn.Module):
             mask = None
         else:
             k, v = self.key(x), self.value(x)
+            if self.rotary_base is not None:
+                # New tokens sit at offset .. offset + T; cached keys were rotated when written.
+                positions = offset + torch.arange(x.shape[1], device=x.device)
+                q = apply_rotary(q, positions, self.n_head, self.rotary_base)
+                k = apply_rotary(k, positions, self.n_head, self.rotary_base)
             if cache is not None:
                 # Write the new rows at offset .. offset + T of the fixed-size buffers.
                 index = torch.arange(offset, offset + x.shape[1], device=x.device)

@@ -15,9 +15,17 @@ BlockCache = dict[str, dict]
 class ResidualAttentionBlock(nn.Module):
     """`x += attn(attn_ln(x))`; decoder: `x += cross_attn(cross_attn_ln(x), xa)`; `x += mlp(mlp_ln(x))`."""
 
-    def __init__(self, n_state: int, n_head: int, attention: str, config: ModelConfig, cross_attention: bool = False):
+    def __init__(
+        self,
+        n_state: int,
+        n_head: int,
+        attention: str,
+        config: ModelConfig,
+        cross_attention: bool = False,
+        rotary: bool = False,
+    ):
         super().__init__()
-        self.attn = build_attention(attention, n_state, n_head, config)
+        self.attn = build_attention(attention, n_state, n_head, config, rotary)
         self.attn_ln = make_norm(config, n_state)
         self.cross_attn = MultiHeadAttention(n_state, n_head, config) if cross_attention else None
         self.cross_attn_ln = make_norm(config, n_state) if cross_attention else None

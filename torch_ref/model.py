@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torch_ref.blocks import ResidualAttentionBlock
-from torch_ref.layers import EMBEDDING_STD, Conv1d, Embedding, gelu, make_norm
-from torch_ref.positions import lookup_positions, sinusoids
+from torch_ref.layers import Conv1d, Embedding, gelu, make_norm
+from torch_ref.positions import lookup_positions, register_position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
 from whisper_config.checks import check_cache_offset
 
@@ -29,10 +29,13 @@ class AudioEncoder(nn.Module):
         d = config.n_audio_state
         self.conv1 = Conv1d(config.n_mels, d, kernel_size=3, padding=1)
         self.conv2 = Conv1d(d, d, kernel_size=3, stride=2, padding=1)
-        self.register_buffer("positional_embedding", sinusoids(config.n_audio_ctx, d))
+        register_position_table(self, config.encoder_positions, config.n_audio_ctx, d)
+        self.normalize_positions = config.normalize_positions and config.encoder_positions == "learned_sinusoidal"
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(d, config.n_audio_head, config.encoder_attention, config)
+            ResidualAttentionBlock(
+                d, config.n_audio_head, config.encoder_attention, config, rotary=config.encoder_rotary
+            )
             for _ in range(config.n_audio_layer)
         )
         self.ln_post = make_norm(config, d)
@@ -43,7 +46,9 @@ class AudioEncoder(nn.Module):
         x = gelu(self.conv1(mel))  # (B, d, frames)
         x = gelu(self.conv2(x))  # (B, d, T)
         x = x.permute(0, 2, 1)  # (B, T, d)
-        x = self.dropout(x + lookup_positions(self.positional_embedding, 0, n_ctx, "audio").to(x.dtype))
+        if self.positional_embedding is not None:
+            x = x + lookup_positions(self.positional_embedding, 0, n_ctx, "audio", self.normalize_positions).to(x.dtype)
+        x = self.dropout(x)
         for block in self.blocks:
             x, _ = block(x)
         return self.ln_post(x)
@@ -55,10 +60,18 @@ class TextDecoder(nn.Module):
         self.config = config
         d = config.n_text_state
         self.token_embedding = Embedding(config.n_vocab, d)
-        self.positional_embedding = nn.Parameter(torch.randn(config.n_text_ctx, d) * EMBEDDING_STD)
+        register_position_table(self, config.decoder_positions, config.n_text_ctx, d)
+        self.normalize_positions = config.normalize_positions and config.decoder_positions == "learned_sinusoidal"
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            ResidualAttentionBlock(d, config.n_text_head, config.decoder_attention, config, cross_attention=True)
+            ResidualAttentionBlock(
+                d,
+                config.n_text_head,
+                config.decoder_attention,
+                config,
+                cross_attention=True,
+                rotary=config.decoder_rotary,
+            )
             for _ in range(config.n_text_layer)
         )
         self.ln = make_norm(config, d)
@@ -76,8 +89,10 @@ class TextDecoder(nn.Module):
         check_token_range(self.config, int(tokens.min()), int(tokens.max()))
         if cache is not None:
             check_cache_offset(self.config, offset, length, cache["layers"][0]["attn"]["k"].shape[1])
-        positions = lookup_positions(self.positional_embedding, offset, length, "tokens")
-        x = self.dropout((self.token_embedding(tokens) + positions).to(xa.dtype))  # (B, T, d)
+        x = self.token_embedding(tokens)  # (B, T, d)
+        if self.positional_embedding is not None:
+            x = x + lookup_positions(self.positional_embedding, offset, length, "tokens", self.normalize_positions)
+        x = self.dropout(x.to(xa.dtype))
         layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
         new_caches = []
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):

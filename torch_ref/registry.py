@@ -16,5 +16,5 @@ ATTENTION: dict[str, type[nn.Module]] = {
 }
 
 
-def build_attention(kind: str, n_state: int, n_head: int, config: ModelConfig) -> nn.Module:
-    return ATTENTION[kind](n_state, n_head, config)
+def build_attention(kind: str, n_state: int, n_head: int, config: ModelConfig, rotary: bool) -> nn.Module:
+    return ATTENTION[kind](n_state, n_head, config, rotary)

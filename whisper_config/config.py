@@ -37,16 +37,14 @@ CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
         ("mha",),
     ),
-    "encoder_positions": (("sinusoidal", "learned_sinusoidal", "none"), ("sinusoidal",)),
-    "decoder_positions": (("learned", "sinusoidal", "learned_sinusoidal", "none"), ("learned",)),
+    "encoder_positions": (("sinusoidal", "learned_sinusoidal", "none"),) * 2,
+    "decoder_positions": (("learned", "sinusoidal", "learned_sinusoidal", "none"),) * 2,
     "norm": (("layernorm", "rmsnorm", "group_rms"), ("layernorm",)),
 }
 
+BUILT_SWITCHES = ("encoder_rotary", "decoder_rotary", "normalize_positions")
 # Boolean switches whose mechanism is not built yet: only their default (False) is accepted.
 UNBUILT_SWITCHES = (
-    "encoder_rotary",
-    "decoder_rotary",
-    "normalize_positions",
     "mlp_norm",
     "learned_temperature",
     "memory_update",
@@ -83,17 +81,27 @@ SIZES: dict[str, dict[str, int]] = {
     }.items()
 }
 
-# Named position/mechanism schemes (SPEC section 1). Sizes are independent of the preset.
-PRESETS: dict[str, dict[str, Any]] = {
-    "whisper": dict(
+
+def _scheme(encoder_positions: str, encoder_rotary: bool, decoder_positions: str, decoder_rotary: bool):
+    return dict(
         encoder_attention="mha",
         decoder_attention="mha",
-        encoder_positions="sinusoidal",
-        decoder_positions="learned",
-        encoder_rotary=False,
-        decoder_rotary=False,
+        encoder_positions=encoder_positions,
+        encoder_rotary=encoder_rotary,
+        decoder_positions=decoder_positions,
+        decoder_rotary=decoder_rotary,
         norm="layernorm",
-    ),
+    )
+
+
+# Named position/mechanism schemes (SPEC section 1; the seed's `Whisper-embeddings` study, plus
+# OpenAI Whisper itself). Sizes are independent of the preset; fields can be overridden.
+PRESETS: dict[str, dict[str, Any]] = {
+    "whisper": _scheme("sinusoidal", False, "learned", False),
+    "all_rotary": _scheme("none", True, "none", True),
+    "rotary_sinusoidal": _scheme("none", True, "sinusoidal", False),
+    "rotary_rotary_sinusoidal": _scheme("none", True, "sinusoidal", True),
+    "rotary_learned_sinusoidal": _scheme("none", True, "learned_sinusoidal", True),
 }
 
 
@@ -170,12 +178,13 @@ class ModelConfig:
                 raise ConfigError(
                     f"{name}={value!r} is a planned mechanism that is not built yet; available now: {', '.join(built)}"
                 )
-        for name in UNBUILT_SWITCHES:
+        for name in BUILT_SWITCHES + UNBUILT_SWITCHES:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
-            if value:
+            if value and name in UNBUILT_SWITCHES:
                 raise ConfigError(f"{name}=True selects a mechanism that is not built yet")
+        self._check_positions()
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -183,6 +192,27 @@ class ModelConfig:
         start = self.decoder_start_token_id
         if start is not None and not (isinstance(start, int) and 0 <= start < self.n_vocab):
             raise ConfigError(f"decoder_start_token_id={start!r} must be a token id in [0, n_vocab={self.n_vocab})")
+
+    def _check_positions(self) -> None:
+        if (
+            isinstance(self.rotary_base, bool)
+            or not isinstance(self.rotary_base, (int, float))
+            or self.rotary_base <= 1
+        ):
+            raise ConfigError(f"rotary_base must be a number > 1, got {self.rotary_base!r}")
+        for side, rotary, state, head in (
+            ("encoder", self.encoder_rotary, self.n_audio_state, self.n_audio_head),
+            ("decoder", self.decoder_rotary, self.n_text_state, self.n_text_head),
+        ):
+            if rotary and (state // head) % 2:
+                raise ConfigError(
+                    f"{side}_rotary needs an even head width, but {state} / {head} heads = {state // head}"
+                )
+        if self.normalize_positions and "learned_sinusoidal" not in (self.encoder_positions, self.decoder_positions):
+            raise ConfigError(
+                "normalize_positions=True normalises learned_sinusoidal rows, but neither "
+                "encoder_positions nor decoder_positions is learned_sinusoidal"
+            )
 
     # ---------------------------------------------------------------- derived values
 

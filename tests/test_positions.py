@@ -1,0 +1,118 @@
+"""Position schemes: rotary is relative, tables have the right kind, over-long input is an error."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from conftest import assert_close, random_batch
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flax_whisper.positions as fpos
+import torch_ref.positions as tpos
+from whisper_config import InputError
+
+N_HEAD, WIDTH = 4, 32
+
+
+def rotate(framework: str, x: np.ndarray, positions: np.ndarray, base: float = 10000.0) -> np.ndarray:
+    if framework == "torch":
+        return tpos.apply_rotary(torch.from_numpy(x), torch.from_numpy(positions), N_HEAD, base).numpy()
+    return np.asarray(fpos.apply_rotary(jnp.asarray(x), jnp.asarray(positions), N_HEAD, base))
+
+
+def head_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """(1, T, d) queries and keys -> (H, T, T) per-head dot products."""
+    q, k = q.reshape(-1, N_HEAD, WIDTH // N_HEAD), k.reshape(-1, N_HEAD, WIDTH // N_HEAD)
+    return np.einsum("thd,shd->hts", q, k)
+
+
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+@pytest.mark.parametrize("shift", [1, 37, 400])
+def test_rotary_scores_depend_only_on_distance(framework, shift):
+    rng = np.random.default_rng(shift)
+    x = rng.standard_normal((1, 9, WIDTH)).astype(np.float32)
+    w_q, w_k = rng.standard_normal((2, WIDTH, WIDTH)).astype(np.float32) / np.sqrt(WIDTH)
+    positions = np.arange(9)
+
+    def rotary_scores(p):
+        return head_scores(rotate(framework, x @ w_q, p), rotate(framework, x @ w_k, p))
+
+    def absolute_scores(p):
+        h = x + tpos.sinusoids(512, WIDTH).numpy()[p]
+        return head_scores(h @ w_q, h @ w_k)
+
+    assert_close(rotary_scores(positions + shift), rotary_scores(positions), 1e-4, "rotary")
+    assert np.max(np.abs(absolute_scores(positions + shift) - absolute_scores(positions))) > 1e-2
+    assert np.max(np.abs(rotary_scores(positions) - head_scores(x @ w_q, x @ w_k))) > 1e-2, "rotary must rotate"
+
+
+def test_rotary_is_the_spec_rotation():
+    """Pair (x[2i], x[2i+1]) of each head turns by position * base ** (-2i / dh)."""
+    x = np.zeros((1, 1, WIDTH), np.float32)
+    x[0, 0, 8 + 2] = 1.0  # head 1, pair i = 1, first element
+    out = rotate("torch", x, np.array([3]))
+    angle = 3 * 10000.0 ** (-2 / 8)
+    assert_close(out[0, 0, 8 + 2 : 8 + 4], [np.cos(angle), np.sin(angle)], 1e-6)
+    assert np.count_nonzero(out) == 2
+
+
+@settings(max_examples=5, deadline=None)
+@given(st.integers(1, 12), st.integers(0, 500), st.sampled_from([100.0, 10000.0]))
+def test_apply_rotary_parity(length, offset, base):
+    x = np.random.default_rng(length).standard_normal((2, length, WIDTH)).astype(np.float32)
+    positions = offset + np.arange(length)
+    assert_close(rotate("flax", x, positions, base), rotate("torch", x, positions, base), 1e-5)
+
+
+def test_table_kinds(scheme_pair, scheme):
+    t, f = scheme_pair
+    for side, kind in (("encoder", scheme.encoder_positions), ("decoder", scheme.decoder_positions)):
+        torch_table = getattr(t, side).positional_embedding
+        flax_table = getattr(f, side).positional_embedding
+        assert (torch_table is None) == (flax_table is None) == (kind == "none")
+        if kind == "none":
+            continue
+        trainable = kind != "sinusoidal"
+        assert isinstance(torch_table, torch.nn.Parameter) == trainable
+        assert isinstance(flax_table, nnx.Param) == trainable
+
+
+def test_learned_sinusoidal_starts_as_sinusoids(scheme):
+    from torch_ref import Whisper
+
+    model = Whisper(scheme)
+    for side, kind in (("encoder", scheme.encoder_positions), ("decoder", scheme.decoder_positions)):
+        if kind in ("sinusoidal", "learned_sinusoidal"):
+            table = getattr(model, side).positional_embedding.detach()
+            assert torch.equal(table, tpos.sinusoids(*table.shape))
+
+
+def test_normalized_rows_are_unit_length():
+    table = np.random.default_rng(0).standard_normal((10, WIDTH)).astype(np.float32) * 3
+    ours = np.asarray(fpos.lookup_positions(jnp.asarray(table), 2, 5, "t", normalize=True))
+    theirs = tpos.lookup_positions(torch.from_numpy(table), 2, 5, "t", normalize=True).numpy()
+    assert_close(np.linalg.norm(ours, axis=-1), np.ones(5), 1e-6)
+    assert_close(ours, theirs, 1e-6)
+
+
+def test_overlong_input_on_every_scheme(scheme_pair, scheme):
+    t, f = scheme_pair
+    mel, tokens = random_batch(scheme, 1, 2 * scheme.n_audio_ctx, scheme.n_text_ctx)
+    with torch.no_grad():
+        assert t(torch.from_numpy(mel), torch.from_numpy(tokens)).shape == (1, scheme.n_text_ctx, scheme.n_vocab)
+    long_mel = np.zeros((1, scheme.n_mels, 2 * scheme.n_audio_ctx + 1), np.float32)
+    long_tokens = np.zeros((1, scheme.n_text_ctx + 1), np.int64)
+    for call in (
+        lambda: t(torch.from_numpy(long_mel), torch.from_numpy(tokens)),
+        lambda: f(long_mel, tokens),
+    ):
+        with pytest.raises(InputError, match="audio too long"):
+            call()
+    for call in (
+        lambda: t(torch.from_numpy(mel), torch.from_numpy(long_tokens)),
+        lambda: f(mel, long_tokens),
+    ):
+        with pytest.raises(InputError, match="too many tokens: 13 exceed n_text_ctx=12"):
+            call()
