@@ -6,6 +6,13 @@ default to TF32 and TPUs to bf16 passes).
 
 from __future__ import annotations
 
+import os
+
+# Tests compile many tiny programs; XLA's CPU backend spends most of that time in LLVM
+# optimisation passes that do not change float semantics (fast-math stays off). Set before jax is
+# imported, and inherited by the CLI subprocesses the tests start. A user's own XLA_FLAGS win.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
 import jax
 import numpy as np
 import pytest
