@@ -63,6 +63,8 @@ LAYERS: dict[str, dict[str, tuple[str, Transform]]] = {
     "Linear": {"kernel": ("weight", LINEAR), "bias": ("bias", IDENTITY)},
     "Conv1d": {"kernel": ("weight", CONV1D), "bias": ("bias", IDENTITY)},
     "LayerNorm": {"scale": ("weight", IDENTITY), "bias": ("bias", IDENTITY)},
+    "RMSNorm": {"scale": ("weight", IDENTITY)},
+    "GroupRMSNorm": {"scale": ("weight", IDENTITY), "bias": ("bias", IDENTITY)},
     "Embedding": {"embedding": ("weight", IDENTITY)},
 }
 

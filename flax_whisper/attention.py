@@ -1,7 +1,10 @@
-"""Multi-head attention with an explicit KV cache (SPEC section 4.1), mirroring `torch_ref/attention.py`.
+"""Multi-head attention with an explicit KV cache (SPEC sections 4.1, 4.2 and 4.5), mirroring
+`torch_ref/attention.py`.
 
-The cache is a plain dict pytree passed in and returned, never module state, so a jitted decoding
-loop can carry it:
+Options used by the other mechanisms: a band `window` (hybrid's local branch), a learned
+`temperature` (one scalar, init `dh ** -0.5`), and a per-head `content_bias` (`BiasedAttention`
+sets it). The cache is a plain dict pytree passed in and returned, so a jitted decoding loop can
+carry it:
 
 - self-attention: `{"k": (B, L, d), "v": (B, L, d)}`, buffers of fixed capacity `L` written at
   `offset` (which may be traced); the causal mask hides every slot after the current position.
@@ -21,11 +24,19 @@ from whisper_config import ModelConfig
 Cache = dict[str, jax.Array]
 
 
-def causal_mask(offset, length: int, n_keys: int) -> jax.Array:
-    """`(T, S)` bool: query at `offset + i` may see key `j` iff `j <= offset + i`."""
-    q_pos = offset + jnp.arange(length)
-    k_pos = jnp.arange(n_keys)
-    return k_pos[None, :] <= q_pos[:, None]
+def position_mask(offset, length: int, n_keys: int, causal: bool, window: int | None) -> jax.Array | None:
+    """`(T, S)` bool or None: may the query at `offset + i` see key `j`?
+
+    causal: `j <= offset + i`; window: `|offset + i - j| <= window` (both: the past band).
+    """
+    if not causal and window is None:
+        return None
+    q_pos = offset + jnp.arange(length)[:, None]  # (T, 1)
+    k_pos = jnp.arange(n_keys)[None, :]  # (1, S)
+    mask = k_pos <= q_pos if causal else jnp.ones((length, n_keys), bool)
+    if window is not None:
+        mask = mask & (jnp.abs(q_pos - k_pos) <= window)
+    return mask
 
 
 def attend(
@@ -33,16 +44,20 @@ def attend(
     k: jax.Array,
     v: jax.Array,
     n_head: int,
-    scale: float,
+    scale: float | jax.Array,
     mask: jax.Array | None,
     dropout: nnx.Dropout,
+    content_bias: jax.Array | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention over heads; softmax in float32.
 
-    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S) -> (B, T, d)
+    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh)
+    added to every query -> (B, T, d)
     """
     b, t, d = q.shape
     q = q.reshape(b, t, n_head, d // n_head)  # (B, T, H, dh)
+    if content_bias is not None:
+        q = q + content_bias.astype(q.dtype)
     k = k.reshape(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
     v = v.reshape(b, v.shape[1], n_head, d // n_head)  # (B, S, H, dh)
     logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # (B, H, T, S)
@@ -52,6 +67,10 @@ def attend(
     return jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
 
 
+def _value(param: nnx.Param | None) -> jax.Array | None:
+    return None if param is None else param[...]
+
+
 class MultiHeadAttention(nnx.Module):
     """OpenAI Whisper's multi-head attention, for self-attention and cross-attention.
 
@@ -59,15 +78,27 @@ class MultiHeadAttention(nnx.Module):
     cross-attention never is (text and audio positions are unrelated).
     """
 
-    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        n_state: int,
+        n_head: int,
+        config: ModelConfig,
+        rotary: bool = False,
+        window: int | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
         self.n_head = n_head
         self.rotary_base = config.rotary_base if rotary else None
-        self.scale = (n_state // n_head) ** -0.5
+        self.window = window
         self.query = Linear(n_state, n_state, rngs=rngs)
         self.key = Linear(n_state, n_state, bias=False, rngs=rngs)
         self.value = Linear(n_state, n_state, rngs=rngs)
         self.out = Linear(n_state, n_state, rngs=rngs)
         self.attention_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
+        self.scale = (n_state // n_head) ** -0.5
+        self.temperature = nnx.Param(jnp.asarray(self.scale, jnp.float32)) if config.learned_temperature else None
+        self.content_bias = nnx.data(None)  # a Param in BiasedAttention
 
     def __call__(
         self,
@@ -102,8 +133,9 @@ class MultiHeadAttention(nnx.Module):
                 k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), offset, axis=1)
                 v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), offset, axis=1)
                 cache = {"k": k, "v": v}
-            mask = causal_mask(offset, x.shape[1], k.shape[1]) if causal else None
-        y = attend(q, k, v, self.n_head, self.scale, mask, self.attention_dropout)
+            mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window)
+        scale = self.scale if self.temperature is None else self.temperature[...]
+        y = attend(q, k, v, self.n_head, scale, mask, self.attention_dropout, _value(self.content_bias))
         return self.out(y), cache
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:

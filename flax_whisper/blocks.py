@@ -31,7 +31,7 @@ class ResidualAttentionBlock(nnx.Module):
         self.attn_ln = make_norm(config, n_state)
         self.cross_attn = MultiHeadAttention(n_state, n_head, config, rngs=rngs) if cross_attention else None
         self.cross_attn_ln = make_norm(config, n_state) if cross_attention else None
-        self.mlp = MLP(n_state, 4 * n_state, config.dropout, rngs=rngs)
+        self.mlp = MLP(n_state, 4 * n_state, config, rngs=rngs)
         self.mlp_ln = make_norm(config, n_state)
 
     def __call__(

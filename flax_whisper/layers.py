@@ -89,6 +89,35 @@ class LayerNorm(nnx.Module):
         return y.astype(x.dtype)
 
 
+class RMSNorm(nnx.Module):
+    """`x * rsqrt(mean(x^2) + eps) * scale`, eps 1e-6, float32 statistics."""
+
+    def __init__(self, n_state: int, eps: float = 1e-6):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        return y.astype(x.dtype)
+
+
+class GroupRMSNorm(nnx.Module):
+    """The seeds' "GroupNorm (RMS)", per position: RMS-normalise each of `groups` channel groups,
+    then `* scale + bias` per channel. Never across time."""
+
+    def __init__(self, n_state: int, groups: int, eps: float = 1e-6):
+        self.groups, self.eps = groups, eps
+        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., d) -> (..., d)"""
+        x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, -1)  # (..., G, d/G)
+        y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)).reshape(x.shape)
+        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
 class Embedding(nnx.Module):
     """Token table `(n_vocab, d)`, normal(0, 0.02) init (std 1 would make tied logits huge)."""
 
@@ -102,24 +131,32 @@ class Embedding(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """`fc1 (d -> 4d) -> GELU (exact) -> Dropout -> fc2 (4d -> d)`."""
+    """`fc1 (d -> 4d) -> [norm (4d) if mlp_norm] -> GELU (exact) -> Dropout -> fc2 (4d -> d)`."""
 
-    def __init__(self, n_state: int, n_mlp: int, dropout: float = 0.0, *, rngs: nnx.Rngs):
+    def __init__(self, n_state: int, n_mlp: int, config: ModelConfig, *, rngs: nnx.Rngs):
         self.fc1 = Linear(n_state, n_mlp, rngs=rngs)
+        self.norm = make_norm(config, n_mlp) if config.mlp_norm else None
         self.fc2 = Linear(n_mlp, n_state, rngs=rngs)
-        self.dropout = nnx.Dropout(dropout, rngs=rngs)
+        self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, T, d) -> (B, T, d)"""
-        return self.fc2(self.dropout(gelu(self.fc1(x))))
+        h = self.fc1(x)  # (B, T, 4d)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.fc2(self.dropout(gelu(h)))
 
 
-NORMS = {"layernorm": LayerNorm}
+NORMS = {
+    "layernorm": lambda n_state, config: LayerNorm(n_state),
+    "rmsnorm": lambda n_state, config: RMSNorm(n_state),
+    "group_rms": lambda n_state, config: GroupRMSNorm(n_state, config.norm_groups),
+}
 
 
 def make_norm(config: ModelConfig, n_state: int) -> nnx.Module:
     """The norm every sub-layer of the model uses (`config.norm`)."""
-    return NORMS[config.norm](n_state)
+    return NORMS[config.norm](n_state, config)
 
 
 def gelu(x: jax.Array) -> jax.Array:

@@ -16,7 +16,7 @@ from flax_whisper.blocks import ResidualAttentionBlock
 from flax_whisper.layers import Conv1d, Embedding, gelu, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
-from whisper_config.checks import check_cache_offset
+from whisper_config.checks import cache_capacity, check_cache_offset
 
 IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
@@ -93,8 +93,8 @@ class TextDecoder(nnx.Module):
         offset = 0 if cache is None else cache["offset"]
         length = check_tokens_shape(self.config, tokens.shape, 0 if is_traced(offset) else int(offset))
         _check_token_values(self.config, tokens)
-        if cache is not None:
-            capacity = cache["layers"][0]["attn"]["k"].shape[1]
+        capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
+        if capacity is not None:
             check_cache_offset(self.config, 0 if is_traced(offset) else int(offset), length, capacity)
         x = self.token_embedding(tokens)  # (B, T, d)
         if self.positional_embedding is not None:

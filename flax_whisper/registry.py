@@ -9,10 +9,16 @@ from __future__ import annotations
 from flax import nnx
 
 from flax_whisper.attention import MultiHeadAttention
+from flax_whisper.biased import BiasedAttention
+from flax_whisper.dynamic_conv import DynamicConvAttention
+from flax_whisper.hybrid import HybridAttention
 from whisper_config import ModelConfig
 
 ATTENTION: dict[str, type[nnx.Module]] = {
     "mha": MultiHeadAttention,
+    "biased": BiasedAttention,
+    "dynamic_conv": DynamicConvAttention,
+    "hybrid": HybridAttention,
 }
 
 

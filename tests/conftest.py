@@ -38,13 +38,28 @@ TINY = dict(
 )
 
 
-# Every position scheme: the five presets, plus the options no preset uses.
-SCHEMES = {
+# Every configuration variant the parity tests cover: the five presets, the position options no
+# preset uses, and each attention mechanism and norm (with the switches that go with them).
+VARIANTS = {
     **{name: (name, {}) for name in PRESETS},
     "rotary_learned_sinusoidal_normalized": ("rotary_learned_sinusoidal", dict(normalize_positions=True)),
     "encoder_learned_sinusoidal_normalized": (
         "whisper",
         dict(encoder_positions="learned_sinusoidal", normalize_positions=True, decoder_positions="none"),
+    ),
+    "biased_temperature": (
+        "rotary_sinusoidal",
+        dict(encoder_attention="biased", decoder_attention="biased", learned_temperature=True),
+    ),
+    "dynamic_conv": (
+        "whisper",
+        dict(encoder_attention="dynamic_conv", decoder_attention="dynamic_conv", conv_kernel_size=5),
+    ),
+    "hybrid_rotary": ("all_rotary", dict(encoder_attention="hybrid", decoder_attention="hybrid", window_size=2)),
+    "rmsnorm_mlp_norm": ("whisper", dict(norm="rmsnorm", mlp_norm=True)),
+    "group_rms": (
+        "whisper",
+        dict(norm="group_rms", norm_groups=4, mlp_norm=True, decoder_attention="hybrid", window_size=1),
     ),
 }
 
@@ -104,13 +119,13 @@ def pair(config):
     return make_pair(config)
 
 
-@pytest.fixture(scope="session", params=sorted(SCHEMES))
-def scheme(request) -> ModelConfig:
-    """A tiny config of each position scheme."""
-    preset, overrides = SCHEMES[request.param]
+@pytest.fixture(scope="session", params=sorted(VARIANTS))
+def variant(request) -> ModelConfig:
+    """A tiny config of each position variant."""
+    preset, overrides = VARIANTS[request.param]
     return tiny_config(preset, **overrides)
 
 
 @pytest.fixture(scope="session")
-def scheme_pair(scheme):
-    return make_pair(scheme, seed=11)
+def variant_pair(variant):
+    return make_pair(variant, seed=11)

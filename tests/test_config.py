@@ -33,10 +33,10 @@ def test_the_five_presets():
         "rotary_learned_sinusoidal": ("none", True, "learned_sinusoidal", True),
     }
     assert set(PRESETS) == set(expected)
-    for name, scheme in expected.items():
+    for name, variant in expected.items():
         config = ModelConfig.from_preset(name, size="tiny")
         got = (config.encoder_positions, config.encoder_rotary, config.decoder_positions, config.decoder_rotary)
-        assert got == scheme, name
+        assert got == variant, name
         assert config.is_openai_compatible() == (name == "whisper")
     config = ModelConfig.from_preset("rotary_learned_sinusoidal", normalize_positions=True, encoder_rotary=False)
     assert config.normalize_positions and not config.encoder_rotary
@@ -70,10 +70,16 @@ def test_frozen():
         (dict(n_vocab=2.5), "n_vocab must be a positive integer"),
         (dict(n_text_state=768), "must equal n_text_state"),
         (dict(encoder_attention="flash"), "encoder_attention='flash' is not one of"),
-        (dict(decoder_attention="hybrid"), "decoder_attention='hybrid' is a planned mechanism that is not built yet"),
-        (dict(norm="group_rms"), "not built yet"),
-        (dict(norm="rmsnorm"), "norm='rmsnorm' is a planned mechanism that is not built yet"),
-        (dict(mlp_norm=True), "mlp_norm=True selects a mechanism that is not built yet"),
+        (dict(decoder_attention="memory"), "decoder_attention='memory' is a planned mechanism that is not built yet"),
+        (dict(encoder_attention="integrated"), "not built yet"),
+        (dict(window_size=0), "window_size must be an integer >= 1, got 0"),
+        (dict(conv_kernel_size=4), "conv_kernel_size=4 must be odd"),
+        (dict(conv_kernel_size=0), "conv_kernel_size must be an integer >= 1, got 0"),
+        (dict(conv_kernel_size=-3), "conv_kernel_size must be an integer >= 1"),
+        (dict(norm="group_rms", norm_groups=5), "norm_groups=5 does not divide the width 384"),
+        (dict(norm_groups=0), "norm_groups must be an integer >= 1"),
+        (dict(encoder_attention="dynamic_conv", encoder_rotary=True), "encoder_rotary=True has no effect"),
+        (dict(memory_update=True), "memory_update=True selects a mechanism that is not built yet"),
         (dict(decoder_positions="rotary"), "decoder_positions='rotary' is not one of"),
         (dict(encoder_rotary=1), "encoder_rotary must be true or false"),
         (dict(n_text_state=384, n_text_head=128, decoder_rotary=True), "decoder_rotary needs an even head width"),

@@ -28,10 +28,10 @@ from flax_whisper import Whisper as FlaxWhisper
 from torch_ref import Whisper as TorchWhisper
 
 
-def test_plan_matches_both_models(scheme):
+def test_plan_matches_both_models(variant):
     """The table's torch names and shapes are exactly torch_ref's state dict, and every Flax
     parameter and buffer is covered once."""
-    config = scheme
+    config = variant
     plan = build_plan(config)
     torch_state = TorchWhisper(config).state_dict()
     assert {e.torch_key: e.torch_shape for e in plan} == {k: tuple(v.shape) for k, v in torch_state.items()}
@@ -55,8 +55,8 @@ def test_transforms_are_named_inverses():
     assert CONV1D.torch_shape((4, 3, 2)) == (2, 3, 4) and LINEAR.name == "linear_transpose"
 
 
-def test_torch_flax_torch_is_bit_exact(scheme):
-    config = scheme
+def test_torch_flax_torch_is_bit_exact(variant):
+    config = variant
     torch_model, _ = make_pair(config, seed=2)
     tensors = torch_to_numpy(torch_model)
     back = flax_to_torch(new_flax_model(config, tensors))
@@ -65,8 +65,8 @@ def test_torch_flax_torch_is_bit_exact(scheme):
         assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
 
 
-def test_flax_torch_flax_is_bit_exact(scheme):
-    config = scheme
+def test_flax_torch_flax_is_bit_exact(variant):
+    config = variant
     flax_model = FlaxWhisper(config, rngs=nnx.Rngs(4))
     again = new_flax_model(config, flax_to_torch(flax_model))
     for (path, a), (_, b) in zip(

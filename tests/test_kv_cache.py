@@ -12,9 +12,9 @@ from whisper_config import InputError
 CHUNKS = (3, 1, 1, 2, 1, 4)  # a prompt, then single tokens and short runs: 12 = n_text_ctx
 
 
-def test_torch_incremental_equals_full(scheme_pair, scheme):
-    t, _ = scheme_pair
-    config = scheme
+def test_torch_incremental_equals_full(variant_pair, variant):
+    t, _ = variant_pair
+    config = variant
     mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
     tokens = torch.from_numpy(tokens)
     with torch.no_grad():
@@ -29,9 +29,9 @@ def test_torch_incremental_equals_full(scheme_pair, scheme):
     assert_close(torch.cat(steps, 1).numpy(), full.numpy(), 1e-5)
 
 
-def test_flax_incremental_equals_full(scheme_pair, scheme):
-    _, f = scheme_pair
-    config = scheme
+def test_flax_incremental_equals_full(variant_pair, variant):
+    _, f = variant_pair
+    config = variant
     mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
     decode = nnx.jit(lambda model, tokens, xa, cache: model.decoder(tokens, xa, cache))
     xa = f.encoder(mel)

@@ -16,9 +16,9 @@ def logits_and_loss(model, mel, tokens):
 
 
 @pytest.mark.parametrize("batch, frames, n_tokens", [(1, 32, 12), (3, 5, 2)])
-def test_logits_and_loss(scheme_pair, scheme, batch, frames, n_tokens):
-    t, f = scheme_pair
-    mel, tokens = random_batch(scheme, batch, frames, n_tokens, seed=frames)
+def test_logits_and_loss(variant_pair, variant, batch, frames, n_tokens):
+    t, f = variant_pair
+    mel, tokens = random_batch(variant, batch, frames, n_tokens, seed=frames)
     with torch.no_grad():
         logits_t = t(torch.from_numpy(mel), torch.from_numpy(tokens)).numpy()
         loss_t = t.loss(torch.from_numpy(mel), torch.from_numpy(tokens)).item()
@@ -36,8 +36,8 @@ def test_larger_model_logits():
     assert_close(flax_forward(f, mel, tokens), logits_t, 1e-4, "logits")
 
 
-def test_gradients_of_every_parameter(scheme):
-    config = scheme
+def test_gradients_of_every_parameter(variant):
+    config = variant
     t, f = make_pair(config, seed=1)
     mel, labels = random_batch(config, 2, 24, 10, seed=1)
     labels[1, 6:] = -100  # padding is ignored by the loss

@@ -134,20 +134,21 @@ def test_text_decoder(pair, config, shape, n_audio):
     assert_close(run_flax(f.decoder, tokens, xa), run_torch(t.decoder, tokens, xa), ATOL)
 
 
-def test_modules_of_every_scheme(scheme_pair, scheme):
-    """Self-attention (rotary where the scheme has it), blocks, encoder and decoder per scheme."""
-    t, f = scheme_pair
-    x = states(scheme, 2, 9, 0)
-    xa = states(scheme, 2, 7, 1)
+def test_modules_of_every_variant(variant_pair, variant):
+    """Self-attention mechanism (rotary where the variant has it), blocks, encoder and decoder."""
+    t, f = variant_pair
+    x = states(variant, 2, 9, 0)
+    xa = states(variant, 2, 7, 1)
     for side in ("encoder", "decoder"):
         causal = side == "decoder"
         tm, fm = getattr(t, side).blocks[0].attn, getattr(f, side).blocks[0].attn
-        assert (tm.rotary_base is not None) == (fm.rotary_base is not None) == getattr(scheme, f"{side}_rotary")
+        if getattr(variant, f"{side}_attention") == "mha":
+            assert (tm.rotary_base is not None) == (fm.rotary_base is not None) == getattr(variant, f"{side}_rotary")
         assert_close(run_flax(fm, x, causal=causal), run_torch(tm, x, causal=causal), ATOL, f"{side} attention")
     assert_close(
         run_flax(f.decoder.blocks[0], x, xa, causal=True), run_torch(t.decoder.blocks[0], x, xa, causal=True), ATOL
     )
-    mel = np.random.default_rng(2).standard_normal((2, scheme.n_mels, 31)).astype(np.float32)
+    mel = np.random.default_rng(2).standard_normal((2, variant.n_mels, 31)).astype(np.float32)
     assert_close(run_flax(f.encoder, mel), run_torch(t.encoder, mel), ATOL, "encoder")
-    tokens = np.random.default_rng(3).integers(0, scheme.n_vocab, (2, 9))
+    tokens = np.random.default_rng(3).integers(0, variant.n_vocab, (2, 9))
     assert_close(run_flax(f.decoder, tokens, xa), run_torch(t.decoder, tokens, xa), ATOL, "decoder")

@@ -66,9 +66,9 @@ def test_apply_rotary_parity(length, offset, base):
     assert_close(rotate("flax", x, positions, base), rotate("torch", x, positions, base), 1e-5)
 
 
-def test_table_kinds(scheme_pair, scheme):
-    t, f = scheme_pair
-    for side, kind in (("encoder", scheme.encoder_positions), ("decoder", scheme.decoder_positions)):
+def test_table_kinds(variant_pair, variant):
+    t, f = variant_pair
+    for side, kind in (("encoder", variant.encoder_positions), ("decoder", variant.decoder_positions)):
         torch_table = getattr(t, side).positional_embedding
         flax_table = getattr(f, side).positional_embedding
         assert (torch_table is None) == (flax_table is None) == (kind == "none")
@@ -79,11 +79,11 @@ def test_table_kinds(scheme_pair, scheme):
         assert isinstance(flax_table, nnx.Param) == trainable
 
 
-def test_learned_sinusoidal_starts_as_sinusoids(scheme):
+def test_learned_sinusoidal_starts_as_sinusoids(variant):
     from torch_ref import Whisper
 
-    model = Whisper(scheme)
-    for side, kind in (("encoder", scheme.encoder_positions), ("decoder", scheme.decoder_positions)):
+    model = Whisper(variant)
+    for side, kind in (("encoder", variant.encoder_positions), ("decoder", variant.decoder_positions)):
         if kind in ("sinusoidal", "learned_sinusoidal"):
             table = getattr(model, side).positional_embedding.detach()
             assert torch.equal(table, tpos.sinusoids(*table.shape))
@@ -97,13 +97,13 @@ def test_normalized_rows_are_unit_length():
     assert_close(ours, theirs, 1e-6)
 
 
-def test_overlong_input_on_every_scheme(scheme_pair, scheme):
-    t, f = scheme_pair
-    mel, tokens = random_batch(scheme, 1, 2 * scheme.n_audio_ctx, scheme.n_text_ctx)
+def test_overlong_input_on_every_variant(variant_pair, variant):
+    t, f = variant_pair
+    mel, tokens = random_batch(variant, 1, 2 * variant.n_audio_ctx, variant.n_text_ctx)
     with torch.no_grad():
-        assert t(torch.from_numpy(mel), torch.from_numpy(tokens)).shape == (1, scheme.n_text_ctx, scheme.n_vocab)
-    long_mel = np.zeros((1, scheme.n_mels, 2 * scheme.n_audio_ctx + 1), np.float32)
-    long_tokens = np.zeros((1, scheme.n_text_ctx + 1), np.int64)
+        assert t(torch.from_numpy(mel), torch.from_numpy(tokens)).shape == (1, variant.n_text_ctx, variant.n_vocab)
+    long_mel = np.zeros((1, variant.n_mels, 2 * variant.n_audio_ctx + 1), np.float32)
+    long_tokens = np.zeros((1, variant.n_text_ctx + 1), np.int64)
     for call in (
         lambda: t(torch.from_numpy(long_mel), torch.from_numpy(tokens)),
         lambda: f(long_mel, tokens),

@@ -1,7 +1,10 @@
-"""Multi-head attention with an explicit KV cache (SPEC section 4.1).
+"""Multi-head attention with an explicit KV cache (SPEC sections 4.1, 4.2 and 4.5).
 
-OpenAI Whisper's attention: `query` (bias), `key` (no bias), `value` (bias), `out` (bias). The
-cache is a plain dict passed in and returned, never module state:
+OpenAI Whisper's attention: `query` (bias), `key` (no bias), `value` (bias), `out` (bias). Options
+used by the other mechanisms: a band `window` (hybrid's local branch), a learned `temperature`
+(one scalar, init `dh ** -0.5`), and a per-head `content_bias` (`BiasedAttention` sets it).
+
+The cache is a plain dict passed in and returned, never module state:
 
 - self-attention: `{"k": (B, L, d), "v": (B, L, d)}`, buffers of fixed capacity `L` written at
   `offset`; the causal mask hides every slot after the current position, unwritten ones included.
@@ -21,11 +24,21 @@ from whisper_config import ModelConfig
 Cache = dict[str, Tensor]
 
 
-def causal_mask(offset: int, length: int, n_keys: int, device: torch.device) -> Tensor:
-    """`(T, S)` bool: query at `offset + i` may see key `j` iff `j <= offset + i`."""
-    q_pos = offset + torch.arange(length, device=device)
-    k_pos = torch.arange(n_keys, device=device)
-    return k_pos[None, :] <= q_pos[:, None]
+def position_mask(
+    offset: int, length: int, n_keys: int, causal: bool, window: int | None, device: torch.device
+) -> Tensor | None:
+    """`(T, S)` bool or None: may the query at `offset + i` see key `j`?
+
+    causal: `j <= offset + i`; window: `|offset + i - j| <= window` (both: the past band).
+    """
+    if not causal and window is None:
+        return None
+    q_pos = offset + torch.arange(length, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
+    mask = k_pos <= q_pos if causal else torch.ones(length, n_keys, dtype=torch.bool, device=device)
+    if window is not None:
+        mask = mask & ((q_pos - k_pos).abs() <= window)
+    return mask
 
 
 def attend(
@@ -33,16 +46,20 @@ def attend(
     k: Tensor,
     v: Tensor,
     n_head: int,
-    scale: float,
+    scale: float | Tensor,
     mask: Tensor | None,
     dropout: nn.Dropout,
+    content_bias: Tensor | None = None,
 ) -> Tensor:
     """Scaled dot-product attention over heads; softmax in float32.
 
-    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S) -> (B, T, d)
+    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh)
+    added to every query -> (B, T, d)
     """
     b, t, d = q.shape
     q = q.view(b, t, n_head, d // n_head)  # (B, T, H, dh)
+    if content_bias is not None:
+        q = q + content_bias.to(q.dtype)
     k = k.view(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
     v = v.view(b, v.shape[1], n_head, d // n_head)  # (B, S, H, dh)
     logits = torch.einsum("bthd,bshd->bhts", q, k).float() * scale  # (B, H, T, S)
@@ -59,16 +76,20 @@ class MultiHeadAttention(nn.Module):
     cross-attention never is (text and audio positions are unrelated).
     """
 
-    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False):
+    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, window: int | None = None):
         super().__init__()
         self.n_head = n_head
         self.rotary_base = config.rotary_base if rotary else None
-        self.scale = (n_state // n_head) ** -0.5
+        self.window = window
         self.query = Linear(n_state, n_state)
         self.key = Linear(n_state, n_state, bias=False)
         self.value = Linear(n_state, n_state)
         self.out = Linear(n_state, n_state)
         self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.scale = (n_state // n_head) ** -0.5
+        temperature = nn.Parameter(torch.tensor(self.scale)) if config.learned_temperature else None
+        self.register_parameter("temperature", temperature)
+        self.register_parameter("content_bias", None)
 
     def forward(
         self,
@@ -104,8 +125,9 @@ class MultiHeadAttention(nn.Module):
                 k = cache["k"].index_copy(1, index, k.to(cache["k"].dtype))
                 v = cache["v"].index_copy(1, index, v.to(cache["v"].dtype))
                 cache = {"k": k, "v": v}
-            mask = causal_mask(offset, x.shape[1], k.shape[1], x.device) if causal else None
-        y = attend(q, k, v, self.n_head, self.scale, mask, self.attention_dropout)
+            mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window, x.device)
+        scale = self.scale if self.temperature is None else self.temperature
+        y = attend(q, k, v, self.n_head, scale, mask, self.attention_dropout, self.content_bias)
         return self.out(y), cache
 
     def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:

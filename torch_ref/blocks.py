@@ -29,7 +29,7 @@ class ResidualAttentionBlock(nn.Module):
         self.attn_ln = make_norm(config, n_state)
         self.cross_attn = MultiHeadAttention(n_state, n_head, config) if cross_attention else None
         self.cross_attn_ln = make_norm(config, n_state) if cross_attention else None
-        self.mlp = MLP(n_state, 4 * n_state, config.dropout)
+        self.mlp = MLP(n_state, 4 * n_state, config)
         self.mlp_ln = make_norm(config, n_state)
 
     def forward(

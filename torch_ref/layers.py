@@ -7,6 +7,7 @@ names; the converter maps `weight`/`kernel`, `weight`/`scale` and `weight`/`embe
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -50,6 +51,38 @@ class LayerNorm(nn.LayerNorm):
         return super().forward(x.float()).to(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps) * weight`, eps 1e-6, float32 statistics."""
+
+    def __init__(self, n_state: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_state))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps) * self.weight
+        return y.to(x.dtype)
+
+
+class GroupRMSNorm(nn.Module):
+    """The seeds' "GroupNorm (RMS)", per position: RMS-normalise each of `groups` channel groups,
+    then `* weight + bias` per channel. Never across time (the seed's version made outputs depend
+    on sequence length)."""
+
+    def __init__(self, n_state: int, groups: int, eps: float = 1e-6):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(n_state))
+        self.bias = nn.Parameter(torch.zeros(n_state))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x (..., d) -> (..., d)"""
+        x32 = x.float().unflatten(-1, (self.groups, -1))  # (..., G, d/G)
+        y = (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
+        return (y * self.weight + self.bias).to(x.dtype)
+
+
 class Embedding(nn.Embedding):
     """Token table `(n_vocab, d)`, normal(0, 0.02) init (std 1 would make tied logits huge)."""
 
@@ -58,28 +91,37 @@ class Embedding(nn.Embedding):
 
 
 class MLP(nn.Module):
-    """`fc1 (d -> 4d) -> GELU (exact) -> Dropout -> fc2 (4d -> d)`.
+    """`fc1 (d -> 4d) -> [norm (4d) if mlp_norm] -> GELU (exact) -> Dropout -> fc2 (4d -> d)`.
 
-    OpenAI names these `mlp.0` and `mlp.2` (an `nn.Sequential`); the converter maps those names.
+    OpenAI names `fc1`/`fc2` `mlp.0` and `mlp.2` (an `nn.Sequential`); the converter maps those
+    names. The optional norm is the seed notebook's.
     """
 
-    def __init__(self, n_state: int, n_mlp: int, dropout: float = 0.0):
+    def __init__(self, n_state: int, n_mlp: int, config: ModelConfig):
         super().__init__()
         self.fc1 = Linear(n_state, n_mlp)
+        self.norm = make_norm(config, n_mlp) if config.mlp_norm else None
         self.fc2 = Linear(n_mlp, n_state)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         """x (B, T, d) -> (B, T, d)"""
-        return self.fc2(self.dropout(F.gelu(self.fc1(x))))
+        h = self.fc1(x)  # (B, T, 4d)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.fc2(self.dropout(gelu(h)))
 
 
-NORMS = {"layernorm": LayerNorm}
+NORMS = {
+    "layernorm": lambda n_state, config: LayerNorm(n_state),
+    "rmsnorm": lambda n_state, config: RMSNorm(n_state),
+    "group_rms": lambda n_state, config: GroupRMSNorm(n_state, config.norm_groups),
+}
 
 
 def make_norm(config: ModelConfig, n_state: int) -> nn.Module:
     """The norm every sub-layer of the model uses (`config.norm`)."""
-    return NORMS[config.norm](n_state)
+    return NORMS[config.norm](n_state, config)
 
 
 def gelu(x: Tensor) -> Tensor:

@@ -16,7 +16,7 @@ from torch_ref.blocks import ResidualAttentionBlock
 from torch_ref.layers import Conv1d, Embedding, gelu, make_norm
 from torch_ref.positions import lookup_positions, register_position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
-from whisper_config.checks import check_cache_offset
+from whisper_config.checks import cache_capacity, check_cache_offset
 
 IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
@@ -87,8 +87,9 @@ class TextDecoder(nn.Module):
         offset = 0 if cache is None else cache["offset"]
         length = check_tokens_shape(self.config, tokens.shape, offset)
         check_token_range(self.config, int(tokens.min()), int(tokens.max()))
-        if cache is not None:
-            check_cache_offset(self.config, offset, length, cache["layers"][0]["attn"]["k"].shape[1])
+        capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
+        if capacity is not None:
+            check_cache_offset(self.config, offset, length, capacity)
         x = self.token_embedding(tokens)  # (B, T, d)
         if self.positional_embedding is not None:
             x = x + lookup_positions(self.positional_embedding, offset, length, "tokens", self.normalize_positions)

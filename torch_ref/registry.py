@@ -9,10 +9,16 @@ from __future__ import annotations
 from torch import nn
 
 from torch_ref.attention import MultiHeadAttention
+from torch_ref.biased import BiasedAttention
+from torch_ref.dynamic_conv import DynamicConvAttention
+from torch_ref.hybrid import HybridAttention
 from whisper_config import ModelConfig
 
 ATTENTION: dict[str, type[nn.Module]] = {
     "mha": MultiHeadAttention,
+    "biased": BiasedAttention,
+    "dynamic_conv": DynamicConvAttention,
+    "hybrid": HybridAttention,
 }
 
 

@@ -31,22 +31,20 @@ OPENAI_DIM_FIELDS = (
 CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder_attention": (
         ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
-        ("mha",),
+        ("mha", "biased", "dynamic_conv", "hybrid"),
     ),
     "decoder_attention": (
         ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
-        ("mha",),
+        ("mha", "biased", "dynamic_conv", "hybrid"),
     ),
     "encoder_positions": (("sinusoidal", "learned_sinusoidal", "none"),) * 2,
     "decoder_positions": (("learned", "sinusoidal", "learned_sinusoidal", "none"),) * 2,
-    "norm": (("layernorm", "rmsnorm", "group_rms"), ("layernorm",)),
+    "norm": (("layernorm", "rmsnorm", "group_rms"),) * 2,
 }
 
-BUILT_SWITCHES = ("encoder_rotary", "decoder_rotary", "normalize_positions")
+BUILT_SWITCHES = ("encoder_rotary", "decoder_rotary", "normalize_positions", "mlp_norm", "learned_temperature")
 # Boolean switches whose mechanism is not built yet: only their default (False) is accepted.
 UNBUILT_SWITCHES = (
-    "mlp_norm",
-    "learned_temperature",
     "memory_update",
     "gradient_checkpointing",
 )
@@ -185,6 +183,7 @@ class ModelConfig:
             if value and name in UNBUILT_SWITCHES:
                 raise ConfigError(f"{name}=True selects a mechanism that is not built yet")
         self._check_positions()
+        self._check_mechanisms()
         for name in ("dropout", "attention_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
@@ -213,6 +212,28 @@ class ModelConfig:
                 "normalize_positions=True normalises learned_sinusoidal rows, but neither "
                 "encoder_positions nor decoder_positions is learned_sinusoidal"
             )
+
+    def _check_mechanisms(self) -> None:
+        for name, low in (("window_size", 1), ("conv_kernel_size", 1), ("norm_groups", 1), ("memory_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.conv_kernel_size % 2 == 0:
+            raise ConfigError(
+                f"conv_kernel_size={self.conv_kernel_size} must be odd: the encoder's dynamic "
+                "convolution is centred on each position"
+            )
+        if self.n_audio_state % self.norm_groups:
+            raise ConfigError(
+                f"norm_groups={self.norm_groups} does not divide the width {self.n_audio_state} "
+                "(group_rms splits each position's channels into equal groups)"
+            )
+        for side in ("encoder", "decoder"):
+            if getattr(self, f"{side}_rotary") and getattr(self, f"{side}_attention") == "dynamic_conv":
+                raise ConfigError(
+                    f"{side}_rotary=True has no effect with {side}_attention='dynamic_conv', which has "
+                    "no queries or keys to rotate"
+                )
 
     # ---------------------------------------------------------------- derived values
 
