@@ -39,6 +39,37 @@ def position_mask(offset, length: int, n_keys: int, causal: bool, window: int | 
     return mask
 
 
+def attention_weights(
+    q: jax.Array,
+    k: jax.Array,
+    n_head: int,
+    scale: float | jax.Array,
+    mask: jax.Array | None,
+    content_bias: jax.Array | None = None,
+) -> jax.Array:
+    """Softmax attention weights, float32.
+
+    q (B, T, d), k (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh) added to
+    every query -> (B, H, T, S)
+    """
+    b, t, d = q.shape
+    q = q.reshape(b, t, n_head, d // n_head)  # (B, T, H, dh)
+    if content_bias is not None:
+        q = q + content_bias.astype(q.dtype)
+    k = k.reshape(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # (B, H, T, S)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def mix_values(weights: jax.Array, v: jax.Array, dropout: nnx.Dropout) -> jax.Array:
+    """weights (B, H, T, S), v (B, S, d) -> (B, T, d); dropout on the weights."""
+    b, h, t, s = weights.shape
+    v = v.reshape(b, s, h, -1)  # (B, S, H, dh)
+    return jnp.einsum("bhts,bshd->bthd", dropout(weights.astype(v.dtype)), v).reshape(b, t, -1)
+
+
 def attend(
     q: jax.Array,
     k: jax.Array,
@@ -49,25 +80,11 @@ def attend(
     dropout: nnx.Dropout,
     content_bias: jax.Array | None = None,
 ) -> jax.Array:
-    """Scaled dot-product attention over heads; softmax in float32.
-
-    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh)
-    added to every query -> (B, T, d)
-    """
-    b, t, d = q.shape
-    q = q.reshape(b, t, n_head, d // n_head)  # (B, T, H, dh)
-    if content_bias is not None:
-        q = q + content_bias.astype(q.dtype)
-    k = k.reshape(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
-    v = v.reshape(b, v.shape[1], n_head, d // n_head)  # (B, S, H, dh)
-    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # (B, H, T, S)
-    if mask is not None:
-        logits = jnp.where(mask, logits, -jnp.inf)
-    weights = dropout(jax.nn.softmax(logits, axis=-1).astype(v.dtype))
-    return jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
+    """Scaled dot-product attention over heads; softmax in float32. q (B, T, d), k, v (B, S, d) -> (B, T, d)"""
+    return mix_values(attention_weights(q, k, n_head, scale, mask, content_bias), v, dropout)
 
 
-def _value(param: nnx.Param | None) -> jax.Array | None:
+def _value(param: nnx.Variable | None) -> jax.Array | None:
     return None if param is None else param[...]
 
 
@@ -114,29 +131,38 @@ class MultiHeadAttention(nnx.Module):
         With `xa`, attends to the encoder output (cross-attention), using the cache's projected
         keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.
         """
-        q = self.query(x)
         if xa is not None:
+            q = self.query(x)
             if cache is None:
                 k, v = self.key(xa), self.value(xa)
             else:
                 k, v = cache["k"], cache["v"]
             mask = None
         else:
-            k, v = self.key(x), self.value(x)
-            if self.rotary_base is not None:
-                # New tokens sit at offset .. offset + T; cached keys were rotated when written.
-                positions = offset + jnp.arange(x.shape[1])
-                q = apply_rotary(q, positions, self.n_head, self.rotary_base)
-                k = apply_rotary(k, positions, self.n_head, self.rotary_base)
-            if cache is not None:
-                # Write the new rows at offset .. offset + T of the fixed-size buffers.
-                k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), offset, axis=1)
-                v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), offset, axis=1)
-                cache = {"k": k, "v": v}
+            q, k, v, cache = self.project_self(x, cache, offset)
             mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window)
-        scale = self.scale if self.temperature is None else self.temperature[...]
-        y = attend(q, k, v, self.n_head, scale, mask, self.attention_dropout, _value(self.content_bias))
+        bias = _value(self.content_bias)
+        y = attend(q, k, v, self.n_head, self.attention_scale(), mask, self.attention_dropout, bias)
         return self.out(y), cache
+
+    def attention_scale(self) -> float | jax.Array:
+        return self.scale if self.temperature is None else self.temperature[...]
+
+    def project_self(self, x: jax.Array, cache: Cache | None, offset):
+        """Self-attention q (B, T, d) and k, v (B, S, d): rotated by position when rotary, and
+        written into the cache (then S is its capacity) when given."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rotary_base is not None:
+            # New tokens sit at offset .. offset + T; cached keys were rotated when written.
+            positions = offset + jnp.arange(x.shape[1])
+            q = apply_rotary(q, positions, self.n_head, self.rotary_base)
+            k = apply_rotary(k, positions, self.n_head, self.rotary_base)
+        if cache is not None:
+            # Write the new rows at offset .. offset + T of the fixed-size buffers.
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), offset, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), offset, axis=1)
+            cache = {"k": k, "v": v}
+        return q, k, v, cache
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
         """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, d)."""

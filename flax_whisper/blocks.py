@@ -1,4 +1,6 @@
-"""The pre-norm residual block (SPEC section 5), mirroring `torch_ref/blocks.py`."""
+"""The pre-norm residual block (SPEC section 5), mirroring `torch_ref/blocks.py`, with optional
+gradient checkpointing through `nnx.remat`. State that attention writes in training (augmented
+memory) is an output of the rematerialised forward, so recomputation cannot write it twice."""
 
 from __future__ import annotations
 
@@ -33,8 +35,27 @@ class ResidualAttentionBlock(nnx.Module):
         self.cross_attn_ln = make_norm(config, n_state) if cross_attention else None
         self.mlp = MLP(n_state, 4 * n_state, config, rngs=rngs)
         self.mlp_ln = make_norm(config, n_state)
+        self.gradient_checkpointing = config.gradient_checkpointing
 
     def __call__(
+        self,
+        x: jax.Array,
+        xa: jax.Array | None = None,
+        *,
+        causal: bool = False,
+        cache: BlockCache | None = None,
+        offset=0,
+    ) -> tuple[jax.Array, BlockCache | None]:
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
+        if not self.gradient_checkpointing:
+            return self._forward(x, xa, causal=causal, cache=cache, offset=offset)
+
+        def run(block, x, xa, cache):
+            return block._forward(x, xa, causal=causal, cache=cache, offset=offset)
+
+        return nnx.remat(run)(self, x, xa, cache)
+
+    def _forward(
         self,
         x: jax.Array,
         xa: jax.Array | None = None,

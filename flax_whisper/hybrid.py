@@ -14,8 +14,21 @@ Cache = dict[str, dict]
 
 
 class HybridAttention(nnx.Module):
-    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, *, rngs: nnx.Rngs):
-        self.local_attn = MultiHeadAttention(n_state, n_head, config, rotary, window=config.window_size, rngs=rngs)
+    """`local_attn` defaults to the band-masked `mha`; the integrated block passes dynamic convolution."""
+
+    def __init__(
+        self,
+        n_state: int,
+        n_head: int,
+        config: ModelConfig,
+        rotary: bool = False,
+        local_attn: nnx.Module | None = None,
+        *,
+        rngs: nnx.Rngs,
+    ):
+        if local_attn is None:
+            local_attn = MultiHeadAttention(n_state, n_head, config, rotary, window=config.window_size, rngs=rngs)
+        self.local_attn = local_attn
         self.global_attn = MultiHeadAttention(n_state, n_head, config, rotary, rngs=rngs)
         self.ln_local = make_norm(config, n_state)
         self.ln_global = make_norm(config, n_state)

@@ -12,13 +12,17 @@ from flax_whisper.attention import MultiHeadAttention
 from flax_whisper.biased import BiasedAttention
 from flax_whisper.dynamic_conv import DynamicConvAttention
 from flax_whisper.hybrid import HybridAttention
+from flax_whisper.integrated import IntegratedAttention
+from flax_whisper.memory import AugmentedMemory
 from whisper_config import ModelConfig
 
 ATTENTION: dict[str, type[nnx.Module]] = {
     "mha": MultiHeadAttention,
     "biased": BiasedAttention,
+    "memory": AugmentedMemory,
     "dynamic_conv": DynamicConvAttention,
     "hybrid": HybridAttention,
+    "integrated": IntegratedAttention,
 }
 
 

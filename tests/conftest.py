@@ -61,6 +61,10 @@ VARIANTS = {
         "whisper",
         dict(norm="group_rms", norm_groups=4, mlp_norm=True, decoder_attention="hybrid", window_size=1),
     ),
+    "memory": (
+        "rotary_rotary_sinusoidal",
+        dict(encoder_attention="memory", decoder_attention="memory", memory_size=3, memory_update=True),
+    ),
 }
 
 

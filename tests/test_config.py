@@ -24,19 +24,21 @@ def test_json_round_trip(tmp_path):
     assert ModelConfig.load(tmp_path / "config.json") == config
 
 
-def test_the_five_presets():
-    expected = {  # SPEC section 1: (encoder positions, encoder rotary, decoder positions, decoder rotary)
-        "whisper": ("sinusoidal", False, "learned", False),
-        "all_rotary": ("none", True, "none", True),
-        "rotary_sinusoidal": ("none", True, "sinusoidal", False),
-        "rotary_rotary_sinusoidal": ("none", True, "sinusoidal", True),
-        "rotary_learned_sinusoidal": ("none", True, "learned_sinusoidal", True),
+def test_the_presets():
+    expected = {  # SPEC 1 and 4.6: (encoder positions, encoder rotary, decoder positions, decoder rotary, attention)
+        "whisper": ("sinusoidal", False, "learned", False, "mha"),
+        "all_rotary": ("none", True, "none", True, "mha"),
+        "rotary_sinusoidal": ("none", True, "sinusoidal", False, "mha"),
+        "rotary_rotary_sinusoidal": ("none", True, "sinusoidal", True, "mha"),
+        "rotary_learned_sinusoidal": ("none", True, "learned_sinusoidal", True, "mha"),
+        "integrated": ("learned_sinusoidal", True, "learned_sinusoidal", True, "integrated"),
     }
     assert set(PRESETS) == set(expected)
-    for name, variant in expected.items():
+    for name, scheme in expected.items():
         config = ModelConfig.from_preset(name, size="tiny")
         got = (config.encoder_positions, config.encoder_rotary, config.decoder_positions, config.decoder_rotary)
-        assert got == variant, name
+        assert (*got, config.encoder_attention) == scheme, name
+        assert config.decoder_attention == config.encoder_attention
         assert config.is_openai_compatible() == (name == "whisper")
     config = ModelConfig.from_preset("rotary_learned_sinusoidal", normalize_positions=True, encoder_rotary=False)
     assert config.normalize_positions and not config.encoder_rotary
@@ -70,8 +72,9 @@ def test_frozen():
         (dict(n_vocab=2.5), "n_vocab must be a positive integer"),
         (dict(n_text_state=768), "must equal n_text_state"),
         (dict(encoder_attention="flash"), "encoder_attention='flash' is not one of"),
-        (dict(decoder_attention="memory"), "decoder_attention='memory' is a planned mechanism that is not built yet"),
-        (dict(encoder_attention="integrated"), "not built yet"),
+        (dict(memory_momentum=1.5), r"memory_momentum must be in \[0, 1\]"),
+        (dict(memory_size=0), "memory_size must be an integer >= 1"),
+        (dict(memory_update=True), "neither encoder_attention nor decoder_attention is memory or integrated"),
         (dict(window_size=0), "window_size must be an integer >= 1, got 0"),
         (dict(conv_kernel_size=4), "conv_kernel_size=4 must be odd"),
         (dict(conv_kernel_size=0), "conv_kernel_size must be an integer >= 1, got 0"),
@@ -79,13 +82,12 @@ def test_frozen():
         (dict(norm="group_rms", norm_groups=5), "norm_groups=5 does not divide the width 384"),
         (dict(norm_groups=0), "norm_groups must be an integer >= 1"),
         (dict(encoder_attention="dynamic_conv", encoder_rotary=True), "encoder_rotary=True has no effect"),
-        (dict(memory_update=True), "memory_update=True selects a mechanism that is not built yet"),
         (dict(decoder_positions="rotary"), "decoder_positions='rotary' is not one of"),
         (dict(encoder_rotary=1), "encoder_rotary must be true or false"),
         (dict(n_text_state=384, n_text_head=128, decoder_rotary=True), "decoder_rotary needs an even head width"),
         (dict(rotary_base=1.0), "rotary_base must be a number > 1"),
         (dict(normalize_positions=True), "neither encoder_positions nor decoder_positions is learned_sinusoidal"),
-        (dict(gradient_checkpointing=True), "not built yet"),
+        (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be true or false"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(decoder_start_token_id=51865), "decoder_start_token_id=51865 must be a token id"),
     ],

@@ -24,24 +24,26 @@ from convert import (
 from convert.core import torch_to_numpy
 from convert.openai import from_openai_names, to_openai_names
 from convert.rules import CONV1D, LINEAR
-from flax_whisper import Whisper as FlaxWhisper
 from torch_ref import Whisper as TorchWhisper
 
 
-def test_plan_matches_both_models(variant):
+def test_plan_matches_both_models(variant, variant_pair):
     """The table's torch names and shapes are exactly torch_ref's state dict, and every Flax
     parameter and buffer is covered once."""
     config = variant
     plan = build_plan(config)
-    torch_state = TorchWhisper(config).state_dict()
+    torch_state = variant_pair[0].state_dict()
     assert {e.torch_key: e.torch_shape for e in plan} == {k: tuple(v.shape) for k, v in torch_state.items()}
-    flax_state = nnx.state(FlaxWhisper(config, rngs=nnx.Rngs(0)), nnx.Param)
+    flax_state = nnx.state(variant_pair[1], nnx.Param)
     assert {e.flax_key for e in plan if e.trainable} == {
         ".".join(map(str, p)) for p, _ in nnx.to_flat_state(flax_state)
     }
     buffers = {e.torch_key for e in plan if not e.trainable}
     tables = {"encoder": config.encoder_positions, "decoder": config.decoder_positions}
-    assert buffers == {f"{side}.positional_embedding" for side, kind in tables.items() if kind == "sinusoidal"}
+    fixed = {f"{side}.positional_embedding" for side, kind in tables.items() if kind == "sinusoidal"}
+    assert {key for key in buffers if not key.endswith("memory_state")} == fixed
+    with_memory = {"memory", "integrated"} & {config.encoder_attention, config.decoder_attention}
+    assert any(key.endswith("memory_state") for key in buffers) == bool(with_memory)
     for side, kind in tables.items():
         assert (f"{side}.positional_embedding" in {e.torch_key for e in plan}) == (kind != "none")
 
@@ -55,19 +57,18 @@ def test_transforms_are_named_inverses():
     assert CONV1D.torch_shape((4, 3, 2)) == (2, 3, 4) and LINEAR.name == "linear_transpose"
 
 
-def test_torch_flax_torch_is_bit_exact(variant):
+def test_torch_flax_torch_is_bit_exact(variant, variant_pair):
     config = variant
-    torch_model, _ = make_pair(config, seed=2)
-    tensors = torch_to_numpy(torch_model)
+    tensors = torch_to_numpy(variant_pair[0])
     back = flax_to_torch(new_flax_model(config, tensors))
     assert sorted(back) == sorted(tensors)
     for key, value in tensors.items():
         assert back[key].dtype == value.dtype and np.array_equal(back[key], value), key
 
 
-def test_flax_torch_flax_is_bit_exact(variant):
+def test_flax_torch_flax_is_bit_exact(variant, variant_pair):
     config = variant
-    flax_model = FlaxWhisper(config, rngs=nnx.Rngs(4))
+    flax_model = variant_pair[1]
     again = new_flax_model(config, flax_to_torch(flax_model))
     for (path, a), (_, b) in zip(
         nnx.to_flat_state(nnx.state(flax_model, nnx.Param)), nnx.to_flat_state(nnx.state(again, nnx.Param)), strict=True

@@ -9,7 +9,8 @@ from flax import nnx
 
 from whisper_config import InputError
 
-CHUNKS = (3, 1, 1, 2, 1, 4)  # a prompt, then single tokens and short runs: 12 = n_text_ctx
+# A prompt, single tokens, and a run of two after an offset: 12 = n_text_ctx, three chunk shapes.
+CHUNKS = (3, 1, 1, 2, 1, 1, 1, 1, 1)
 
 
 def test_torch_incremental_equals_full(variant_pair, variant):

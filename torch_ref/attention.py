@@ -41,6 +41,32 @@ def position_mask(
     return mask
 
 
+def attention_weights(
+    q: Tensor, k: Tensor, n_head: int, scale: float | Tensor, mask: Tensor | None, content_bias: Tensor | None = None
+) -> Tensor:
+    """Softmax attention weights, float32.
+
+    q (B, T, d), k (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh) added to
+    every query -> (B, H, T, S)
+    """
+    b, t, d = q.shape
+    q = q.view(b, t, n_head, d // n_head)  # (B, T, H, dh)
+    if content_bias is not None:
+        q = q + content_bias.to(q.dtype)
+    k = k.view(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
+    logits = torch.einsum("bthd,bshd->bhts", q, k).float() * scale  # (B, H, T, S)
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return F.softmax(logits, dim=-1)
+
+
+def mix_values(weights: Tensor, v: Tensor, dropout: nn.Dropout) -> Tensor:
+    """weights (B, H, T, S), v (B, S, d) -> (B, T, d); dropout on the weights."""
+    b, h, t, s = weights.shape
+    v = v.view(b, s, h, -1)  # (B, S, H, dh)
+    return torch.einsum("bhts,bshd->bthd", dropout(weights.to(v.dtype)), v).reshape(b, t, -1)
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -51,22 +77,8 @@ def attend(
     dropout: nn.Dropout,
     content_bias: Tensor | None = None,
 ) -> Tensor:
-    """Scaled dot-product attention over heads; softmax in float32.
-
-    q (B, T, d), k and v (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh)
-    added to every query -> (B, T, d)
-    """
-    b, t, d = q.shape
-    q = q.view(b, t, n_head, d // n_head)  # (B, T, H, dh)
-    if content_bias is not None:
-        q = q + content_bias.to(q.dtype)
-    k = k.view(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
-    v = v.view(b, v.shape[1], n_head, d // n_head)  # (B, S, H, dh)
-    logits = torch.einsum("bthd,bshd->bhts", q, k).float() * scale  # (B, H, T, S)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    weights = dropout(F.softmax(logits, dim=-1).to(v.dtype))
-    return torch.einsum("bhts,bshd->bthd", weights, v).reshape(b, t, d)
+    """Scaled dot-product attention over heads; softmax in float32. q (B, T, d), k, v (B, S, d) -> (B, T, d)"""
+    return mix_values(attention_weights(q, k, n_head, scale, mask, content_bias), v, dropout)
 
 
 class MultiHeadAttention(nn.Module):
@@ -105,30 +117,38 @@ class MultiHeadAttention(nn.Module):
         With `xa`, attends to the encoder output (cross-attention), using the cache's projected
         keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.
         """
-        q = self.query(x)
         if xa is not None:
+            q = self.query(x)
             if cache is None:
                 k, v = self.key(xa), self.value(xa)
             else:
                 k, v = cache["k"], cache["v"]
             mask = None
         else:
-            k, v = self.key(x), self.value(x)
-            if self.rotary_base is not None:
-                # New tokens sit at offset .. offset + T; cached keys were rotated when written.
-                positions = offset + torch.arange(x.shape[1], device=x.device)
-                q = apply_rotary(q, positions, self.n_head, self.rotary_base)
-                k = apply_rotary(k, positions, self.n_head, self.rotary_base)
-            if cache is not None:
-                # Write the new rows at offset .. offset + T of the fixed-size buffers.
-                index = torch.arange(offset, offset + x.shape[1], device=x.device)
-                k = cache["k"].index_copy(1, index, k.to(cache["k"].dtype))
-                v = cache["v"].index_copy(1, index, v.to(cache["v"].dtype))
-                cache = {"k": k, "v": v}
+            q, k, v, cache = self.project_self(x, cache, offset)
             mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window, x.device)
-        scale = self.scale if self.temperature is None else self.temperature
-        y = attend(q, k, v, self.n_head, scale, mask, self.attention_dropout, self.content_bias)
+        y = attend(q, k, v, self.n_head, self.attention_scale(), mask, self.attention_dropout, self.content_bias)
         return self.out(y), cache
+
+    def attention_scale(self) -> float | Tensor:
+        return self.scale if self.temperature is None else self.temperature
+
+    def project_self(self, x: Tensor, cache: Cache | None, offset: int) -> tuple[Tensor, Tensor, Tensor, Cache | None]:
+        """Self-attention q (B, T, d) and k, v (B, S, d): rotated by position when rotary, and
+        written into the cache (then S is its capacity) when given."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        if self.rotary_base is not None:
+            # New tokens sit at offset .. offset + T; cached keys were rotated when written.
+            positions = offset + torch.arange(x.shape[1], device=x.device)
+            q = apply_rotary(q, positions, self.n_head, self.rotary_base)
+            k = apply_rotary(k, positions, self.n_head, self.rotary_base)
+        if cache is not None:
+            # Write the new rows at offset .. offset + T of the fixed-size buffers.
+            index = torch.arange(offset, offset + x.shape[1], device=x.device)
+            k = cache["k"].index_copy(1, index, k.to(cache["k"].dtype))
+            v = cache["v"].index_copy(1, index, v.to(cache["v"].dtype))
+            cache = {"k": k, "v": v}
+        return q, k, v, cache
 
     def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:
         """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, d)."""

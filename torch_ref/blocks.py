@@ -1,8 +1,19 @@
-"""The pre-norm residual block (SPEC section 5)."""
+"""The pre-norm residual block (SPEC section 5), with optional gradient checkpointing.
+
+`torch.utils.checkpoint` re-runs a block's forward during backward. A block whose attention writes
+state in training (augmented memory's `memory_state`) must not write it twice nor recompute from
+the already-written value: the recomputation is replayed from the state the forward first saw
+(state tensors are rebound, never changed in place, so the first forward's tensors stay valid),
+and the state the forward wrote is put back afterwards. The update happens exactly once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from torch_ref.attention import MultiHeadAttention
 from torch_ref.layers import MLP, make_norm
@@ -10,6 +21,8 @@ from torch_ref.registry import build_attention
 from whisper_config import ModelConfig
 
 BlockCache = dict[str, dict]
+# Buffers that attention writes in training mode (see the module docstring).
+STATE_BUFFERS = ("memory_state",)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -31,8 +44,61 @@ class ResidualAttentionBlock(nn.Module):
         self.cross_attn_ln = make_norm(config, n_state) if cross_attention else None
         self.mlp = MLP(n_state, 4 * n_state, config)
         self.mlp_ln = make_norm(config, n_state)
+        self.gradient_checkpointing = config.gradient_checkpointing
 
     def forward(
+        self,
+        x: Tensor,
+        xa: Tensor | None = None,
+        *,
+        causal: bool = False,
+        cache: BlockCache | None = None,
+        offset: int = 0,
+    ) -> tuple[Tensor, BlockCache | None]:
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(
+                self._forward,
+                x,
+                xa,
+                causal=causal,
+                cache=cache,
+                offset=offset,
+                use_reentrant=False,
+                context_fn=self._replay_from_first_state,
+            )
+        return self._forward(x, xa, causal=causal, cache=cache, offset=offset)
+
+    def _replay_from_first_state(self):
+        """(forward, recompute) contexts: remember the state buffers before the forward; during
+        the recompute, run from them, then restore what the forward wrote."""
+        first: dict[str, Tensor] = {}
+
+        @contextlib.contextmanager
+        def forward():
+            first.update(self._state_buffers())
+            yield
+
+        @contextlib.contextmanager
+        def recompute():
+            written = self._state_buffers()
+            self._load_state_buffers(first)
+            try:
+                yield
+            finally:
+                self._load_state_buffers(written)
+
+        return forward(), recompute()
+
+    def _state_buffers(self) -> dict[str, Tensor]:
+        return {name: buf for name, buf in self.named_buffers() if name.endswith(STATE_BUFFERS)}
+
+    def _load_state_buffers(self, buffers: dict[str, Tensor]) -> None:
+        for name, value in buffers.items():
+            owner, _, leaf = name.rpartition(".")
+            setattr(self.get_submodule(owner), leaf, value)
+
+    def _forward(
         self,
         x: Tensor,
         xa: Tensor | None = None,

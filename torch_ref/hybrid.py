@@ -19,9 +19,15 @@ Cache = dict[str, dict]
 
 
 class HybridAttention(nn.Module):
-    def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False):
+    """`local_attn` defaults to the band-masked `mha`; the integrated block passes dynamic convolution."""
+
+    def __init__(
+        self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, local_attn: nn.Module | None = None
+    ):
         super().__init__()
-        self.local_attn = MultiHeadAttention(n_state, n_head, config, rotary, window=config.window_size)
+        if local_attn is None:
+            local_attn = MultiHeadAttention(n_state, n_head, config, rotary, window=config.window_size)
+        self.local_attn = local_attn
         self.global_attn = MultiHeadAttention(n_state, n_head, config, rotary)
         self.ln_local = make_norm(config, n_state)
         self.ln_global = make_norm(config, n_state)

@@ -12,13 +12,17 @@ from torch_ref.attention import MultiHeadAttention
 from torch_ref.biased import BiasedAttention
 from torch_ref.dynamic_conv import DynamicConvAttention
 from torch_ref.hybrid import HybridAttention
+from torch_ref.integrated import IntegratedAttention
+from torch_ref.memory import AugmentedMemory
 from whisper_config import ModelConfig
 
 ATTENTION: dict[str, type[nn.Module]] = {
     "mha": MultiHeadAttention,
     "biased": BiasedAttention,
+    "memory": AugmentedMemory,
     "dynamic_conv": DynamicConvAttention,
     "hybrid": HybridAttention,
+    "integrated": IntegratedAttention,
 }
 
 

@@ -2,8 +2,8 @@
 
 Dimension fields keep OpenAI Whisper's `ModelDimensions` names, so the `dims` of an OpenAI
 checkpoint load directly (`ModelConfig.from_openai_dims`). The remaining fields select the
-mechanisms of SPEC sections 2-4. A field whose mechanism is not built yet is rejected with an
-error that says so, rather than silently ignored.
+mechanisms of SPEC sections 2-4. Every value is validated with a message naming the field; a
+switch that would have no effect in the chosen configuration is an error, not silently ignored.
 """
 
 from __future__ import annotations
@@ -26,25 +26,22 @@ OPENAI_DIM_FIELDS = (
     "n_text_layer",
 )
 
-# Values the SPEC names for each choice field, and the subset built so far. A value in the first
-# set but not the second is a known mechanism whose implementation has not landed.
-CHOICES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "encoder_attention": (
-        ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
-        ("mha", "biased", "dynamic_conv", "hybrid"),
-    ),
-    "decoder_attention": (
-        ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated"),
-        ("mha", "biased", "dynamic_conv", "hybrid"),
-    ),
-    "encoder_positions": (("sinusoidal", "learned_sinusoidal", "none"),) * 2,
-    "decoder_positions": (("learned", "sinusoidal", "learned_sinusoidal", "none"),) * 2,
-    "norm": (("layernorm", "rmsnorm", "group_rms"),) * 2,
+ATTENTION_KINDS = ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated")
+# The values SPEC section 1 names for each choice field.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "encoder_attention": ATTENTION_KINDS,
+    "decoder_attention": ATTENTION_KINDS,
+    "encoder_positions": ("sinusoidal", "learned_sinusoidal", "none"),
+    "decoder_positions": ("learned", "sinusoidal", "learned_sinusoidal", "none"),
+    "norm": ("layernorm", "rmsnorm", "group_rms"),
 }
 
-BUILT_SWITCHES = ("encoder_rotary", "decoder_rotary", "normalize_positions", "mlp_norm", "learned_temperature")
-# Boolean switches whose mechanism is not built yet: only their default (False) is accepted.
-UNBUILT_SWITCHES = (
+SWITCHES = (
+    "encoder_rotary",
+    "decoder_rotary",
+    "normalize_positions",
+    "mlp_norm",
+    "learned_temperature",
     "memory_update",
     "gradient_checkpointing",
 )
@@ -80,10 +77,12 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
-def _scheme(encoder_positions: str, encoder_rotary: bool, decoder_positions: str, decoder_rotary: bool):
+def _scheme(
+    encoder_positions: str, encoder_rotary: bool, decoder_positions: str, decoder_rotary: bool, attention: str = "mha"
+):
     return dict(
-        encoder_attention="mha",
-        decoder_attention="mha",
+        encoder_attention=attention,
+        decoder_attention=attention,
         encoder_positions=encoder_positions,
         encoder_rotary=encoder_rotary,
         decoder_positions=decoder_positions,
@@ -100,6 +99,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rotary_sinusoidal": _scheme("none", True, "sinusoidal", False),
     "rotary_rotary_sinusoidal": _scheme("none", True, "sinusoidal", True),
     "rotary_learned_sinusoidal": _scheme("none", True, "learned_sinusoidal", True),
+    # SPEC 4.6: the seed's integrated block on both sides, with rotary and learned sinusoidal positions.
+    "integrated": _scheme("learned_sinusoidal", True, "learned_sinusoidal", True, attention="integrated"),
 }
 
 
@@ -168,20 +169,14 @@ class ModelConfig:
             )
         if self.n_audio_state % 2 or self.n_audio_state < 4:
             raise ConfigError(f"n_audio_state={self.n_audio_state} must be even and >= 4 (sinusoidal table)")
-        for name, (known, built) in CHOICES.items():
+        for name, known in CHOICES.items():
             value = getattr(self, name)
             if value not in known:
                 raise ConfigError(f"{name}={value!r} is not one of {', '.join(known)}")
-            if value not in built:
-                raise ConfigError(
-                    f"{name}={value!r} is a planned mechanism that is not built yet; available now: {', '.join(built)}"
-                )
-        for name in BUILT_SWITCHES + UNBUILT_SWITCHES:
+        for name in SWITCHES:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false, got {value!r}")
-            if value and name in UNBUILT_SWITCHES:
-                raise ConfigError(f"{name}=True selects a mechanism that is not built yet")
         self._check_positions()
         self._check_mechanisms()
         for name in ("dropout", "attention_dropout"):
@@ -227,6 +222,15 @@ class ModelConfig:
             raise ConfigError(
                 f"norm_groups={self.norm_groups} does not divide the width {self.n_audio_state} "
                 "(group_rms splits each position's channels into equal groups)"
+            )
+        momentum = self.memory_momentum
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ConfigError(f"memory_momentum must be in [0, 1], got {momentum!r}")
+        with_memory = {"memory", "integrated"} & {self.encoder_attention, self.decoder_attention}
+        if self.memory_update and not with_memory:
+            raise ConfigError(
+                "memory_update=True writes back memory slots, but neither encoder_attention nor "
+                "decoder_attention is memory or integrated"
             )
         for side in ("encoder", "decoder"):
             if getattr(self, f"{side}_rotary") and getattr(self, f"{side}_attention") == "dynamic_conv":
