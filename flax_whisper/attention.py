@@ -84,7 +84,7 @@ def attend(
     return mix_values(attention_weights(q, k, n_head, scale, mask, content_bias), v, dropout)
 
 
-def _value(param: nnx.Variable | None) -> jax.Array | None:
+def value_or_none(param: nnx.Variable | None) -> jax.Array | None:
     return None if param is None else param[...]
 
 
@@ -141,7 +141,7 @@ class MultiHeadAttention(nnx.Module):
         else:
             q, k, v, cache = self.project_self(x, cache, offset)
             mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window)
-        bias = _value(self.content_bias)
+        bias = value_or_none(self.content_bias)
         y = attend(q, k, v, self.n_head, self.attention_scale(), mask, self.attention_dropout, bias)
         return self.out(y), cache
 

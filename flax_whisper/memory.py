@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.attention import Cache, _value, attention_weights, mix_values, position_mask
+from flax_whisper.attention import Cache, attention_weights, mix_values, position_mask, value_or_none
 from flax_whisper.biased import BiasedAttention
 from flax_whisper.layers import Buffer, Linear
 from whisper_config import ModelConfig
@@ -44,7 +44,9 @@ class AugmentedMemory(BiasedAttention):
         mask = position_mask(offset, t, k.shape[1], causal, None)  # (T, S) or None
         if mask is not None:
             mask = jnp.concatenate([jnp.ones((t, m), bool), mask], axis=1)
-        weights = attention_weights(q, keys, self.n_head, self.attention_scale(), mask, _value(self.content_bias))
+        weights = attention_weights(
+            q, keys, self.n_head, self.attention_scale(), mask, value_or_none(self.content_bias)
+        )
         y = self.out(mix_values(weights, values, self.attention_dropout))
         if not self.deterministic and self.memory_update is not None:
             self.memory_state[...] = self.written_state(weights[..., :m].mean(1), y)

@@ -8,6 +8,10 @@ from conftest import assert_close, make_pair, tiny_config
 
 import flax_whisper.layers as flayers
 import torch_ref.layers as tlayers
+from convert import new_flax_model
+from convert.core import torch_to_numpy
+from torch_ref import Whisper
+from torch_ref.attention import MultiHeadAttention
 
 WINDOW, KERNEL = 2, 5
 
@@ -72,8 +76,7 @@ def test_dynamic_conv_decoder_is_causal_and_local(mechanism_pair):
             assert (np.max(np.abs(out[:, query] - ref[:, query])) > 1e-5) == inside, key
 
 
-def test_dynamic_conv_encoder_is_centred(mechanism_pair):
-    t, f = mechanism_pair
+def test_dynamic_conv_encoder_is_centred():
     config = tiny_config("whisper", encoder_attention="dynamic_conv", conv_kernel_size=KERNEL)
     t, f = make_pair(config, seed=6)
     conv = (t.encoder.blocks[0].attn, f.encoder.blocks[0].attn)
@@ -112,9 +115,6 @@ def test_biased_attention_adds_a_content_bias_to_every_query():
         expected = attn_t.out(torch.einsum("bhs,bshd->bhd", logits.softmax(-1), v).reshape(1, 1, 32).expand(1, 5, 32))
         got = attn_t(xt)[0]
     assert_close(got.numpy(), expected.numpy(), 1e-5)
-    from convert import new_flax_model
-    from convert.core import torch_to_numpy
-
     attn_f = new_flax_model(config, torch_to_numpy(t)).encoder.blocks[0].attn
     assert_close(np.asarray(attn_f(jnp.asarray(x))[0]), expected.numpy(), 1e-5)
 
@@ -126,15 +126,9 @@ def test_biased_starts_as_mha():
     with torch.no_grad():
         biased.content_bias.zero_()
         x = torch.randn(2, 6, 32)
-        plain = torch_ref_mha(config)
+        plain = MultiHeadAttention(32, 4, config)
         plain.load_state_dict({k: v for k, v in biased.state_dict().items() if k != "content_bias"})
         assert torch.equal(biased(x, causal=True)[0], plain(x, causal=True)[0])
-
-
-def torch_ref_mha(config):
-    from torch_ref.attention import MultiHeadAttention
-
-    return MultiHeadAttention(32, 4, config)
 
 
 def test_learned_temperature_is_one_scalar_per_attention_module():
@@ -143,14 +137,8 @@ def test_learned_temperature_is_one_scalar_per_attention_module():
     temperatures = {k: v for k, v in t.state_dict().items() if k.endswith("temperature")}
     # encoder: one self-attention per block; decoder: self and cross per block
     assert len(temperatures) == config.n_audio_layer + 2 * config.n_text_layer
-    assert TorchWhisperFresh(config).encoder.blocks[0].attn.temperature.item() == pytest.approx(8**-0.5)
+    assert Whisper(config).encoder.blocks[0].attn.temperature.item() == pytest.approx(8**-0.5)
     assert f.decoder.blocks[1].cross_attn.temperature[...].shape == ()
-
-
-def TorchWhisperFresh(config):
-    from torch_ref import Whisper
-
-    return Whisper(config)
 
 
 @pytest.mark.parametrize("groups", [1, 4])
