@@ -1,0 +1,93 @@
+"""Whisper-compatible log-mel frontend in NumPy/JAX (no torch on this path).
+
+Matches OpenAI Whisper's `whisper.audio.log_mel_spectrogram`: 16 kHz audio, `n_fft` 400
+(25 ms) with a periodic Hann window, hop 160 (10 ms), centred frames with reflect padding, the
+last frame dropped, power spectrum through Slaney-scale mel filters (80 or 128 bins, computed
+here from the formula librosa uses, so no asset or librosa is needed), `log10` clamped at 1e-10,
+floored 8 decades below the maximum, then `(x + 4) / 4`. The spectrogram is jittable; the
+maximum is taken per utterance (Whisper itself processes one utterance at a time).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+CHUNK_LENGTH = 30  # seconds per window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear (200/3 Hz per mel) below 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, np.float64)
+    linear = hz / (200.0 / 3)
+    log = 15.0 + np.log(np.maximum(hz, 1e-10) / 1000.0) / (np.log(6.4) / 27.0)
+    return np.where(hz >= 1000.0, log, linear)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, np.float64)
+    linear = mel * (200.0 / 3)
+    log = 1000.0 * np.exp((np.log(6.4) / 27.0) * (mel - 15.0))
+    return np.where(mel >= 15.0, log, linear)
+
+
+@functools.lru_cache(maxsize=4)
+def mel_filters(n_mels: int, sample_rate: int = SAMPLE_RATE, n_fft: int = N_FFT) -> np.ndarray:
+    """`(n_mels, n_fft // 2 + 1)` float32 triangular Slaney filters with Slaney (area) norm."""
+    fft_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    mel_freqs = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2), n_mels + 2))
+    widths = np.diff(mel_freqs)  # (n_mels + 1,)
+    ramps = mel_freqs[:, None] - fft_freqs[None, :]  # (n_mels + 2, n_freqs)
+    lower = -ramps[:-2] / widths[:-1, None]
+    upper = ramps[2:] / widths[1:, None]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_freqs[2:] - mel_freqs[:-2]))[:, None]
+    return weights.astype(np.float32)
+
+
+def log_mel_spectrogram(audio, n_mels: int = 80, padding: int = 0) -> jax.Array:
+    """audio (..., N) float 16 kHz samples -> (..., n_mels, (N + padding) // 160) log-mel.
+
+    `padding` zero samples are appended first (Whisper pads 30 s before cutting windows).
+    """
+    if n_mels not in (80, 128):
+        raise ValueError(f"Whisper's frontend has 80 or 128 mel bins, got n_mels={n_mels}")
+    audio = jnp.asarray(audio, jnp.float32)
+    if audio.shape[-1] + padding < N_FFT // 2 + 1:
+        raise ValueError(f"audio of {audio.shape[-1]} samples is too short for a {N_FFT}-sample window")
+    return _log_mel(audio, n_mels, padding)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _log_mel(audio: jax.Array, n_mels: int, padding: int) -> jax.Array:
+    pad = [(0, 0)] * (audio.ndim - 1)
+    audio = jnp.pad(audio, [*pad, (0, padding)])
+    padded = jnp.pad(audio, [*pad, (N_FFT // 2, N_FFT // 2)], mode="reflect")  # centred frames
+    n_frames = audio.shape[-1] // HOP_LENGTH  # torch.stft gives one more; Whisper drops it
+    index = jnp.arange(n_frames)[:, None] * HOP_LENGTH + jnp.arange(N_FFT)[None, :]  # (F, n_fft)
+    window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(N_FFT) / N_FFT)  # periodic Hann
+    spectrum = jnp.fft.rfft(padded[..., index] * window, axis=-1)  # (..., F, n_fft / 2 + 1)
+    power = jnp.abs(spectrum) ** 2
+    mel = jnp.einsum("mf,...tf->...mt", jnp.asarray(mel_filters(n_mels)), power)  # (..., n_mels, F)
+    log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
+    log_spec = jnp.maximum(log_spec, log_spec.max(axis=(-2, -1), keepdims=True) - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def pad_or_trim(array, length: int = N_SAMPLES, axis: int = -1):
+    """Zero-pad or cut `array` along `axis` to `length` (a 30 s window by default)."""
+    array = jnp.asarray(array)
+    size = array.shape[axis]
+    if size > length:
+        return jnp.take(array, jnp.arange(length), axis=axis)
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, length - size)
+    return jnp.pad(array, widths)
