@@ -45,9 +45,9 @@ def convert_main(argv: list[str]) -> int:
     target = args.to or DEFAULT_TARGET[ckpt.format]
     config, tensors = ckpt.config, ckpt.tensors
     if args.preset:
-        from convert.warm_start import preset_config, warm_start
+        from convert.warm_start import warm_start
 
-        started = warm_start(ckpt, preset_config(ckpt.config, args.preset), seed=args.seed)
+        started = warm_start(ckpt, ckpt.config.with_preset(args.preset), seed=args.seed)
         print(f"warm start of preset {args.preset!r} from {args.src}:\n{started.report()}")
         config, tensors = started.config, started.tensors
     save_checkpoint(args.dst, target, config, tensors, overwrite=args.overwrite)

@@ -16,7 +16,7 @@ from convert.checkpoints import Checkpoint
 from convert.core import flax_to_torch
 from convert.rules import build_plan
 from flax_whisper import Whisper
-from whisper_config import PRESETS, ConfigError, ModelConfig
+from whisper_config import ModelConfig
 
 
 @dataclasses.dataclass
@@ -33,13 +33,6 @@ class WarmStart:
             lines.append(f"{title} ({len(items)}):")
             lines.extend(f"  {key}: {why}" for key, why in items)
         return "\n".join(lines)
-
-
-def preset_config(config: ModelConfig, preset: str) -> ModelConfig:
-    """`config` with the fields of `preset` (dimensions and everything else kept)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    return config.replace(**PRESETS[preset])
 
 
 def _role(trainable: bool) -> str:

@@ -26,6 +26,12 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+def host_offset(offset) -> int:
+    """A cache offset as a Python int, or 0 while traced: bound checks then use lengths alone, and
+    the fixed cache size enforces the rest."""
+    return 0 if is_traced(offset) else int(offset)
+
+
 class Linear(nnx.Module):
     """`y = x @ kernel + bias`, kernel `(in, out)`; Xavier-uniform kernel, zero bias."""
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_whisper.blocks import ResidualAttentionBlock
-from flax_whisper.layers import Conv1d, Embedding, gelu, is_traced, make_norm
+from flax_whisper.layers import Conv1d, Embedding, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
 from whisper_config.checks import cache_capacity, check_cache_offset
@@ -91,11 +91,12 @@ class TextDecoder(nnx.Module):
         decoded, and the returned cache holds them too.
         """
         offset = 0 if cache is None else cache["offset"]
-        length = check_tokens_shape(self.config, tokens.shape, 0 if is_traced(offset) else int(offset))
+        start = host_offset(offset)
+        length = check_tokens_shape(self.config, tokens.shape, start)
         _check_token_values(self.config, tokens)
         capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
-            check_cache_offset(self.config, 0 if is_traced(offset) else int(offset), length, capacity)
+            check_cache_offset(self.config, start, length, capacity)
         x = self.token_embedding(tokens)  # (B, T, d)
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]

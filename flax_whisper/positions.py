@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.layers import EMBEDDING_STD, Buffer, is_traced
+from flax_whisper.layers import EMBEDDING_STD, Buffer, host_offset
 from whisper_config import InputError, tables
 
 
@@ -37,7 +37,7 @@ def position_table(kind: str, n_ctx: int, n_state: int, rngs: nnx.Rngs) -> nnx.V
 
 def lookup_positions(table: jax.Array, offset, length: int, what: str, normalize: bool = False) -> jax.Array:
     """Rows `offset .. offset + length` of `table (L, d)`, or a clear error past its end."""
-    start = 0 if is_traced(offset) else int(offset)
+    start = host_offset(offset)
     if start + length > table.shape[0]:
         raise InputError(
             f"{what}: positions {start}..{start + length - 1} exceed the {table.shape[0]}-row position table"

@@ -9,7 +9,7 @@ from conftest import make_pair, tiny_config
 
 from convert import load_checkpoint, save_checkpoint
 from convert.core import torch_to_numpy
-from convert.warm_start import preset_config, warm_start
+from convert.warm_start import warm_start
 from torch_ref.positions import sinusoids
 from whisper_config import ConfigError
 
@@ -23,7 +23,7 @@ def whisper_ckpt(tmp_path_factory):
 
 
 def test_into_all_rotary_copies_everything_but_tables(whisper_ckpt):
-    started = warm_start(whisper_ckpt, preset_config(whisper_ckpt.config, "all_rotary"))
+    started = warm_start(whisper_ckpt, whisper_ckpt.config.with_preset("all_rotary"))
     assert started.config.encoder_rotary and started.config.encoder_positions == "none"
     assert started.fresh == []
     assert started.left_out == [
@@ -36,7 +36,7 @@ def test_into_all_rotary_copies_everything_but_tables(whisper_ckpt):
 
 
 def test_learned_table_never_overwrites_a_fixed_buffer(whisper_ckpt):
-    started = warm_start(whisper_ckpt, preset_config(whisper_ckpt.config, "rotary_sinusoidal"))
+    started = warm_start(whisper_ckpt, whisper_ckpt.config.with_preset("rotary_sinusoidal"))
     why = "a trainable parameter in the source, a fixed buffer in the target"
     assert started.fresh == [("decoder.positional_embedding", why)]
     assert ("decoder.positional_embedding", why) in started.left_out
@@ -45,14 +45,14 @@ def test_learned_table_never_overwrites_a_fixed_buffer(whisper_ckpt):
 
 
 def test_learned_table_carries_into_learned_sinusoidal(whisper_ckpt):
-    started = warm_start(whisper_ckpt, preset_config(whisper_ckpt.config, "rotary_learned_sinusoidal"))
+    started = warm_start(whisper_ckpt, whisper_ckpt.config.with_preset("rotary_learned_sinusoidal"))
     assert "decoder.positional_embedding" in started.copied
     assert started.fresh == [] and "fresh (0)" in started.report()
 
 
 def test_unknown_preset(whisper_ckpt):
     with pytest.raises(ConfigError, match="unknown preset 'rotary'"):
-        preset_config(whisper_ckpt.config, "rotary")
+        whisper_ckpt.config.with_preset("rotary")
 
 
 def test_cli_warm_start_from_openai_file(tmp_path):
@@ -66,4 +66,4 @@ def test_cli_warm_start_from_openai_file(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "copied" in done.stdout and "encoder.positional_embedding: not in the target model" in done.stdout
     result = load_checkpoint(tmp_path / "out")
-    assert result.format == "flax" and result.config == preset_config(config, "all_rotary")
+    assert result.format == "flax" and result.config == config.with_preset("all_rotary")

@@ -262,12 +262,14 @@ class ModelConfig:
     @classmethod
     def from_preset(cls, name: str, size: str | None = None, **overrides: Any) -> ModelConfig:
         """A named preset (SPEC section 1), optionally at an OpenAI size, then field overrides."""
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
         fields = dict(SIZES[_check_size(size)]) if size is not None else {}
-        fields.update(PRESETS[name])
+        fields.update(_preset_fields(name))
         fields.update(overrides)
         return cls.from_dict(fields)
+
+    def with_preset(self, name: str) -> ModelConfig:
+        """This config with the fields of preset `name`; dimensions and everything else kept."""
+        return self.replace(**_preset_fields(name))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -323,6 +325,12 @@ class ModelConfig:
     def load(cls, path: str | os.PathLike) -> ModelConfig:
         with open(path, encoding="utf-8") as f:
             return cls.from_json(f.read())
+
+
+def _preset_fields(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
 
 
 def _check_size(size: str) -> str:
