@@ -93,6 +93,44 @@ def make_pair(config: ModelConfig, seed: int = 0):
     return torch_model, flax_model
 
 
+def openai_dims(**overrides):
+    """Tiny dimensions with OpenAI Whisper's real multilingual vocabulary and 80 mel bins."""
+    from whisper.model import ModelDimensions
+
+    dims = dict(n_mels=80, n_audio_ctx=20, n_audio_state=64, n_audio_head=4, n_audio_layer=2, n_vocab=51865)
+    dims.update(n_text_ctx=16, n_text_state=64, n_text_head=4, n_text_layer=2)
+    return ModelDimensions(**{**dims, **overrides})
+
+
+OPENAI_DIMS = openai_dims()
+
+
+def random_openai_model(noise: float, dims=OPENAI_DIMS, seed: int = 0):
+    """OpenAI's own `whisper.model.Whisper` (eval mode) with random weights around OpenAI's init:
+    norm scales near 1, everything else `noise`-sized."""
+    import whisper
+
+    torch.manual_seed(seed)
+    model = whisper.model.Whisper(dims)
+    with torch.no_grad():
+        # OpenAI leaves decoder.positional_embedding uninitialised (torch.empty): fill every tensor,
+        # the stored encoder sinusoids included (SPEC 6: checkpoints carry their own table).
+        for name, tensor in model.state_dict().items():
+            scaled = noise * torch.randn_like(tensor)
+            tensor.copy_((1.0 if name.endswith("ln.weight") or "_ln." in name else 0.0) + scaled)
+            if name == "encoder.positional_embedding":
+                tensor.copy_(whisper.model.sinusoids(*tensor.shape) + 1e-3 * scaled)
+    return model.eval()
+
+
+def save_openai_model(model, path):
+    """Write `model` as an OpenAI `.pt` checkpoint ({"dims", "model_state_dict"}); returns `path`."""
+    import dataclasses
+
+    torch.save({"dims": dataclasses.asdict(model.dims), "model_state_dict": model.state_dict()}, path)
+    return path
+
+
 @nnx.jit
 def flax_forward(model, mel, tokens):
     """Jitted `model(mel, tokens)`: one compile per shape rather than one per primitive."""
@@ -133,3 +171,57 @@ def variant(request) -> ModelConfig:
 @pytest.fixture(scope="session")
 def variant_pair(variant):
     return make_pair(variant, seed=11)
+
+
+SAMPLE_LEN = 8  # OpenAI's `sample_len` in the decoding oracle: tokens sampled after the prompt
+
+
+def openai_greedy(model, mel, language, sample_len: int = SAMPLE_LEN):
+    """OpenAI's own greedy decoding (temperature 0, no timestamps) of mel (B, n_mels, frames)."""
+    import whisper
+
+    options = whisper.DecodingOptions(
+        language=language, without_timestamps=True, fp16=False, temperature=0.0, sample_len=sample_len
+    )
+    return whisper.decoding.decode(model, torch.from_numpy(np.asarray(mel)), options)
+
+
+@pytest.fixture(scope="session")
+def decoding_checkpoint(tmp_path_factory):
+    """(OpenAI model, its `.pt` path, mel (4, 80, 40)): a random model whose greedy outputs depend on
+    the audio and stop at varied lengths.
+
+    Weights of unit scale make the encoder matter (with small ones every row decodes the same
+    token). End of text then gets the embedding row, scaled by 1.05, of the sampled token whose
+    first appearance varies most between rows, so that rows end where it would have come.
+    """
+    from whisper_config import ModelConfig
+    from whisper_io import tokenizer_for
+
+    model = random_openai_model(noise=1.0, seed=0)
+    mel = np.random.default_rng(0).standard_normal((4, 80, 2 * model.dims.n_audio_ctx)).astype(np.float32)
+    rows = [result.tokens for result in openai_greedy(model, mel, "en")]
+
+    def spread(token: int) -> int:
+        return len({row.index(token) if token in row else SAMPLE_LEN for row in rows})
+
+    frequent = max(sorted({t for row in rows for t in row}), key=spread)
+    eot = tokenizer_for(ModelConfig.from_openai_dims(vars(model.dims))).eot
+    with torch.no_grad():
+        embedding = model.decoder.token_embedding.weight
+        embedding[eot] = 1.05 * embedding[frequent]
+    path = save_openai_model(model, tmp_path_factory.mktemp("decode") / "random.pt")
+    return model, path, mel
+
+
+# Python code that makes `import torch` fail, to prefix `python -c` programs that must prove the
+# JAX path needs no torch (a meta-path hook rather than sys.modules["torch"] = None, which trips
+# libraries that probe sys.modules for torch).
+BLOCK_TORCH = """\
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+"""

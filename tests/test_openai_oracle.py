@@ -12,40 +12,17 @@ import numpy as np
 import pytest
 import torch
 import whisper
-from conftest import assert_close, flax_forward
-from whisper.model import ModelDimensions
+from conftest import OPENAI_DIMS as DIMS
+from conftest import assert_close, flax_forward, random_openai_model, save_openai_model
 
 from convert import load_checkpoint, load_flax_model, load_torch_model
-
-DIMS = ModelDimensions(
-    n_mels=80,
-    n_audio_ctx=20,
-    n_audio_state=64,
-    n_audio_head=4,
-    n_audio_layer=2,
-    n_vocab=51865,
-    n_text_ctx=16,
-    n_text_state=64,
-    n_text_head=4,
-    n_text_layer=2,
-)
 
 
 @pytest.fixture(scope="module")
 def openai_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = whisper.model.Whisper(DIMS)
-    with torch.no_grad():
-        # OpenAI leaves decoder.positional_embedding uninitialised (torch.empty): fill every tensor,
-        # the stored encoder sinusoids included (SPEC 6: checkpoints carry their own table).
-        for name, tensor in model.state_dict().items():
-            noise = 0.1 * torch.randn_like(tensor)
-            tensor.copy_((1.0 if name.endswith("ln.weight") or "_ln." in name else 0.0) + noise)
-            if name == "encoder.positional_embedding":
-                tensor.copy_(whisper.model.sinusoids(*tensor.shape) + 1e-3 * noise)
-    path = tmp_path_factory.mktemp("openai") / "tiny-random.pt"
-    torch.save({"dims": dataclasses.asdict(DIMS), "model_state_dict": model.state_dict()}, path)
-    return model.eval(), path
+    model = random_openai_model(noise=0.1)
+    path = save_openai_model(model, tmp_path_factory.mktemp("openai") / "tiny-random.pt")
+    return model, path
 
 
 def convert_cli(*args):

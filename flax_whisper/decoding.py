@@ -1,0 +1,77 @@
+"""Greedy decoding with the KV cache (mirrors `torch_ref/decoding.py`).
+
+`greedy_decode` is one jit-compiled program per (batch, frames, prompt length, options): the
+sampling loop is a `lax.while_loop` over single-token decoder steps on a fixed-size cache, which
+exits as soon as every row has produced end of text. See `whisper_io.decoding` for the algorithm.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from flax_whisper.model import Whisper
+from whisper_config import check_token_range
+from whisper_io.decoding import DecodingOptions, check_decoding_length
+
+
+def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
+    """logits (B, V) with the columns `ids` set to -inf."""
+    return logits.at[:, np.asarray(ids)].set(-jnp.inf) if ids else logits
+
+
+def detect_language(model: Whisper, xa: jax.Array, start: jax.Array, language_tokens: tuple[int, ...]) -> jax.Array:
+    """The most likely language token after the start token alone. xa (B, S, d), start (B, 1) -> (B,)"""
+    logits, _ = model.decoder(start, xa)  # (B, 1, V)
+    candidates = np.asarray(language_tokens)
+    return jnp.asarray(candidates)[jnp.argmax(logits[:, 0, candidates], axis=-1)]
+
+
+def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> jax.Array:
+    """mel (B, n_mels, frames), prompt (B, P) int -> tokens (B, P + max_new_tokens) int32.
+
+    The prompt (with the detected language written in, when detecting) is followed by the
+    sampled tokens; every position after a row's end of text holds end of text. Call
+    `model.eval()` first: decoding in training mode would apply dropout.
+    """
+    prompt = np.asarray(prompt, np.int32)
+    check_decoding_length(model.config, prompt.shape[1], options.max_new_tokens)
+    check_token_range(model.config, int(prompt.min()), int(prompt.max()))
+    return _greedy_decode(model, jnp.asarray(mel), prompt, options)
+
+
+@functools.partial(nnx.jit, static_argnames=("options",))
+def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: DecodingOptions) -> jax.Array:
+    eot, max_new = options.eot, options.max_new_tokens
+    batch, n_prompt = prompt.shape
+    xa = model.encoder(mel)  # (B, S, d)
+    if options.language_tokens:
+        prompt = prompt.at[:, 1].set(detect_language(model, xa, prompt[:, :1], options.language_tokens))
+
+    # Every prompt token and every sampled token but the last is fed once.
+    cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
+    logits, cache = model.decoder(prompt, xa, cache)
+    first = jnp.argmax(suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens), axis=-1)
+    tokens = jnp.full((batch, n_prompt + max_new), eot, jnp.int32)
+    tokens = tokens.at[:, :n_prompt].set(prompt).at[:, n_prompt].set(first.astype(jnp.int32))
+
+    def unfinished(state):
+        i, _, _, done = state
+        return (i < max_new) & ~jnp.all(done)
+
+    def step(state):
+        i, tokens, cache, done = state
+        last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i - 1, 1, axis=1)  # (B, 1)
+        logits, cache = model.decoder(last, xa, cache)
+        chosen = jnp.argmax(suppress(logits[:, -1], options.suppress_tokens), axis=-1).astype(jnp.int32)
+        chosen = jnp.where(done, eot, chosen)  # finished rows keep receiving end of text
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], n_prompt + i, axis=1)
+        return i + 1, tokens, cache, done | (chosen == eot)
+
+    state = (jnp.ones((), jnp.int32), tokens, cache, first == eot)
+    _, tokens, _, _ = jax.lax.while_loop(unfinished, step, state)
+    return tokens

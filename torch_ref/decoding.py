@@ -1,0 +1,67 @@
+"""Greedy decoding with the KV cache (mirrors `flax_whisper/decoding.py`).
+
+An eager loop over single-token decoder steps that stops once every row has produced end of
+text. See `whisper_io.decoding` for the algorithm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from torch_ref.model import Whisper
+from whisper_config import check_token_range
+from whisper_io.decoding import DecodingOptions, check_decoding_length
+
+
+def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
+    """logits (B, V) with the columns `ids` set to -inf."""
+    if ids:
+        logits = logits.clone()
+        logits[:, list(ids)] = -torch.inf
+    return logits
+
+
+def detect_language(model: Whisper, xa: Tensor, start: Tensor, language_tokens: tuple[int, ...]) -> Tensor:
+    """The most likely language token after the start token alone. xa (B, S, d), start (B, 1) -> (B,)"""
+    logits, _ = model.decoder(start, xa)  # (B, 1, V)
+    candidates = torch.tensor(language_tokens, device=xa.device)
+    return candidates[logits[:, 0, candidates].argmax(dim=-1)]
+
+
+@torch.no_grad()
+def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tensor:
+    """mel (B, n_mels, frames), prompt (B, P) int -> tokens (B, P + max_new_tokens) int64.
+
+    The prompt (with the detected language written in, when detecting) is followed by the
+    sampled tokens; every position after a row's end of text holds end of text. Call
+    `model.eval()` first: decoding in training mode would apply dropout.
+    """
+    eot, max_new = options.eot, options.max_new_tokens
+    device = next(model.parameters()).device
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
+    batch, n_prompt = prompt.shape
+    check_decoding_length(model.config, n_prompt, max_new)
+    check_token_range(model.config, int(prompt.min()), int(prompt.max()))
+    xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
+    if options.language_tokens:
+        prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
+
+    # Every prompt token and every sampled token but the last is fed once.
+    cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
+    logits, cache = model.decoder(prompt, xa, cache)
+    chosen = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens).argmax(dim=-1)
+    tokens = torch.full((batch, n_prompt + max_new), eot, dtype=torch.long, device=device)
+    tokens[:, :n_prompt] = prompt
+    tokens[:, n_prompt] = chosen
+    done = chosen == eot
+    for i in range(1, max_new):
+        if bool(done.all()):
+            break
+        logits, cache = model.decoder(tokens[:, n_prompt + i - 1 : n_prompt + i], xa, cache)
+        chosen = suppress(logits[:, -1], options.suppress_tokens).argmax(dim=-1)
+        chosen = torch.where(done, eot, chosen)  # finished rows keep receiving end of text
+        tokens[:, n_prompt + i] = chosen
+        done |= chosen == eot
+    return tokens

@@ -1,0 +1,83 @@
+"""Greedy decoding settings shared by `flax_whisper.decoding` and `torch_ref.decoding`.
+
+Both frameworks run the same algorithm as OpenAI Whisper's `decode` at temperature 0 without
+timestamps: feed the forced prompt (start of transcript, language, task, no-timestamps), then
+repeatedly take the arg-max of the last logits after suppressing `suppress_tokens` (and, for the
+first sampled token only, `blank_tokens`), until every row has produced end of text or
+`max_new_tokens` were sampled. Rows that finished keep receiving end of text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from whisper_config import InputError, ModelConfig
+from whisper_io.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodingOptions:
+    """Plain ints and tuples, hashable, so that a jitted decoder can take them as static."""
+
+    eot: int
+    max_new_tokens: int
+    suppress_tokens: tuple[int, ...] = ()
+    blank_tokens: tuple[int, ...] = ()  # suppressed at the first sampled position only
+    # When given, prompt column 1 is overwritten per row by the arg-max over these ids of the
+    # logits after the start token alone (Whisper's language detection).
+    language_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+def max_new_tokens_for(config: ModelConfig, prompt_length: int) -> int:
+    """The most tokens that can be sampled after a prompt: every fed token needs a position,
+    and the last sampled token is never fed (OpenAI stops at `n_text_ctx + 1` tokens too)."""
+    return config.n_text_ctx - prompt_length + 1
+
+
+def check_decoding_length(config: ModelConfig, prompt_length: int, max_new_tokens: int) -> None:
+    most = max_new_tokens_for(config, prompt_length)
+    if prompt_length < 1 or max_new_tokens > most:
+        raise InputError(
+            f"a prompt of {prompt_length} tokens leaves room for at most {most} new tokens "
+            f"(n_text_ctx={config.n_text_ctx}), got max_new_tokens={max_new_tokens}"
+        )
+
+
+def decoding_options(
+    tokenizer: Tokenizer,
+    config: ModelConfig,
+    language: str | None = None,
+    task: str = "transcribe",
+    max_new_tokens: int | None = None,
+) -> tuple[tuple[int, ...], DecodingOptions]:
+    """(prompt, options) for transcribing with `tokenizer`, as OpenAI's defaults do it.
+
+    Without a `language`, a multilingual vocabulary detects one per utterance. `max_new_tokens`
+    defaults to as many as the context holds.
+    """
+    prompt = tokenizer.sot_sequence(language, task)
+    max_new = max_new_tokens_for(config, len(prompt)) if max_new_tokens is None else max_new_tokens
+    check_decoding_length(config, len(prompt), max_new)
+    detect = language is None and tokenizer.multilingual
+    options = DecodingOptions(
+        eot=tokenizer.eot,
+        max_new_tokens=max_new,
+        suppress_tokens=tokenizer.suppress_tokens,
+        blank_tokens=tokenizer.blank_tokens,
+        language_tokens=tokenizer.language_tokens if detect else (),
+    )
+    return prompt, options
+
+
+def text_tokens(tokens, prompt_length: int, eot: int) -> list[list[int]]:
+    """Decoded ids (B, prompt_length + max_new_tokens) -> each row's sampled ids before end of text."""
+    rows = []
+    for row in np.asarray(tokens)[:, prompt_length:].tolist():
+        rows.append(row[: row.index(eot)] if eot in row else row)
+    return rows
