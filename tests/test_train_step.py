@@ -1,25 +1,104 @@
-"""The jitted optax step: it learns, it compiles once, and it decays only weight matrices."""
+"""The jitted train step on its own: it learns (AdamW, Adafactor, bfloat16 compute), compiles
+once, skips non-finite steps, and decays only weight matrices."""
+
+from __future__ import annotations
+
+import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import random_batch, tiny_config
 from flax import nnx
 
 from flax_whisper import Whisper
-from train import decay_mask, make_optimizer, train_step
+from train import TrainConfig, decay_mask, make_optimizer, train_step
+from train.checkpointing import to_savable
+from train.step import Graphs, new_state, spec_augment
 
 
-def test_loss_falls_on_a_fixed_batch():
-    config = tiny_config()
-    model = Whisper(config, rngs=nnx.Rngs(0))
-    model.eval()  # no dropout configured; eval keeps the run deterministic anyway
-    optimizer = make_optimizer(model, learning_rate=3e-3)
-    mel, labels = random_batch(config, 4, 20, 8, seed=0)
+def step_function(config: TrainConfig, model_config):
+    model = Whisper(model_config, rngs=nnx.Rngs(0))
+    tx = make_optimizer(config)
+    step = jax.jit(functools.partial(train_step, graphs=Graphs.of(model), tx=tx, config=config), donate_argnums=0)
+    return new_state(model, tx), step
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(), dict(optimizer="adafactor", learning_rate=5e-2), dict(precision="bfloat16")],
+    ids=["adamw", "adafactor", "bfloat16"],
+)
+def test_loss_falls_on_a_fixed_batch(settings):
+    base = dict(learning_rate=3e-3, warmup_steps=0, steps=1000, clip_norm=None, weight_decay=0.01)
+    config = TrainConfig(**{**base, **settings})
+    model_config = tiny_config()
+    state, step = step_function(config, model_config)
+    mel, labels = random_batch(model_config, 4, 20, 8, seed=0)
     labels[2:, 5:] = -100
-    losses = [float(train_step(model, optimizer, mel, labels)) for _ in range(40)]
-    assert np.isfinite(losses).all()
+    batch = {"mel": jnp.asarray(mel), "labels": jnp.asarray(labels)}
+    losses = []
+    for _ in range(40):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and int(state.skipped) == 0 and int(state.step) == 40
     assert losses[-1] < 0.5 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
-    assert int(optimizer.step[...]) == 40
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(state.params))  # float32 master weights
+    assert step._cache_size() == 1  # one compile for all 40 steps
+
+
+def test_a_non_finite_step_changes_nothing_but_the_counters():
+    config = TrainConfig(warmup_steps=0)
+    model_config = tiny_config()
+    state, step = step_function(config, model_config)
+    mel, labels = random_batch(model_config, 2, 20, 8, seed=0)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    mel[0, 0, 3] = np.nan
+    state, metrics = step(state, {"mel": jnp.asarray(mel), "labels": jnp.asarray(labels)})
+    assert not bool(metrics["finite"]) and int(state.skipped) == 1 and int(state.bad_streak) == 1
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
+    state, metrics = step(state, {"mel": jnp.asarray(np.nan_to_num(mel)), "labels": jnp.asarray(labels)})
+    assert bool(metrics["finite"]) and int(state.bad_streak) == 0 and int(state.worst_streak) == 1
+
+
+def test_dropout_rng_and_memory_state_advance_in_the_state():
+    """Training-mode state (dropout RNG counters, augmented memory's write-back) flows through
+    the jitted step: it changes every step, and the same state gives the same step."""
+    config = TrainConfig(warmup_steps=0, time_masks=0, freq_masks=0)
+    model_config = tiny_config(
+        "rotary_rotary_sinusoidal", encoder_attention="memory", memory_size=3, memory_update=True, dropout=0.1
+    )
+    state, step = step_function(config, model_config)
+    mel, labels = random_batch(model_config, 2, 20, 8, seed=0)
+    batch = {"mel": jnp.asarray(mel), "labels": jnp.asarray(labels)}
+    rest = jax.tree.map(np.asarray, to_savable(state.rest))  # typed RNG keys as their raw data
+    state, first = step(state, batch)
+    after = jax.tree.map(np.asarray, to_savable(state.rest))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(rest), jax.tree.leaves(after), strict=True)]
+    assert any(changed) and bool(first["finite"])
+    memory = [v for k, v in nnx.to_flat_state(state.rest) if "memory_state" in map(str, k)]
+    assert memory and all(np.abs(np.asarray(m.get_value())).sum() > 0 for m in memory)  # written back from zeros
+
+
+def test_spec_augment_masks_bounded_spans_with_the_mean():
+    config = TrainConfig(time_masks=2, time_mask_width=5, freq_masks=1, freq_mask_width=3)
+    mel = jnp.asarray(np.random.default_rng(0).standard_normal((4, 8, 40)), jnp.float32)
+    out = np.asarray(spec_augment(mel, jax.random.key(1), config))
+    changed = out != np.asarray(mel)
+    for row in range(4):
+        mean = float(np.asarray(mel[row]).mean())
+        np.testing.assert_allclose(out[row][changed[row]], mean, atol=1e-6)
+        time_masked = changed[row].all(axis=0).sum()  # frames masked over every bin
+        freq_masked = changed[row].all(axis=1).sum()  # bins masked over every frame
+        assert time_masked <= 2 * 5 and freq_masked <= 3
+        assert changed[row].sum() <= time_masked * 8 + freq_masked * 40
+    assert changed.any()
+    np.testing.assert_array_equal(out, spec_augment(mel, jax.random.key(1), config))  # same key, same masks
+    assert not np.array_equal(out, spec_augment(mel, jax.random.key(2), config))
+    off = TrainConfig(time_masks=0, freq_masks=0)
+    np.testing.assert_array_equal(spec_augment(mel, jax.random.key(1), off), mel)
 
 
 def _name(key) -> str:

@@ -1,5 +1,6 @@
-"""Training `flax_whisper` models with optax (the full loop arrives with the training issue)."""
+"""Training `flax_whisper` models: `python -m train`, or `Trainer(TrainConfig(...)).run()`."""
 
-from train.step import decay_mask, make_optimizer, train_step
+from train.config import TrainConfig
+from train.step import TrainState, decay_mask, make_optimizer, train_step
 
-__all__ = ["decay_mask", "make_optimizer", "train_step"]
+__all__ = ["TrainConfig", "TrainState", "decay_mask", "make_optimizer", "train_step"]

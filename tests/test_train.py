@@ -1,0 +1,326 @@
+"""The training loop: it learns, resumes bit-exactly, survives SIGTERM and kills, skips bad steps
+and bad rows, shards over 8 CPU devices with the same losses, and matches torch step for step."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import soundfile
+import torch
+from flax import nnx
+
+from train.config import TrainConfig
+from train.data import DataStats, read_records, train_batches
+from train.loop import Trainer, TrainingError
+from train.metrics import read_metrics
+
+SPEECH = Path(__file__).parent / "data" / "speech_16k.wav"
+WORDS = ["one", "two", "red", "lamp", "door", "open", "six", "blue"]
+TINY_MODEL = dict(
+    n_mels=80,
+    n_audio_ctx=32,  # 64 mel frames: 0.64 s of audio
+    n_audio_state=32,
+    n_audio_head=2,
+    n_audio_layer=1,
+    n_vocab=258,
+    n_text_ctx=16,
+    n_text_state=32,
+    n_text_head=2,
+    n_text_layer=1,
+    decoder_start_token_id=257,
+    dropout=0.0,
+)
+
+
+def write_clips(folder: Path, count: int, seed: int) -> list[dict]:
+    """`count` FLAC clips (0.2-0.6 s cut from the shipped speech) with short made-up transcripts."""
+    speech = soundfile.read(SPEECH, dtype="float32")[0]
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        length = int(rng.integers(3200, 9600))
+        start = int(rng.integers(0, len(speech) - length))
+        name = f"clip_{seed}_{i}.flac"
+        soundfile.write(folder / name, speech[start : start + length], 16000)
+        rows.append({"audio": name, "text": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 3))))})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    for split, count, seed in [("train", 24, 0), ("eval", 8, 1)]:
+        rows = write_clips(folder, count, seed)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def tiny_train_config(dataset: Path, out: Path, **overrides) -> TrainConfig:
+    values = dict(
+        model=dict(TINY_MODEL),  # every field of the demo size replaced
+        train_data=str(dataset / "train.jsonl"),
+        eval_data=str(dataset / "eval.jsonl"),
+        audio_buckets=(32, 64),
+        batch_size=8,
+        eval_batch_size=8,
+        steps=6,
+        warmup_steps=2,
+        learning_rate=3e-3,
+        log_every=1,
+        eval_every=3,
+        save_every=3,
+        decode_eval=False,
+        time_masks=0,  # SpecAugment off: the torch parity run has none
+        freq_masks=0,
+        checkpoint_dir=str(out / "checkpoints"),
+        log_dir=str(out / "logs"),
+        export_flax=None,
+        progress=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def params_of(trainer: Trainer) -> dict[str, np.ndarray]:
+    flat = nnx.to_flat_state(jax.device_get(trainer.state.params))
+    return {".".join(map(str, k)): np.asarray(v.get_value()) for k, v in flat}
+
+
+@pytest.fixture(scope="module")
+def reference_run(dataset, tmp_path_factory):
+    """An uninterrupted 6-step run (checkpoints at 3 and 6), exported to torch."""
+    out = tmp_path_factory.mktemp("reference")
+    config = tiny_train_config(dataset, out, export_torch=str(out / "torch"), decode_eval=True)
+    trainer = Trainer(config)
+    result = trainer.run()
+    return trainer, result, out
+
+
+def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
+    trainer, result, out = reference_run
+    assert result.step == 6 and not result.stopped_early and result.skipped_steps == 0
+    train_log = read_metrics(out / "logs" / "metrics.jsonl", "train")
+    assert [r["step"] for r in train_log] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]) and r["learning_rate"] >= 0 for r in train_log)
+    assert train_log[1]["learning_rate"] > train_log[0]["learning_rate"]  # warmup
+    evals = read_metrics(out / "logs" / "metrics.jsonl", "eval")
+    assert [r["step"] for r in evals] == [0, 3, 6] and all(0 <= r["token_accuracy"] <= 1 for r in evals)
+    assert {"cer", "wer"} <= evals[-1].keys()
+    assert any((out / "logs" / "tensorboard").iterdir())
+    assert trainer_steps(out) == [3, 6]
+
+    # The torch export holds the final weights: torch_ref gives the Flax model's logits.
+    from convert import load_torch_model
+    from flax_whisper.transcribe import mel_windows
+
+    torch_model = load_torch_model(out / "torch").eval()
+    flax_model = trainer.model()
+    mel = mel_windows(soundfile.read(SPEECH, dtype="float32")[0][:10000], flax_model.config)
+    tokens = np.array([[257, 111, 110, 101]] * len(mel))
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(mel), torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(np.asarray(flax_model(mel, tokens)), expected, atol=1e-4)
+
+
+def trainer_steps(out: Path) -> list[int]:
+    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def test_resume_is_bit_exact(reference_run, dataset, tmp_path):
+    reference, _, ref_out = reference_run
+    config = tiny_train_config(dataset, tmp_path, stop_at_step=4, decode_eval=True)
+    first = Trainer(config).run()
+    assert first.step == 4 and first.stopped_early
+    with pytest.raises(TrainingError, match="pass --resume"):
+        Trainer(config).run()
+    resumed = Trainer(dataclasses.replace(config, stop_at_step=None, resume=True))
+    assert resumed.run().step == 6
+    ours, expected = params_of(resumed), params_of(reference)
+    assert ours.keys() == expected.keys()
+    for name in expected:
+        assert np.array_equal(ours[name], expected[name]), name
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "logs" / "metrics.jsonl", "train")}
+    reference_losses = {r["step"]: r["loss"] for r in read_metrics(ref_out / "logs" / "metrics.jsonl", "train")}
+    assert losses == reference_losses
+
+
+def test_a_partial_checkpoint_is_ignored_on_resume(reference_run, dataset, tmp_path):
+    """Orbax renames a checkpoint into place only when complete; a kill mid-save leaves a
+    temporary directory that resuming skips (and removes)."""
+    _, _, ref_out = reference_run
+    import shutil
+
+    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints")
+    partial = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234567"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_bytes(os.urandom(64))
+    config = tiny_train_config(dataset, tmp_path, resume=True, steps=7)
+    trainer = Trainer(config)
+    assert trainer.run().step == 7
+    log = (tmp_path / "logs" / "metrics.jsonl").read_text()
+    assert '"step": 7' in log and not partial.exists()
+
+
+def run_train_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "train", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
+
+
+def cli_args(config: TrainConfig) -> list[str]:
+    path = Path(config.log_dir).parent / "config.json"
+    path.write_text(json.dumps(config.to_dict()))
+    return ["--config", str(path)]
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_and_stops_cleanly_and_a_kill_keeps_the_last_checkpoint(dataset, tmp_path):
+    config = tiny_train_config(dataset, tmp_path, steps=10_000, eval_data=None, save_every=2)
+    log = tmp_path / "logs" / "metrics.jsonl"
+
+    def trained_steps() -> int:
+        return len(read_metrics(log, "train")) if log.exists() else 0
+
+    process = run_train_cli(cli_args(config))
+    wait_for(lambda: trained_steps() >= 3)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped_early"] and summary["step"] >= 3
+    assert max(trainer_steps(tmp_path)) == summary["step"]  # saved where it stopped
+
+    # SIGKILL at an arbitrary moment, saving every other step: the newest complete checkpoint loads.
+    resume = [*cli_args(config), "--resume"]
+    process = run_train_cli(resume)
+    wait_for(lambda: trained_steps() >= summary["step"] + 4)
+    process.kill()
+    process.communicate()
+    last = max(trainer_steps(tmp_path))
+    assert last > summary["step"]
+    again = run_train_cli([*resume, "--stop-at-step", str(last + 1)])
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err
+    assert f"resumed from {tmp_path / 'checkpoints'} at step {last}" in out
+    assert json.loads(out.strip().splitlines()[-1])["step"] == last + 1
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops(dataset, tmp_path):
+    """Audio with NaN samples makes every loss NaN: no update is applied, the steps are counted,
+    and after max_bad_steps in a row the run stops with a message."""
+    rows = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()]
+    for row in rows:
+        audio = soundfile.read(dataset / row["audio"], dtype="float32")[0]
+        audio[100] = np.nan
+        row["audio"] = str(tmp_path / Path(row["audio"]).with_suffix(".wav").name)
+        soundfile.write(row["audio"], audio, 16000, subtype="FLOAT")
+    (tmp_path / "nan.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = tiny_train_config(dataset, tmp_path, train_data=str(tmp_path / "nan.jsonl"), max_bad_steps=3)
+    trainer = Trainer(config)
+    before = params_of(trainer)
+    with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
+        trainer.run()
+    after = params_of(trainer)
+    assert int(trainer.state.skipped) == 3
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
+    one = tiny_train_config(dataset, tmp_path / "a", batch_size=8, eval_data=None)
+    two = dataclasses.replace(one, accumulation_steps=2, checkpoint_dir=str(tmp_path / "b"))
+    batch = next(train_batches(read_records(one.train_data, "train"), Trainer(one).featurizer, 8, 0, DataStats()))
+    results = []
+    for config in (one, two):
+        trainer = Trainer(config)
+        trainer.state, metrics = trainer.train_fn(trainer.state, trainer.to_device(batch))
+        results.append((float(metrics["loss"]), params_of(trainer)))
+    (loss_one, params_one), (loss_two, params_two) = results
+    assert abs(loss_one - loss_two) <= 1e-6 * abs(loss_one)
+    for name in params_one:
+        np.testing.assert_allclose(params_two[name], params_one[name], atol=1e-6, err_msg=name)
+
+
+def test_training_parity_with_torch(dataset, tmp_path):
+    """Same initial weights, batches and AdamW hyperparameters: flax_whisper + optax and
+    torch_ref + torch.optim give the same loss at every step (float32)."""
+    from convert.core import flax_to_torch, new_torch_model
+    from train.torch_train import torch_optimizer, torch_train_step
+
+    config = tiny_train_config(dataset, tmp_path, eval_data=None, steps=8, clip_norm=0.5, weight_decay=0.1)
+    trainer = Trainer(config)
+    torch_model = new_torch_model(trainer.model_config, flax_to_torch(jax.device_get(trainer.model())))
+    torch_model.train()
+    optimizer, scheduler = torch_optimizer(torch_model, config)
+    batches = train_batches(read_records(config.train_data, "train"), trainer.featurizer, 8, 0, DataStats())
+    losses = []
+    for step in range(config.steps):
+        batch = next(batches)
+        trainer.state, metrics = trainer.train_fn(trainer.state, trainer.to_device(batch))
+        ours = float(metrics["loss"])
+        reference = torch_train_step(torch_model, optimizer, scheduler, batch["mel"], batch["labels"], config.clip_norm)
+        assert abs(ours - reference) <= 1e-4 * abs(reference), f"step {step}: {ours} vs {reference}"
+        losses.append(ours)
+    assert losses[-1] < losses[0]  # the runs did train
+
+
+SHARDED_RUN = """
+import dataclasses, json, sys
+import jax
+from train.config import TrainConfig
+from train.data import DataStats, read_records, train_batches
+from train.loop import Trainer
+
+config = TrainConfig.from_dict(json.loads(sys.argv[1]))
+assert len(jax.devices()) == 8, jax.devices()
+out = {}
+for name, devices, fsdp in [("one", jax.devices()[:1], 1), ("mesh", jax.devices(), 4)]:
+    trainer = Trainer(dataclasses.replace(config, mesh_fsdp=fsdp), devices=devices)
+    batches = train_batches(read_records(config.train_data, "train"), trainer.featurizer, 8, 0, DataStats())
+    losses = []
+    for _ in range(3):
+        trainer.state, metrics = trainer.train_fn(trainer.state, trainer.to_device(next(batches)))
+        losses.append(float(metrics["loss"]))
+    params = jax.tree_util.tree_flatten_with_path(trainer.state.params)[0]
+    shards = {}
+    for path, leaf in params:
+        local = list(leaf.addressable_shards[0].data.shape)
+        shards[jax.tree_util.keystr(path)] = [str(leaf.sharding.spec), local, list(leaf.shape)]
+    out[name] = {"losses": losses, "shards": shards, "mesh": dict(trainer.mesh.shape)}
+print(json.dumps(out))
+"""
+
+
+def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp_path):
+    config = tiny_train_config(dataset, tmp_path, eval_data=None)
+    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    done = subprocess.run(
+        [sys.executable, "-c", SHARDED_RUN, json.dumps(config.to_dict())],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["mesh"]["mesh"] == {"data": 2, "fsdp": 4}
+    np.testing.assert_allclose(result["mesh"]["losses"], result["one"]["losses"], rtol=1e-5)
+    sharded = {k: v for k, v in result["mesh"]["shards"].items() if "fsdp" in v[0]}
+    embedding = next(v for k, v in sharded.items() if "token_embedding" in k)
+    assert embedding[1] == [258, 32 // 4] and embedding[2] == [258, 32]  # each device holds a quarter
+    assert any("fc1" in k for k in sharded) and any("fc2" in k for k in sharded)
+    assert all("fsdp" not in v[0] for v in result["one"]["shards"].values())

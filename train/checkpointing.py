@@ -1,0 +1,91 @@
+"""Orbax checkpoints of a training run: state, data position and metadata, kept as the latest N
+plus the best by evaluation loss, saved asynchronously.
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoints intact (the partial one is never listed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = "eval_loss"
+
+
+def _is_key(leaf) -> bool:
+    return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def to_savable(tree):
+    """Typed PRNG keys (dropout RNG state) -> their raw uint32 data, which orbax stores."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def from_savable(tree, like):
+    """Undo `to_savable`, given the tree it came from (or its shapes)."""
+    return jax.tree.map(lambda x, ref: jax.random.wrap_key_data(x) if _is_key(ref) else x, tree, like)
+
+
+def _abstract(leaf):
+    """A restore target for one leaf: shape, dtype and sharding (typed keys as their raw data)."""
+    if _is_key(leaf):
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(leaf, "sharding", None))
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
+
+
+class Checkpoints:
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
+        preservation = policies.AnyPreservationPolicy(
+            [
+                policies.LatestN(n=keep),
+                policies.BestN(
+                    get_metric_fn=lambda metrics: metrics[BEST_METRIC],
+                    reverse=True,  # lower loss is better
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=preservation, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(to_savable(state)),
+            data=ocp.args.JsonSave(data_state),
+            meta=ocp.args.JsonSave(meta),
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+
+    def restore(self, step: int, like) -> tuple[Any, dict, dict]:
+        """(state shaped and sharded like `like`, data iterator state, metadata) of `step`."""
+        target = jax.tree.map(_abstract, like)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return from_savable(restored.state, like), restored.data, restored.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,269 @@
+"""Training data: manifests or Hugging Face datasets -> a `grain` pipeline of bucketed batches.
+
+A *record* is `{"audio": source, "text": str}` where the source is a file path, encoded bytes,
+or `{"array", "sampling_rate"}`. Records come from a JSONL/CSV manifest (audio paths relative to
+the manifest) or a `datasets` dataset saved with `save_to_disk`. The pipeline reads and
+tokenises each record (`load_example`), skipping (and counting, by name) the ones whose audio
+cannot be used, then `collate` pads a batch's audio to the smallest bucket that holds its
+longest utterance, computes the log-mel of the batch in one jitted call, and pads the labels
+with -100. The step therefore compiles once per (audio bucket, text bucket) pair.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram
+from whisper_config import ModelConfig
+from whisper_io import AudioFileError, Tokenizer, load_audio
+from whisper_io.audio_files import resample
+
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A dataset cannot be read at all (missing manifest, missing column, no usable rows)."""
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def read_manifest(path: str | Path, audio_column: str = "audio", text_column: str = "text") -> list[dict]:
+    """Records of a `.jsonl` (one object per line) or `.csv` (with a header) manifest."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such manifest")
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{number}: not JSON ({e.msg})") from None
+    records = []
+    for number, row in enumerate(rows, 1):
+        missing = [c for c in (audio_column, text_column) if c not in row]
+        if missing:
+            raise DataError(f"{path}: row {number} has no {' or '.join(missing)} column (found {sorted(row)})")
+        audio = Path(row[audio_column])
+        records.append({"audio": str(audio if audio.is_absolute() else path.parent / audio), "text": row[text_column]})
+    if not records:
+        raise DataError(f"{path}: the manifest is empty")
+    return records
+
+
+class HFRecords(Sequence):
+    """Random access over a `datasets.Dataset` saved on disk, as records (audio stays encoded)."""
+
+    def __init__(self, path: str | Path, split: str, audio_column: str = "audio", text_column: str = "text"):
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise DataError(f"{path}: no split {split!r} (has {', '.join(loaded)})")
+            loaded = loaded[split]
+        for column in (audio_column, text_column):
+            if column not in loaded.column_names:
+                raise DataError(f"{path}: no column {column!r} (has {', '.join(loaded.column_names)})")
+        if isinstance(loaded.features[audio_column], datasets.Audio):
+            # Decode with soundfile ourselves: datasets' own decoder would need torchcodec.
+            loaded = loaded.cast_column(audio_column, datasets.Audio(decode=False))
+        self.dataset, self.path = loaded, str(path)
+        self.audio_column, self.text_column = audio_column, text_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.dataset[int(index)]
+        audio = row[self.audio_column]
+        if isinstance(audio, dict) and audio.get("bytes") is None and audio.get("path"):
+            audio = audio["path"]
+        elif isinstance(audio, dict) and audio.get("bytes") is not None:
+            audio = {"bytes": audio["bytes"], "name": audio.get("path") or f"{self.path}[{index}]"}
+        return {"audio": audio, "text": row[self.text_column]}
+
+
+def read_records(
+    path: str | Path, split: str, audio_column: str = "audio", text_column: str = "text"
+) -> Sequence[dict]:
+    """A manifest file, or a Hugging Face dataset directory (from `save_to_disk`)."""
+    if Path(path).is_dir():
+        return HFRecords(path, split, audio_column, text_column)
+    return read_manifest(path, audio_column, text_column)
+
+
+def decode_audio(source: Any) -> np.ndarray:
+    """A record's audio -> (N,) float32 mono 16 kHz; `AudioFileError` naming the source if unusable."""
+    import soundfile
+
+    if isinstance(source, str | Path):
+        return load_audio(source)
+    if isinstance(source, dict) and "bytes" in source:
+        name = source.get("name", "<bytes>")
+        try:
+            audio, rate = soundfile.read(io.BytesIO(source["bytes"]), dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+            raise AudioFileError(name, f"unreadable audio bytes ({e})") from None
+        audio = audio.mean(axis=1)
+    elif isinstance(source, dict) and "array" in source:
+        name, rate = "<array>", int(source.get("sampling_rate", SAMPLE_RATE))
+        audio = np.asarray(source["array"], np.float32)
+        audio = audio.mean(axis=-1) if audio.ndim == 2 else audio
+    else:
+        raise AudioFileError(str(source)[:80], "not an audio path, bytes or array")
+    if rate <= 0:
+        raise AudioFileError(name, f"invalid sample rate {rate} Hz")
+    if audio.size == 0:
+        raise AudioFileError(name, "contains no audio samples")
+    return resample(audio.astype(np.float32), rate)
+
+
+# ----------------------------------------------------------------------------- examples
+
+
+@dataclasses.dataclass
+class DataStats:
+    """What the pipeline left out or cut, for the log. Thread-safe; files are counted once."""
+
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # source -> reason
+    truncated: int = 0
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def skip(self, source: str, reason: str) -> None:
+        with self.lock:
+            first = source not in self.skipped
+            self.skipped[source] = reason
+        if first:
+            print(f"warning: skipping {source}: {reason}", flush=True)
+
+    def truncate(self, limit: int) -> None:
+        with self.lock:
+            self.truncated += 1
+            first = self.truncated == 1
+        if first:
+            print(
+                f"warning: a transcript is longer than n_text_ctx={limit} tokens and was cut; "
+                "such cuts are counted as truncated_transcripts in the log",
+                flush=True,
+            )
+
+    def summary(self) -> dict[str, int]:
+        return {"skipped_files": len(self.skipped), "truncated_transcripts": self.truncated}
+
+
+@dataclasses.dataclass(frozen=True)
+class Featurizer:
+    """Turns records into examples and batches of examples into model inputs for one model."""
+
+    config: ModelConfig
+    tokenizer: Tokenizer
+    prompt: tuple[int, ...]  # the forced start sequence that precedes the transcript
+    audio_buckets: tuple[int, ...]  # mel frames, ascending, the last one <= 2 * n_audio_ctx
+    text_buckets: tuple[int, ...]  # label lengths, ascending, the last one == n_text_ctx
+
+    @classmethod
+    def create(cls, config: ModelConfig, tokenizer: Tokenizer, prompt, audio_buckets=(), text_buckets=()):
+        most_frames = 2 * config.n_audio_ctx
+        audio = tuple(sorted({min(int(b), most_frames) for b in audio_buckets} | {most_frames}))
+        text = tuple(sorted({min(int(b), config.n_text_ctx) for b in text_buckets} | {config.n_text_ctx}))
+        if min(audio) < 1 or min(text) < 1:
+            raise DataError("bucket lengths must be positive")
+        return cls(config, tokenizer, tuple(prompt), audio, text)
+
+    def load_example(self, record: dict, stats: DataStats) -> dict | None:
+        """record -> {"audio": (N,) float32, "labels": (L,) int32}, or None (counted in `stats`)."""
+        source = record["audio"]
+        name = str(source) if isinstance(source, str | Path) else str(source.get("name", "<audio>"))
+        try:
+            audio = decode_audio(source)
+        except AudioFileError as e:
+            stats.skip(e.path, e.reason)
+            return None
+        most = self.audio_buckets[-1] * HOP_LENGTH
+        if len(audio) > most:
+            stats.skip(str(name), f"{len(audio) / SAMPLE_RATE:.2f} s is longer than the model's {most / SAMPLE_RATE} s")
+            return None
+        labels = self.labels(record["text"], stats)
+        return {"audio": audio, "labels": labels}
+
+    def labels(self, text: str, stats: DataStats | None = None) -> np.ndarray:
+        """The decoder's targets: the prompt after its start token, the text, end of text.
+        Cut to n_text_ctx (counted) when longer."""
+        ids = [*self.prompt[1:], *self.tokenizer.encode(text), self.tokenizer.eot]
+        if len(ids) > self.config.n_text_ctx:
+            ids = ids[: self.config.n_text_ctx]
+            if stats is not None:
+                stats.truncate(self.config.n_text_ctx)
+        return np.asarray(ids, np.int32)
+
+    def collate(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        """Examples -> {"mel": (B, n_mels, frames), "labels": (B, T)} padded to the smallest buckets."""
+        longest = max(len(e["audio"]) for e in examples)
+        frames = next(b for b in self.audio_buckets if b * HOP_LENGTH >= longest)
+        audio = np.zeros((len(examples), frames * HOP_LENGTH), np.float32)
+        for row, example in zip(audio, examples, strict=True):
+            row[: len(example["audio"])] = example["audio"]
+        text = next(b for b in self.text_buckets if b >= max(len(e["labels"]) for e in examples))
+        labels = np.full((len(examples), text), IGNORE_INDEX, np.int32)
+        for row, example in zip(labels, examples, strict=True):
+            row[: len(example["labels"])] = example["labels"]
+        mel = np.array(log_mel_spectrogram(audio, self.config.n_mels))  # a writable host copy
+        return {"mel": mel, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def train_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: int, seed: int, stats: DataStats):
+    """An endless, checkpointable grain iterator of training batches, reshuffled every epoch.
+
+    `iterator.get_state()` / `set_state()` save and restore its position exactly.
+    """
+    import grain
+
+    dataset = (
+        grain.MapDataset.source(records)
+        .seed(seed)
+        .shuffle()
+        .repeat()
+        .map(lambda record: featurizer.load_example(record, stats))  # None (skipped) rows are dropped
+        .to_iter_dataset()
+        .batch(batch_size, drop_remainder=True, batch_fn=featurizer.collate)
+    )
+    return iter(dataset)
+
+
+def eval_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: int, stats: DataStats) -> list[dict]:
+    """The whole eval split as batches of exactly `batch_size` (the last one padded with rows
+    whose labels are all ignored and whose `keep` is False), plus each row's transcript."""
+    examples, texts = [], []
+    for record in records:
+        example = featurizer.load_example(record, stats)
+        if example is not None:
+            examples.append(example)
+            texts.append(record["text"])
+    if not examples:
+        raise DataError("the evaluation split has no usable rows")
+    batches = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        keep = np.arange(batch_size) < len(chunk)
+        filler = {"audio": np.zeros(HOP_LENGTH, np.float32), "labels": np.zeros(0, np.int32)}
+        batch = featurizer.collate(chunk + [filler] * (batch_size - len(chunk)))
+        batches.append({**batch, "keep": keep, "texts": texts[start : start + batch_size]})
+    return batches

@@ -1,0 +1,283 @@
+"""The training loop: `Trainer(config).run()` (what `python -m train` runs).
+
+Build: tokenizer and featurizer from the model config; a (data, fsdp) mesh; the initial state
+created directly in its shardings by a jitted init (or loaded from `init_from`); jitted train and
+eval steps. Run: batches from the grain pipeline, a step per batch, metrics every `log_every`
+steps, evaluation (loss, token accuracy, greedy CER/WER) every `eval_every`, orbax checkpoints
+every `save_every`; SIGTERM saves and stops; at the end the weights are exported through
+`convert`. `--resume` continues from the latest checkpoint exactly (state, data position, RNG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from flax_whisper import Whisper
+from flax_whisper.decoding import greedy_decode
+from train.checkpointing import BEST_METRIC, Checkpoints
+from train.config import TrainConfig
+from train.data import DataError, DataStats, Featurizer, eval_batches, read_records, train_batches
+from train.metrics import MetricsLog, error_rates
+from train.sharding import batch_sharding, check_batch, make_mesh, state_shardings
+from train.step import Graphs, TrainState, eval_step, learning_rate_schedule, make_optimizer, new_state, train_step
+from whisper_io import decoding_options, text_tokens, tokenizer_for
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite steps, existing checkpoints without --resume)."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    stopped_early: bool  # SIGTERM or stop_at_step: resume with --resume
+    skipped_steps: int
+    eval: dict | None
+    data: dict
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, devices=None):
+        """`devices` (default: all) form the mesh."""
+        self.config = config
+        initial = None
+        if config.init_from:
+            from convert.checkpoints import load_checkpoint
+
+            checkpoint = load_checkpoint(config.init_from)
+            self.model_config, initial = checkpoint.config, checkpoint.tensors
+        else:
+            self.model_config = config.model_config()
+        self.tokenizer = tokenizer_for(self.model_config)
+        prompt = self.tokenizer.sot_sequence(config.language, config.task)
+        self.featurizer = Featurizer.create(
+            self.model_config, self.tokenizer, prompt, config.audio_buckets, config.text_buckets
+        )
+        self.decode_prompt, self.decode_options = decoding_options(
+            self.tokenizer, self.model_config, config.language, config.task
+        )
+
+        self.mesh = make_mesh(config.mesh_data, config.mesh_fsdp, devices)
+        check_batch(config.batch_size, config.accumulation_steps, self.mesh)
+        if config.eval_batch_size % self.mesh.size:
+            raise DataError(f"eval_batch_size {config.eval_batch_size} does not split over {self.mesh.size} devices")
+        self.tx = make_optimizer(config)
+        self.schedule = learning_rate_schedule(config)
+
+        def init() -> TrainState:
+            return new_state(Whisper(self.model_config, rngs=nnx.Rngs(config.seed)), self.tx, config.seed)
+
+        self.graphs = Graphs.of(nnx.eval_shape(lambda: Whisper(self.model_config, rngs=nnx.Rngs(config.seed))))
+        self.shardings = state_shardings(jax.eval_shape(init), self.mesh)
+        if initial is None:
+            self.state = jax.jit(init, out_shardings=self.shardings)()
+        else:
+            from convert.core import new_flax_model
+
+            host = new_state(new_flax_model(self.model_config, initial, config.seed), self.tx, config.seed)
+            self.state = jax.device_put(host, self.shardings)
+
+        self.batch_sharding = batch_sharding(self.mesh)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.train_fn = jax.jit(
+            functools.partial(train_step, graphs=self.graphs, tx=self.tx, config=config),
+            in_shardings=(self.shardings, self.batch_sharding),
+            out_shardings=(self.shardings, replicated),
+            donate_argnums=0,
+        )
+        self.eval_fn = jax.jit(
+            functools.partial(eval_step, graphs=self.graphs, config=config),
+            in_shardings=(self.shardings, self.batch_sharding),
+            out_shardings=replicated,
+        )
+        self.stop_requested = False
+
+    # ------------------------------------------------------------------ pieces
+
+    def model(self, training: bool = False) -> Whisper:
+        """The current weights as a `flax_whisper.Whisper` (sharded as the state is)."""
+        return self.graphs.model(self.state, training)
+
+    def to_device(self, batch: dict) -> dict:
+        arrays = {k: batch[k] for k in ("mel", "labels")}
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), arrays)
+
+    def evaluate(self, batches: list[dict]) -> dict:
+        """Eval loss, token accuracy and (with `decode_eval`) greedy CER/WER over `batches`."""
+        sums = {"loss_sum": 0.0, "correct": 0, "tokens": 0}
+        references, hypotheses = [], []
+        # Greedy decoding gathers the batch on the host: single-process runs only, for now.
+        decode = self.config.decode_eval and jax.process_count() == 1
+        model = self.model(training=False) if decode else None
+        for batch in batches:
+            part = jax.device_get(self.eval_fn(self.state, self.to_device(batch)))
+            for key in sums:
+                sums[key] += part[key].item()
+            if model is not None:
+                prompts = np.tile(self.decode_prompt, (len(batch["mel"]), 1))
+                tokens = greedy_decode(model, self.to_device(batch)["mel"], prompts, self.decode_options)
+                rows = text_tokens(jax.device_get(tokens), len(self.decode_prompt), self.decode_options.eot)
+                for text, ids in zip(batch["texts"], rows, strict=False):  # padding rows have no text
+                    references.append(text)
+                    hypotheses.append(self.tokenizer.decode(ids).strip())
+        tokens = max(sums["tokens"], 1)
+        metrics = {BEST_METRIC: sums["loss_sum"] / tokens, "token_accuracy": sums["correct"] / tokens}
+        if references:
+            metrics.update(error_rates(references, hypotheses))
+            pairs = zip(references[:3], hypotheses[:3], strict=True)
+            metrics["examples"] = [{"reference": r, "hypothesis": h} for r, h in pairs]
+        return metrics
+
+    def export(self) -> None:
+        from convert.checkpoints import save_checkpoint
+        from convert.core import flax_to_torch
+
+        tensors = flax_to_torch(jax.device_get(self.model()))
+        if self.config.export_torch:
+            save_checkpoint(self.config.export_torch, "torch", self.model_config, tensors, overwrite=True)
+            print(f"exported torch_ref weights to {self.config.export_torch}")
+        if self.config.export_flax:
+            save_checkpoint(self.config.export_flax, "flax", self.model_config, tensors, overwrite=True)
+            print(f"exported the model to {self.config.export_flax} (python -m flax_whisper.transcribe ...)")
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ run
+
+    def run(self) -> RunResult:
+        config = self.config
+        stats = DataStats()
+        process, processes = jax.process_index(), jax.process_count()
+        records = read_records(config.train_data, config.train_split, config.audio_column, config.text_column)
+        local_records = records if processes == 1 else [records[i] for i in range(process, len(records), processes)]
+        evals = []
+        if config.eval_data:
+            eval_records = read_records(config.eval_data, config.eval_split, config.audio_column, config.text_column)
+            evals = eval_batches(eval_records, self.featurizer, config.eval_batch_size // processes, stats)
+
+        checkpoints = Checkpoints(config.checkpoint_dir, keep=config.keep_checkpoints)
+        iterator = train_batches(local_records, self.featurizer, config.batch_size // processes, config.seed, stats)
+        start = 0
+        latest = checkpoints.latest_step()
+        if latest is not None and not config.resume:
+            raise TrainingError(
+                f"{config.checkpoint_dir} already holds checkpoints (latest step {latest}): pass --resume to "
+                "continue, or choose another --checkpoint-dir"
+            )
+        if latest is not None:
+            self.state, data_state, meta = checkpoints.restore(latest, self.state)
+            iterator.set_state(data_state)
+            stats.skipped.update(meta.get("skipped_files", {}))
+            stats.truncated = meta.get("truncated_transcripts", 0)
+            start = latest
+            print(f"resumed from {checkpoints.directory} at step {start}")
+        elif config.resume:
+            print(f"--resume: no checkpoint in {config.checkpoint_dir} yet, starting from step 0")
+
+        log = MetricsLog(config.log_dir)
+        log.write(start, "config", {"train": config.to_dict(), "model": self.model_config.to_dict()})
+        try:
+            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        except ValueError:  # not the main thread: preemption is the caller's business
+            previous_handler = None
+        last_eval = None
+        try:
+            if evals and start == 0 and config.decode_eval:
+                last_eval = self.evaluate(evals)
+                log.write(0, "eval", last_eval)
+                print(f"step 0 (untrained): {_describe(last_eval)}")
+            last_eval = self._loop(start, iterator, evals, checkpoints, log, stats) or last_eval
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+            checkpoints.wait()
+            checkpoints.close()
+            log.close()
+        step = int(self.state.step)
+        if step == config.steps:
+            self.export()
+        return RunResult(step, step < config.steps, int(self.state.skipped), last_eval, stats.summary())
+
+    def _loop(self, start, iterator, evals, checkpoints, log, stats) -> dict | None:
+        config = self.config
+        last_eval = None
+        progress = _progress(config, start)
+        window_start, window_steps = time.perf_counter(), 0
+        metrics = None
+        last = config.steps if config.stop_at_step is None else min(config.steps, config.stop_at_step)
+        for step in range(start + 1, last + 1):
+            batch = next(iterator)
+            self.state, metrics = self.train_fn(self.state, self.to_device(batch))
+            window_steps += 1
+            progress.update(1)
+            stop = self.stop_requested
+            if step % config.log_every == 0 or step == config.steps or stop:
+                values = {k: v.item() for k, v in jax.device_get(metrics).items()}
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "loss": values["loss"],
+                    "grad_norm": values["grad_norm"],
+                    "learning_rate": float(self.schedule(step - 1)),
+                    "examples_per_second": window_steps * config.batch_size / elapsed,
+                    "skipped_steps": int(self.state.skipped),
+                    **stats.summary(),
+                }
+                log.write(step, "train", record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}",
+                    ex_s=f"{record['examples_per_second']:.0f}",
+                )  # fmt: skip
+                window_start, window_steps = time.perf_counter(), 0
+                if int(self.state.worst_streak) >= config.max_bad_steps:
+                    raise TrainingError(
+                        f"{int(self.state.worst_streak)} steps in a row had a non-finite loss or gradient "
+                        f"(max_bad_steps={config.max_bad_steps}); lower the learning rate or check the data"
+                    )
+            evaluated = None
+            if evals and (step % config.eval_every == 0 or step == config.steps):
+                evaluated = last_eval = self.evaluate(evals)
+                log.write(step, "eval", evaluated)
+                progress.write(f"step {step}: {_describe(evaluated)}")
+            saved = step % config.save_every == 0 or step == last or stop
+            if saved:
+                meta = {"step": step, "skipped_files": dict(stats.skipped), "truncated_transcripts": stats.truncated}
+                scores = {BEST_METRIC: evaluated[BEST_METRIC]} if evaluated else None
+                checkpoints.save(step, self.state, iterator.get_state(), meta, scores)
+            if evaluated or saved:  # throughput counts training steps only
+                window_start, window_steps = time.perf_counter(), 0
+            if stop:
+                progress.write(f"stopping at step {step} on SIGTERM; checkpoint saved, continue with --resume")
+                break
+            if step == last < config.steps:
+                progress.write(f"stopping at step {step} (stop_at_step); continue with --resume")
+        progress.close()
+        return last_eval
+
+
+def _describe(metrics: dict) -> str:
+    parts = [f"eval loss {metrics[BEST_METRIC]:.3f}", f"token accuracy {metrics['token_accuracy']:.3f}"]
+    if "cer" in metrics:
+        parts += [f"CER {metrics['cer']:.3f}", f"WER {metrics['wer']:.3f}"]
+    return ", ".join(parts)
+
+
+def _progress(config: TrainConfig, start: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=config.steps, initial=start, desc="training", unit="step", disable=not config.progress, file=sys.stderr
+    )
+
+
+def train(config: TrainConfig) -> RunResult:
+    return Trainer(config).run()
