@@ -62,7 +62,7 @@ def test_manifests_batches_buckets_and_bad_rows(tmp_path, capsys):
     assert stats.summary() == {"skipped_files": 2, "truncated_transcripts": stats.truncated}
     assert stats.truncated >= 1  # "x" * 20 + end of text > n_text_ctx=12
     assert sorted(Path(p).name for p in stats.skipped) == ["broken.wav", "missing.wav"]
-    warned = capsys.readouterr().out
+    warned = capsys.readouterr().err
     assert warned.count("missing.wav") == 1 and "broken.wav" in warned  # reported once each, by name
     assert warned.count("longer than n_text_ctx=12") == 1  # the first cut is announced
 
@@ -71,6 +71,13 @@ def test_manifests_batches_buckets_and_bad_rows(tmp_path, capsys):
     evals = eval_batches(jsonl, features, 4, DataStats())
     assert sum(b["keep"].sum() for b in evals) == 5 and all(len(b["mel"]) == 4 for b in evals)
     assert evals[-1]["labels"][~evals[-1]["keep"]].max() == -100  # padding rows count nowhere
+
+
+def test_training_data_without_a_usable_row_is_an_error(tmp_path):
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"audio": f"x{i}.wav", "text": "a"}) + "\n" for i in range(3)))
+    batches = train_batches(read_records(tmp_path / "m.jsonl", "train"), featurizer(), 2, seed=0, stats=DataStats())
+    with pytest.raises(DataError, match="none of the 3 training rows can be used"):
+        next(batches)
 
 
 def test_huggingface_dataset_on_disk(tmp_path):

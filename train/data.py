@@ -15,6 +15,7 @@ import csv
 import dataclasses
 import io
 import json
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,17 +150,16 @@ class DataStats:
             first = source not in self.skipped
             self.skipped[source] = reason
         if first:
-            print(f"warning: skipping {source}: {reason}", flush=True)
+            sys.stderr.write(f"warning: skipping {source}: {reason}\n")  # one write: loader threads interleave
 
     def truncate(self, limit: int) -> None:
         with self.lock:
             self.truncated += 1
             first = self.truncated == 1
         if first:
-            print(
+            sys.stderr.write(
                 f"warning: a transcript is longer than n_text_ctx={limit} tokens and was cut; "
-                "such cuts are counted as truncated_transcripts in the log",
-                flush=True,
+                "such cuts are counted as truncated_transcripts in the log\n"
             )
 
     def summary(self) -> dict[str, int]:
@@ -236,12 +236,18 @@ def train_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: i
     """
     import grain
 
+    def load(record: dict) -> dict | None:
+        example = featurizer.load_example(record, stats)
+        if example is None and len(stats.skipped) >= len(records):  # else the endless stream spins
+            raise DataError(f"none of the {len(records)} training rows can be used (see the warnings above)")
+        return example
+
     dataset = (
         grain.MapDataset.source(records)
         .seed(seed)
         .shuffle()
         .repeat()
-        .map(lambda record: featurizer.load_example(record, stats))  # None (skipped) rows are dropped
+        .map(load)  # None (skipped) rows are dropped
         .to_iter_dataset()
         .batch(batch_size, drop_remainder=True, batch_fn=featurizer.collate)
     )
