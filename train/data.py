@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram
+from flax_whisper.model import IGNORE_INDEX
 from whisper_config import ModelConfig
 from whisper_io import AudioFileError, Tokenizer, load_audio
 from whisper_io.audio_files import resample
-
-IGNORE_INDEX = -100
 
 
 class DataError(ValueError):

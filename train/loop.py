@@ -119,12 +119,13 @@ class Trainer:
         decode = self.config.decode_eval and jax.process_count() == 1
         model = self.model(training=False) if decode else None
         for batch in batches:
-            part = jax.device_get(self.eval_fn(self.state, self.to_device(batch)))
+            on_device = self.to_device(batch)
+            part = jax.device_get(self.eval_fn(self.state, on_device))
             for key in sums:
                 sums[key] += part[key].item()
             if model is not None:
                 prompts = np.tile(self.decode_prompt, (len(batch["mel"]), 1))
-                tokens = greedy_decode(model, self.to_device(batch)["mel"], prompts, self.decode_options)
+                tokens = greedy_decode(model, on_device["mel"], prompts, self.decode_options)
                 rows = text_tokens(jax.device_get(tokens), len(self.decode_prompt), self.decode_options.eot)
                 for text, ids in zip(batch["texts"], rows, strict=False):  # padding rows have no text
                     references.append(text)
