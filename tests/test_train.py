@@ -209,7 +209,9 @@ def test_sigterm_saves_and_stops_cleanly_and_a_kill_keeps_the_last_checkpoint(da
     # SIGKILL at an arbitrary moment, saving every other step: the newest complete checkpoint loads.
     resume = [*cli_args(config), "--resume"]
     process = run_train_cli(resume)
-    wait_for(lambda: trained_steps() >= summary["step"] + 4)
+    # Saves are asynchronous: wait until a newer checkpoint is complete, then kill while training
+    # (and saving every other step) goes on.
+    wait_for(lambda: trained_steps() >= summary["step"] + 4 and max(trainer_steps(tmp_path)) > summary["step"])
     process.kill()
     process.communicate()
     last = max(trainer_steps(tmp_path))
