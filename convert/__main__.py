@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
-from convert.checkpoints import FORMATS, load_checkpoint, save_checkpoint
+from convert.checkpoints import FORMATS, NonFiniteError, check_output, load_checkpoint, save_checkpoint
 from convert.rules import ConversionError
 from whisper_config import PRESETS, SIZES, ConfigError, InputError, ModelConfig
+from whisper_io.outputs import OutputError
 
 DEFAULT_TARGET = {"torch": "flax", "openai": "flax", "flax": "torch"}
 
@@ -17,6 +19,9 @@ Convert a checkpoint between frameworks. The source format is detected:
   flax    a directory with config.json + state/ (orbax, flax_whisper)
   openai  an OpenAI Whisper .pt file (read with torch.load(weights_only=True))
 By default torch and OpenAI checkpoints become flax, and flax becomes torch.
+DST is written next to itself and renamed into place when complete. An existing
+DST is replaced only with --overwrite and only when it is a checkpoint; the
+source, a folder holding it and the current directory are never written.
 With --preset NAME, SRC warm-starts a model of another preset (a whisper
 checkpoint into all_rotary, say): matching tensors are copied, the rest is
 initialised fresh, and both are listed by name.
@@ -32,7 +37,14 @@ def convert_main(argv: list[str]) -> int:
     parser.add_argument("src", help="source checkpoint (directory or .pt file)")
     parser.add_argument("dst", help="destination (a directory, or a .pt file for --to openai)")
     parser.add_argument("--to", choices=FORMATS, help="target format (default: the other framework)")
-    parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace DST if it is an existing checkpoint (never anything else)"
+    )
+    parser.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="convert weights that hold NaN or infinity (refused by default, naming the tensors)",
+    )
     parser.add_argument(
         "--preset",
         choices=sorted(PRESETS),
@@ -41,7 +53,11 @@ def convert_main(argv: list[str]) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh tensors with --preset (default 0)")
     args = parser.parse_args(argv)
-    ckpt = load_checkpoint(args.src)
+    check_output(args.dst, args.overwrite, sources=[args.src])  # before the (slow) read: fail fast
+    try:
+        ckpt = load_checkpoint(args.src, allow_nonfinite=args.allow_nonfinite)
+    except NonFiniteError as err:
+        raise NonFiniteError(f"{err}; pass --allow-nonfinite to convert it anyway") from None
     target = args.to or DEFAULT_TARGET[ckpt.format]
     config, tensors = ckpt.config, ckpt.tensors
     if args.preset:
@@ -50,7 +66,15 @@ def convert_main(argv: list[str]) -> int:
         started = warm_start(ckpt, ckpt.config.with_preset(args.preset), seed=args.seed)
         print(f"warm start of preset {args.preset!r} from {args.src}:\n{started.report()}")
         config, tensors = started.config, started.tensors
-    save_checkpoint(args.dst, target, config, tensors, overwrite=args.overwrite)
+    save_checkpoint(
+        args.dst,
+        target,
+        config,
+        tensors,
+        overwrite=args.overwrite,
+        sources=[args.src],
+        allow_nonfinite=args.allow_nonfinite,
+    )
     n_weights = sum(v.size for v in tensors.values())
     print(f"{args.src} ({ckpt.format}) -> {args.dst} ({target}): {len(tensors)} tensors, {n_weights:,} weights")
     return 0
@@ -71,12 +95,12 @@ def verify_main(argv: list[str]) -> int:
     source.add_argument("--preset", choices=sorted(PRESETS), help="fresh model of this preset")
     source.add_argument("--config", metavar="FILE", help="fresh model from a config.json")
     parser.add_argument("--size", choices=list(SIZES), help="OpenAI size for --preset (default: tiny)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    parser.add_argument("--frames", type=int, help="mel frames (default 2 * n_audio_ctx)")
-    parser.add_argument("--tokens", type=int, help="decoder tokens (default min(32, n_text_ctx))")
+    parser.add_argument("--batch", type=positive_int, default=2, help="batch size (default 2)")
+    parser.add_argument("--frames", type=positive_int, help="mel frames (default 2 * n_audio_ctx)")
+    parser.add_argument("--tokens", type=positive_int, help="decoder tokens (default min(32, n_text_ctx))")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fresh weights and the input")
-    parser.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
-    parser.add_argument("--rtol", type=float, default=1e-5, help="tolerance relative to max|torch| (default 1e-5)")
+    parser.add_argument("--atol", type=tolerance, default=1e-4, help="absolute tolerance (default 1e-4)")
+    parser.add_argument("--rtol", type=tolerance, default=1e-5, help="tolerance relative to max|torch| (default 1e-5)")
     args = parser.parse_args(argv)
     if (args.ckpt is None) == (args.preset is None and args.config is None):
         parser.error("give either a checkpoint or one of --preset / --config")
@@ -91,7 +115,10 @@ def verify_main(argv: list[str]) -> int:
     from convert.verify import verify
 
     if args.ckpt:
-        ckpt = load_checkpoint(args.ckpt)
+        try:
+            ckpt = load_checkpoint(args.ckpt)
+        except NonFiniteError as err:
+            raise NonFiniteError(f"{err}: parity cannot be checked on non-finite weights") from None
         config, tensors = ckpt.config, ckpt.tensors
         print(f"checkpoint {args.ckpt} ({ckpt.format})")
     else:
@@ -122,13 +149,31 @@ def verify_main(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def tolerance(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+positive_int.__name__ = "positive integer"  # argparse names the type in its messages
+tolerance.__name__ = "tolerance"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["verify"]:
             return verify_main(argv[1:])
         return convert_main(argv)
-    except (ConversionError, ConfigError, InputError) as err:
+    except (ConversionError, ConfigError, InputError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +21,20 @@ import numpy as np
 from convert.core import check_torch_tensors, flax_arrays_to_torch, torch_to_flax_state
 from convert.rules import ConversionError
 from whisper_config import ConfigError, ModelConfig
+from whisper_io.messages import first_line, some
+from whisper_io.outputs import atomic_output, check_destination
 
 CONFIG_FILE = "config.json"
 TORCH_WEIGHTS = "model.safetensors"
 FLAX_STATE = "state"
 FORMATS = ("torch", "flax", "openai")
+# Everything a checkpoint directory of ours holds: a folder with anything else is not replaced.
+CHECKPOINT_ENTRIES = frozenset({CONFIG_FILE, TORCH_WEIGHTS, FLAX_STATE})
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
+
+
+class NonFiniteError(ConversionError):
+    """Weights hold NaN or infinity; the message names the tensors."""
 
 
 @dataclasses.dataclass
@@ -64,11 +73,28 @@ def _read_config(directory: Path) -> ModelConfig:
     try:
         return ModelConfig.load(path)
     except ConfigError as err:
-        raise ConversionError(f"{path}: {err}") from err
+        raise ConversionError(str(err)) from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint of any supported format."""
+def check_tensor_values(tensors: Mapping[str, np.ndarray], what: str, allow_nonfinite: bool = False) -> None:
+    """Refuse tensors that are not floating point, and (unless allowed) ones holding NaN or inf."""
+    not_float = sorted(f"{k} ({v.dtype})" for k, v in tensors.items() if np.dtype(v.dtype).name not in FLOAT_DTYPES)
+    if not_float:
+        raise ConversionError(f"{what}: tensors that are not floating point: {some(not_float)}")
+    if allow_nonfinite:
+        return
+    bad = []
+    for key, value in tensors.items():
+        count = int(value.size - np.count_nonzero(np.isfinite(value)))
+        if count:
+            bad.append(f"{key} ({count:,} of {value.size:,} values)")
+    if bad:
+        raise NonFiniteError(f"{what}: {len(bad)} tensor(s) hold NaN or infinity: {some(sorted(bad))}")
+
+
+def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> Checkpoint:
+    """Read a checkpoint of any supported format. Tensors must be floating point and, unless
+    `allow_nonfinite`, finite (`NonFiniteError` names the ones that are not)."""
     fmt = detect_format(path)
     p = Path(path)
     if fmt == "openai":
@@ -88,6 +114,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         config = _read_config(p)
         tensors = _read_flax_state(p / FLAX_STATE, config)
     check_torch_tensors(tensors, config, f"checkpoint {p}")
+    check_tensor_values(tensors, f"checkpoint {p}", allow_nonfinite)
     return Checkpoint(config, tensors, fmt, str(p))
 
 
@@ -97,7 +124,7 @@ def _read_flax_state(path: Path, config: ModelConfig) -> dict[str, np.ndarray]:
     try:
         restored = ocp.StandardCheckpointer().restore(path.absolute())
     except Exception as err:  # orbax raises many types for unreadable directories
-        raise ConversionError(f"{path}: not a readable orbax checkpoint: {err}") from err
+        raise ConversionError(f"{path}: not a readable orbax checkpoint: {first_line(err)}") from None
     arrays: dict[str, np.ndarray] = {}
 
     def walk(node, prefix: str) -> None:
@@ -111,51 +138,97 @@ def _read_flax_state(path: Path, config: ModelConfig) -> dict[str, np.ndarray]:
     return flax_arrays_to_torch(arrays, config)
 
 
-def _prepare(path: Path, overwrite: bool) -> None:
-    if path.exists():
-        if not overwrite:
-            raise ConversionError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a checkpoint this package writes, and nothing else: a torch or flax directory
+    holding only checkpoint files, or a PyTorch zip file."""
+    p = Path(path)
+    try:
+        fmt = detect_format(p)
+    except ConversionError:
+        return False
+    if p.is_dir():
+        return all(entry.name in CHECKPOINT_ENTRIES for entry in p.iterdir())
+    return fmt == "openai" and _is_torch_zip(p)
 
 
-def save_torch_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors, overwrite: bool = False) -> None:
+def _is_torch_zip(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def check_output(path, overwrite: bool = False, sources: Sequence[str | os.PathLike] = ()) -> Path:
+    """Check a checkpoint destination before anything is written (see `whisper_io.outputs`)."""
+    return check_destination(path, overwrite=overwrite, replaceable=is_checkpoint, kind="checkpoint", sources=sources)
+
+
+def _write_torch(path: Path, config: ModelConfig, tensors) -> None:
     from safetensors.numpy import save_file
 
-    p = Path(path)
-    check_torch_tensors(tensors, config, "tensors to save")
-    _prepare(p, overwrite)
-    p.mkdir(parents=True)
-    config.save(p / CONFIG_FILE)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, p / TORCH_WEIGHTS, metadata={"format": "pt"})
+    path.mkdir()
+    config.save(path / CONFIG_FILE)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path / TORCH_WEIGHTS, metadata={"format": "pt"})
 
 
-def save_flax_checkpoint(path: str | os.PathLike, config: ModelConfig, tensors, overwrite: bool = False) -> None:
+def _write_flax(path: Path, config: ModelConfig, tensors) -> None:
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    p = Path(path)
     state = torch_to_flax_state(tensors, config)
-    _prepare(p, overwrite)
-    p.mkdir(parents=True)
-    config.save(p / CONFIG_FILE)
+    path.mkdir()
+    config.save(path / CONFIG_FILE)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save((p / FLAX_STATE).absolute(), nnx.to_pure_dict(state))
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save((path / FLAX_STATE).absolute(), nnx.to_pure_dict(state))
+        checkpointer.wait_until_finished()
+    except OSError:
+        raise
+    except Exception as err:  # orbax wraps I/O failures in its own types
+        raise OSError(first_line(err)) from None
+    finally:
+        checkpointer.close()
 
 
-def save_checkpoint(path, fmt: str, config: ModelConfig, tensors, overwrite: bool = False) -> None:
-    """Write `tensors` (torch_ref names) as a checkpoint of format `fmt`."""
-    if fmt == "torch":
-        save_torch_checkpoint(path, config, tensors, overwrite)
-    elif fmt == "flax":
-        save_flax_checkpoint(path, config, tensors, overwrite)
-    elif fmt == "openai":
-        from convert.openai import save_openai
+def _write_openai(path: Path, config: ModelConfig, tensors) -> None:
+    from convert.openai import save_openai
 
-        _prepare(Path(path), overwrite)
-        save_openai(path, config, tensors)
-    else:
+    save_openai(path, config, tensors)
+
+
+WRITERS = {"torch": _write_torch, "flax": _write_flax, "openai": _write_openai}
+
+
+def save_checkpoint(
+    path,
+    fmt: str,
+    config: ModelConfig,
+    tensors,
+    overwrite: bool = False,
+    *,
+    sources: Sequence[str | os.PathLike] = (),
+    allow_nonfinite: bool = False,
+) -> None:
+    """Write `tensors` (torch_ref names) as a checkpoint of format `fmt`, or change nothing.
+
+    Everything is checked before a byte is written: the format, the tensors against `config`
+    (names, shapes, floating point, finite unless `allow_nonfinite`), that the format can hold
+    the model, and the destination (`check_output`: an existing checkpoint is replaced only with
+    `overwrite`; anything else, `sources` and the current directory never). The checkpoint is
+    written next to `path` and renamed into place when complete.
+    """
+    if fmt not in WRITERS:
         raise ConversionError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    check_torch_tensors(tensors, config, "tensors to save")
+    check_tensor_values(tensors, "tensors to save", allow_nonfinite)
+    if fmt == "openai":
+        from convert.openai import check_openai_compatible
+
+        check_openai_compatible(config)
+    destination = check_output(path, overwrite, sources)
+    with atomic_output(destination) as partial:
+        WRITERS[fmt](partial, config, tensors)
 
 
 def load_flax_model(path: str | os.PathLike, seed: int = 0):

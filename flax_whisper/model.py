@@ -16,7 +16,7 @@ from flax_whisper.blocks import ResidualAttentionBlock
 from flax_whisper.layers import Conv1d, Embedding, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
-from whisper_config.checks import cache_capacity, check_cache_offset
+from whisper_config.checks import cache_capacity, check_cache_offset, check_dtype, check_same_batch
 
 IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
@@ -48,6 +48,7 @@ class AudioEncoder(nnx.Module):
     def __call__(self, mel: jax.Array) -> jax.Array:
         """mel (B, n_mels, frames) log-mel -> (B, T, d) with T = ceil(frames / 2) <= n_audio_ctx."""
         n_ctx = check_mel_shape(self.config, mel.shape)
+        check_dtype("mel", mel.dtype, jnp.issubdtype(mel.dtype, jnp.floating), "floating point (log-mel features)")
         x = jnp.swapaxes(mel, 1, 2)  # (B, frames, n_mels)
         x = gelu(self.conv1(x))  # (B, frames, d)
         x = gelu(self.conv2(x))  # (B, T, d)
@@ -93,6 +94,8 @@ class TextDecoder(nnx.Module):
         offset = 0 if cache is None else cache["offset"]
         start = host_offset(offset)
         length = check_tokens_shape(self.config, tokens.shape, start)
+        check_dtype("tokens", tokens.dtype, jnp.issubdtype(tokens.dtype, jnp.integer), "integer token ids")
+        check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
         _check_token_values(self.config, tokens)
         capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
@@ -151,6 +154,7 @@ class Whisper(nnx.Module):
         The decoder reads `tokens` when given, else the labels shifted right behind
         `config.start_token_id`.
         """
+        check_dtype("labels", labels.dtype, jnp.issubdtype(labels.dtype, jnp.integer), "integer token ids")
         if not is_traced(labels):
             kept = labels[labels != IGNORE_INDEX]
             if kept.size:

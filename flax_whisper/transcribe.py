@@ -2,10 +2,13 @@
 
 Each file is read (any format libsndfile reads, mixed to mono, resampled to 16 kHz), cut into
 windows of the model's audio context (30 s for Whisper's 1500 positions), turned into log-mel
-features by `flax_whisper.audio`, and decoded greedily with the forced Whisper prompt. Windows of
-all files share fixed-size batches (the last one padded), so decoding compiles once. The texts of
-a file's windows are joined with spaces: there is no timestamp-based segmentation or
-previous-window prompt as in Whisper's own `transcribe`.
+features by `flax_whisper.audio`, and decoded greedily with the forced Whisper prompt. Files are
+streamed: a first pass finds each file's loudest frame (Whisper's 8-decade floor is set per
+recording) and its length, a second pass feeds its windows to the decoder, so memory does not
+grow with the length of a recording. Windows of all files share fixed-size batches (the last
+one padded), so decoding compiles once. The texts of a file's windows are joined with spaces:
+there is no timestamp-based segmentation or previous-window prompt as in Whisper's own
+`transcribe`.
 
 A file that cannot be read is reported on stderr with its path; the other files are still
 transcribed and the exit status is 1.
@@ -16,15 +19,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, log_mel_spectrogram
+from flax_whisper.audio import HOP_LENGTH, LogMelWindows
 from whisper_config import ConfigError, InputError, ModelConfig
-from whisper_io import AudioFileError, TokenizerError, decoding_options, load_audio, text_tokens, tokenizer_for
+from whisper_io import AudioFileError, TokenizerError, decoding_options, text_tokens, tokenizer_for
+from whisper_io.audio_files import stream_audio
 from whisper_io.decoding import DecodingOptions
 from whisper_io.tokenizers import TASKS, Tokenizer
 
@@ -37,15 +40,16 @@ def window_samples(config: ModelConfig) -> int:
 def mel_windows(audio: np.ndarray, config: ModelConfig) -> np.ndarray:
     """audio (N,) 16 kHz -> (ceil(N / window), n_mels, 2 * n_audio_ctx) log-mel windows.
 
-    The audio is zero-padded to whole windows and its spectrogram is taken in one piece, so the
-    8-decade floor is set by the loudest frame of the file, as in Whisper.
+    The audio is zero-padded to whole windows and its spectrogram is taken as one piece, so the
+    8-decade floor is set by the loudest frame of the recording, as in Whisper.
     """
-    size = window_samples(config)
-    n_windows = max(1, math.ceil(len(audio) / size))
-    padded = np.zeros(n_windows * size, np.float32)
-    padded[: len(audio)] = audio
-    mel = np.asarray(log_mel_spectrogram(padded, config.n_mels))  # (n_mels, n_windows * frames)
-    return np.array(mel.reshape(config.n_mels, n_windows, -1).transpose(1, 0, 2))  # a writable copy
+    return np.stack(list(LogMelWindows(lambda: [audio], config.n_mels, 2 * config.n_audio_ctx)))
+
+
+def file_windows(path: str, config: ModelConfig) -> LogMelWindows:
+    """The log-mel windows of an audio file, streamed from disk (see `LogMelWindows`). The first
+    pass runs here, so an unreadable file raises `AudioFileError` before any window is used."""
+    return LogMelWindows(lambda: stream_audio(path), config.n_mels, 2 * config.n_audio_ctx)
 
 
 @dataclasses.dataclass
@@ -115,32 +119,47 @@ def transcribe_files(
 ) -> dict[str, dict]:
     """{path: {"text", "language", "windows"}} for every readable file, in `paths` order.
 
-    Unreadable files go to `on_error` and are left out; the rest are batched together.
+    Unreadable files go to `on_error` and are left out; the windows of the rest are decoded in
+    shared batches, streamed so that at most a batch of windows is held at a time.
     """
-    windows: list[tuple[str, np.ndarray]] = []
-    for path in paths:
+    files: dict[str, LogMelWindows] = {}
+    for path in dict.fromkeys(paths):
         try:
-            audio = load_audio(path)
+            files[path] = file_windows(path, transcriber.config)
         except AudioFileError as e:
             on_error(e)
-            continue
-        windows.extend((path, w) for w in mel_windows(audio, transcriber.config))
 
     texts: dict[str, list[str]] = {}
     languages: dict[str, str | None] = {}
-    progress = _progress(len(windows))
-    for start in range(0, len(windows), transcriber.batch_size):
-        chunk = windows[start : start + transcriber.batch_size]
-        decoded, language_tokens = transcriber.decode(np.stack([w for _, w in chunk]))
-        for (path, _), text, token in zip(chunk, decoded, language_tokens, strict=True):
+    pending: list[tuple[str, np.ndarray]] = []
+    progress = _progress(sum(len(w) for w in files.values()))
+
+    def decode() -> None:
+        decoded, language_tokens = transcriber.decode(np.stack([w for _, w in pending]))
+        for (path, _), text, token in zip(pending, decoded, language_tokens, strict=True):
             texts.setdefault(path, []).append(text)
             languages.setdefault(path, transcriber.language_of(token))
-        progress.update(len(chunk))
+        progress.update(len(pending))
+        pending.clear()
+
+    for path, windows in files.items():
+        try:
+            for window in windows:
+                pending.append((path, window))
+                if len(pending) == transcriber.batch_size:
+                    decode()
+        except AudioFileError as e:  # the file changed or broke between the two passes
+            on_error(e)
+            pending[:] = [(p, w) for p, w in pending if p != path]
+            texts.pop(path, None)
+            files[path] = None
+    if pending:
+        decode()
     progress.close()
     return {
         path: {"text": " ".join(t for t in texts[path] if t), "language": languages[path], "windows": len(texts[path])}
-        for path in dict.fromkeys(paths)
-        if path in texts
+        for path, windows in files.items()
+        if windows is not None and path in texts
     }
 
 

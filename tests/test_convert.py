@@ -25,6 +25,7 @@ from convert.core import torch_to_numpy
 from convert.openai import from_openai_names, to_openai_names
 from convert.rules import CONV1D, LINEAR
 from torch_ref import Whisper as TorchWhisper
+from whisper_io.outputs import OutputError
 
 
 def test_plan_matches_both_models(variant, variant_pair):
@@ -108,7 +109,7 @@ def test_checkpoint_formats_round_trip(tmp_path, fmt):
     assert ckpt.config == config and ckpt.format == fmt
     for key, value in tensors.items():
         assert np.array_equal(ckpt.tensors[key], value), key
-    with pytest.raises(ConversionError, match="exists; pass overwrite=True"):
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
         save_checkpoint(path, fmt, config, tensors)
     save_checkpoint(path, fmt, config, tensors, overwrite=True)
 
@@ -165,8 +166,9 @@ def test_pickled_code_is_refused(tmp_path):
 
     path = tmp_path / "evil.pt"
     torch.save({"dims": {}, "model_state_dict": Payload()}, path)
-    with pytest.raises(ConversionError, match="weights_only"):
+    with pytest.raises(ConversionError, match="refused: it holds a reference to print") as info:
         load_checkpoint(path)
+    assert "weights_only" not in str(info.value)
 
 
 def test_cli_converts_and_reports_errors(tmp_path, config):

@@ -23,6 +23,7 @@ from train.config import TrainConfig
 from train.data import DataStats, read_records, train_batches
 from train.loop import Trainer, TrainingError
 from train.metrics import read_metrics
+from train.run_folder import RunFolderError
 
 SPEECH = Path(__file__).parent / "data" / "speech_16k.wav"
 WORDS = ["one", "two", "red", "lamp", "door", "open", "six", "blue"]
@@ -82,9 +83,8 @@ def tiny_train_config(dataset: Path, out: Path, **overrides) -> TrainConfig:
         decode_eval=False,
         time_masks=0,  # SpecAugment off: the torch parity run has none
         freq_masks=0,
-        checkpoint_dir=str(out / "checkpoints"),
-        log_dir=str(out / "logs"),
-        export_flax=None,
+        run_dir=str(out / "run"),
+        export=(),
         progress=False,
     )
     values.update(overrides)
@@ -100,7 +100,7 @@ def params_of(trainer: Trainer) -> dict[str, np.ndarray]:
 def reference_run(dataset, tmp_path_factory):
     """An uninterrupted 6-step run (checkpoints at 3 and 6), exported to torch."""
     out = tmp_path_factory.mktemp("reference")
-    config = tiny_train_config(dataset, out, export_torch=str(out / "torch"), decode_eval=True)
+    config = tiny_train_config(dataset, out, export=("torch",), decode_eval=True)
     trainer = Trainer(config)
     result = trainer.run()
     return trainer, result, out
@@ -109,21 +109,21 @@ def reference_run(dataset, tmp_path_factory):
 def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
     trainer, result, out = reference_run
     assert result.step == 6 and not result.stopped_early and result.skipped_steps == 0
-    train_log = read_metrics(out / "logs" / "metrics.jsonl", "train")
+    train_log = read_metrics(out / "run" / "logs" / "metrics.jsonl", "train")
     assert [r["step"] for r in train_log] == [1, 2, 3, 4, 5, 6]
     assert all(np.isfinite(r["loss"]) and r["learning_rate"] >= 0 for r in train_log)
     assert train_log[1]["learning_rate"] > train_log[0]["learning_rate"]  # warmup
-    evals = read_metrics(out / "logs" / "metrics.jsonl", "eval")
+    evals = read_metrics(out / "run" / "logs" / "metrics.jsonl", "eval")
     assert [r["step"] for r in evals] == [0, 3, 6] and all(0 <= r["token_accuracy"] <= 1 for r in evals)
     assert {"cer", "wer"} <= evals[-1].keys()
-    assert any((out / "logs" / "tensorboard").iterdir())
+    assert any((out / "run" / "logs" / "tensorboard").iterdir())
     assert trainer_steps(out) == [3, 6]
 
     # The torch export holds the final weights: torch_ref gives the Flax model's logits.
     from convert import load_torch_model
     from flax_whisper.transcribe import mel_windows
 
-    torch_model = load_torch_model(out / "torch").eval()
+    torch_model = load_torch_model(out / "run" / "model-torch").eval()
     flax_model = trainer.model()
     mel = mel_windows(soundfile.read(SPEECH, dtype="float32")[0][:10000], flax_model.config)
     tokens = np.array([[257, 111, 110, 101]] * len(mel))
@@ -133,7 +133,7 @@ def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
 
 
 def trainer_steps(out: Path) -> list[int]:
-    return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    return sorted(int(p.name) for p in (out / "run" / "checkpoints").iterdir() if p.name.isdigit())
 
 
 def test_resume_is_bit_exact(reference_run, dataset, tmp_path):
@@ -141,34 +141,34 @@ def test_resume_is_bit_exact(reference_run, dataset, tmp_path):
     config = tiny_train_config(dataset, tmp_path, stop_at_step=4, decode_eval=True)
     first = Trainer(config).run()
     assert first.step == 4 and first.stopped_early
-    with pytest.raises(TrainingError, match="pass --resume"):
-        Trainer(config).run()
+    with pytest.raises(RunFolderError, match="holds a run already: pass --resume"):
+        Trainer(config)
     resumed = Trainer(dataclasses.replace(config, stop_at_step=None, resume=True))
     assert resumed.run().step == 6
     ours, expected = params_of(resumed), params_of(reference)
     assert ours.keys() == expected.keys()
     for name in expected:
         assert np.array_equal(ours[name], expected[name]), name
-    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "logs" / "metrics.jsonl", "train")}
-    reference_losses = {r["step"]: r["loss"] for r in read_metrics(ref_out / "logs" / "metrics.jsonl", "train")}
+    losses = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run" / "logs" / "metrics.jsonl", "train")}
+    reference_losses = {r["step"]: r["loss"] for r in read_metrics(ref_out / "run" / "logs" / "metrics.jsonl", "train")}
     assert losses == reference_losses
 
 
-def test_a_partial_checkpoint_is_ignored_on_resume(reference_run, dataset, tmp_path):
+def test_a_partial_checkpoint_is_ignored_on_resume(reference_run, dataset, tmp_path, capsys):
     """Orbax renames a checkpoint into place only when complete; a kill mid-save leaves a
     temporary directory that resuming skips (and removes)."""
     _, _, ref_out = reference_run
     import shutil
 
-    shutil.copytree(ref_out / "checkpoints", tmp_path / "checkpoints")
-    partial = tmp_path / "checkpoints" / "9.orbax-checkpoint-tmp-1234567"
+    shutil.copytree(ref_out / "run", tmp_path / "run")
+    partial = tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp-1234567"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(os.urandom(64))
-    config = tiny_train_config(dataset, tmp_path, resume=True, steps=7)
+    config = tiny_train_config(dataset, tmp_path, resume=True, export=("torch",), decode_eval=True)
     trainer = Trainer(config)
-    assert trainer.run().step == 7
-    log = (tmp_path / "logs" / "metrics.jsonl").read_text()
-    assert '"step": 7' in log and not partial.exists()
+    assert trainer.run().step == 6
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step 6" in capsys.readouterr().out
+    assert not partial.exists()
 
 
 def run_train_cli(args: list[str], **kwargs) -> subprocess.Popen:
@@ -178,7 +178,7 @@ def run_train_cli(args: list[str], **kwargs) -> subprocess.Popen:
 
 
 def cli_args(config: TrainConfig) -> list[str]:
-    path = Path(config.log_dir).parent / "config.json"
+    path = config.run_path.parent / "config.json"
     path.write_text(json.dumps(config.to_dict()))
     return ["--config", str(path)]
 
@@ -192,7 +192,7 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
 
 def test_sigterm_saves_and_stops_cleanly_and_a_kill_keeps_the_last_checkpoint(dataset, tmp_path):
     config = tiny_train_config(dataset, tmp_path, steps=10_000, eval_data=None, save_every=2)
-    log = tmp_path / "logs" / "metrics.jsonl"
+    log = tmp_path / "run" / "logs" / "metrics.jsonl"
 
     def trained_steps() -> int:
         return len(read_metrics(log, "train")) if log.exists() else 0
@@ -219,22 +219,17 @@ def test_sigterm_saves_and_stops_cleanly_and_a_kill_keeps_the_last_checkpoint(da
     again = run_train_cli([*resume, "--stop-at-step", str(last + 1)])
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err
-    assert f"resumed from {tmp_path / 'checkpoints'} at step {last}" in out
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step {last}" in out
     assert json.loads(out.strip().splitlines()[-1])["step"] == last + 1
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(dataset, tmp_path):
-    """Audio with NaN samples makes every loss NaN: no update is applied, the steps are counted,
-    and after max_bad_steps in a row the run stops with a message."""
-    rows = [json.loads(line) for line in (dataset / "train.jsonl").read_text().splitlines()]
-    for row in rows:
-        audio = soundfile.read(dataset / row["audio"], dtype="float32")[0]
-        audio[100] = np.nan
-        row["audio"] = str(tmp_path / Path(row["audio"]).with_suffix(".wav").name)
-        soundfile.write(row["audio"], audio, 16000, subtype="FLOAT")
-    (tmp_path / "nan.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = tiny_train_config(dataset, tmp_path, train_data=str(tmp_path / "nan.jsonl"), max_bad_steps=3)
+    """Batches whose loss is NaN (features poisoned on their way to the devices) change nothing
+    but the counters, and after max_bad_steps in a row the run stops with a message."""
+    config = tiny_train_config(dataset, tmp_path, max_bad_steps=3)
     trainer = Trainer(config)
+    to_device = trainer.to_device
+    trainer.to_device = lambda batch: to_device({**batch, "mel": np.full_like(batch["mel"], np.nan)})
     before = params_of(trainer)
     with pytest.raises(TrainingError, match="3 steps in a row had a non-finite loss"):
         trainer.run()
@@ -245,7 +240,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops(dataset, tmp_path):
 
 def test_gradient_accumulation_equals_one_big_batch(dataset, tmp_path):
     one = tiny_train_config(dataset, tmp_path / "a", batch_size=8, eval_data=None)
-    two = dataclasses.replace(one, accumulation_steps=2, checkpoint_dir=str(tmp_path / "b"))
+    two = dataclasses.replace(one, accumulation_steps=2, run_dir=str(tmp_path / "b"))
     batch = next(train_batches(read_records(one.train_data, "train"), Trainer(one).featurizer, 8, 0, DataStats()))
     results = []
     for config in (one, two):

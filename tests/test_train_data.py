@@ -102,7 +102,7 @@ def test_bad_manifests_are_clear_errors(tmp_path):
     with pytest.raises(DataError, match="no such manifest"):
         read_records(tmp_path / "none.jsonl", "train")
     (tmp_path / "bad.jsonl").write_text('{"audio": "a.wav"}\n')
-    with pytest.raises(DataError, match="row 1 has no text column"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: the row has no text column"):
         read_records(tmp_path / "bad.jsonl", "train")
     (tmp_path / "junk.jsonl").write_text("{not json\n")
     with pytest.raises(DataError, match=r"junk\.jsonl:1: not JSON"):
@@ -117,8 +117,9 @@ def test_settings_from_defaults_file_and_flags(tmp_path):
     assert (config.steps, config.learning_rate, config.audio_buckets) == (88, 1e-4, (64,))  # flag beats file
     assert config.model["n_text_layer"] == 3 and config.model_config().norm == "rmsnorm"
     assert config.model_config().n_audio_ctx == DEMO_MODEL["n_audio_ctx"]  # the demo model underneath
-    config, _ = from_args(["--eval-data", "none", "--no-decode-eval", "--export-torch", "out"])
-    assert config.eval_data is None and not config.decode_eval and config.export_torch == "out"
+    config, _ = from_args(["--eval-data", "none", "--no-decode-eval", "--export", "flax,torch", "--name", "x"])
+    assert config.eval_data is None and not config.decode_eval and config.export == ("flax", "torch")
+    assert config.run_path == Path("runs/x")
     assert TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown training settings: stpes"):
         TrainConfig.from_dict({"stpes": 3})

@@ -16,7 +16,7 @@ from torch_ref.blocks import ResidualAttentionBlock
 from torch_ref.layers import Conv1d, Embedding, gelu, make_norm
 from torch_ref.positions import lookup_positions, register_position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
-from whisper_config.checks import cache_capacity, check_cache_offset
+from whisper_config.checks import cache_capacity, check_cache_offset, check_dtype, check_same_batch
 
 IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
@@ -43,6 +43,7 @@ class AudioEncoder(nn.Module):
     def forward(self, mel: Tensor) -> Tensor:
         """mel (B, n_mels, frames) log-mel -> (B, T, d) with T = ceil(frames / 2) <= n_audio_ctx."""
         n_ctx = check_mel_shape(self.config, mel.shape)
+        check_dtype("mel", mel.dtype, mel.dtype.is_floating_point, "floating point (log-mel features)")
         x = gelu(self.conv1(mel))  # (B, d, frames)
         x = gelu(self.conv2(x))  # (B, d, T)
         x = x.permute(0, 2, 1)  # (B, T, d)
@@ -86,6 +87,8 @@ class TextDecoder(nn.Module):
         """
         offset = 0 if cache is None else cache["offset"]
         length = check_tokens_shape(self.config, tokens.shape, offset)
+        check_dtype("tokens", tokens.dtype, is_integer(tokens), "integer token ids")
+        check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
         check_token_range(self.config, int(tokens.min()), int(tokens.max()))
         capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
@@ -144,12 +147,19 @@ class Whisper(nn.Module):
         The decoder reads `tokens` when given, else the labels shifted right behind
         `config.start_token_id`.
         """
+        check_dtype("labels", labels.dtype, is_integer(labels), "integer token ids")
         kept = labels[labels != IGNORE_INDEX]
         if kept.numel():
             check_token_range(self.config, int(kept.min()), int(kept.max()))
         if tokens is None:
             tokens = shift_right(labels, self.config.start_token_id)
         return cross_entropy(self(mel, tokens), labels)
+
+
+def is_integer(tensor: Tensor) -> bool:
+    """An integer dtype (bool is not one: True is no token id)."""
+    dtype = tensor.dtype
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def shift_right(labels: Tensor, start_token_id: int) -> Tensor:

@@ -7,6 +7,7 @@ killed mid-save leaves the previous checkpoints intact (the partial one is never
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,13 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from whisper_io.messages import first_line
+
 BEST_METRIC = "eval_loss"
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run can be restored; the message says why for each step."""
 
 
 def _is_key(leaf) -> bool:
@@ -83,6 +90,39 @@ class Checkpoints:
             ),
         )
         return from_savable(restored.state, like), restored.data, restored.meta
+
+    def restore_newest(self, like, warn=print) -> tuple[int, Any, dict, dict] | None:
+        """(step, state, data state, metadata) of the newest checkpoint that can be read, or None
+        when there is none. Unreadable newer ones are moved to `checkpoints-unreadable/` beside
+        the checkpoint folder (kept, never deleted), with a warning naming each; if none can be
+        read, `CheckpointError` lists why for every step."""
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, data, meta = self.restore(step, like)
+            except Exception as err:  # orbax and tensorstore raise many types; each is summarised
+                failures.append((step, first_line(err)))
+                continue
+            for failed, reason in failures:
+                warn(f"warning: checkpoint step {failed} cannot be read ({reason}); resuming from step {step}")
+            self._set_aside([failed for failed, _ in failures])
+            return step, state, data, meta
+        if failures:
+            reasons = "; ".join(f"step {step}: {reason}" for step, reason in failures)
+            raise CheckpointError(f"no checkpoint in {self.directory} can be read: {reasons}")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move unreadable step folders out of orbax's directory, so training can save those steps again."""
+        if not steps:
+            return
+        aside = self.directory.parent / f"{self.directory.name}-unreadable"
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            source = self.directory / str(step)
+            if source.exists():
+                source.rename(aside / f"{step}-{int(time.time())}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from whisper_config import ConfigError, ModelConfig
+from whisper_config.config import read_text
+from whisper_config.fields import check_field_types
 
 # The demo model: byte-level vocabulary (256 bytes + end of text + start of transcript), 2.56 s of
 # audio (the longest demo utterance is 2.2 s), transcripts up to 31 bytes.
@@ -86,9 +88,10 @@ class TrainConfig:
     mesh_data: int = -1
     mesh_fsdp: int = 1
 
-    # Logs, evaluation and checkpoints.
-    checkpoint_dir: str = "runs/demo/checkpoints"
-    log_dir: str = "runs/demo/logs"
+    # The run folder (default runs/NAME) holds everything a run writes: run.json (its settings),
+    # checkpoints/, logs/ (metrics.jsonl, tensorboard/) and the exports (model/, model-torch/).
+    name: str = "demo"
+    run_dir: str | None = None
     log_every: int = 25
     eval_every: int = 250
     eval_batch_size: int = 40
@@ -97,30 +100,56 @@ class TrainConfig:
     keep_checkpoints: int = 2  # the latest N, plus the best by eval loss
     resume: bool = False
     stop_at_step: int | None = None  # save and stop here (resume later); the schedule still spans `steps`
-    export_torch: str | None = None  # write the final weights as a torch_ref checkpoint here
-    export_flax: str | None = "runs/demo/model"  # and as a flax checkpoint (for transcribe, convert)
+    export: tuple[str, ...] = ("flax",)  # formats written at the end: flax -> RUN/model, torch -> RUN/model-torch
     progress: bool = True
 
     def __post_init__(self):
+        check_field_types(self, ConfigError)
+        fraction = "must be in [0, 1)"
         checks = [
             (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, got {self.optimizer!r}"),
             (self.precision in ("float32", "bfloat16"), f"precision must be float32 or bfloat16: {self.precision!r}"),
             (self.steps >= 1, "steps must be at least 1"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0 (runs shorter than it warm up throughout)"),
-            (self.learning_rate > 0, "learning_rate must be positive"),
+            (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
+            (0 <= self.final_lr_ratio <= 1, f"final_lr_ratio must be in [0, 1], got {self.final_lr_ratio}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.b1 < 1, f"b1 {fraction}, got {self.b1}"),
+            (0 <= self.b2 < 1, f"b2 {fraction}, got {self.b2}"),
+            (self.eps > 0, f"eps must be positive, got {self.eps}"),
+            (self.batch_size >= 1, "batch_size must be at least 1"),
             (self.accumulation_steps >= 1, "accumulation_steps must be at least 1"),
             (self.batch_size % self.accumulation_steps == 0, "batch_size must be a multiple of accumulation_steps"),
             (self.clip_norm is None or self.clip_norm > 0, "clip_norm must be positive (or unset)"),
+            (self.max_bad_steps >= 1, "max_bad_steps must be at least 1"),
             (min(self.log_every, self.eval_every, self.save_every) >= 1, "log/eval/save intervals must be >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+            (self.stop_at_step is None or self.stop_at_step >= 1, "stop_at_step must be at least 1 (or unset)"),
             (
                 min(self.time_masks, self.time_mask_width, self.freq_masks, self.freq_mask_width) >= 0,
                 "SpecAugment settings must be >= 0",
             ),
             (self.mesh_fsdp >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1), "mesh sizes must be >= 1"),
+            (all(b >= 1 for b in self.audio_buckets + self.text_buckets), "bucket lengths must be positive"),
+            (
+                bool(self.name.strip()) and "/" not in self.name,
+                f"name must be a non-empty folder name, got {self.name!r}",
+            ),
+            (self.run_dir is None or bool(self.run_dir.strip()), "run_dir must not be empty (or unset for runs/NAME)"),
+            (
+                set(self.export) <= set(EXPORTS),
+                f"export takes formats from {', '.join(EXPORTS)}, got {', '.join(self.export)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    @property
+    def run_path(self) -> Path:
+        """The run folder: `run_dir`, else runs/`name`."""
+        return Path(self.run_dir) if self.run_dir is not None else Path("runs") / self.name
 
     def model_config(self) -> ModelConfig:
         """The model this run trains (ignored with `init_from`, whose checkpoint carries its own)."""
@@ -133,22 +162,43 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"training settings must be a table of names to values, got {type(values).__name__}")
+        for old, hint in RENAMED.items():
+            if old in values:
+                raise ConfigError(f"the setting {old!r} is gone: {hint}")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown training settings: {', '.join(sorted(unknown))}")
         values = dict(values)
-        for name in ("audio_buckets", "text_buckets"):
-            if name in values:
-                values[name] = tuple(int(v) for v in values[name])
+        for name in ("audio_buckets", "text_buckets", "export"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])  # TOML and JSON lists; the items are type-checked
         return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
         """A `.toml` or `.json` file of settings (a `[model]` table holds ModelConfig overrides)."""
         path = Path(path)
-        text = path.read_text()
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        return cls.from_dict(values)
+        text = read_text(path)
+        try:
+            values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {err}") from None
+        try:
+            return cls.from_dict(values)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+EXPORTS = {"flax": "model", "torch": "model-torch"}  # format -> folder in the run folder
+# Settings of earlier versions, with what replaced them.
+RENAMED = {
+    "checkpoint_dir": "a run keeps its checkpoints in RUN_DIR/checkpoints (set run_dir or name)",
+    "log_dir": "a run keeps its logs in RUN_DIR/logs (set run_dir or name)",
+    "export_flax": "the flax export is RUN_DIR/model (export = ['flax'])",
+    "export_torch": "set export = ['flax', 'torch'] for RUN_DIR/model-torch",
+}
 
 
 def _parse_value(text: str) -> Any:
@@ -189,8 +239,9 @@ def parser() -> argparse.ArgumentParser:
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=default)
         elif typing.get_origin(hint) is tuple:
-            default = f"comma-separated integers, empty for none; default: {','.join(map(str, field.default))}"
-            p.add_argument(flag, default=None, metavar="N,N,...", help=default)
+            item = typing.get_args(hint)[0]
+            default = f"comma-separated, empty for none; default: {','.join(map(str, field.default))}"
+            p.add_argument(flag, default=None, type=_list_converter(item), metavar="A,B,...", help=default)
         else:
             optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)
             kind = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
@@ -214,14 +265,22 @@ def _converter(kind, optional: bool):
 _NONE = object()  # a flag that explicitly unsets an optional setting
 
 
+def _list_converter(item):
+    """Parse a comma-separated flag into a tuple of `item`s."""
+
+    def convert(text: str) -> tuple:
+        return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+
+    convert.__name__ = f"list of {item.__name__}"
+    return convert
+
+
 def from_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
     args = parser().parse_args(argv)
     base = TrainConfig.load(args.config) if args.config else TrainConfig()
     values = base.to_dict()
     for name, value in vars(args).items():
         if name in values and name != "model" and value is not None:
-            if name in ("audio_buckets", "text_buckets"):
-                value = tuple(int(v) for v in value.split(",") if v.strip())
             values[name] = None if value is _NONE else value
     model = dict(values["model"])
     for item in args.model:

@@ -27,7 +27,7 @@ from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram
 from flax_whisper.model import IGNORE_INDEX
 from whisper_config import ModelConfig
 from whisper_io import AudioFileError, Tokenizer, load_audio
-from whisper_io.audio_files import resample
+from whisper_io.audio_files import check_finite_samples, resample
 
 
 class DataError(ValueError):
@@ -38,26 +38,51 @@ class DataError(ValueError):
 
 
 def read_manifest(path: str | Path, audio_column: str = "audio", text_column: str = "text") -> list[dict]:
-    """Records of a `.jsonl` (one object per line) or `.csv` (with a header) manifest."""
+    """Records of a `.jsonl` (one object per line) or `.csv` (with a header) manifest.
+
+    Every row is checked here, so a bad one is an error naming the file and the line rather
+    than a failure deep inside the pipeline.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such manifest")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    rows: list[tuple[int, Any]] = []  # (line number, row)
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: the manifest is empty")
+        for fields in reader:
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                raise DataError(
+                    f"{path}:{reader.line_num}: {len(fields)} fields where the header has {len(header)} ({header})"
+                )
+            rows.append((reader.line_num, dict(zip(header, fields, strict=True))))
     else:
-        rows = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append((number, json.loads(line)))
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{number}: not JSON ({e.msg})") from None
     records = []
-    for number, row in enumerate(rows, 1):
+    for number, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(
+                f"{path}:{number}: expected an object with {audio_column!r} and {text_column!r}, got {row!r}"
+            )
         missing = [c for c in (audio_column, text_column) if c not in row]
         if missing:
-            raise DataError(f"{path}: row {number} has no {' or '.join(missing)} column (found {sorted(row)})")
+            raise DataError(f"{path}:{number}: the row has no {' or '.join(missing)} column (found {sorted(row)})")
+        for column in (audio_column, text_column):
+            if not isinstance(row[column], str) or (column == audio_column and not row[column].strip()):
+                raise DataError(f"{path}:{number}: {column!r} must be a non-empty string, got {row[column]!r}")
         audio = Path(row[audio_column])
         records.append({"audio": str(audio if audio.is_absolute() else path.parent / audio), "text": row[text_column]})
     if not records:
@@ -130,6 +155,7 @@ def decode_audio(source: Any) -> np.ndarray:
         raise AudioFileError(name, f"invalid sample rate {rate} Hz")
     if audio.size == 0:
         raise AudioFileError(name, "contains no audio samples")
+    check_finite_samples(name, audio, rate)
     return resample(audio.astype(np.float32), rate)
 
 
@@ -228,21 +254,56 @@ class Featurizer:
 # ----------------------------------------------------------------------------- pipelines
 
 
+def check_labels(labels: np.ndarray, n_vocab: int) -> None:
+    """Labels (B, T) must be token ids in [0, n_vocab) or the ignore index; checked on the host at
+    the batch boundary, since under `jit` an out-of-range id gives NaN or a wrong loss silently."""
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= n_vocab))
+    if bad.any():
+        value = int(labels[bad][0])
+        raise DataError(
+            f"a batch holds label {value}: labels must be token ids in [0, {n_vocab}) or {IGNORE_INDEX} (ignored); "
+            "does the tokenizer fit the model's vocabulary?"
+        )
+
+
+class _Indexed(Sequence):
+    """`records` as (index, record) pairs, so the pipeline knows which rows failed."""
+
+    def __init__(self, records: Sequence[dict]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        return int(index), self.records[int(index)]
+
+
 def train_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: int, seed: int, stats: DataStats):
     """An endless, checkpointable grain iterator of training batches, reshuffled every epoch.
 
-    `iterator.get_state()` / `set_state()` save and restore its position exactly.
+    `iterator.get_state()` / `set_state()` save and restore its position exactly. Unusable rows
+    are skipped (reported through `stats`); once every row of `records` has failed, the next
+    batch raises `DataError` instead of spinning forever.
     """
     import grain
 
-    def load(record: dict) -> dict | None:
+    failed: set[int] = set()
+    lock = threading.Lock()
+
+    def load(item: tuple[int, dict]) -> dict | None:
+        index, record = item
         example = featurizer.load_example(record, stats)
-        if example is None and len(stats.skipped) >= len(records):  # else the endless stream spins
-            raise DataError(f"none of the {len(records)} training rows can be used (see the warnings above)")
+        if example is None:
+            with lock:
+                failed.add(index)
+                hopeless = len(failed) == len(records)
+            if hopeless:
+                raise DataError(f"none of the {len(records)} training rows can be used (see the warnings above)")
         return example
 
     dataset = (
-        grain.MapDataset.source(records)
+        grain.MapDataset.source(_Indexed(records))
         .seed(seed)
         .shuffle()
         .repeat()

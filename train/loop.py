@@ -1,15 +1,19 @@
 """The training loop: `Trainer(config).run()` (what `python -m train` runs).
 
-Build: tokenizer and featurizer from the model config; a (data, fsdp) mesh; the initial state
-created directly in its shardings by a jitted init (or loaded from `init_from`); jitted train and
-eval steps. Run: batches from the grain pipeline, a step per batch, metrics every `log_every`
-steps, evaluation (loss, token accuracy, greedy CER/WER) every `eval_every`, orbax checkpoints
-every `save_every`; SIGTERM saves and stops; at the end the weights are exported through
-`convert`. `--resume` continues from the latest checkpoint exactly (state, data position, RNG).
+Build: the model config (or `init_from`'s), checked against the run folder first (a new run
+never writes into another run's folder or a folder of other files; `--resume` must keep the
+run's settings); tokenizer and featurizer; a (data, fsdp) mesh; the initial state created
+directly in its shardings by a jitted init (or loaded from `init_from`); jitted train and eval
+steps. Run: batches from the grain pipeline, a step per batch, metrics every `log_every` steps,
+evaluation (loss, token accuracy, greedy CER/WER) every `eval_every`, orbax checkpoints every
+`save_every`; SIGTERM or Ctrl-C saves and stops; at the end the weights are exported through
+`convert` into the run folder. `--resume` continues from the newest readable checkpoint exactly
+(state, data position, RNG).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import signal
@@ -25,15 +29,16 @@ from flax_whisper import Whisper
 from flax_whisper.decoding import greedy_decode
 from train.checkpointing import BEST_METRIC, Checkpoints
 from train.config import TrainConfig
-from train.data import DataError, DataStats, Featurizer, eval_batches, read_records, train_batches
+from train.data import DataError, DataStats, Featurizer, check_labels, eval_batches, read_records, train_batches
 from train.metrics import MetricsLog, error_rates
+from train.run_folder import RunFolder
 from train.sharding import batch_sharding, check_batch, make_mesh, state_shardings
 from train.step import Graphs, TrainState, eval_step, learning_rate_schedule, make_optimizer, new_state, train_step
 from whisper_io import decoding_options, text_tokens, tokenizer_for
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (too many non-finite steps, existing checkpoints without --resume)."""
+    """The run cannot go on (too many non-finite steps)."""
 
 
 @dataclasses.dataclass
@@ -57,6 +62,8 @@ class Trainer:
             self.model_config, initial = checkpoint.config, checkpoint.tensors
         else:
             self.model_config = config.model_config()
+        self.folder = RunFolder(config.run_path)
+        self.continuing = self.folder.check(config, self.model_config)  # before anything costly
         self.tokenizer = tokenizer_for(self.model_config)
         prompt = self.tokenizer.sot_sequence(config.language, config.task)
         self.featurizer = Featurizer.create(
@@ -99,7 +106,7 @@ class Trainer:
             in_shardings=(self.shardings, self.batch_sharding),
             out_shardings=replicated,
         )
-        self.stop_requested = False
+        self.stop_requested: str | None = None  # the name of the signal that asked to stop
 
     # ------------------------------------------------------------------ pieces
 
@@ -108,6 +115,8 @@ class Trainer:
         return self.graphs.model(self.state, training)
 
     def to_device(self, batch: dict) -> dict:
+        """A host batch onto the mesh; labels are checked here, where values are still known."""
+        check_labels(batch["labels"], self.model_config.n_vocab)
         arrays = {k: batch[k] for k in ("mel", "labels")}
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), arrays)
 
@@ -139,19 +148,24 @@ class Trainer:
         return metrics
 
     def export(self) -> None:
+        """Write the final weights into the run folder in each `export` format (checked finite first)."""
         from convert.checkpoints import save_checkpoint
         from convert.core import flax_to_torch
 
+        if not self.config.export or jax.process_index() != 0:
+            return
         tensors = flax_to_torch(jax.device_get(self.model()))
-        if self.config.export_torch:
-            save_checkpoint(self.config.export_torch, "torch", self.model_config, tensors, overwrite=True)
-            print(f"exported torch_ref weights to {self.config.export_torch}")
-        if self.config.export_flax:
-            save_checkpoint(self.config.export_flax, "flax", self.model_config, tensors, overwrite=True)
-            print(f"exported the model to {self.config.export_flax} (python -m flax_whisper.transcribe ...)")
+        for fmt in self.config.export:
+            path = self.folder.export_path(fmt)
+            save_checkpoint(path, fmt, self.model_config, tensors, overwrite=True)
+            hint = " (python -m flax_whisper.transcribe AUDIO --checkpoint ...)" if fmt == "flax" else ""
+            print(f"exported the {fmt} model to {path}{hint}")
 
     def _request_stop(self, signum, frame) -> None:
-        self.stop_requested = True
+        self.stop_requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:  # a second Ctrl-C interrupts at once, without saving
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            sys.stderr.write("\nstopping after this step and saving (Ctrl-C again aborts without saving)\n")
 
     # ------------------------------------------------------------------ run
 
@@ -166,31 +180,28 @@ class Trainer:
             eval_records = read_records(config.eval_data, config.eval_split, config.audio_column, config.text_column)
             evals = eval_batches(eval_records, self.featurizer, config.eval_batch_size // processes, stats)
 
-        checkpoints = Checkpoints(config.checkpoint_dir, keep=config.keep_checkpoints)
+        if process == 0 and not self.continuing:
+            self.folder.start(config, self.model_config)
+        checkpoints = Checkpoints(self.folder.checkpoints, keep=config.keep_checkpoints)
         iterator = train_batches(local_records, self.featurizer, config.batch_size // processes, config.seed, stats)
         start = 0
-        latest = checkpoints.latest_step()
-        if latest is not None and not config.resume:
-            raise TrainingError(
-                f"{config.checkpoint_dir} already holds checkpoints (latest step {latest}): pass --resume to "
-                "continue, or choose another --checkpoint-dir"
-            )
-        if latest is not None:
-            self.state, data_state, meta = checkpoints.restore(latest, self.state)
+        restored = checkpoints.restore_newest(self.state, warn=lambda line: print(line, file=sys.stderr))
+        if restored is not None:
+            start, self.state, data_state, meta = restored
             iterator.set_state(data_state)
             stats.skipped.update(meta.get("skipped_files", {}))
             stats.truncated = meta.get("truncated_transcripts", 0)
-            start = latest
             print(f"resumed from {checkpoints.directory} at step {start}")
         elif config.resume:
-            print(f"--resume: no checkpoint in {config.checkpoint_dir} yet, starting from step 0")
+            print(f"--resume: no checkpoint in {self.folder.path} yet, starting from step 0")
 
-        log = MetricsLog(config.log_dir)
+        log = MetricsLog(self.folder.logs)
         log.write(start, "config", {"train": config.to_dict(), "model": self.model_config.to_dict()})
-        try:
-            previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
-        except ValueError:  # not the main thread: preemption is the caller's business
-            previous_handler = None
+        handlers = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            # Outside the main thread signals cannot be caught: preemption is then the caller's business.
+            with contextlib.suppress(ValueError):
+                handlers[signum] = signal.signal(signum, self._request_stop)
         last_eval = None
         try:
             if evals and start == 0 and config.decode_eval:
@@ -199,8 +210,8 @@ class Trainer:
                 print(f"step 0 (untrained): {_describe(last_eval)}")
             last_eval = self._loop(start, iterator, evals, checkpoints, log, stats) or last_eval
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
             checkpoints.wait()
             checkpoints.close()
             log.close()
@@ -257,7 +268,7 @@ class Trainer:
             if evaluated or saved:  # throughput counts training steps only
                 window_start, window_steps = time.perf_counter(), 0
             if stop:
-                progress.write(f"stopping at step {step} on SIGTERM; checkpoint saved, continue with --resume")
+                progress.write(f"stopping at step {step} on {stop}; checkpoint saved, continue with --resume")
                 break
             if step == last < config.steps:
                 progress.write(f"stopping at step {step} (stop_at_step); continue with --resume")

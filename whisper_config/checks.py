@@ -24,7 +24,9 @@ def check_mel_shape(config: ModelConfig, shape: Sequence[int]) -> int:
     """Check a log-mel batch `(B, n_mels, frames)`; return the encoder length `T`."""
     if len(shape) != 3:
         raise InputError(f"mel must have shape (batch, n_mels={config.n_mels}, frames), got {tuple(shape)}")
-    _, n_mels, frames = shape
+    batch, n_mels, frames = shape
+    if batch < 1:
+        raise InputError(f"mel holds no examples (shape {tuple(shape)})")
     if n_mels != config.n_mels:
         raise InputError(
             f"mel has {n_mels} mel bins but the model expects n_mels={config.n_mels} "
@@ -45,13 +47,27 @@ def check_tokens_shape(config: ModelConfig, shape: Sequence[int], offset: int = 
     """Check a token batch `(B, T)` decoded after `offset` cached tokens; return `T`."""
     if len(shape) != 2:
         raise InputError(f"tokens must have shape (batch, length), got {tuple(shape)}")
-    length = shape[1]
+    batch, length = shape
+    if batch < 1:
+        raise InputError(f"tokens hold no examples (shape {tuple(shape)})")
     if length < 1:
         raise InputError("tokens are empty")
     if offset + length > config.n_text_ctx:
         where = f" after {offset} cached tokens" if offset else ""
         raise InputError(f"too many tokens: {length}{where} exceed n_text_ctx={config.n_text_ctx}")
     return length
+
+
+def check_dtype(what: str, dtype, ok: bool, expected: str) -> None:
+    """`ok` says whether `dtype` is of the `expected` kind; shapes and dtypes are static, so this
+    check costs nothing under `jit` or `torch.compile`."""
+    if not ok:
+        raise InputError(f"{what} must be {expected}, got dtype {dtype}")
+
+
+def check_same_batch(what: str, batch: int, other: str, other_batch: int) -> None:
+    if batch != other_batch:
+        raise InputError(f"{what} hold {batch} examples but {other} {other_batch}: batch sizes must match")
 
 
 def check_token_range(config: ModelConfig, lowest: int, highest: int) -> None:

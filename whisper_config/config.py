@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from whisper_config.fields import check_field_types
+
 OPENAI_DIM_FIELDS = (
     "n_mels",
     "n_audio_ctx",
@@ -45,6 +47,9 @@ SWITCHES = (
     "memory_update",
     "gradient_checkpointing",
 )
+
+# Settings that change how a model trains, not what it computes once trained.
+TRAINING_ONLY = ("dropout", "attention_dropout", "gradient_checkpointing")
 
 # OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
 _EN = 51864
@@ -104,6 +109,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A bound checked before anything is built: a config claiming a million layers must be an error,
+# not an hour-long allocation. Whisper large-v3 has 1.55 billion parameters.
+MAX_PARAMETERS = 100_000_000_000
+
+
 class ConfigError(ValueError):
     """A `ModelConfig` value is invalid; the message names the field and what is allowed."""
 
@@ -149,10 +159,18 @@ class ModelConfig:
     decoder_start_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        check_field_types(self, ConfigError)
         for name in OPENAI_DIM_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        size = self.approximate_parameters()
+        if size > MAX_PARAMETERS:
+            dims = ", ".join(f"{name}={getattr(self, name)}" for name in OPENAI_DIM_FIELDS)
+            raise ConfigError(
+                f"this config describes a model of about {size:.2e} parameters, more than the "
+                f"{MAX_PARAMETERS:.0e} this project builds: check the dimensions ({dims})"
+            )
         for side, state, head in (
             ("audio", self.n_audio_state, self.n_audio_head),
             ("text", self.n_text_state, self.n_text_head),
@@ -241,6 +259,17 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- derived values
 
+    def approximate_parameters(self) -> int:
+        """An upper estimate of the parameter count from the dimensions alone (nothing built):
+        attention at most 8 d^2 per self-attention (hybrid has two), 4 d^2 cross-attention,
+        8 d^2 MLP, plus the tables, convolutions and memory slots."""
+        d_audio, d_text = self.n_audio_state, self.n_text_state
+        per_audio = 16 * d_audio**2 + self.memory_size * d_audio
+        per_text = 20 * d_text**2 + self.memory_size * d_text
+        tables = self.n_audio_ctx * d_audio + (self.n_text_ctx + self.n_vocab) * d_text
+        convs = 3 * d_audio * (self.n_mels + d_audio)
+        return self.n_audio_layer * per_audio + self.n_text_layer * per_text + tables + convs
+
     @property
     def is_multilingual(self) -> bool:
         """OpenAI's rule: the multilingual vocabulary has at least 51865 tokens."""
@@ -286,15 +315,25 @@ class ModelConfig:
         missing = [name for name in OPENAI_DIM_FIELDS if name not in dims]
         if missing:
             raise ConfigError(f"OpenAI dims lack field(s): {', '.join(missing)}")
-        return cls.from_preset("whisper", **{name: int(dims[name]) for name in OPENAI_DIM_FIELDS})
+        return cls.from_preset("whisper", **{name: dims[name] for name in OPENAI_DIM_FIELDS})
 
     def openai_dims(self) -> dict[str, int]:
         """The OpenAI `ModelDimensions` of this config, as a plain dict."""
         return {name: getattr(self, name) for name in OPENAI_DIM_FIELDS}
 
+    def openai_differences(self) -> list[str]:
+        """`field=value (OpenAI: value)` for every way this model differs from OpenAI Whisper's
+        architecture; training-only settings (dropout, checkpointing) do not count."""
+        openai = ModelConfig.from_openai_dims(self.openai_dims())
+        return [
+            f"{name}={getattr(self, name)!r} (OpenAI: {getattr(openai, name)!r})"
+            for name in self.to_dict()
+            if name not in TRAINING_ONLY and getattr(self, name) != getattr(openai, name)
+        ]
+
     def is_openai_compatible(self) -> bool:
         """True when this config is exactly OpenAI Whisper's architecture."""
-        return self == ModelConfig.from_openai_dims(self.openai_dims())
+        return not self.openai_differences()
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -323,8 +362,25 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ModelConfig:
+        """Read a `config.json`; every failure is a `ConfigError` that starts with the path."""
+        text = read_text(path)
+        try:
+            return cls.from_json(text)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 settings file's text; a `ConfigError` starting with the path if it cannot be had."""
+    try:
         with open(path, encoding="utf-8") as f:
-            return cls.from_json(f.read())
+            return f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read: {err.strerror or err}") from None
 
 
 def _preset_fields(name: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,64 @@ def resample(audio: np.ndarray, source_rate: int, target_rate: int = SAMPLE_RATE
     return resample_poly(audio, target_rate // g, source_rate // g).astype(np.float32)
 
 
+def check_finite_samples(path: str | os.PathLike, audio: np.ndarray, rate: int, offset: int = 0) -> None:
+    """Raise `AudioFileError` if any sample of `audio` (N, ...) is NaN or infinite: a float WAV can
+    hold them, and they would turn every feature, loss and transcript of the file into garbage.
+    `offset` is the position of `audio[0]` in the file, in samples at `rate`."""
+    finite = np.isfinite(audio).reshape(len(audio), -1).all(axis=1)
+    if not finite.all():
+        first = (offset + int(np.argmin(finite))) / rate
+        raise AudioFileError(path, f"holds NaN or infinite samples (the first at {first:.2f} s)")
+
+
+class StreamResampler:
+    """`resample` over a stream of blocks, with exactly the output of one call on the whole signal.
+
+    scipy's `resample_poly(x, up, down)` makes output sample `i` from the input samples within a
+    filter's reach of `i * down / up`. Calling it on a stretch of input that starts at a multiple
+    of `down` gives, for every output whose reach lies inside the stretch, the same value as the
+    whole-signal call (the filter taps meet the same samples in the same order). So each block is
+    resampled together with the little input that the next outputs still reach, and only outputs
+    whose reach is complete are emitted.
+    """
+
+    def __init__(self, source_rate: int, target_rate: int = SAMPLE_RATE):
+        g = math.gcd(source_rate, target_rate)
+        self.up, self.down = target_rate // g, source_rate // g
+        half_len = 10 * max(self.up, self.down)  # resample_poly's filter design
+        pre_pad = self.down - half_len % self.down
+        self.reach = 2 * half_len + 1 + pre_pad  # filter taps, with the zeros that centre the output
+        self.delay = (half_len + pre_pad) // self.down  # outputs resample_poly drops at the start
+        self.buffer = np.zeros(0, np.float32)
+        self.start = 0  # index of buffer[0] in the input: always a multiple of `down`
+        self.emitted = 0  # outputs emitted so far
+
+    def push(self, block: np.ndarray, final: bool = False) -> np.ndarray:
+        """The outputs that `block` completes (all remaining ones when `final`)."""
+        if self.up == self.down:
+            return np.asarray(block, np.float32)
+        up, down = self.up, self.down
+        self.buffer = np.concatenate([self.buffer, np.asarray(block, np.float32)])
+        end = self.start + len(self.buffer)
+        # All of resample_poly's outputs at the end; else those whose reach, up to input
+        # (i + delay) * down / up, lies before `end`.
+        done = -(-end * up // down) if final else ((end - 1) * up) // down - self.delay + 1
+        if done <= self.emitted or not len(self.buffer):
+            return np.zeros(0, np.float32)
+        from scipy.signal import resample_poly
+
+        first = self.start * up // down
+        out = resample_poly(self.buffer, up, down)[self.emitted - first : done - first].astype(np.float32)
+        self.emitted = done
+        # The earliest input the next output reaches; keep from the multiple of `down` before it.
+        needed = max(0, -(-((done + self.delay) * down - self.reach + 1) // up))
+        start = needed // down * down
+        if start > self.start:
+            self.buffer = self.buffer[start - self.start :]
+            self.start = start
+        return out
+
+
 def _wav_sample_rate(path: Path) -> int | None:
     """The sample rate in a RIFF/WAVE `fmt ` chunk, or None if `path` is not such a file."""
     with open(path, "rb") as f:
@@ -56,8 +115,8 @@ def _wav_sample_rate(path: Path) -> int | None:
     return None
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Read `path` -> (N,) float32 mono samples in [-1, 1] at `sample_rate` (16 kHz by default)."""
+def _open(path: str | os.PathLike):
+    """soundfile's info on `path`, after every check that can name what is wrong with it."""
     import soundfile
 
     p = Path(path)
@@ -77,11 +136,56 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
         raise AudioFileError(path, f"invalid sample rate {info.samplerate} Hz")
     if info.frames == 0:
         raise AudioFileError(path, "contains no audio samples")
+    return info
+
+
+def _mono(audio: np.ndarray) -> np.ndarray:
+    """(N, channels) -> (N,): the mean of the channels."""
+    return audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read `path` -> (N,) float32 mono samples in [-1, 1] at `sample_rate` (16 kHz by default)."""
+    import soundfile
+
+    _open(path)
     try:
-        audio, rate = soundfile.read(str(p), dtype="float32", always_2d=True)  # (N, channels)
+        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)  # (N, channels)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
         raise AudioFileError(path, f"cannot decode audio ({e})") from None
     if audio.shape[0] == 0:
         raise AudioFileError(path, "contains no audio samples")
-    mono = audio.mean(axis=1) if audio.shape[1] > 1 else audio[:, 0]
-    return np.ascontiguousarray(resample(mono, rate, sample_rate), dtype=np.float32)
+    check_finite_samples(path, audio, rate)
+    return np.ascontiguousarray(resample(_mono(audio), rate, sample_rate), dtype=np.float32)
+
+
+def stream_audio(
+    path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, block_seconds: float = 30.0
+) -> Iterator[np.ndarray]:
+    """Blocks of (n,) float32 mono samples at `sample_rate` that join into exactly `load_audio(path)`,
+    read `block_seconds` at a time: memory stays at a block whatever the length of the file.
+
+    Errors are `AudioFileError`s naming the file; the ones found while reading (NaN samples, a
+    truncated file) come from the iteration itself.
+    """
+    import soundfile
+
+    info = _open(path)
+    resampler = StreamResampler(info.samplerate, sample_rate)
+    block_frames = max(1, int(block_seconds * info.samplerate))
+    read = 0
+    try:
+        with soundfile.SoundFile(str(path)) as f:
+            while len(block := f.read(block_frames, dtype="float32", always_2d=True)):
+                check_finite_samples(path, block, info.samplerate, offset=read)
+                read += len(block)
+                out = resampler.push(_mono(block))
+                if len(out):
+                    yield out
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioFileError(path, f"cannot decode audio ({e})") from None
+    if read == 0:
+        raise AudioFileError(path, "contains no audio samples")
+    tail = resampler.push(np.zeros(0, np.float32), final=True)
+    if len(tail):
+        yield tail
