@@ -46,16 +46,16 @@ def _read_pickle(path: str | os.PathLike):
         raise ConversionError(f"{path}: empty file, not a PyTorch checkpoint")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except Exception as err:  # a damaged file makes the unpickler raise almost anything
         if not zipfile.is_zipfile(path):
             raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from None
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
-        raise ConversionError(
-            f"{path}: refused: it holds {what}, and loading that could run code; only tensors and plain "
-            "containers are read"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
+        if isinstance(err, pickle.UnpicklingError):
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
+            raise ConversionError(
+                f"{path}: refused: it holds {what}, and loading that could run code; only tensors and plain "
+                "containers are read"
+            ) from None
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first_line(err)})") from None
 
 

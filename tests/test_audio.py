@@ -12,7 +12,15 @@ import torch
 import whisper.audio
 from conftest import assert_close
 
-from flax_whisper.audio import HOP_LENGTH, N_FRAMES, N_SAMPLES, log_mel_spectrogram, mel_filters, pad_or_trim
+from flax_whisper.audio import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    LogMelWindows,
+    log_mel_spectrogram,
+    mel_filters,
+    pad_or_trim,
+)
 
 SPEECH = Path(__file__).parent / "data" / "speech_16k.wav"
 
@@ -59,3 +67,24 @@ def test_bad_arguments():
         log_mel_spectrogram(np.zeros(1000), n_mels=64)
     with pytest.raises(ValueError, match="too short"):
         log_mel_spectrogram(np.zeros(100))
+
+
+@pytest.mark.parametrize("frames", [40, 3000])
+def test_streamed_windows_equal_the_whole_recording_cut(speech, frames):
+    """`LogMelWindows` reads a stream twice in blocks of any size and gives the log-mel of the
+    whole recording zero-padded to whole windows (one 8-decade floor for all): the same bits for
+    every block size, and the whole-recording values up to the FFT's last bit (XLA's FFT of a
+    window and of a whole recording may round differently)."""
+    size = frames * HOP_LENGTH
+    for audio in (speech, speech[:150], np.concatenate([speech, 0.01 * speech, speech[:1234]])):
+        windows = -(-len(audio) // size)
+        padded = np.zeros(windows * size, np.float32)
+        padded[: len(audio)] = audio
+        whole = np.asarray(log_mel_spectrogram(padded)).reshape(80, windows, frames).transpose(1, 0, 2)
+        results = []
+        for block in (99, 4000, len(audio)):
+            streamed = LogMelWindows(lambda a=audio, b=block: (a[i : i + b] for i in range(0, len(a), b)), 80, frames)
+            assert len(streamed) == windows
+            results.append(np.stack(list(streamed)))
+        assert all(np.array_equal(r, results[0]) for r in results)
+        assert_close(results[0], whole, 2.5e-7, f"{len(audio)} samples in windows of {frames} frames")

@@ -9,6 +9,7 @@ import pytest
 import soundfile
 
 from whisper_io import AudioFileError, load_audio
+from whisper_io.audio_files import stream_audio
 
 
 def tone(rate: int, seconds: float, hz: float = 440.0) -> np.ndarray:
@@ -87,3 +88,28 @@ def test_bad_files_are_clear_errors_naming_the_file(tmp_path, make, message):
     with pytest.raises(AudioFileError, match=message) as error:
         load_audio(path)
     assert str(error.value).startswith(f"{path}: ") and error.value.path == str(path)
+
+
+@pytest.mark.parametrize("rate", [16000, 8000, 22050, 44100, 48000])
+def test_streamed_reading_equals_reading_the_whole_file(tmp_path, rate):
+    """`stream_audio` resamples block by block with exactly `load_audio`'s output (bit for bit),
+    whatever the block size, including stereo mixdown."""
+    rng = np.random.default_rng(rate)
+    signal = (0.3 * rng.standard_normal((int(rate * 3.3), 2))).astype(np.float32)
+    path = tmp_path / "noise.wav"
+    soundfile.write(path, signal, rate, subtype="FLOAT")
+    whole = load_audio(path)
+    for seconds in (0.05, 0.7, 10.0):
+        streamed = np.concatenate(list(stream_audio(path, block_seconds=seconds)))
+        assert streamed.dtype == np.float32 and np.array_equal(streamed, whole), (rate, seconds)
+
+
+def test_non_finite_samples_are_an_error_naming_the_file_and_the_time(tmp_path):
+    audio = tone(16000, 2.0)
+    audio[24000] = np.inf  # at 1.5 s
+    path = tmp_path / "inf.wav"
+    soundfile.write(path, audio, 16000, subtype="FLOAT")
+    for read in (load_audio, lambda p: list(stream_audio(p, block_seconds=0.4))):
+        with pytest.raises(AudioFileError, match=r"holds NaN or infinite samples \(the first at 1.50 s\)") as error:
+            read(path)
+        assert error.value.path == str(path)

@@ -60,3 +60,30 @@ def test_longest_valid_input_is_accepted(pair, config):
     mel, tokens = random_batch(config, 1, 2 * config.n_audio_ctx, config.n_text_ctx)
     for call in both(pair, mel, tokens):
         assert call().shape == (1, config.n_text_ctx, config.n_vocab)
+
+
+@pytest.mark.parametrize(
+    "mel, tokens, message",
+    [
+        (np.zeros((2, 8, 20), np.float32), np.zeros((2, 3), np.float32), "tokens must be integer token ids, got dtype"),
+        (np.zeros((2, 8, 20), np.float32), np.zeros((2, 3), bool), "tokens must be integer token ids, got dtype"),
+        (np.zeros((0, 8, 20), np.float32), np.zeros((0, 3), np.int64), r"mel holds no examples \(shape \(0, 8, 20\)\)"),
+        (
+            np.zeros((2, 8, 20), np.float32),
+            np.zeros((3, 3), np.int64),
+            "tokens hold 3 examples but the encoder output 2: batch sizes must match",
+        ),
+        (np.zeros((2, 8, 20), np.int64), np.zeros((2, 3), np.int64), "mel must be floating point"),
+    ],
+)
+def test_dtypes_and_batch_sizes(pair, mel, tokens, message):
+    for call in both(pair, mel, tokens):
+        with pytest.raises(InputError, match=message):
+            call()
+
+
+def test_labels_must_be_integers(pair, config):
+    mel, labels = random_batch(config, 2, 20, 4)
+    for call in both(pair, mel, labels.astype(np.float32), loss=True):
+        with pytest.raises(InputError, match="labels must be integer token ids"):
+            call()

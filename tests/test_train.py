@@ -190,37 +190,119 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
-def test_sigterm_saves_and_stops_cleanly_and_a_kill_keeps_the_last_checkpoint(dataset, tmp_path):
+def test_ctrl_c_and_sigterm_save_and_stop_cleanly_and_a_kill_keeps_the_last_checkpoint(dataset, tmp_path):
     config = tiny_train_config(dataset, tmp_path, steps=10_000, eval_data=None, save_every=2)
     log = tmp_path / "run" / "logs" / "metrics.jsonl"
 
-    def trained_steps() -> int:
+    def logged_steps() -> int:
+        """Train records in the log (a resumed run appends to it)."""
         return len(read_metrics(log, "train")) if log.exists() else 0
 
-    process = run_train_cli(cli_args(config))
-    wait_for(lambda: trained_steps() >= 3)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
-    summary = json.loads(out.strip().splitlines()[-1])
-    assert summary["stopped_early"] and summary["step"] >= 3
-    assert max(trainer_steps(tmp_path)) == summary["step"]  # saved where it stopped
+    def stop_with(args: list[str], signum: int, start: int, steps: int) -> tuple[int, str]:
+        """Run from step `start`; send `signum` once the run has logged `steps` steps. It must save
+        where it stops and exit 0."""
+        logged = logged_steps()
+        process = run_train_cli(args)
+        wait_for(lambda: logged_steps() >= logged + steps)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=120)
+        assert process.returncode == 0, err
+        summary = json.loads(out.strip().splitlines()[-1])
+        assert summary["stopped_early"] and summary["step"] >= start + steps
+        assert f"on {signal.Signals(signum).name}; checkpoint saved" in out + err
+        assert max(trainer_steps(tmp_path)) == summary["step"]  # saved where it stopped
+        return summary["step"], out
+
+    first, _ = stop_with(cli_args(config), signal.SIGINT, start=0, steps=3)  # Ctrl-C
 
     # SIGKILL at an arbitrary moment, saving every other step: the newest complete checkpoint loads.
     resume = [*cli_args(config), "--resume"]
     process = run_train_cli(resume)
     # Saves are asynchronous: wait until a newer checkpoint is complete, then kill while training
     # (and saving every other step) goes on.
-    wait_for(lambda: trained_steps() >= summary["step"] + 4 and max(trainer_steps(tmp_path)) > summary["step"])
+    wait_for(lambda: logged_steps() >= first + 4 and max(trainer_steps(tmp_path)) > first)
     process.kill()
     process.communicate()
     last = max(trainer_steps(tmp_path))
-    assert last > summary["step"]
-    again = run_train_cli([*resume, "--stop-at-step", str(last + 1)])
-    out, err = again.communicate(timeout=120)
-    assert again.returncode == 0, err
+    assert last > first
+
+    _, out = stop_with(resume, signal.SIGTERM, start=last, steps=2)  # preemption
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step {last}" in out
-    assert json.loads(out.strip().splitlines()[-1])["step"] == last + 1
+
+
+def test_resume_with_other_settings_names_every_difference(reference_run, dataset, capsys):
+    from train.__main__ import main
+
+    _, _, out = reference_run
+    same = tiny_train_config(dataset, out, export=("torch",), decode_eval=True, resume=True)
+    Trainer(same)  # the stored settings themselves pass
+    changed = dataclasses.replace(
+        same, learning_rate=1e-3, model={**TINY_MODEL, "decoder_rotary": True}, eval_every=2, stop_at_step=9
+    )
+    assert main(cli_args(changed)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {out / 'run'}: --resume with settings")
+    assert "model.decoder_rotary: False -> True" in err and "learning_rate: 0.003 -> 0.001" in err
+    assert "eval_every" not in err and "stop_at_step" not in err
+
+
+def corrupt(step_folder: Path) -> None:
+    """Overwrite every file of a checkpoint with random bytes (a bad disk, a half-copied folder)."""
+    for path in step_folder.rglob("*"):
+        if path.is_file():
+            path.write_bytes(os.urandom(max(path.stat().st_size, 16)))
+
+
+def test_an_unreadable_checkpoint_is_named_and_the_run_resumes_from_the_one_before(
+    reference_run, dataset, tmp_path, capsys
+):
+    reference, _, ref_out = reference_run
+    import shutil
+
+    shutil.copytree(ref_out / "run", tmp_path / "run")
+    corrupt(tmp_path / "run" / "checkpoints" / "6")
+    config = tiny_train_config(dataset, tmp_path, resume=True, export=("torch",), decode_eval=True)
+    resumed = Trainer(config)
+    assert resumed.run().step == 6
+    captured = capsys.readouterr()
+    assert "warning: checkpoint step 6 cannot be read (" in captured.err and "resuming from step 3" in captured.err
+    assert "at step 3" in captured.out
+    ours, expected = params_of(resumed), params_of(reference)
+    assert all(np.array_equal(ours[name], expected[name]) for name in expected)  # exactly the same run
+    assert [p.name.split("-")[0] for p in (tmp_path / "run" / "checkpoints-unreadable").iterdir()] == ["6"]
+
+    # With no readable checkpoint at all, the command says so in one line.
+    from train.__main__ import main
+
+    for step in trainer_steps(tmp_path):
+        corrupt(tmp_path / "run" / "checkpoints" / str(step))
+    capsys.readouterr()
+    assert main([*cli_args(config), "--resume"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: no checkpoint in") and "step 6:" in error and "step 3:" in error
+
+
+def test_a_non_finite_model_is_not_exported_and_bad_labels_stop_at_the_batch(reference_run, tmp_path):
+    import copy
+
+    from convert.checkpoints import NonFiniteError
+    from train.data import DataError
+    from train.run_folder import RunFolder
+
+    trainer = copy.copy(reference_run[0])  # the same compiled steps, another folder and state
+    trainer.folder = RunFolder(tmp_path / "run")
+    nan = jax.tree.map(lambda x: x * np.nan, trainer.state.params)
+    trainer.state = trainer.state.replace(params=nan)
+    with pytest.raises(NonFiniteError, match="hold NaN or infinity: decoder"):
+        trainer.export()
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+    mel = np.zeros((8, 80, 64), np.float32)
+    for bad in (-5, 258):
+        labels = np.full((8, 4), -100, np.int32)
+        labels[3, 1] = bad
+        with pytest.raises(DataError, match=f"a batch holds label {bad}: labels must be token ids in \\[0, 258\\)"):
+            trainer.to_device({"mel": mel, "labels": labels})
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops(dataset, tmp_path):

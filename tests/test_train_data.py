@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +162,140 @@ def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     np.testing.assert_array_equal(restored["w"], [2, 2, 2])
     assert data == {"next_index": 2} and meta == {"step": 2}
     checkpoints.close()
+
+
+def test_bad_manifest_rows_are_errors_naming_file_and_line(tmp_path):
+    cases = {
+        "null.jsonl": ('{"audio": "a.wav", "text": "x"}\nnull\n', r"null\.jsonl:2: expected an object"),
+        "number.jsonl": ("7\n", r"number\.jsonl:1: expected an object with 'audio' and 'text', got 7"),
+        "path.jsonl": ('{"audio": 5, "text": "x"}\n', r"path\.jsonl:1: 'audio' must be a non-empty string, got 5"),
+        "text.jsonl": ('{"audio": "a.wav", "text": null}\n', r"text\.jsonl:1: 'text' must be a non-empty string"),
+        "ragged.csv": ("audio,text\na.wav,hi\nb.wav,hi,extra\n", r"ragged\.csv:3: 3 fields where the header has 2"),
+        "short.csv": ("audio,text\na.wav\n", r"short\.csv:2: 1 fields where the header has 2"),
+        "latin1.jsonl": (b'{"audio": "\xe9.wav", "text": "x"}\n', r"latin1\.jsonl: not UTF-8 text"),
+        "empty.csv": ("", r"empty\.csv: the manifest is empty"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        with pytest.raises(DataError, match=message):
+            read_records(path, "train")
+
+
+def test_audio_with_nan_samples_is_skipped_by_name(tmp_path, capsys):
+    rows = write_rows(tmp_path, [0.2, 0.3], ["ab", "cd"])
+    audio = soundfile.read(tmp_path / "a1.wav", dtype="float32")[0]
+    audio[500] = np.nan
+    soundfile.write(tmp_path / "a1.wav", audio, 16000, subtype="FLOAT")
+    stats = DataStats()
+    assert featurizer().load_example({"audio": str(tmp_path / "a1.wav"), "text": "cd"}, stats) is None
+    assert featurizer().load_example({"audio": str(tmp_path / "a0.wav"), "text": rows[0]["text"]}, stats)
+    assert stats.skipped == {str(tmp_path / "a1.wav"): "holds NaN or infinite samples (the first at 0.03 s)"}
+    assert "a1.wav: holds NaN or infinite samples" not in capsys.readouterr().out  # warnings go to stderr
+
+
+def next_within(iterator, seconds: float = 60.0):
+    """next(iterator), or a test failure if it does not return in time (instead of hanging)."""
+    import threading
+
+    result = {}
+
+    def pull():
+        try:
+            result["value"] = next(iterator)
+        except Exception as error:
+            result["error"] = error
+
+    thread = threading.Thread(target=pull, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"next() did not return within {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+def test_unusable_rows_are_counted_per_split_by_row(tmp_path):
+    """Six rows naming one clip that is too long: an error, not an endless wait. And missing
+    evaluation files do not make a training split with good rows look unusable."""
+    long_clip = write_rows(tmp_path, [1.0], ["x"])[0]["audio"]  # 1 s > the 0.64 s this model takes
+    (tmp_path / "same.jsonl").write_text(
+        "".join(json.dumps({"audio": long_clip, "text": "x"}) + "\n" for _ in range(6))
+    )
+    batches = train_batches(read_records(tmp_path / "same.jsonl", "train"), featurizer(), 2, 0, DataStats())
+    with pytest.raises(DataError, match="none of the 6 training rows can be used"):
+        next_within(batches)
+
+    stats = DataStats()
+    missing = [{"audio": str(tmp_path / f"gone{i}.wav"), "text": "a"} for i in range(13)]
+    with pytest.raises(DataError, match="the evaluation split has no usable rows"):
+        eval_batches(missing, featurizer(), 4, stats)
+    assert len(stats.skipped) == 13
+    good = [
+        {"audio": str(tmp_path / r["audio"]), "text": r["text"]}
+        for r in write_rows(tmp_path, [0.2] * 11, "abcdefghijk")
+    ]
+    batch = next_within(train_batches(good, featurizer(), 2, 0, stats))
+    assert batch["labels"].shape[0] == 2
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ('decode_eval = "no"', r"decode_eval must be true or false, got 'no' \(str\)"),
+        ("warmup_steps = true", r"warmup_steps must be an integer, got True \(bool\)"),
+        ("steps = 6.5", r"steps must be an integer, got 6.5 \(float\)"),
+        ("learning_rate = inf", "learning_rate must be a finite number, got inf"),
+        ("final_lr_ratio = nan", "final_lr_ratio must be a finite number, got nan"),
+        ("final_lr_ratio = 2.0", r"final_lr_ratio must be in \[0, 1\], got 2.0"),
+        ("audio_buckets = [64, 8.7]", r"audio_buckets must be a list of integers, got \(64, 8.7\)"),
+        ('export = ["onnx"]', "export takes formats from flax, torch, got onnx"),
+        ("[model]\nn_text_layer = 8.7", r"n_text_layer must be an integer, got 8.7"),
+        ("[model]\nrotary_base = nan", "rotary_base must be a finite number, got nan"),
+    ],
+)
+def test_settings_of_the_wrong_type_or_range_are_one_line_errors(tmp_path, capsys, setting, message):
+    from train.__main__ import main
+
+    (tmp_path / "run.toml").write_text(setting + "\n")
+    assert main(["--config", str(tmp_path / "run.toml"), "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("null", "training settings must be a table of names to values, got NoneType"),
+        ("7", "training settings must be a table of names to values, got int"),
+        ("{nope", "not valid JSON"),
+    ],
+)
+def test_settings_files_that_are_not_tables_are_one_line_errors(tmp_path, capsys, content, message):
+    from train.__main__ import main
+
+    (tmp_path / "run.json").write_text(content)
+    assert main(["--config", str(tmp_path / "run.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and message in err and str(tmp_path / "run.json") in err
+
+
+def test_non_finite_flags_are_refused(capsys):
+    from train.__main__ import main
+
+    assert main(["--learning-rate", "inf", "--print-config"]) == 2
+    assert "learning_rate must be a finite number, got inf" in capsys.readouterr().err
+    assert main(["--final-lr-ratio", "nan", "--print-config"]) == 2
+    assert "final_lr_ratio must be a finite number, got nan" in capsys.readouterr().err
+
+
+def test_print_config_shows_the_resolved_model(capsys):
+    from train.__main__ import main
+
+    assert main(["--print-config", "--model", "n_text_layer=3"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["model"]["n_text_layer"] == 3 and shown["model"]["n_audio_state"] == DEMO_MODEL["n_audio_state"]
+    assert shown["run_dir"] == "runs/demo"
+    assert main(["--print-config", "--size", "huge"]) == 2
+    assert "unknown size 'huge'" in capsys.readouterr().err

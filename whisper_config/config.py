@@ -109,9 +109,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-# A bound checked before anything is built: a config claiming a million layers must be an error,
-# not an hour-long allocation. Whisper large-v3 has 1.55 billion parameters.
+# Bounds checked before anything is built: a config claiming a million layers must be an error,
+# not an hour-long allocation. Whisper large-v3 has 1.55 billion parameters in 32 + 32 layers.
 MAX_PARAMETERS = 100_000_000_000
+MAX_LAYERS = 1024
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,11 @@ class ModelConfig:
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("n_audio_layer", "n_text_layer"):
+            if getattr(self, name) > MAX_LAYERS:
+                raise ConfigError(
+                    f"{name}={getattr(self, name)} is more than the {MAX_LAYERS} layers per side this project builds"
+                )
         size = self.approximate_parameters()
         if size > MAX_PARAMETERS:
             dims = ", ".join(f"{name}={getattr(self, name)}" for name in OPENAI_DIM_FIELDS)
