@@ -1,14 +1,18 @@
 """Multi-head attention with an explicit KV cache (SPEC sections 4.1, 4.2 and 4.5), mirroring
 `torch_ref/attention.py`.
 
+What a module attends to is a `kernel.Mask` (causal, a band `window`); how is `kernel.attend`.
 Options used by the other mechanisms: a band `window` (hybrid's local branch), a learned
 `temperature` (one scalar, init `dh ** -0.5`), and a per-head `content_bias` (`BiasedAttention`
-sets it). The cache is a plain dict pytree passed in and returned, so a jitted decoding loop can
-carry it:
+sets it). Heads are an axis of their own from projection to output, and so are the caches, so
+a decoding step writes one row and reshapes nothing. The cache is a plain dict pytree passed in
+and returned, so a jitted decoding loop can carry it:
 
-- self-attention: `{"k": (B, L, d), "v": (B, L, d)}`, buffers of fixed capacity `L` written at
-  `offset` (which may be traced); the causal mask hides every slot after the current position.
-- cross-attention: `{"k": (B, S, d), "v": (B, S, d)}`, projected once from the encoder output.
+- self-attention: `{"k": (B, L, H, dh), "v": (B, L, H, dh)}`, buffers of fixed capacity `L`
+  written at `offset` (which may be traced); the causal mask hides every slot after the current
+  position;
+- cross-attention: `{"k": (B, S, H, dh), "v": (B, S, H, dh)}`, projected once from the encoder
+  output.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flax_whisper.kernel import Mask, attend
 from flax_whisper.layers import Linear
 from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -24,64 +29,21 @@ from whisper_config import ModelConfig
 Cache = dict[str, jax.Array]
 
 
-def position_mask(offset, length: int, n_keys: int, causal: bool, window: int | None) -> jax.Array | None:
-    """`(T, S)` bool or None: may the query at `offset + i` see key `j`?
-
-    causal: `j <= offset + i`; window: `|offset + i - j| <= window` (both: the past band).
-    """
-    if not causal and window is None:
-        return None
-    q_pos = offset + jnp.arange(length)[:, None]  # (T, 1)
-    k_pos = jnp.arange(n_keys)[None, :]  # (1, S)
-    mask = k_pos <= q_pos if causal else jnp.ones((length, n_keys), bool)
-    if window is not None:
-        mask = mask & (jnp.abs(q_pos - k_pos) <= window)
-    return mask
+def split_heads(x: jax.Array, n_head: int) -> jax.Array:
+    """(B, T, d) -> (B, T, H, dh)"""
+    b, t, d = x.shape
+    return x.reshape(b, t, n_head, d // n_head)
 
 
-def attention_weights(
-    q: jax.Array,
-    k: jax.Array,
-    n_head: int,
-    scale: float | jax.Array,
-    mask: jax.Array | None,
-    content_bias: jax.Array | None = None,
-) -> jax.Array:
-    """Softmax attention weights, float32.
-
-    q (B, T, d), k (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh) added to
-    every query -> (B, H, T, S)
-    """
-    b, t, d = q.shape
-    q = q.reshape(b, t, n_head, d // n_head)  # (B, T, H, dh)
-    if content_bias is not None:
-        q = q + content_bias.astype(q.dtype)
-    k = k.reshape(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
-    logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) * scale  # (B, H, T, S)
-    if mask is not None:
-        logits = jnp.where(mask, logits, -jnp.inf)
-    return jax.nn.softmax(logits, axis=-1)
+def smallest(*capacities: int | None) -> int | None:
+    """The smallest cache capacity of a module's branches (None: a branch that never fills up)."""
+    return min((c for c in capacities if c is not None), default=None)
 
 
-def mix_values(weights: jax.Array, v: jax.Array, dropout: nnx.Dropout) -> jax.Array:
-    """weights (B, H, T, S), v (B, S, d) -> (B, T, d); dropout on the weights."""
-    b, h, t, s = weights.shape
-    v = v.reshape(b, s, h, -1)  # (B, S, H, dh)
-    return jnp.einsum("bhts,bshd->bthd", dropout(weights.astype(v.dtype)), v).reshape(b, t, -1)
-
-
-def attend(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    n_head: int,
-    scale: float | jax.Array,
-    mask: jax.Array | None,
-    dropout: nnx.Dropout,
-    content_bias: jax.Array | None = None,
-) -> jax.Array:
-    """Scaled dot-product attention over heads; softmax in float32. q (B, T, d), k, v (B, S, d) -> (B, T, d)"""
-    return mix_values(attention_weights(q, k, n_head, scale, mask, content_bias), v, dropout)
+def merge_heads(x: jax.Array) -> jax.Array:
+    """(B, T, H, dh) -> (B, T, d)"""
+    b, t, h, dh = x.shape
+    return x.reshape(b, t, h * dh)
 
 
 def value_or_none(param: nnx.Variable | None) -> jax.Array | None:
@@ -108,6 +70,7 @@ class MultiHeadAttention(nnx.Module):
         self.n_head = n_head
         self.rotary_base = config.rotary_base if rotary else None
         self.window = window
+        self.implementation = config.attention_implementation
         self.query = Linear(n_state, n_state, rngs=rngs)
         self.key = Linear(n_state, n_state, bias=False, rngs=rngs)
         self.value = Linear(n_state, n_state, rngs=rngs)
@@ -132,43 +95,69 @@ class MultiHeadAttention(nnx.Module):
         keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.
         """
         if xa is not None:
-            q = self.query(x)
-            if cache is None:
-                k, v = self.key(xa), self.value(xa)
-            else:
-                k, v = cache["k"], cache["v"]
-            mask = None
+            q = self.queries(x)
+            k, v = (cache["k"], cache["v"]) if cache is not None else self.keys_values(xa)
+            y = self.attend(q, k, v, Mask())
         else:
             q, k, v, cache = self.project_self(x, cache, offset)
-            mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window)
-        bias = value_or_none(self.content_bias)
-        y = attend(q, k, v, self.n_head, self.attention_scale(), mask, self.attention_dropout, bias)
-        return self.out(y), cache
+            y = self.attend(q, k, v, Mask(causal=causal, window=self.window), offset=offset)
+        return self.out(merge_heads(y)), cache
 
     def attention_scale(self) -> float | jax.Array:
         return self.scale if self.temperature is None else self.temperature[...]
 
-    def project_self(self, x: jax.Array, cache: Cache | None, offset):
-        """Self-attention q (B, T, d) and k, v (B, S, d): rotated by position when rotary, and
-        written into the cache (then S is its capacity) when given."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        if self.rotary_base is not None:
-            # New tokens sit at offset .. offset + T; cached keys were rotated when written.
-            positions = offset + jnp.arange(x.shape[1])
-            q = apply_rotary(q, positions, self.n_head, self.rotary_base)
-            k = apply_rotary(k, positions, self.n_head, self.rotary_base)
+    def attend(self, q, k, v, mask: Mask, offset=0, return_lse: bool = False):
+        """`kernel.attend` with this module's scale, dropout and implementation."""
+        return attend(
+            q,
+            k,
+            v,
+            mask,
+            scale=self.attention_scale(),
+            offset=offset,
+            implementation=self.implementation,
+            dropout=self.attention_dropout,
+            return_lse=return_lse,
+        )
+
+    def queries(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x (B, T, d) -> q (B, T, H, dh): rotated at `positions` (self-attention with rotary),
+        then shifted by the content bias (biased attention: `u` is added after rotary)."""
+        q = split_heads(self.query(x), self.n_head)
+        if positions is not None and self.rotary_base is not None:
+            q = apply_rotary(q, positions, self.rotary_base)
+        if self.content_bias is not None:
+            q = q + self.content_bias[...].astype(q.dtype)
+        return q
+
+    def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """x (B, S, d) -> k, v (B, S, H, dh), unrotated (cross-attention, memory slots)."""
+        return split_heads(self.key(x), self.n_head), split_heads(self.value(x), self.n_head)
+
+    def project_self(self, x: jax.Array, cache: Cache | None, offset, prefix: int = 0):
+        """Self-attention q (B, T, H, dh) and k, v (B, S, H, dh): rotated by position when
+        rotary, and written into the cache (then S is its capacity) at `prefix + offset` when given."""
+        positions = offset + jnp.arange(x.shape[1])  # new tokens sit at offset .. offset + T
+        q = self.queries(x, positions)
+        k, v = self.keys_values(x)
+        if self.rotary_base is not None:  # cached keys were rotated when written
+            k = apply_rotary(k, positions, self.rotary_base)
         if cache is not None:
-            # Write the new rows at offset .. offset + T of the fixed-size buffers.
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), offset, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), offset, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), prefix + offset, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), prefix + offset, axis=1)
             cache = {"k": k, "v": v}
         return q, k, v, cache
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
-        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, d)."""
-        shape = (batch, length, self.out.out_features)
+        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, H, dh)."""
+        shape = (batch, length, self.n_head, self.out.out_features // self.n_head)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
+    def cache_capacity(self, cache: Cache) -> int | None:
+        """Tokens the self-attention cache holds (the key buffers may carry a leading layer axis)."""
+        return cache["k"].shape[-3]
+
     def init_cross_cache(self, xa: jax.Array) -> Cache:
-        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, d)."""
-        return {"k": self.key(xa), "v": self.value(xa)}
+        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, H, dh)."""
+        k, v = self.keys_values(xa)
+        return {"k": k, "v": v}

@@ -49,3 +49,7 @@ class DynamicConvAttention(nnx.Module):
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
         """The values of the `K - 1` positions before the first token: zeros, (B, K - 1, d)."""
         return {"v": jnp.zeros((batch, self.kernel_size - 1, self.out.out_features), dtype)}
+
+    def cache_capacity(self, cache: Cache) -> None:
+        """A fixed window of past values: it never fills up."""
+        return None

@@ -51,3 +51,10 @@ class HybridAttention(nnx.Module):
             "local_attn": self.local_attn.init_cache(batch, length, dtype),
             "global_attn": self.global_attn.init_cache(batch, length, dtype),
         }
+
+    def cache_capacity(self, cache: Cache) -> int | None:
+        sizes = [
+            self.local_attn.cache_capacity(cache["local_attn"]),
+            self.global_attn.cache_capacity(cache["global_attn"]),
+        ]
+        return min((s for s in sizes if s is not None), default=None)

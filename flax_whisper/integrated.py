@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from flax_whisper.attention import smallest
 from flax_whisper.dynamic_conv import DynamicConvAttention
 from flax_whisper.hybrid import HybridAttention
 from flax_whisper.layers import make_norm
@@ -40,3 +41,8 @@ class IntegratedAttention(nnx.Module):
             "hybrid": self.hybrid.init_cache(batch, length, dtype),
             "memory_attn": self.memory_attn.init_cache(batch, length, dtype),
         }
+
+    def cache_capacity(self, cache: Cache) -> int | None:
+        return smallest(
+            self.hybrid.cache_capacity(cache["hybrid"]), self.memory_attn.cache_capacity(cache["memory_attn"])
+        )

@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.attention import Cache, attention_weights, mix_values, position_mask, value_or_none
+from flax_whisper.attention import Cache, merge_heads
 from flax_whisper.biased import BiasedAttention
+from flax_whisper.kernel import Mask
 from flax_whisper.layers import Buffer, Linear
 from whisper_config import ModelConfig
 
@@ -22,6 +23,9 @@ class MemoryState(Buffer):
 
 
 class AugmentedMemory(BiasedAttention):
+    """The slots are the first `m` keys and values, seen by every query (a `Mask` prefix); a
+    decoding cache holds them in its first `m` rows, projected once by `init_cache`."""
+
     def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, *, rngs: nnx.Rngs):
         super().__init__(n_state, n_head, config, rotary, rngs=rngs)
         init = jax.nn.initializers.normal(n_state**-0.5)
@@ -35,25 +39,41 @@ class AugmentedMemory(BiasedAttention):
         self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0
     ) -> tuple[jax.Array, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`."""
-        b, t, _ = x.shape
         m = self.memory.shape[0]
-        q, k, v, cache = self.project_self(x, cache, offset)  # k, v (B, S, d)
-        slots = (self.memory[...] + self.memory_state[...]).astype(x.dtype)  # (m, d)
-        keys = jnp.concatenate([jnp.broadcast_to(self.key(slots), (b, *slots.shape)), k], axis=1)  # (B, m + S, d)
-        values = jnp.concatenate([jnp.broadcast_to(self.value(slots), (b, *slots.shape)), v], axis=1)
-        mask = position_mask(offset, t, k.shape[1], causal, None)  # (T, S) or None
-        if mask is not None:
-            mask = jnp.concatenate([jnp.ones((t, m), bool), mask], axis=1)
-        weights = attention_weights(
-            q, keys, self.n_head, self.attention_scale(), mask, value_or_none(self.content_bias)
-        )
-        y = self.out(mix_values(weights, values, self.attention_dropout))
-        if not self.deterministic and self.memory_update is not None:
-            self.memory_state[...] = self.written_state(weights[..., :m].mean(1), y)
+        q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v (B, m + S, H, dh) with a cache
+        if cache is None:
+            slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
+            k, v = jnp.concatenate([slot_k, k], axis=1), jnp.concatenate([slot_v, v], axis=1)  # (B, m + S, H, dh)
+        write = not self.deterministic and self.memory_update is not None
+        out = self.attend(q, k, v, Mask(causal=causal, prefix=m), offset=offset, return_lse=write)
+        y = self.out(merge_heads(out[0] if write else out))
+        if write:
+            self.memory_state[...] = self.written_state(self.slot_weights(q, k[:, :m], out[1]), y)
         return y, cache
+
+    def slot_keys_values(self, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
+        """Keys and values of `memory + memory_state` (no position, no rotary): (B, m, H, dh) each."""
+        slots = (self.memory[...] + self.memory_state[...]).astype(dtype)[None]  # (1, m, d)
+        k, v = self.keys_values(slots)
+        return jnp.broadcast_to(k, (batch, *k.shape[1:])), jnp.broadcast_to(v, (batch, *v.shape[1:]))
+
+    def slot_weights(self, q: jax.Array, slot_k: jax.Array, lse: jax.Array) -> jax.Array:
+        """Head-mean attention weight of every query on every slot, from a small separate product:
+        q (B, T, H, dh), slot_k (B, m, H, dh), lse (B, T, H) of the full softmax -> (B, T, m)."""
+        logits = jnp.einsum("bthd,bshd->bths", q, slot_k, preferred_element_type=jnp.float32)
+        return jnp.exp(logits * self.attention_scale() - lse[..., None]).mean(axis=2)
 
     def written_state(self, slot_weights: jax.Array, y: jax.Array) -> jax.Array:
         """slot_weights (B, T, m) head-mean, y (B, T, d) -> the next `memory_state` (m, d)."""
         w = self.memory_update(y).astype(jnp.float32)  # (B, T, d)
         delta = jnp.einsum("bts,btd->sd", slot_weights, w) / (slot_weights.sum((0, 1))[:, None] + 1e-6)
         return (1 - self.momentum) * self.memory_state[...] + self.momentum * jax.lax.stop_gradient(delta)
+
+    def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
+        """The slots' keys and values in the first `m` rows, then `length` empty ones: (B, m + L, H, dh)."""
+        slot_k, slot_v = self.slot_keys_values(batch, dtype)
+        empty = super().init_cache(batch, length, dtype)
+        return {"k": jnp.concatenate([slot_k, empty["k"]], axis=1), "v": jnp.concatenate([slot_v, empty["v"]], axis=1)}
+
+    def cache_capacity(self, cache: Cache) -> int:
+        return cache["k"].shape[-3] - self.memory.shape[0]

@@ -16,7 +16,7 @@ from flax_whisper.blocks import ResidualAttentionBlock
 from flax_whisper.layers import Conv1d, Embedding, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
-from whisper_config.checks import cache_capacity, check_cache_offset, check_dtype, check_same_batch
+from whisper_config.checks import check_cache_offset, check_dtype, check_same_batch
 
 IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
@@ -97,7 +97,7 @@ class TextDecoder(nnx.Module):
         check_dtype("tokens", tokens.dtype, jnp.issubdtype(tokens.dtype, jnp.integer), "integer token ids")
         check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
         _check_token_values(self.config, tokens)
-        capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
+        capacity = None if cache is None else self.blocks[0].attn.cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
             check_cache_offset(self.config, start, length, capacity)
         x = self.token_embedding(tokens)  # (B, T, d)

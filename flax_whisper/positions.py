@@ -48,13 +48,13 @@ def lookup_positions(table: jax.Array, offset, length: int, what: str, normalize
     return rows
 
 
-def apply_rotary(x: jax.Array, positions: jax.Array, n_head: int, base: float) -> jax.Array:
-    """Rotate every head of `x (B, T, d)` by its `positions (T,)`; computed in float32."""
-    b, t, d = x.shape
-    inv_freq = jnp.asarray(tables.rotary_inv_freq(d // n_head, base))  # (dh/2,)
+def apply_rotary(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotate every head of `x (B, T, H, dh)` by its `positions (T,)`; computed in float32."""
+    b, t, h, dh = x.shape
+    inv_freq = jnp.asarray(tables.rotary_inv_freq(dh, base))  # (dh/2,)
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, dh/2)
     cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # (T, 1, dh/2)
-    pairs = x.astype(jnp.float32).reshape(b, t, n_head, d // n_head // 2, 2)  # (B, T, H, dh/2, 2)
+    pairs = x.astype(jnp.float32).reshape(b, t, h, dh // 2, 2)  # (B, T, H, dh/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)  # (B, T, H, dh/2, 2)
-    return rotated.reshape(b, t, d).astype(x.dtype)
+    return rotated.reshape(b, t, h, dh).astype(x.dtype)

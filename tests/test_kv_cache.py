@@ -92,5 +92,6 @@ def test_cache_is_a_pytree(pair, config):
     leaves = jax.tree.leaves(cache)
     layer = cache["layers"][0]
     assert len(leaves) == 1 + 4 * config.n_text_layer
-    assert layer["attn"]["k"].shape == (3, config.n_text_ctx, config.n_text_state)
-    assert layer["cross_attn"]["k"].shape == (3, 4, config.n_text_state)
+    heads = config.n_text_head
+    assert layer["attn"]["k"].shape == (3, config.n_text_ctx, heads, config.n_text_state // heads)
+    assert layer["cross_attn"]["k"].shape == (3, 4, heads, config.n_text_state // heads)

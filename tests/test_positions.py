@@ -17,9 +17,13 @@ N_HEAD, WIDTH = 4, 32
 
 
 def rotate(framework: str, x: np.ndarray, positions: np.ndarray, base: float = 10000.0) -> np.ndarray:
+    """x (B, T, d) rotated per head of width d / N_HEAD -> (B, T, d)"""
+    heads = x.reshape(*x.shape[:2], N_HEAD, -1)
     if framework == "torch":
-        return tpos.apply_rotary(torch.from_numpy(x), torch.from_numpy(positions), N_HEAD, base).numpy()
-    return np.asarray(fpos.apply_rotary(jnp.asarray(x), jnp.asarray(positions), N_HEAD, base))
+        rotated = tpos.apply_rotary(torch.from_numpy(heads), torch.from_numpy(positions), base).numpy()
+    else:
+        rotated = np.asarray(fpos.apply_rotary(jnp.asarray(heads), jnp.asarray(positions), base))
+    return rotated.reshape(x.shape)
 
 
 def head_scores(q: np.ndarray, k: np.ndarray) -> np.ndarray:

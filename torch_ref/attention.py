@@ -1,22 +1,24 @@
 """Multi-head attention with an explicit KV cache (SPEC sections 4.1, 4.2 and 4.5).
 
-OpenAI Whisper's attention: `query` (bias), `key` (no bias), `value` (bias), `out` (bias). Options
+OpenAI Whisper's attention: `query` (bias), `key` (no bias), `value` (bias), `out` (bias). What a
+module attends to is a `kernel.Mask` (causal, a band `window`); how is `kernel.attend`. Options
 used by the other mechanisms: a band `window` (hybrid's local branch), a learned `temperature`
 (one scalar, init `dh ** -0.5`), and a per-head `content_bias` (`BiasedAttention` sets it).
+Heads are an axis of their own from projection to output, and so are the caches.
 
 The cache is a plain dict passed in and returned, never module state:
 
-- self-attention: `{"k": (B, L, d), "v": (B, L, d)}`, buffers of fixed capacity `L` written at
-  `offset`; the causal mask hides every slot after the current position, unwritten ones included.
-- cross-attention: `{"k": (B, S, d), "v": (B, S, d)}`, projected once from the encoder output.
+- self-attention: `{"k": (B, L, H, dh), "v": (B, L, H, dh)}`, buffers of fixed capacity `L`
+  written at `offset`; the causal mask hides every slot after the current position;
+- cross-attention: `{"k": (B, S, H, dh), "v": (B, S, H, dh)}`, projected once from the encoder output.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_ref.kernel import Mask, attend
 from torch_ref.layers import Linear
 from torch_ref.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -24,61 +26,21 @@ from whisper_config import ModelConfig
 Cache = dict[str, Tensor]
 
 
-def position_mask(
-    offset: int, length: int, n_keys: int, causal: bool, window: int | None, device: torch.device
-) -> Tensor | None:
-    """`(T, S)` bool or None: may the query at `offset + i` see key `j`?
-
-    causal: `j <= offset + i`; window: `|offset + i - j| <= window` (both: the past band).
-    """
-    if not causal and window is None:
-        return None
-    q_pos = offset + torch.arange(length, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(n_keys, device=device)[None, :]  # (1, S)
-    mask = k_pos <= q_pos if causal else torch.ones(length, n_keys, dtype=torch.bool, device=device)
-    if window is not None:
-        mask = mask & ((q_pos - k_pos).abs() <= window)
-    return mask
+def split_heads(x: Tensor, n_head: int) -> Tensor:
+    """(B, T, d) -> (B, T, H, dh)"""
+    b, t, d = x.shape
+    return x.view(b, t, n_head, d // n_head)
 
 
-def attention_weights(
-    q: Tensor, k: Tensor, n_head: int, scale: float | Tensor, mask: Tensor | None, content_bias: Tensor | None = None
-) -> Tensor:
-    """Softmax attention weights, float32.
-
-    q (B, T, d), k (B, S, d), mask broadcastable to (B, H, T, S), content_bias (H, dh) added to
-    every query -> (B, H, T, S)
-    """
-    b, t, d = q.shape
-    q = q.view(b, t, n_head, d // n_head)  # (B, T, H, dh)
-    if content_bias is not None:
-        q = q + content_bias.to(q.dtype)
-    k = k.view(b, k.shape[1], n_head, d // n_head)  # (B, S, H, dh)
-    logits = torch.einsum("bthd,bshd->bhts", q, k).float() * scale  # (B, H, T, S)
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return F.softmax(logits, dim=-1)
+def smallest(*capacities: int | None) -> int | None:
+    """The smallest cache capacity of a module's branches (None: a branch that never fills up)."""
+    return min((c for c in capacities if c is not None), default=None)
 
 
-def mix_values(weights: Tensor, v: Tensor, dropout: nn.Dropout) -> Tensor:
-    """weights (B, H, T, S), v (B, S, d) -> (B, T, d); dropout on the weights."""
-    b, h, t, s = weights.shape
-    v = v.view(b, s, h, -1)  # (B, S, H, dh)
-    return torch.einsum("bhts,bshd->bthd", dropout(weights.to(v.dtype)), v).reshape(b, t, -1)
-
-
-def attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    n_head: int,
-    scale: float | Tensor,
-    mask: Tensor | None,
-    dropout: nn.Dropout,
-    content_bias: Tensor | None = None,
-) -> Tensor:
-    """Scaled dot-product attention over heads; softmax in float32. q (B, T, d), k, v (B, S, d) -> (B, T, d)"""
-    return mix_values(attention_weights(q, k, n_head, scale, mask, content_bias), v, dropout)
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, T, H, dh) -> (B, T, d)"""
+    b, t, h, dh = x.shape
+    return x.reshape(b, t, h * dh)
 
 
 class MultiHeadAttention(nn.Module):
@@ -93,6 +55,7 @@ class MultiHeadAttention(nn.Module):
         self.n_head = n_head
         self.rotary_base = config.rotary_base if rotary else None
         self.window = window
+        self.implementation = config.attention_implementation
         self.query = Linear(n_state, n_state)
         self.key = Linear(n_state, n_state, bias=False)
         self.value = Linear(n_state, n_state)
@@ -118,46 +81,73 @@ class MultiHeadAttention(nn.Module):
         keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.
         """
         if xa is not None:
-            q = self.query(x)
-            if cache is None:
-                k, v = self.key(xa), self.value(xa)
-            else:
-                k, v = cache["k"], cache["v"]
-            mask = None
+            q = self.queries(x)
+            k, v = (cache["k"], cache["v"]) if cache is not None else self.keys_values(xa)
+            y = self.attend(q, k, v, Mask())
         else:
             q, k, v, cache = self.project_self(x, cache, offset)
-            mask = position_mask(offset, x.shape[1], k.shape[1], causal, self.window, x.device)
-        y = attend(q, k, v, self.n_head, self.attention_scale(), mask, self.attention_dropout, self.content_bias)
-        return self.out(y), cache
+            y = self.attend(q, k, v, Mask(causal=causal, window=self.window), offset=offset)
+        return self.out(merge_heads(y)), cache
 
     def attention_scale(self) -> float | Tensor:
         return self.scale if self.temperature is None else self.temperature
 
-    def project_self(self, x: Tensor, cache: Cache | None, offset: int) -> tuple[Tensor, Tensor, Tensor, Cache | None]:
-        """Self-attention q (B, T, d) and k, v (B, S, d): rotated by position when rotary, and
-        written into the cache (then S is its capacity) when given."""
-        q, k, v = self.query(x), self.key(x), self.value(x)
-        if self.rotary_base is not None:
-            # New tokens sit at offset .. offset + T; cached keys were rotated when written.
-            positions = offset + torch.arange(x.shape[1], device=x.device)
-            q = apply_rotary(q, positions, self.n_head, self.rotary_base)
-            k = apply_rotary(k, positions, self.n_head, self.rotary_base)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Mask, offset: int = 0, return_lse: bool = False):
+        """`kernel.attend` with this module's scale, dropout and implementation."""
+        return attend(
+            q,
+            k,
+            v,
+            mask,
+            scale=self.attention_scale(),
+            offset=offset,
+            implementation=self.implementation,
+            dropout=self.attention_dropout,
+            return_lse=return_lse,
+        )
+
+    def queries(self, x: Tensor, positions: Tensor | None = None) -> Tensor:
+        """x (B, T, d) -> q (B, T, H, dh): rotated at `positions` (self-attention with rotary),
+        then shifted by the content bias (biased attention: `u` is added after rotary)."""
+        q = split_heads(self.query(x), self.n_head)
+        if positions is not None and self.rotary_base is not None:
+            q = apply_rotary(q, positions, self.rotary_base)
+        if self.content_bias is not None:
+            q = q + self.content_bias.to(q.dtype)
+        return q
+
+    def keys_values(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, S, d) -> k, v (B, S, H, dh), unrotated (cross-attention, memory slots)."""
+        return split_heads(self.key(x), self.n_head), split_heads(self.value(x), self.n_head)
+
+    def project_self(self, x: Tensor, cache: Cache | None, offset: int, prefix: int = 0):
+        """Self-attention q (B, T, H, dh) and k, v (B, S, H, dh): rotated by position when
+        rotary, and written into the cache (then S is its capacity) at `prefix + offset` when given."""
+        positions = offset + torch.arange(x.shape[1], device=x.device)  # new tokens sit at offset .. offset + T
+        q = self.queries(x, positions)
+        k, v = self.keys_values(x)
+        if self.rotary_base is not None:  # cached keys were rotated when written
+            k = apply_rotary(k, positions, self.rotary_base)
         if cache is not None:
-            # Write the new rows at offset .. offset + T of the fixed-size buffers.
-            index = torch.arange(offset, offset + x.shape[1], device=x.device)
+            index = prefix + positions
             k = cache["k"].index_copy(1, index, k.to(cache["k"].dtype))
             v = cache["v"].index_copy(1, index, v.to(cache["v"].dtype))
             cache = {"k": k, "v": v}
         return q, k, v, cache
 
     def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:
-        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, d)."""
-        shape = (batch, length, self.out.out_features)
+        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, H, dh)."""
+        shape = (batch, length, self.n_head, self.out.out_features // self.n_head)
         return {
             "k": torch.zeros(shape, dtype=dtype, device=device),
             "v": torch.zeros(shape, dtype=dtype, device=device),
         }
 
+    def cache_capacity(self, cache: Cache) -> int | None:
+        """Tokens the self-attention cache holds."""
+        return cache["k"].shape[-3]
+
     def init_cross_cache(self, xa: Tensor) -> Cache:
-        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, d)."""
-        return {"k": self.key(xa), "v": self.value(xa)}
+        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, H, dh)."""
+        k, v = self.keys_values(xa)
+        return {"k": k, "v": v}

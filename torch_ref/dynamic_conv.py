@@ -57,3 +57,7 @@ class DynamicConvAttention(nn.Module):
     def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:
         """The values of the `K - 1` positions before the first token: zeros, (B, K - 1, d)."""
         return {"v": torch.zeros(batch, self.kernel_size - 1, self.out.out_features, dtype=dtype, device=device)}
+
+    def cache_capacity(self, cache: Cache) -> None:
+        """A fixed window of past values: it never fills up."""
+        return None

@@ -50,3 +50,10 @@ class HybridAttention(nn.Module):
             "local_attn": self.local_attn.init_cache(batch, length, dtype, device),
             "global_attn": self.global_attn.init_cache(batch, length, dtype, device),
         }
+
+    def cache_capacity(self, cache: Cache) -> int | None:
+        sizes = [
+            self.local_attn.cache_capacity(cache["local_attn"]),
+            self.global_attn.cache_capacity(cache["global_attn"]),
+        ]
+        return min((s for s in sizes if s is not None), default=None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from torch_ref.attention import smallest
 from torch_ref.dynamic_conv import DynamicConvAttention
 from torch_ref.hybrid import HybridAttention
 from torch_ref.layers import make_norm
@@ -45,3 +46,8 @@ class IntegratedAttention(nn.Module):
             "hybrid": self.hybrid.init_cache(batch, length, dtype, device),
             "memory_attn": self.memory_attn.init_cache(batch, length, dtype, device),
         }
+
+    def cache_capacity(self, cache: Cache) -> int | None:
+        return smallest(
+            self.hybrid.cache_capacity(cache["hybrid"]), self.memory_attn.cache_capacity(cache["memory_attn"])
+        )

@@ -23,13 +23,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torch_ref.attention import Cache, attention_weights, mix_values, position_mask
+from torch_ref.attention import Cache, merge_heads
 from torch_ref.biased import BiasedAttention
+from torch_ref.kernel import Mask
 from torch_ref.layers import Linear
 from whisper_config import ModelConfig
 
 
 class AugmentedMemory(BiasedAttention):
+    """The slots are the first `m` keys and values, seen by every query (a `Mask` prefix); a
+    decoding cache holds them in its first `m` rows, projected once by `init_cache`."""
+
     def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False):
         super().__init__(n_state, n_head, config, rotary)
         self.memory = nn.Parameter(torch.randn(config.memory_size, n_state) * n_state**-0.5)
@@ -41,23 +45,41 @@ class AugmentedMemory(BiasedAttention):
         self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0
     ) -> tuple[Tensor, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`."""
-        b, t, _ = x.shape
         m = self.memory.shape[0]
-        q, k, v, cache = self.project_self(x, cache, offset)  # k, v (B, S, d)
-        slots = (self.memory + self.memory_state).to(x.dtype)  # (m, d)
-        keys = torch.cat([self.key(slots).expand(b, m, -1), k], dim=1)  # (B, m + S, d)
-        values = torch.cat([self.value(slots).expand(b, m, -1), v], dim=1)  # (B, m + S, d)
-        mask = position_mask(offset, t, k.shape[1], causal, None, x.device)  # (T, S) or None
-        if mask is not None:
-            mask = torch.cat([torch.ones(t, m, dtype=torch.bool, device=x.device), mask], dim=1)
-        weights = attention_weights(q, keys, self.n_head, self.attention_scale(), mask, self.content_bias)
-        y = self.out(mix_values(weights, values, self.attention_dropout))
-        if self.training and self.memory_update is not None:
-            self.memory_state = self.written_state(weights[..., :m].mean(1), y)
+        q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v (B, m + S, H, dh) with a cache
+        if cache is None:
+            slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
+            k, v = torch.cat([slot_k, k], dim=1), torch.cat([slot_v, v], dim=1)  # (B, m + S, H, dh)
+        write = self.training and self.memory_update is not None
+        out = self.attend(q, k, v, Mask(causal=causal, prefix=m), offset=offset, return_lse=write)
+        y = self.out(merge_heads(out[0] if write else out))
+        if write:
+            self.memory_state = self.written_state(self.slot_weights(q, k[:, :m], out[1]), y)
         return y, cache
+
+    def slot_keys_values(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values of `memory + memory_state` (no position, no rotary): (B, m, H, dh) each."""
+        slots = (self.memory + self.memory_state).to(dtype)[None]  # (1, m, d)
+        k, v = self.keys_values(slots)
+        return k.expand(batch, *k.shape[1:]), v.expand(batch, *v.shape[1:])
+
+    def slot_weights(self, q: Tensor, slot_k: Tensor, lse: Tensor) -> Tensor:
+        """Head-mean attention weight of every query on every slot, from a small separate product:
+        q (B, T, H, dh), slot_k (B, m, H, dh), lse (B, T, H) of the full softmax -> (B, T, m)."""
+        logits = torch.einsum("bthd,bshd->bths", q, slot_k).float()
+        return torch.exp(logits * self.attention_scale() - lse[..., None]).mean(dim=2)
 
     def written_state(self, slot_weights: Tensor, y: Tensor) -> Tensor:
         """slot_weights (B, T, m) head-mean, y (B, T, d) -> the next `memory_state` (m, d)."""
         w = self.memory_update(y).float()  # (B, T, d)
         delta = torch.einsum("bts,btd->sd", slot_weights, w) / (slot_weights.sum((0, 1))[:, None] + 1e-6)
         return (1 - self.momentum) * self.memory_state + self.momentum * delta.detach()
+
+    def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:
+        """The slots' keys and values in the first `m` rows, then `length` empty ones: (B, m + L, H, dh)."""
+        slot_k, slot_v = self.slot_keys_values(batch, dtype)
+        empty = super().init_cache(batch, length, dtype, device)
+        return {"k": torch.cat([slot_k, empty["k"]], dim=1), "v": torch.cat([slot_v, empty["v"]], dim=1)}
+
+    def cache_capacity(self, cache: Cache) -> int:
+        return cache["k"].shape[-3] - self.memory.shape[0]

@@ -16,7 +16,7 @@ from torch_ref.blocks import ResidualAttentionBlock
 from torch_ref.layers import Conv1d, Embedding, gelu, make_norm
 from torch_ref.positions import lookup_positions, register_position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
-from whisper_config.checks import cache_capacity, check_cache_offset, check_dtype, check_same_batch
+from whisper_config.checks import check_cache_offset, check_dtype, check_same_batch
 
 IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
@@ -90,7 +90,7 @@ class TextDecoder(nn.Module):
         check_dtype("tokens", tokens.dtype, is_integer(tokens), "integer token ids")
         check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
         check_token_range(self.config, int(tokens.min()), int(tokens.max()))
-        capacity = None if cache is None else cache_capacity(cache["layers"][0]["attn"])
+        capacity = None if cache is None else self.blocks[0].attn.cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
             check_cache_offset(self.config, offset, length, capacity)
         x = self.token_embedding(tokens)  # (B, T, d)

@@ -53,13 +53,13 @@ def lookup_positions(table: Tensor, offset: int, length: int, what: str, normali
     return F.normalize(rows, dim=-1) if normalize else rows
 
 
-def apply_rotary(x: Tensor, positions: Tensor, n_head: int, base: float) -> Tensor:
-    """Rotate every head of `x (B, T, d)` by its `positions (T,)`; computed in float32."""
-    b, t, d = x.shape
-    inv_freq = torch.from_numpy(tables.rotary_inv_freq(d // n_head, base)).to(x.device)  # (dh/2,)
+def apply_rotary(x: Tensor, positions: Tensor, base: float) -> Tensor:
+    """Rotate every head of `x (B, T, H, dh)` by its `positions (T,)`; computed in float32."""
+    b, t, h, dh = x.shape
+    inv_freq = torch.from_numpy(tables.rotary_inv_freq(dh, base)).to(x.device)  # (dh/2,)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, dh/2)
     cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # (T, 1, dh/2)
-    pairs = x.float().view(b, t, n_head, d // n_head // 2, 2)  # (B, T, H, dh/2, 2)
+    pairs = x.float().reshape(b, t, h, dh // 2, 2)  # (B, T, H, dh/2, 2)
     x0, x1 = pairs[..., 0], pairs[..., 1]
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, dh/2, 2)
-    return rotated.view(b, t, d).to(x.dtype)
+    return rotated.reshape(b, t, h, dh).to(x.dtype)

@@ -19,6 +19,7 @@ from typing import Any
 
 from train.config import EXPORTS, TrainConfig
 from whisper_config import ModelConfig
+from whisper_config.config import EXECUTION_ONLY
 from whisper_io.outputs import OutputError, check_not_working_directory
 
 RUN_FILE = "run.json"
@@ -134,7 +135,7 @@ class RunFolder:
         changed += [
             f"model.{name}: {stored_model.get(name)!r} -> {new_model[name]!r}"
             for name in new_model
-            if stored_model.get(name) != new_model[name]
+            if name not in EXECUTION_ONLY and stored_model.get(name) != new_model[name]
         ]
         return changed
 

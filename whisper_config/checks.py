@@ -81,14 +81,3 @@ def check_cache_offset(config: ModelConfig, offset: int, length: int, capacity: 
     """Check that `length` new tokens fit in a KV cache of `capacity` after `offset` tokens."""
     if offset + length > capacity:
         raise InputError(f"KV cache full: {offset} cached + {length} new tokens exceed its {capacity} slots")
-
-
-def cache_capacity(cache) -> int | None:
-    """Slots of the smallest key buffer in a (nested dict) self-attention cache of either
-    framework; None if it has none (dynamic convolution keeps a fixed window, never fills up)."""
-    if not isinstance(cache, dict):
-        return None
-    if "k" in cache:
-        return cache["k"].shape[1]
-    found = [c for c in map(cache_capacity, cache.values()) if c is not None]
-    return min(found) if found else None

@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "encoder_positions": ("sinusoidal", "learned_sinusoidal", "none"),
     "decoder_positions": ("learned", "sinusoidal", "learned_sinusoidal", "none"),
     "norm": ("layernorm", "rmsnorm", "group_rms"),
+    "attention_implementation": ("auto", "cudnn", "xla", "chunked", "einsum"),
 }
 
 SWITCHES = (
@@ -49,7 +50,10 @@ SWITCHES = (
 )
 
 # Settings that change how a model trains, not what it computes once trained.
-TRAINING_ONLY = ("dropout", "attention_dropout", "gradient_checkpointing")
+TRAINING_ONLY = ("dropout", "attention_dropout")
+# Settings of how the computation runs, not what it computes (up to rounding): a checkpoint does
+# not depend on them, and a resumed run may change them.
+EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing")
 
 # OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
 _EN = 51864
@@ -155,6 +159,9 @@ class ModelConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # How attention runs (flax_whisper/kernel.py): auto, cudnn, xla, chunked or einsum; torch_ref
+    # uses scaled_dot_product_attention for all but einsum.
+    attention_implementation: str = "auto"
     # Teacher forcing: the token fed before the first label. None picks OpenAI's
     # <|startoftranscript|> for OpenAI vocabularies (see `start_token_id`).
     decoder_start_token_id: int | None = None
@@ -334,7 +341,7 @@ class ModelConfig:
         return [
             f"{name}={getattr(self, name)!r} (OpenAI: {getattr(openai, name)!r})"
             for name in self.to_dict()
-            if name not in TRAINING_ONLY and getattr(self, name) != getattr(openai, name)
+            if name not in TRAINING_ONLY + EXECUTION_ONLY and getattr(self, name) != getattr(openai, name)
         ]
 
     def is_openai_compatible(self) -> bool:

@@ -1,0 +1,213 @@
+"""How attention is computed, kept apart from what each mechanism attends to (mirrors `torch_ref/kernel.py`).
+
+A mechanism describes *what* is attended with a `Mask`: causal or not, a band of `window`
+positions, and a `prefix` of keys every query sees (memory slots, which carry no position). The
+query at index `i` sits at position `offset + i`; key `j` after the prefix at position `j`.
+`attend` chooses *how* (`ModelConfig.attention_implementation`):
+
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
+  NVIDIA GPUs, for bfloat16/float16 inputs and masks it can express without materialising them
+  (causal, a causal left window, valid key lengths in a KV cache);
+- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot;
+- `chunked`: the same math in query blocks, one batch row at a time (`lax.map`), so the score
+  matrix of a block stays in cache; XLA:CPU runs long self-attention several times faster so,
+  since it never writes the whole `(B, H, T, S)` matrix to memory;
+- `einsum`: the plain materialised softmax, the only path with dropout on the weights;
+- `auto` (default): `cudnn` on a GPU when it applies, else `chunked` on a CPU for long inputs,
+  else `xla`; `einsum` whenever attention dropout is active.
+
+Logits, softmax and the log-sum-exp are float32 whatever the input dtype (SPEC section 4). A
+learned temperature (a traced scale) is folded into the queries, since the fused kernels take
+a static scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
+# `chunked` processes this many queries at a time; `auto` picks it on a CPU once a batch row's
+# score matrix (H x T x S floats) no longer fits a few MB of cache.
+CHUNK = 256
+CHUNKED_MIN_SCORES = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """What a query may attend to (static: it decides the program, not the data).
+
+    causal: key position `<=` query position. window: `|query - key| <= window` (with causal:
+    `0 <= query - key <= window`). prefix: the first `prefix` keys are seen by every query.
+    """
+
+    causal: bool = False
+    window: int | None = None
+    prefix: int = 0
+
+    @property
+    def masks_anything(self) -> bool:
+        return self.causal or self.window is not None
+
+
+def allowed(mask: Mask, n_queries: int, n_keys: int, offset=0, first_query=0) -> jax.Array:
+    """`(T, S)` bool: may query `first_query + i` (at position `offset + first_query + i`) see key `j`?"""
+    q_pos = offset + first_query + jnp.arange(n_queries)[:, None]  # (T, 1)
+    k_pos = jnp.arange(n_keys)[None, :] - mask.prefix  # (1, S); the prefix sits at negative positions
+    ok = jnp.ones((n_queries, n_keys), bool)
+    if mask.causal:
+        ok &= k_pos <= q_pos
+    if mask.window is not None:
+        ok &= (q_pos - k_pos <= mask.window) & (k_pos - q_pos <= (0 if mask.causal else mask.window))
+    return ok | (k_pos < 0)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: Mask,
+    *,
+    scale: float | jax.Array,
+    offset=0,
+    implementation: str = "auto",
+    dropout: nnx.Dropout | None = None,
+    return_lse: bool = False,
+):
+    """Scaled dot-product attention over heads.
+
+    q (B, T, H, dh), k and v (B, S, H, dh) -> (B, T, H, dh) in q's dtype; with `return_lse`,
+    also the float32 log-sum-exp of each query's scores (B, T, H), from which the weight of any
+    key follows as `exp(score - lse)`. `offset` (an int, or traced in a decoding loop) places the
+    queries after that many cached positions.
+    """
+    if not isinstance(scale, float | int):  # a learned temperature: fold it into the queries
+        q = (q.astype(jnp.float32) * scale).astype(q.dtype)
+        scale = 1.0
+    how = choose(implementation, q, k, mask, offset, dropout)
+    if how == "einsum":
+        return _einsum(q, k, v, mask, float(scale), offset, dropout, return_lse)
+    if how == "chunked":
+        return _chunked(q, k, v, mask, float(scale), offset, return_lse)
+    return _fused(q, k, v, mask, float(scale), offset, how, return_lse)
+
+
+def _static_zero(offset) -> bool:
+    return isinstance(offset, int) and offset == 0
+
+
+def _dropping(dropout: nnx.Dropout | None) -> bool:
+    return dropout is not None and dropout.rate > 0 and not dropout.deterministic
+
+
+def cudnn_expressible(q: jax.Array, k: jax.Array, mask: Mask, offset) -> bool:
+    """Can cuDNN's flash kernel compute this without a materialised mask?"""
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or mask.prefix:
+        return False
+    if mask.window is not None and not mask.causal:
+        return False  # cuDNN takes left windows only (with a causal mask)
+    if not mask.masks_anything:
+        return True
+    if _static_zero(offset):  # training, or a prompt written at the start of a cache
+        return True
+    return q.shape[1] == 1 and mask.window is None  # one cached step: valid key lengths suffice
+
+
+def choose(implementation: str, q: jax.Array, k: jax.Array, mask: Mask, offset, dropout) -> str:
+    """The path `attend` takes (see the module docstring)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if _dropping(dropout):
+        return "einsum"  # the fused kernels have no dropout on the weights
+    if implementation == "cudnn":
+        if not cudnn_expressible(q, k, mask, offset):
+            raise ValueError(
+                f"attention_implementation='cudnn' needs bfloat16/float16 inputs (got {q.dtype}) and a mask of "
+                f"causal, causal-window or key-length form (got {mask}, offset {offset!r}); use 'auto' to fall back"
+            )
+        return "cudnn"
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu" and cudnn_expressible(q, k, mask, offset):
+        return "cudnn"
+    if backend == "cpu" and q.shape[2] * q.shape[1] * k.shape[1] >= CHUNKED_MIN_SCORES:
+        return "chunked"
+    return "xla"
+
+
+def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool):
+    """`jax.nn.dot_product_attention`, with the mask in the cheapest form the case allows."""
+    t, s = q.shape[1], k.shape[1]
+    kwargs: dict = {}
+    if not mask.masks_anything and not mask.prefix:
+        pass
+    elif _static_zero(offset) and not mask.prefix and (mask.causal or how == "xla"):
+        # Queries at positions 0 .. T - 1 against keys 0 .. S - 1 (S > T in a fresh cache: the
+        # causal mask already hides the unwritten slots).
+        kwargs["is_causal"] = mask.causal
+        if mask.window is not None:
+            kwargs["local_window_size"] = (mask.window, 0 if mask.causal else mask.window)
+    elif how == "cudnn":  # one decoding step over a cache: the keys written so far
+        kwargs["key_value_seq_lengths"] = jnp.broadcast_to(jnp.asarray(offset + 1, jnp.int32), (q.shape[0],))
+    else:
+        kwargs["mask"] = allowed(mask, t, s, offset)[None, None]
+    out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=how, return_residual=return_lse, **kwargs)
+    if return_lse:
+        y, lse = out
+        return y, lse.astype(jnp.float32)
+    return out
+
+
+def _scores(q, k, scale: float) -> jax.Array:
+    """q (..., T, H, dh), k (..., S, H, dh) -> float32 scores (..., H, T, S)."""
+    return jnp.einsum("...thd,...shd->...hts", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def _einsum(q, k, v, mask: Mask, scale: float, offset, dropout, return_lse: bool):
+    """The materialised softmax: scores (B, H, T, S) in float32, dropout on the weights."""
+    logits = _scores(q, k, scale)
+    if mask.masks_anything:
+        logits = jnp.where(allowed(mask, q.shape[1], k.shape[1], offset), logits, -jnp.inf)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if dropout is not None:
+        weights = dropout(weights)
+    y = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+    if return_lse:
+        return y, jnp.swapaxes(jax.nn.logsumexp(logits, axis=-1), 1, 2)  # (B, T, H)
+    return y
+
+
+def _chunked(q, k, v, mask: Mask, scale: float, offset, return_lse: bool):
+    """Blocks of `CHUNK` queries of one batch row at a time: each block's scores (H, c, S) stay
+    in cache. The same float32 math as `_einsum`, without dropout."""
+    b, t, h, dh = q.shape
+    chunk = min(CHUNK, t)
+    n = -(-t // chunk)
+    padded = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0)))  # (B, n * c, H, dh)
+    blocks = padded.reshape(b, n, chunk, h, dh)
+
+    def row(args):
+        qb, kb, vb = args  # (n, c, H, dh), (S, H, dh), (S, H, dh)
+
+        def block(args):
+            qc, first = args  # (c, H, dh), ()
+            logits = _scores(qc, kb, scale)  # (H, c, S)
+            if mask.masks_anything:
+                padding = (first + jnp.arange(chunk) >= t)[:, None]  # rows past T see all: no -inf-only row
+                ok = allowed(mask, chunk, kb.shape[0], offset, first) | padding
+                logits = jnp.where(ok, logits, -jnp.inf)
+            lse = jax.nn.logsumexp(logits, axis=-1)  # (H, c)
+            weights = jnp.exp(logits - lse[..., None])
+            return jnp.einsum("hts,shd->thd", weights.astype(vb.dtype), vb), lse.T
+
+        return jax.lax.map(block, (qb, jnp.arange(n) * chunk))
+
+    y, lse = jax.lax.map(row, (blocks, k, v))  # (B, n, c, H, dh), (B, n, c, H)
+    y = y.reshape(b, n * chunk, h, dh)[:, :t]
+    if return_lse:
+        return y, lse.reshape(b, n * chunk, h)[:, :t]
+    return y

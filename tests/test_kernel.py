@@ -1,0 +1,140 @@
+"""The attention kernel: every implementation computes what the `Mask` says, in both frameworks.
+
+The reference here is a direct float64 NumPy evaluation of the definition (scores, a mask built
+from positions by two nested loops, softmax), independent of both kernels.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import flax_whisper.kernel as fk
+import torch_ref.kernel as tk
+
+MASKS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "band": dict(window=2),
+    "causal_band": dict(causal=True, window=2),
+    "prefix": dict(prefix=3),
+    "causal_prefix": dict(causal=True, prefix=3),
+}
+
+
+def reference(q, k, v, causal=False, window=None, prefix=0, offset=0, scale=0.5):
+    """float64: q (B, T, H, dh), k, v (B, S, H, dh) -> (B, T, H, dh) and lse (B, T, H)."""
+    t, s = q.shape[1], k.shape[1]
+    ok = np.zeros((t, s), bool)
+    for i in range(t):
+        for j in range(s):
+            if j < prefix:
+                ok[i, j] = True
+                continue
+            qp, kp = offset + i, j - prefix
+            seen = not causal or kp <= qp
+            if window is not None:
+                seen = seen and qp - kp <= window and kp - qp <= (0 if causal else window)
+            ok[i, j] = seen
+    logits = np.einsum("bthd,bshd->bhts", q, k) * scale
+    logits = np.where(ok, logits, -np.inf)
+    top = logits.max(-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.exp(logits - top).sum(-1))
+    weights = np.exp(logits - lse[..., None])
+    return np.einsum("bhts,bshd->bthd", weights, v), lse.transpose(0, 2, 1)
+
+
+def inputs(t: int, s: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape) for shape in ((2, t, 3, 8), (2, s, 3, 8), (2, s, 3, 8))]
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "einsum"])
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_flax_implementations_compute_the_mask(implementation, name, monkeypatch):
+    monkeypatch.setattr(fk, "CHUNK", 4)  # several blocks and a padded last one at this size
+    mask = MASKS[name]
+    q, k, v = inputs(7, 7 + mask.get("prefix", 0))
+    expected, lse = reference(q, k, v, **mask)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    y, got_lse = fk.attend(*args, fk.Mask(**mask), scale=0.5, implementation=implementation, return_lse=True)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "einsum"])
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_torch_implementations_compute_the_mask(implementation, name):
+    mask = MASKS[name]
+    q, k, v = inputs(7, 7 + mask.get("prefix", 0))
+    expected, lse = reference(q, k, v, **mask)
+    args = [torch.from_numpy(x).float() for x in (q, k, v)]
+    y = tk.attend(*args, tk.Mask(**mask), scale=0.5, implementation=implementation)
+    np.testing.assert_allclose(y.numpy(), expected, atol=2e-6)
+    _, got_lse = tk.attend(*args, tk.Mask(**mask), scale=0.5, implementation=implementation, return_lse=True)
+    np.testing.assert_allclose(got_lse.numpy(), lse, atol=2e-6)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "einsum"])
+@pytest.mark.parametrize("name", ["causal", "causal_band", "causal_prefix"])
+def test_queries_after_a_cache_offset_static_and_traced(implementation, name, monkeypatch):
+    """Three new queries after five cached positions, against a cache of capacity 12 (unwritten
+    slots must stay hidden); the offset given as an int and traced inside jit."""
+    monkeypatch.setattr(fk, "CHUNK", 2)
+    mask = MASKS[name]
+    prefix = mask.get("prefix", 0)
+    q, k, v = inputs(3, prefix + 12, seed=1)
+    expected, _ = reference(q, k, v, offset=5, **mask)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    spec = fk.Mask(**mask)
+    static = fk.attend(*args, spec, scale=0.5, offset=5, implementation=implementation)
+    traced = jax.jit(lambda o: fk.attend(*args, spec, scale=0.5, offset=o, implementation=implementation))(5)
+    for y in (static, traced):
+        np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    torch_y = tk.attend(*[torch.from_numpy(x).float() for x in (q, k, v)], tk.Mask(**mask), scale=0.5, offset=5)
+    np.testing.assert_allclose(torch_y.numpy(), expected, atol=2e-6)
+
+
+def test_a_learned_temperature_is_folded_into_the_queries():
+    q, k, v = inputs(5, 5, seed=2)
+    expected, _ = reference(q, k, v, causal=True, scale=0.3)
+    flax_y = fk.attend(*[jnp.asarray(x, jnp.float32) for x in (q, k, v)], fk.Mask(causal=True), scale=jnp.float32(0.3))
+    torch_y = tk.attend(
+        *[torch.from_numpy(x).float() for x in (q, k, v)], tk.Mask(causal=True), scale=torch.tensor(0.3)
+    )
+    np.testing.assert_allclose(np.asarray(flax_y), expected, atol=2e-6)
+    np.testing.assert_allclose(torch_y.numpy(), expected, atol=2e-6)
+
+
+def test_bfloat16_inputs_keep_float32_scores():
+    """Scores and softmax in float32 (SPEC 4): bf16 inputs give the float32 answer to bf16 rounding."""
+    q, k, v = inputs(64, 64, seed=3)
+    expected, _ = reference(q, k, v, causal=True)
+    for implementation in ("xla", "chunked", "einsum"):
+        y = fk.attend(*[jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)], fk.Mask(causal=True), scale=0.5,
+                      implementation=implementation)  # fmt: skip
+        assert y.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=0.05)
+
+
+def test_auto_chooses_by_backend_size_and_dropout():
+    small = jnp.zeros((1, 8, 2, 4))
+    long = jnp.zeros((1, 1024, 4, 4))
+    assert fk.choose("auto", small, small, fk.Mask(), 0, None) == "xla"
+    assert fk.choose("auto", long, long, fk.Mask(), 0, None) == "chunked"  # this machine is a CPU
+    from flax import nnx
+
+    dropping = nnx.Dropout(0.1, rngs=nnx.Rngs(0))
+    assert fk.choose("auto", long, long, fk.Mask(), 0, dropping) == "einsum"
+    with pytest.raises(ValueError, match="needs bfloat16/float16 inputs"):
+        fk.choose("cudnn", small, small, fk.Mask(), 0, None)
+    with pytest.raises(ValueError, match="not one of"):
+        fk.choose("flash", small, small, fk.Mask(), 0, None)
+    assert not fk.cudnn_expressible(small.astype(jnp.bfloat16), small, fk.Mask(window=3), 0)  # a symmetric band
+    assert fk.cudnn_expressible(small.astype(jnp.bfloat16), small, fk.Mask(causal=True, window=3), 0)
+    one = jnp.zeros((1, 1, 2, 4), jnp.bfloat16)
+    assert fk.cudnn_expressible(one, small, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
+    assert not fk.cudnn_expressible(small.astype(jnp.bfloat16), small, fk.Mask(prefix=2), 0)
