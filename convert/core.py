@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from convert.rules import CARRIED, abstract_model, build_plan, check_inventory
+from convert.rules import CARRIED, LAYER_STACK, abstract_model, build_plan, check_inventory
 from flax_whisper import Whisper
 from whisper_config import ModelConfig
 
@@ -26,26 +26,43 @@ def check_torch_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, 
     check_inventory({k: tuple(v.shape) for k, v in tensors.items()}, expected, what)
 
 
+def _by_array(plan) -> dict[tuple, list]:
+    """The plan's entries grouped by the Flax array they fill (stacked arrays: one per layer, in order)."""
+    groups: dict[tuple, list] = {}
+    for entry in plan:
+        groups.setdefault(entry.flax_path, []).append(entry)
+    return groups
+
+
 def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> nnx.State:
     """torch-named arrays -> the Flax `nnx.State` of parameters and buffers (checked, float32)."""
     check_torch_tensors(tensors, config)
     state = nnx.state(abstract_model(config), CARRIED)
     flat = dict(nnx.to_flat_state(state))
-    for entry in build_plan(config):
-        array = entry.transform.to_flax(np.asarray(tensors[entry.torch_key], dtype=np.float32))
-        flat[entry.flax_path].set_value(jnp.asarray(array))
+    for path, entries in _by_array(build_plan(config)).items():
+        arrays = [e.transform.to_flax(np.asarray(tensors[e.torch_key], dtype=np.float32)) for e in entries]
+        value = arrays[0] if entries[0].layer is None else LAYER_STACK.to_flax(arrays)
+        flat[path].set_value(jnp.asarray(value))
     return state
 
 
 def flax_arrays_to_torch(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> Tensors:
-    """Flax arrays under dotted paths (`encoder.conv1.kernel`) -> torch-named NumPy arrays (checked)."""
+    """Flax arrays under dotted paths (`encoder.blocks.attn.query.kernel`, stacked over layers)
+    -> torch-named NumPy arrays (checked). Checkpoints of earlier versions, whose blocks were
+    stored one per layer (`encoder.blocks.3.attn.query.kernel`), load too."""
     plan = build_plan(config)
-    check_inventory(
-        {k: tuple(np.shape(v)) for k, v in arrays.items()},
-        {e.flax_key: e.flax_shape for e in plan},
-        "Flax state",
-    )
-    return {e.torch_key: e.transform.to_torch(np.asarray(arrays[e.flax_key])) for e in plan}
+    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    if any(e.layer is not None and e.flax_layer_key in arrays for e in plan):  # the per-layer layout
+        check_inventory(shapes, {e.flax_layer_key: e.flax_shape for e in plan}, "Flax state (per-layer layout)")
+        return {e.torch_key: e.transform.to_torch(np.asarray(arrays[e.flax_layer_key])) for e in plan}
+    check_inventory(shapes, {e.flax_key: e.stacked_shape for e in plan}, "Flax state")
+    tensors = {}
+    for entries in _by_array(plan).values():
+        value = np.asarray(arrays[entries[0].flax_key])
+        layers = [value] if entries[0].layer is None else LAYER_STACK.to_torch(value)
+        for entry, layer in zip(entries, layers, strict=True):
+            tensors[entry.torch_key] = entry.transform.to_torch(layer)
+    return tensors
 
 
 def flax_state_to_torch(state: nnx.State, config: ModelConfig) -> Tensors:

@@ -6,9 +6,14 @@ says, for each mirrored layer class, how each Flax leaf is named in torch and wh
 invertible transform maps the layout. A variable owned directly by a model module (a position
 table, say) keeps its name and layout.
 
+Flax keeps each side's blocks as one stacked module (`flax_whisper/blocks.py`): a variable under
+`encoder.blocks` or `decoder.blocks` has a leading layer axis, and torch holds its slices as
+`blocks.0.*`, `blocks.1.*`, ... The named, invertible `LAYER_STACK` transform slices and stacks
+them; an entry names one torch tensor and the layer it fills.
+
 `build_plan(config)` walks the abstract Flax model (`nnx.eval_shape`, nothing allocated) and
-returns one `Entry` per tensor; `check_inventory` compares a set of tensors against it and reports
-every missing, unexpected and mis-shaped key by name in one error.
+returns one `Entry` per torch tensor; `check_inventory` compares a set of tensors against it and
+reports every missing, unexpected and mis-shaped key by name in one error.
 """
 
 from __future__ import annotations
@@ -69,25 +74,68 @@ LAYERS: dict[str, dict[str, tuple[str, Transform]]] = {
 }
 
 
+STACKED = ("blocks",)  # module attributes (under encoder/decoder) whose variables carry a layer axis
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerStack:
+    """The named transform between one stacked Flax array `(L, ...)` and L per-layer torch tensors."""
+
+    name: str = "layer_stack"
+
+    def to_flax(self, layers: list[np.ndarray]) -> np.ndarray:
+        return np.stack(layers)
+
+    def to_torch(self, stacked: np.ndarray) -> list[np.ndarray]:
+        return [layer.copy() for layer in stacked]  # (np.ascontiguousarray would make 0-d arrays 1-d)
+
+
+LAYER_STACK = LayerStack()
+
+
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One tensor: its torch key, its Flax path, the transform between them and both shapes."""
+    """One torch tensor: its key, the Flax path it lives at (and, for stacked blocks, the layer
+    it fills), the layout transform between them and both shapes (per layer)."""
 
     torch_key: str
     flax_path: tuple[str | int, ...]
+    layer: int | None  # None: not stacked
     transform: Transform
-    flax_shape: tuple[int, ...]
+    flax_shape: tuple[int, ...]  # of one layer
     torch_shape: tuple[int, ...]
     trainable: bool
+    layers: int = 1  # the stack's depth, for stacked entries
 
     @property
     def flax_key(self) -> str:
+        """The Flax array's dotted path (shared by every layer of a stacked array)."""
         return ".".join(str(p) for p in self.flax_path)
+
+    @property
+    def flax_layer_key(self) -> str:
+        """The per-layer path of the earlier unstacked layout (`encoder.blocks.3.attn.query.kernel`)."""
+        if self.layer is None:
+            return self.flax_key
+        side, attribute, *rest = map(str, self.flax_path)
+        return ".".join([side, attribute, str(self.layer), *rest])
+
+    def slice_of(self, array: np.ndarray) -> np.ndarray:
+        """This entry's part of the Flax array at `flax_path` (its layer of a stacked array)."""
+        return array if self.layer is None else array[self.layer]
+
+    @property
+    def stacked_shape(self) -> tuple[int, ...]:
+        return self.flax_shape if self.layer is None else (self.layers, *self.flax_shape)
 
 
 def abstract_model(config: ModelConfig) -> Whisper:
     """The Flax model with shapes only (no memory allocated)."""
     return nnx.eval_shape(lambda: Whisper(config, rngs=nnx.Rngs(0)))
+
+
+def _is_stacked(path: tuple) -> bool:
+    return len(path) > 1 and path[0] in ("encoder", "decoder") and path[1] in STACKED
 
 
 @functools.lru_cache(maxsize=16)
@@ -103,16 +151,20 @@ def build_plan(config: ModelConfig) -> tuple[Entry, ...]:
             raise AssertionError(f"conversion table has no rule for {'.'.join(map(str, path))}")
         torch_leaf, transform = rules.get(leaf, (leaf, IDENTITY))
         shape = tuple(variable.get_value().shape)
-        entries.append(
-            Entry(
-                torch_key=".".join([*map(str, owner), torch_leaf]),
-                flax_path=tuple(path),
-                transform=transform,
-                flax_shape=shape,
-                torch_shape=transform.torch_shape(shape),
-                trainable=isinstance(variable, nnx.Param),
+        trainable = isinstance(variable, nnx.Param)
+        if not _is_stacked(tuple(path)):
+            torch_key = ".".join([*map(str, owner), torch_leaf])
+            entries.append(
+                Entry(torch_key, tuple(path), None, transform, shape, transform.torch_shape(shape), trainable)
             )
-        )
+            continue
+        layers, shape = shape[0], shape[1:]
+        side, attribute, *inner = map(str, owner)
+        for layer in range(layers):
+            torch_key = ".".join([side, attribute, str(layer), *inner, torch_leaf])
+            entries.append(
+                Entry(torch_key, tuple(path), layer, transform, shape, transform.torch_shape(shape), trainable, layers)
+            )
     return tuple(entries)
 
 

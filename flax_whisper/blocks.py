@@ -1,8 +1,17 @@
 """The pre-norm residual block (SPEC section 5), mirroring `torch_ref/blocks.py`, with optional
-gradient checkpointing through `nnx.remat`. State that attention writes in training (augmented
-memory) is an output of the rematerialised forward, so recomputation cannot write it twice."""
+gradient checkpointing through `nnx.remat`, and the layer stack.
+
+A side's `n` blocks are one module whose every variable has a leading layer axis (`stack`), run
+in order by `nnx.scan` (`run_stack`): the program holds one block however deep the model, so
+compile time does not grow with depth. torch_ref keeps an `nn.ModuleList`; the converter maps
+the stacked arrays to the per-layer names `blocks.N.*` and back. State that attention writes in
+training (augmented memory) is an output of the rematerialised forward, so recomputation cannot
+write it twice; under the scan each layer writes its own slice.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -13,6 +22,8 @@ from flax_whisper.registry import build_attention
 from whisper_config import ModelConfig
 
 BlockCache = dict[str, dict]
+# What the backward pass keeps of a checkpointed block (`ModelConfig.remat_policy`).
+REMAT_POLICIES = {"full": None, "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class ResidualAttentionBlock(nnx.Module):
@@ -36,6 +47,7 @@ class ResidualAttentionBlock(nnx.Module):
         self.mlp = MLP(n_state, 4 * n_state, config, rngs=rngs)
         self.mlp_ln = make_norm(config, n_state)
         self.gradient_checkpointing = config.gradient_checkpointing
+        self.remat_policy = config.remat_policy
 
     def __call__(
         self,
@@ -53,7 +65,7 @@ class ResidualAttentionBlock(nnx.Module):
         def run(block, x, xa, cache):
             return block._forward(x, xa, causal=causal, cache=cache, offset=offset)
 
-        return nnx.remat(run)(self, x, xa, cache)
+        return nnx.remat(run, policy=REMAT_POLICIES[self.remat_policy])(self, x, xa, cache)
 
     def _forward(
         self,
@@ -76,3 +88,47 @@ class ResidualAttentionBlock(nnx.Module):
         if cache is not None:
             cache = {**cache, "attn": attn_cache}
         return x, cache
+
+
+def stack(n: int, make: Callable[[nnx.Rngs], ResidualAttentionBlock], rngs: nnx.Rngs) -> ResidualAttentionBlock:
+    """`n` blocks made by `make` as one module whose variables have a leading axis of size `n`
+    (each layer initialised from its own split of `rngs`)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs: nnx.Rngs) -> ResidualAttentionBlock:
+        return make(rngs)
+
+    return create(rngs)
+
+
+def run_stack(
+    blocks: ResidualAttentionBlock,
+    x: jax.Array,
+    xa: jax.Array | None = None,
+    *,
+    causal: bool = False,
+    cache: BlockCache | None = None,
+    offset=0,
+) -> tuple[jax.Array, BlockCache | None]:
+    """The stacked blocks in order: x (B, T, d) -> (B, T, d); the cache, when given, holds every
+    layer's cache stacked on a leading axis and comes back updated."""
+    if cache is None:
+
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        def layer(x: jax.Array, block: ResidualAttentionBlock) -> jax.Array:
+            return block(x, xa, causal=causal, offset=offset)[0]
+
+        return layer(x, blocks), None
+
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+    def layer_with_cache(x: jax.Array, block: ResidualAttentionBlock, layer_cache: BlockCache):
+        return block(x, xa, causal=causal, cache=layer_cache, offset=offset)
+
+    return layer_with_cache(x, blocks, cache)
+
+
+def layer(blocks: ResidualAttentionBlock, index: int) -> ResidualAttentionBlock:
+    """Layer `index` of a stack as a block of its own (a copy of its variables), e.g. to inspect it."""
+    graph, state = nnx.split(blocks)
+    return nnx.merge(graph, jax.tree.map(lambda x: x[index], state))

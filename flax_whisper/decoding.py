@@ -60,18 +60,20 @@ def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: D
     tokens = tokens.at[:, :n_prompt].set(prompt).at[:, n_prompt].set(first.astype(jnp.int32))
 
     def unfinished(state):
-        i, _, _, done = state
+        _, i, _, _, done = state
         return (i < max_new) & ~jnp.all(done)
 
     def step(state):
-        i, tokens, cache, done = state
+        # The decoder travels in the loop state: NNX transforms inside it (the layer scan) cannot
+        # reach a module captured from an outer trace.
+        decoder, i, tokens, cache, done = state
         last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i - 1, 1, axis=1)  # (B, 1)
-        logits, cache = model.decoder(last, xa, cache)
+        logits, cache = decoder(last, xa, cache)
         chosen = jnp.argmax(suppress(logits[:, -1], options.suppress_tokens), axis=-1).astype(jnp.int32)
         chosen = jnp.where(done, eot, chosen)  # finished rows keep receiving end of text
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], n_prompt + i, axis=1)
-        return i + 1, tokens, cache, done | (chosen == eot)
+        return decoder, i + 1, tokens, cache, done | (chosen == eot)
 
-    state = (jnp.ones((), jnp.int32), tokens, cache, first == eot)
-    _, tokens, _, _ = jax.lax.while_loop(unfinished, step, state)
+    state = (model.decoder, jnp.ones((), jnp.int32), tokens, cache, first == eot)
+    _, _, tokens, _, _ = nnx.while_loop(unfinished, step, state)
     return tokens

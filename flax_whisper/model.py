@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.blocks import ResidualAttentionBlock
+from flax_whisper.blocks import ResidualAttentionBlock, run_stack, stack
 from flax_whisper.layers import Conv1d, Embedding, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
@@ -22,10 +22,16 @@ IGNORE_INDEX = -100
 DecoderCache = dict[str, Any]
 
 
-def _check_token_values(config: ModelConfig, tokens: jax.Array) -> None:
-    # Values of traced arrays are unknown; eager calls (and the host before a jitted loop) check.
-    if not is_traced(tokens):
-        check_token_range(config, int(tokens.min()), int(tokens.max()))
+def check_ids(config: ModelConfig, ids: jax.Array, ignored: int | None = None) -> None:
+    """Token ids (or labels, `ignored` aside) must lie in [0, n_vocab). A host-side check of the
+    values, made once per eager call of the model's entry points; under `jit` values are unknown,
+    and the callers check on the host before (the training loop at the batch boundary, greedy
+    decoding on its prompt)."""
+    if is_traced(ids):
+        return
+    kept = ids if ignored is None else ids[ids != ignored]
+    if kept.size:
+        check_token_range(config, int(kept.min()), int(kept.max()))
 
 
 class AudioEncoder(nnx.Module):
@@ -37,11 +43,12 @@ class AudioEncoder(nnx.Module):
         self.positional_embedding = position_table(config.encoder_positions, config.n_audio_ctx, d, rngs)
         self.normalize_positions = config.normalize_positions and config.encoder_positions == "learned_sinusoidal"
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
-        self.blocks = nnx.List(
-            ResidualAttentionBlock(
+        self.blocks = stack(
+            config.n_audio_layer,
+            lambda rngs: ResidualAttentionBlock(
                 d, config.n_audio_head, config.encoder_attention, config, rotary=config.encoder_rotary, rngs=rngs
-            )
-            for _ in range(config.n_audio_layer)
+            ),
+            rngs,
         )
         self.ln_post = make_norm(config, d)
 
@@ -55,9 +62,7 @@ class AudioEncoder(nnx.Module):
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
             x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
-        x = self.dropout(x)
-        for block in self.blocks:
-            x, _ = block(x)
+        x, _ = run_stack(self.blocks, self.dropout(x))
         return self.ln_post(x)
 
 
@@ -69,8 +74,9 @@ class TextDecoder(nnx.Module):
         self.positional_embedding = position_table(config.decoder_positions, config.n_text_ctx, d, rngs)
         self.normalize_positions = config.normalize_positions and config.decoder_positions == "learned_sinusoidal"
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
-        self.blocks = nnx.List(
-            ResidualAttentionBlock(
+        self.blocks = stack(
+            config.n_text_layer,
+            lambda rngs: ResidualAttentionBlock(
                 d,
                 config.n_text_head,
                 config.decoder_attention,
@@ -78,8 +84,8 @@ class TextDecoder(nnx.Module):
                 cross_attention=True,
                 rotary=config.decoder_rotary,
                 rngs=rngs,
-            )
-            for _ in range(config.n_text_layer)
+            ),
+            rngs,
         )
         self.ln = make_norm(config, d)
 
@@ -96,8 +102,7 @@ class TextDecoder(nnx.Module):
         length = check_tokens_shape(self.config, tokens.shape, start)
         check_dtype("tokens", tokens.dtype, jnp.issubdtype(tokens.dtype, jnp.integer), "integer token ids")
         check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
-        _check_token_values(self.config, tokens)
-        capacity = None if cache is None else self.blocks[0].attn.cache_capacity(cache["layers"][0]["attn"])
+        capacity = None if cache is None else self.blocks.attn.cache_capacity(cache["layers"]["attn"])
         if capacity is not None:
             check_cache_offset(self.config, start, length, capacity)
         x = self.token_embedding(tokens)  # (B, T, d)
@@ -105,15 +110,12 @@ class TextDecoder(nnx.Module):
             table = self.positional_embedding[...]
             x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
         x = self.dropout(x.astype(xa.dtype))
-        layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
-        new_caches = []
-        for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
-            x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset)
-            new_caches.append(layer_cache)
+        layers = None if cache is None else cache["layers"]
+        x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset)
         x = self.ln(x)
         logits = (x @ self.token_embedding.embedding[...].astype(x.dtype).T).astype(jnp.float32)
         if cache is not None:
-            cache = {"offset": offset + length, "layers": new_caches}
+            cache = {"offset": offset + length, "layers": layers}
         return logits, cache
 
     def init_cache(self, xa: jax.Array, max_length: int | None = None) -> DecoderCache:
@@ -122,14 +124,15 @@ class TextDecoder(nnx.Module):
         Cross-attention keys and values of `xa (B, S, d)` are projected here, once per utterance.
         """
         length = self.config.n_text_ctx if max_length is None else max_length
-        layers = [
-            {
+
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def layer_cache(block: ResidualAttentionBlock) -> dict:
+            return {
                 "attn": block.attn.init_cache(xa.shape[0], length, xa.dtype),
                 "cross_attn": block.cross_attn.init_cross_cache(xa),
             }
-            for block in self.blocks
-        ]
-        return {"offset": jnp.zeros((), jnp.int32), "layers": layers}
+
+        return {"offset": jnp.zeros((), jnp.int32), "layers": layer_cache(self.blocks)}
 
 
 class Whisper(nnx.Module):
@@ -145,6 +148,11 @@ class Whisper(nnx.Module):
 
     def __call__(self, mel: jax.Array, tokens: jax.Array) -> jax.Array:
         """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab) float32"""
+        check_ids(self.config, tokens)
+        return self.logits(mel, tokens)
+
+    def logits(self, mel: jax.Array, tokens: jax.Array) -> jax.Array:
+        """`__call__` without the host-side check of the token values."""
         logits, _ = self.decoder(tokens, self.encoder(mel))
         return logits
 
@@ -155,13 +163,12 @@ class Whisper(nnx.Module):
         `config.start_token_id`.
         """
         check_dtype("labels", labels.dtype, jnp.issubdtype(labels.dtype, jnp.integer), "integer token ids")
-        if not is_traced(labels):
-            kept = labels[labels != IGNORE_INDEX]
-            if kept.size:
-                check_token_range(self.config, int(kept.min()), int(kept.max()))
+        check_ids(self.config, labels, ignored=IGNORE_INDEX)
         if tokens is None:
             tokens = shift_right(labels, self.config.start_token_id)
-        return cross_entropy(self(mel, tokens), labels)
+        else:
+            check_ids(self.config, tokens)
+        return cross_entropy(self.logits(mel, tokens), labels)
 
 
 def shift_right(labels: jax.Array, start_token_id: int) -> jax.Array:

@@ -23,7 +23,7 @@ from convert import (
 )
 from convert.core import torch_to_numpy
 from convert.openai import from_openai_names, to_openai_names
-from convert.rules import CONV1D, LINEAR
+from convert.rules import CONV1D, LAYER_STACK, LINEAR
 from torch_ref import Whisper as TorchWhisper
 from whisper_io.outputs import OutputError
 
@@ -56,6 +56,11 @@ def test_transforms_are_named_inverses():
     assert np.array_equal(CONV1D.to_flax(w)[1, 2, 0], w[0, 2, 1])
     assert np.array_equal(LINEAR.to_torch(LINEAR.to_flax(w[0])), w[0])
     assert CONV1D.torch_shape((4, 3, 2)) == (2, 3, 4) and LINEAR.name == "linear_transpose"
+    layers = [np.full((2, 3), i, np.float32) for i in range(4)]
+    stacked = LAYER_STACK.to_flax(layers)
+    assert stacked.shape == (4, 2, 3) and LAYER_STACK.name == "layer_stack"
+    assert all(np.array_equal(a, b) for a, b in zip(LAYER_STACK.to_torch(stacked), layers, strict=True))
+    assert LAYER_STACK.to_torch(np.arange(3.0))[1].shape == ()  # a stacked scalar gives scalars back
 
 
 def test_torch_flax_torch_is_bit_exact(variant, variant_pair):
@@ -188,3 +193,28 @@ def test_cli_converts_and_reports_errors(tmp_path, config):
     assert all(np.array_equal(original[k], again[k]) for k in original)
     failed = run(str(tmp_path / "nowhere"), str(tmp_path / "x"))
     assert failed.returncode == 2 and "error:" in failed.stderr and "Traceback" not in failed.stderr
+
+
+def test_flax_checkpoints_of_the_per_layer_layout_still_load(tmp_path, variant, variant_pair):
+    """Earlier versions stored each block separately (`encoder.blocks.3.attn.query.kernel`); such a
+    checkpoint loads into today's stacked blocks with the same tensors."""
+    import orbax.checkpoint as ocp
+
+    from convert.rules import build_plan
+
+    tensors = torch_to_numpy(variant_pair[0])
+    per_layer: dict = {}
+    for entry in build_plan(variant):
+        node = per_layer
+        *parents, leaf = entry.flax_layer_key.split(".")
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = entry.transform.to_flax(tensors[entry.torch_key])
+    (tmp_path / "old").mkdir()
+    variant.save(tmp_path / "old" / "config.json")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((tmp_path / "old" / "state").absolute(), per_layer)
+    checkpointer.wait_until_finished()
+    loaded = load_checkpoint(tmp_path / "old").tensors
+    assert loaded.keys() == tensors.keys()
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())

@@ -90,8 +90,7 @@ def test_cache_is_a_pytree(pair, config):
     mel, _ = random_batch(config, 3, 8, 1, seed=8)
     cache = f.decoder.init_cache(f.encoder(mel))
     leaves = jax.tree.leaves(cache)
-    layer = cache["layers"][0]
-    assert len(leaves) == 1 + 4 * config.n_text_layer
-    heads = config.n_text_head
-    assert layer["attn"]["k"].shape == (3, config.n_text_ctx, heads, config.n_text_state // heads)
-    assert layer["cross_attn"]["k"].shape == (3, 4, heads, config.n_text_state // heads)
+    layers, heads, width = config.n_text_layer, config.n_text_head, config.n_text_state // config.n_text_head
+    assert len(leaves) == 1 + 4  # the offset, and every layer's buffers stacked on a leading axis
+    assert cache["layers"]["attn"]["k"].shape == (layers, 3, config.n_text_ctx, heads, width)
+    assert cache["layers"]["cross_attn"]["k"].shape == (layers, 3, 4, heads, width)

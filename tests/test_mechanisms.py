@@ -10,6 +10,7 @@ import flax_whisper.layers as flayers
 import torch_ref.layers as tlayers
 from convert import new_flax_model
 from convert.core import torch_to_numpy
+from flax_whisper.blocks import layer
 from torch_ref import Whisper
 from torch_ref.attention import MultiHeadAttention
 
@@ -47,7 +48,7 @@ def perturb(x, position):
 @pytest.mark.parametrize("causal", [False, True])
 def test_hybrid_local_branch_sees_only_its_band(mechanism_pair, causal):
     t, f = mechanism_pair
-    local = (t.encoder.blocks[0].attn.local_attn, f.encoder.blocks[0].attn.local_attn)
+    local = (t.encoder.blocks[0].attn.local_attn, layer(f.encoder.blocks, 0).attn.local_attn)
     x = np.random.default_rng(0).standard_normal((1, 12, 32)).astype(np.float32)
     query = 6
     base = both(local, x, causal=causal)
@@ -58,14 +59,14 @@ def test_hybrid_local_branch_sees_only_its_band(mechanism_pair, causal):
             moved = np.max(np.abs(out[0, query] - ref[0, query]))
             assert (moved > 1e-4) == inside, f"key {key}: moved {moved:.2e}, inside band {inside}"
     # The global branch sees everything.
-    glob = (t.encoder.blocks[0].attn.global_attn, f.encoder.blocks[0].attn.global_attn)
+    glob = (t.encoder.blocks[0].attn.global_attn, layer(f.encoder.blocks, 0).attn.global_attn)
     far = both(glob, perturb(x, 0))
     assert np.max(np.abs(far[0][0, query] - both(glob, x)[0][0, query])) > 1e-4
 
 
 def test_dynamic_conv_decoder_is_causal_and_local(mechanism_pair):
     t, f = mechanism_pair
-    conv = (t.decoder.blocks[0].attn, f.decoder.blocks[0].attn)
+    conv = (t.decoder.blocks[0].attn, layer(f.decoder.blocks, 0).attn)
     x = np.random.default_rng(1).standard_normal((2, 12, 32)).astype(np.float32)
     base = both(conv, x, causal=True)
     query = 7
@@ -79,7 +80,7 @@ def test_dynamic_conv_decoder_is_causal_and_local(mechanism_pair):
 def test_dynamic_conv_encoder_is_centred():
     config = tiny_config("whisper", encoder_attention="dynamic_conv", conv_kernel_size=KERNEL)
     t, f = make_pair(config, seed=6)
-    conv = (t.encoder.blocks[0].attn, f.encoder.blocks[0].attn)
+    conv = (t.encoder.blocks[0].attn, layer(f.encoder.blocks, 0).attn)
     x = np.random.default_rng(2).standard_normal((1, 12, 32)).astype(np.float32)
     base, query = both(conv, x), 6
     for key in range(12):
@@ -103,7 +104,7 @@ def test_biased_attention_adds_a_content_bias_to_every_query():
     """With the query projection zeroed, logits are `u . k * s`: the bias alone picks the keys."""
     config = tiny_config("whisper", encoder_attention="biased")
     t, f = make_pair(config, seed=7)
-    attn_t, attn_f = t.encoder.blocks[0].attn, f.encoder.blocks[0].attn
+    attn_t, attn_f = t.encoder.blocks[0].attn, layer(f.encoder.blocks, 0).attn
     x = np.random.default_rng(3).standard_normal((1, 5, 32)).astype(np.float32)
     with torch.no_grad():
         attn_t.query.weight.zero_()
@@ -115,7 +116,7 @@ def test_biased_attention_adds_a_content_bias_to_every_query():
         expected = attn_t.out(torch.einsum("bhs,bshd->bhd", logits.softmax(-1), v).reshape(1, 1, 32).expand(1, 5, 32))
         got = attn_t(xt)[0]
     assert_close(got.numpy(), expected.numpy(), 1e-5)
-    attn_f = new_flax_model(config, torch_to_numpy(t)).encoder.blocks[0].attn
+    attn_f = layer(new_flax_model(config, torch_to_numpy(t)).encoder.blocks, 0).attn
     assert_close(np.asarray(attn_f(jnp.asarray(x))[0]), expected.numpy(), 1e-5)
 
 
@@ -138,7 +139,7 @@ def test_learned_temperature_is_one_scalar_per_attention_module():
     # encoder: one self-attention per block; decoder: self and cross per block
     assert len(temperatures) == config.n_audio_layer + 2 * config.n_text_layer
     assert Whisper(config).encoder.blocks[0].attn.temperature.item() == pytest.approx(8**-0.5)
-    assert f.decoder.blocks[1].cross_attn.temperature[...].shape == ()
+    assert layer(f.decoder.blocks, 1).cross_attn.temperature[...].shape == ()
 
 
 @pytest.mark.parametrize("groups", [1, 4])

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import flax_whisper.positions
 import torch_ref.positions
+from flax_whisper.blocks import layer
 
 ATOL = 1e-5
 shapes = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(0, 2**16))
@@ -54,7 +55,7 @@ def test_linear(pair, config, shape):
     t, f = pair
     x = states(config, *shape)
     for name in ("query", "key", "value", "out"):
-        tm, fm = getattr(t.encoder.blocks[0].attn, name), getattr(f.encoder.blocks[0].attn, name)
+        tm, fm = getattr(t.encoder.blocks[0].attn, name), getattr(layer(f.encoder.blocks, 0).attn, name)
         assert_close(run_flax(fm, x), run_torch(tm, x), ATOL, name)
 
 
@@ -78,7 +79,7 @@ def test_layernorm_and_mlp(pair, config, shape):
     t, f = pair
     x = 3.0 * states(config, *shape) + 1.0
     for name in ("attn_ln", "mlp_ln", "mlp"):
-        tm, fm = getattr(t.decoder.blocks[1], name), getattr(f.decoder.blocks[1], name)
+        tm, fm = getattr(t.decoder.blocks[1], name), getattr(layer(f.decoder.blocks, 1), name)
         assert_close(run_flax(fm, x), run_torch(tm, x), ATOL, name)
 
 
@@ -97,11 +98,11 @@ def test_attention_self_causal_and_cross(pair, config, shape, n_audio):
     t, f = pair
     x = states(config, *shape)
     xa = states(config, shape[0], n_audio, shape[2] + 1)
-    enc_t, enc_f = t.encoder.blocks[0].attn, f.encoder.blocks[0].attn
+    enc_t, enc_f = t.encoder.blocks[0].attn, layer(f.encoder.blocks, 0).attn
     assert_close(run_flax(enc_f, x), run_torch(enc_t, x), ATOL, "self")
-    dec_t, dec_f = t.decoder.blocks[0].attn, f.decoder.blocks[0].attn
+    dec_t, dec_f = t.decoder.blocks[0].attn, layer(f.decoder.blocks, 0).attn
     assert_close(run_flax(dec_f, x, causal=True), run_torch(dec_t, x, causal=True), ATOL, "causal")
-    cross_t, cross_f = t.decoder.blocks[0].cross_attn, f.decoder.blocks[0].cross_attn
+    cross_t, cross_f = t.decoder.blocks[0].cross_attn, layer(f.decoder.blocks, 0).cross_attn
     assert_close(run_flax(cross_f, x, xa), run_torch(cross_t, x, xa), ATOL, "cross")
 
 
@@ -111,8 +112,8 @@ def test_residual_blocks(pair, config, shape, n_audio):
     t, f = pair
     x = states(config, *shape)
     xa = states(config, shape[0], n_audio, shape[2] + 1)
-    assert_close(run_flax(f.encoder.blocks[1], x), run_torch(t.encoder.blocks[1], x), ATOL, "encoder block")
-    ours = run_flax(f.decoder.blocks[1], x, xa, causal=True)
+    assert_close(run_flax(layer(f.encoder.blocks, 1), x), run_torch(t.encoder.blocks[1], x), ATOL, "encoder block")
+    ours = run_flax(layer(f.decoder.blocks, 1), x, xa, causal=True)
     assert_close(ours, run_torch(t.decoder.blocks[1], x, xa, causal=True), ATOL, "decoder block")
 
 
@@ -141,12 +142,14 @@ def test_modules_of_every_variant(variant_pair, variant):
     xa = states(variant, 2, 7, 1)
     for side in ("encoder", "decoder"):
         causal = side == "decoder"
-        tm, fm = getattr(t, side).blocks[0].attn, getattr(f, side).blocks[0].attn
+        tm, fm = getattr(t, side).blocks[0].attn, layer(getattr(f, side).blocks, 0).attn
         if getattr(variant, f"{side}_attention") == "mha":
             assert (tm.rotary_base is not None) == (fm.rotary_base is not None) == getattr(variant, f"{side}_rotary")
         assert_close(run_flax(fm, x, causal=causal), run_torch(tm, x, causal=causal), ATOL, f"{side} attention")
     assert_close(
-        run_flax(f.decoder.blocks[0], x, xa, causal=True), run_torch(t.decoder.blocks[0], x, xa, causal=True), ATOL
+        run_flax(layer(f.decoder.blocks, 0), x, xa, causal=True),
+        run_torch(t.decoder.blocks[0], x, xa, causal=True),
+        ATOL,
     )
     mel = np.random.default_rng(2).standard_normal((2, variant.n_mels, 31)).astype(np.float32)
     assert_close(run_flax(f.encoder, mel), run_torch(t.encoder, mel), ATOL, "encoder")

@@ -89,7 +89,6 @@ class TextDecoder(nn.Module):
         length = check_tokens_shape(self.config, tokens.shape, offset)
         check_dtype("tokens", tokens.dtype, is_integer(tokens), "integer token ids")
         check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
-        check_token_range(self.config, int(tokens.min()), int(tokens.max()))
         capacity = None if cache is None else self.blocks[0].attn.cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
             check_cache_offset(self.config, offset, length, capacity)
@@ -138,6 +137,11 @@ class Whisper(nn.Module):
 
     def forward(self, mel: Tensor, tokens: Tensor) -> Tensor:
         """mel (B, n_mels, frames), tokens (B, T) -> logits (B, T, n_vocab) float32"""
+        check_ids(self.config, tokens)
+        return self.logits(mel, tokens)
+
+    def logits(self, mel: Tensor, tokens: Tensor) -> Tensor:
+        """`forward` without the host-side check of the token values."""
         logits, _ = self.decoder(tokens, self.encoder(mel))
         return logits
 
@@ -148,12 +152,23 @@ class Whisper(nn.Module):
         `config.start_token_id`.
         """
         check_dtype("labels", labels.dtype, is_integer(labels), "integer token ids")
-        kept = labels[labels != IGNORE_INDEX]
-        if kept.numel():
-            check_token_range(self.config, int(kept.min()), int(kept.max()))
+        check_ids(self.config, labels, ignored=IGNORE_INDEX)
         if tokens is None:
             tokens = shift_right(labels, self.config.start_token_id)
-        return cross_entropy(self(mel, tokens), labels)
+        else:
+            check_ids(self.config, tokens)
+        return cross_entropy(self.logits(mel, tokens), labels)
+
+
+def check_ids(config: ModelConfig, ids: Tensor, ignored: int | None = None) -> None:
+    """Token ids (or labels, `ignored` aside) must lie in [0, n_vocab). A host-side check of the
+    values, made once per call of the model's entry points (never per decoder step, which would
+    sync the device every token); skipped while torch.compile traces, as a jitted flax step skips it."""
+    if torch.compiler.is_compiling():
+        return
+    kept = ids if ignored is None else ids[ids != ignored]
+    if kept.numel():
+        check_token_range(config, int(kept.min()), int(kept.max()))
 
 
 def is_integer(tensor: Tensor) -> bool:

@@ -23,17 +23,20 @@ from flax_whisper import Whisper
 from flax_whisper.model import IGNORE_INDEX, cross_entropy, shift_right
 from train.config import TrainConfig
 
-NO_DECAY = ("positional_embedding",)
+# Weight decay reaches the true weight matrices only: the kernels of the linear and convolution
+# layers and the token table. Not norms, biases, position tables, a learned temperature, the
+# biased attention's content bias or the memory slots (matrices by shape, not weights of a map).
+DECAYED = ("kernel", "embedding")
+
+
+def _leaf_name(path) -> str:
+    names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+    return names[-2] if names[-1] == "value" else names[-1]  # past an nnx.Variable's own field
 
 
 def decay_mask(params) -> Any:
-    """A pytree of bools over `params`: decay matrices (ndim >= 2) except position tables."""
-
-    def keep(path, leaf) -> bool:
-        names = {getattr(p, "key", getattr(p, "name", None)) for p in path}
-        return leaf.ndim >= 2 and not names & set(NO_DECAY)
-
-    return jax.tree_util.tree_map_with_path(keep, params)
+    """A pytree of bools over `params`: True for the leaves weight decay reaches (`DECAYED`)."""
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _leaf_name(path) in DECAYED, params)
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:

@@ -37,6 +37,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "decoder_positions": ("learned", "sinusoidal", "learned_sinusoidal", "none"),
     "norm": ("layernorm", "rmsnorm", "group_rms"),
     "attention_implementation": ("auto", "cudnn", "xla", "chunked", "einsum"),
+    "remat_policy": ("full", "save_matmuls"),
 }
 
 SWITCHES = (
@@ -53,7 +54,7 @@ SWITCHES = (
 TRAINING_ONLY = ("dropout", "attention_dropout")
 # Settings of how the computation runs, not what it computes (up to rounding): a checkpoint does
 # not depend on them, and a resumed run may change them.
-EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing")
+EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing", "remat_policy")
 
 # OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
 _EN = 51864
@@ -159,6 +160,9 @@ class ModelConfig:
     dropout: float = 0.0
     attention_dropout: float = 0.0
     gradient_checkpointing: bool = False
+    # With gradient_checkpointing: recompute the whole block in the backward pass ("full"), or keep
+    # the outputs of its weight matmuls ("save_matmuls": more memory, less recompute; flax only).
+    remat_policy: str = "full"
     # How attention runs (flax_whisper/kernel.py): auto, cudnn, xla, chunked or einsum; torch_ref
     # uses scaled_dot_product_attention for all but einsum.
     attention_implementation: str = "auto"
@@ -263,6 +267,8 @@ class ModelConfig:
                 "memory_update=True writes back memory slots, but neither encoder_attention nor "
                 "decoder_attention is memory or integrated"
             )
+        if self.remat_policy != "full" and not self.gradient_checkpointing:
+            raise ConfigError(f"remat_policy={self.remat_policy!r} has no effect without gradient_checkpointing=True")
         for side in ("encoder", "decoder"):
             if getattr(self, f"{side}_rotary") and getattr(self, f"{side}_attention") == "dynamic_conv":
                 raise ConfigError(

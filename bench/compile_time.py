@@ -1,0 +1,71 @@
+"""Compile time of the training step as the model gets deeper: the layer scan keeps it flat.
+
+    python bench/compile_time.py [--depths 4,8,16,32] [--size tiny] [--preset whisper] [--frames 3000]
+
+For each depth N, an N + N layer model (the OpenAI size's widths) gets its jitted training step
+(forward, backward, clipping, AdamW) traced and compiled from abstract shapes, nothing run; the
+wall time of `lower` + `compile` is printed, with the ratio to the shallowest. XLA_FLAGS from the
+environment apply (the test suite's fast-compile flags are not set here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flax_whisper import Whisper
+from train.config import TrainConfig
+from train.step import Graphs, make_optimizer, new_state, train_step
+
+
+def compile_seconds(config: TrainConfig, batch: int, frames: int, tokens: int) -> float:
+    model_config = config.model_config()
+    tx = make_optimizer(config)
+    abstract = nnx.eval_shape(lambda: Whisper(model_config, rngs=nnx.Rngs(0)))
+    state = jax.eval_shape(lambda: new_state(Whisper(model_config, rngs=nnx.Rngs(0)), tx))
+    step = jax.jit(functools.partial(train_step, graphs=Graphs.of(abstract), tx=tx, config=config), donate_argnums=0)
+    batch_shapes = {
+        "mel": jax.ShapeDtypeStruct((batch, model_config.n_mels, frames), jnp.float32),
+        "labels": jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
+    }
+    started = time.perf_counter()
+    step.lower(state, batch_shapes).compile()
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", default="4,8,16,32", help="layers per side, comma-separated")
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--preset", default="whisper")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=3000)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args()
+    print(f"{args.preset}/{args.size} widths, batch {args.batch}, {args.frames} frames, {args.tokens} tokens, "
+          f"{args.precision}, {jax.devices()[0].platform}")  # fmt: skip
+    first = None
+    for depth in (int(d) for d in args.depths.split(",")):
+        config = TrainConfig(
+            preset=args.preset,
+            size=args.size,
+            model={"n_audio_layer": depth, "n_text_layer": depth},
+            precision=args.precision,
+        )
+        seconds = compile_seconds(config, args.batch, args.frames, args.tokens)
+        first = first or seconds
+        print(f"{depth:3d} + {depth:<3d} layers: compile {seconds:6.1f} s   {seconds / first:4.2f}x the first")
+
+
+if __name__ == "__main__":
+    main()
