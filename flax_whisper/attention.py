@@ -8,11 +8,10 @@ sets it). Heads are an axis of their own from projection to output, and so are t
 a decoding step writes one row and reshapes nothing. The cache is a plain dict pytree passed in
 and returned, so a jitted decoding loop can carry it:
 
-- self-attention: `{"k": (B, L, H, dh), "v": (B, L, H, dh)}`, buffers of fixed capacity `L`
-  written at `offset` (which may be traced); the causal mask hides every slot after the current
-  position;
-- cross-attention: `{"k": (B, S, H, dh), "v": (B, S, H, dh)}`, projected once from the encoder
-  output.
+- self-attention: `{"k", "v"}` buffers of fixed capacity `L`, `(B, L, H, dh)` or heads-major
+  `(B, H, L, dh)` as `kernel.kv_layout()` says for this machine, written at `offset` (which may
+  be traced); the causal mask hides every slot after the current position;
+- cross-attention: `{"k", "v"}` over the `S` encoder positions in the same layout, projected once.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.kernel import Mask, attend
+from flax_whisper.kernel import BHSD, Mask, attend, kv_layout, seq_axis, to_layout
 from flax_whisper.layers import Linear
 from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -115,6 +114,7 @@ class MultiHeadAttention(nnx.Module):
             mask,
             scale=self.attention_scale(),
             offset=offset,
+            layout=kv_layout(),
             implementation=self.implementation,
             dropout=self.attention_dropout,
             return_lse=return_lse,
@@ -130,34 +130,40 @@ class MultiHeadAttention(nnx.Module):
             q = q + self.content_bias[...].astype(q.dtype)
         return q
 
-    def keys_values(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x (B, S, d) -> k, v (B, S, H, dh), unrotated (cross-attention, memory slots)."""
-        return split_heads(self.key(x), self.n_head), split_heads(self.value(x), self.n_head)
+    def keys_values(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """x (B, S, d) -> k, v in `kv_layout()`: keys rotated at `positions` (self-attention with
+        rotary); unrotated without (cross-attention, memory slots)."""
+        k, v = split_heads(self.key(x), self.n_head), split_heads(self.value(x), self.n_head)  # (B, S, H, dh)
+        if positions is not None and self.rotary_base is not None:
+            k = apply_rotary(k, positions, self.rotary_base)
+        layout = kv_layout()
+        return to_layout(k, layout), to_layout(v, layout)
 
     def project_self(self, x: jax.Array, cache: Cache | None, offset, prefix: int = 0):
-        """Self-attention q (B, T, H, dh) and k, v (B, S, H, dh): rotated by position when
-        rotary, and written into the cache (then S is its capacity) at `prefix + offset` when given."""
+        """Self-attention q (B, T, H, dh) and k, v (`kv_layout()`, S keys): rotated by position
+        when rotary, and written into the cache (then S is its capacity) at `prefix + offset` when
+        given (cached keys were rotated when written)."""
         positions = offset + jnp.arange(x.shape[1])  # new tokens sit at offset .. offset + T
         q = self.queries(x, positions)
-        k, v = self.keys_values(x)
-        if self.rotary_base is not None:  # cached keys were rotated when written
-            k = apply_rotary(k, positions, self.rotary_base)
+        k, v = self.keys_values(x, positions)
         if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), prefix + offset, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), prefix + offset, axis=1)
+            axis = k.ndim + seq_axis(kv_layout())
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), prefix + offset, axis=axis)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), prefix + offset, axis=axis)
             cache = {"k": k, "v": v}
         return q, k, v, cache
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
-        """Empty self-attention buffers of capacity `length`: {"k", "v"} (B, L, H, dh)."""
-        shape = (batch, length, self.n_head, self.out.out_features // self.n_head)
+        """Empty self-attention buffers of capacity `length`: {"k", "v"} in `kv_layout()`."""
+        heads, width = self.n_head, self.out.out_features // self.n_head
+        shape = (batch, heads, length, width) if kv_layout() == BHSD else (batch, length, heads, width)
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
     def cache_capacity(self, cache: Cache) -> int | None:
         """Tokens the self-attention cache holds (the key buffers may carry a leading layer axis)."""
-        return cache["k"].shape[-3]
+        return cache["k"].shape[seq_axis(kv_layout())]
 
     def init_cross_cache(self, xa: jax.Array) -> Cache:
-        """Cross-attention keys and values of the encoder output: {"k", "v"} (B, S, H, dh)."""
+        """Cross-attention keys and values of the encoder output: {"k", "v"} in `kv_layout()`."""
         k, v = self.keys_values(xa)
         return {"k": k, "v": v}

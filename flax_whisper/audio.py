@@ -83,7 +83,9 @@ def _log10_mel(padded: jax.Array, n_mels: int, n_frames: int) -> jax.Array:
     window = 0.5 - 0.5 * jnp.cos(2 * jnp.pi * jnp.arange(N_FFT) / N_FFT)  # periodic Hann
     spectrum = jnp.fft.rfft(padded[..., index] * window, axis=-1)  # (..., F, n_fft / 2 + 1)
     power = jnp.abs(spectrum) ** 2
-    mel = jnp.einsum("mf,...tf->...mt", jnp.asarray(mel_filters(n_mels)), power)  # (..., n_mels, F)
+    # Full float32 even where matmuls default to TF32 or bf16 passes (GPUs, TPUs): features are exact.
+    filters = jnp.asarray(mel_filters(n_mels))
+    mel = jnp.einsum("mf,...tf->...mt", filters, power, precision=jax.lax.Precision.HIGHEST)  # (..., n_mels, F)
     return jnp.log10(jnp.maximum(mel, 1e-10))
 
 

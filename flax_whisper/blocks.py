@@ -121,11 +121,17 @@ def run_stack(
 
         return layer(x, blocks), None
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-    def layer_with_cache(x: jax.Array, block: ResidualAttentionBlock, layer_cache: BlockCache):
-        return block(x, xa, causal=causal, cache=layer_cache, offset=offset)
+    # Only the self-attention caches come out of the scan: the cross-attention keys and values,
+    # which decoding never changes, go in alone, so a step does not copy them.
+    read_only = {k: v for k, v in cache.items() if k != "attn"}
 
-    return layer_with_cache(x, blocks, cache)
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+    def layer_with_cache(x: jax.Array, block: ResidualAttentionBlock, attn_cache, rest):
+        x, layer_cache = block(x, xa, causal=causal, cache={"attn": attn_cache, **rest}, offset=offset)
+        return x, layer_cache["attn"]
+
+    x, attn = layer_with_cache(x, blocks, cache["attn"], read_only)
+    return x, {**cache, "attn": attn}
 
 
 def layer(blocks: ResidualAttentionBlock, index: int) -> ResidualAttentionBlock:

@@ -16,6 +16,11 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
 - `auto` (default): `cudnn` on a GPU when it applies, else `chunked` on a CPU for long inputs,
   else `xla`; `einsum` whenever attention dropout is active.
 
+Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
+gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
+decoding step over a `(B, S, H, dh)` cache spent most of its time transposing it), and `(B, S,
+H, dh)`, the fused GPU kernels' layout, elsewhere.
+
 Logits, softmax and the log-sum-exp are float32 whatever the input dtype (SPEC section 4). A
 learned temperature (a traced scale) is folded into the queries, since the fused kernels take
 a static scale.
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
+BSHD, BHSD = "bshd", "bhsd"  # key/value layouts: sequence-major, heads-major
 # `chunked` processes this many queries at a time; `auto` picks it on a CPU once a batch row's
 # score matrix (H x T x S floats) no longer fits a few MB of cache.
 CHUNK = 256
@@ -53,6 +59,22 @@ class Mask:
         return self.causal or self.window is not None
 
 
+def kv_layout() -> str:
+    """The layout keys, values and KV caches are kept in on this machine (see the module docstring)."""
+    return BHSD if jax.default_backend() == "cpu" else BSHD
+
+
+def seq_axis(layout: str) -> int:
+    """The sequence axis of keys and values, counted from the end: a leading layer axis of a
+    stacked cache does not move it."""
+    return -2 if layout == BHSD else -3
+
+
+def to_layout(x: jax.Array, layout: str) -> jax.Array:
+    """Keys or values (B, S, H, dh) -> the given layout."""
+    return jnp.swapaxes(x, 1, 2) if layout == BHSD else x
+
+
 def allowed(mask: Mask, n_queries: int, n_keys: int, offset=0, first_query=0) -> jax.Array:
     """`(T, S)` bool: may query `first_query + i` (at position `offset + first_query + i`) see key `j`?"""
     q_pos = offset + first_query + jnp.arange(n_queries)[:, None]  # (T, 1)
@@ -73,25 +95,29 @@ def attend(
     *,
     scale: float | jax.Array,
     offset=0,
+    layout: str = BSHD,
     implementation: str = "auto",
     dropout: nnx.Dropout | None = None,
     return_lse: bool = False,
 ):
     """Scaled dot-product attention over heads.
 
-    q (B, T, H, dh), k and v (B, S, H, dh) -> (B, T, H, dh) in q's dtype; with `return_lse`,
-    also the float32 log-sum-exp of each query's scores (B, T, H), from which the weight of any
-    key follows as `exp(score - lse)`. `offset` (an int, or traced in a decoding loop) places the
-    queries after that many cached positions.
+    q (B, T, H, dh), k and v (B, S, H, dh) or, with `layout="bhsd"`, (B, H, S, dh) ->
+    (B, T, H, dh) in q's dtype; with `return_lse`, also the float32 log-sum-exp of each query's
+    scores (B, T, H), from which the weight of any key follows as `exp(score - lse)`. `offset`
+    (an int, or traced in a decoding loop) places the queries after that many cached positions.
     """
     if not isinstance(scale, float | int):  # a learned temperature: fold it into the queries
         q = (q.astype(jnp.float32) * scale).astype(q.dtype)
         scale = 1.0
-    how = choose(implementation, q, k, mask, offset, dropout)
+    n_keys = k.shape[seq_axis(layout)]
+    how = choose(implementation, q, n_keys, mask, offset, dropout)
     if how == "einsum":
-        return _einsum(q, k, v, mask, float(scale), offset, dropout, return_lse)
+        return _einsum(q, k, v, mask, float(scale), offset, layout, dropout, return_lse)
     if how == "chunked":
-        return _chunked(q, k, v, mask, float(scale), offset, return_lse)
+        return _chunked(q, k, v, mask, float(scale), offset, layout, return_lse)
+    if layout == BHSD:
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     return _fused(q, k, v, mask, float(scale), offset, how, return_lse)
 
 
@@ -103,7 +129,7 @@ def _dropping(dropout: nnx.Dropout | None) -> bool:
     return dropout is not None and dropout.rate > 0 and not dropout.deterministic
 
 
-def cudnn_expressible(q: jax.Array, k: jax.Array, mask: Mask, offset) -> bool:
+def cudnn_expressible(q: jax.Array, mask: Mask, offset) -> bool:
     """Can cuDNN's flash kernel compute this without a materialised mask?"""
     if q.dtype not in (jnp.bfloat16, jnp.float16) or mask.prefix:
         return False
@@ -116,14 +142,14 @@ def cudnn_expressible(q: jax.Array, k: jax.Array, mask: Mask, offset) -> bool:
     return q.shape[1] == 1 and mask.window is None  # one cached step: valid key lengths suffice
 
 
-def choose(implementation: str, q: jax.Array, k: jax.Array, mask: Mask, offset, dropout) -> str:
+def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, dropout) -> str:
     """The path `attend` takes (see the module docstring)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     if _dropping(dropout):
         return "einsum"  # the fused kernels have no dropout on the weights
     if implementation == "cudnn":
-        if not cudnn_expressible(q, k, mask, offset):
+        if not cudnn_expressible(q, mask, offset):
             raise ValueError(
                 f"attention_implementation='cudnn' needs bfloat16/float16 inputs (got {q.dtype}) and a mask of "
                 f"causal, causal-window or key-length form (got {mask}, offset {offset!r}); use 'auto' to fall back"
@@ -132,9 +158,9 @@ def choose(implementation: str, q: jax.Array, k: jax.Array, mask: Mask, offset, 
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
-    if backend == "gpu" and cudnn_expressible(q, k, mask, offset):
+    if backend == "gpu" and cudnn_expressible(q, mask, offset):
         return "cudnn"
-    if backend == "cpu" and q.shape[2] * q.shape[1] * k.shape[1] >= CHUNKED_MIN_SCORES:
+    if backend == "cpu" and q.shape[2] * q.shape[1] * n_keys >= CHUNKED_MIN_SCORES:
         return "chunked"
     return "xla"
 
@@ -162,26 +188,33 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
     return out
 
 
-def _scores(q, k, scale: float) -> jax.Array:
-    """q (..., T, H, dh), k (..., S, H, dh) -> float32 scores (..., H, T, S)."""
-    return jnp.einsum("...thd,...shd->...hts", q, k, preferred_element_type=jnp.float32) * scale
+def _scores(q, k, scale: float, layout: str) -> jax.Array:
+    """q (..., T, H, dh), k (..., S, H, dh) or (..., H, S, dh) -> float32 scores (..., H, T, S)."""
+    keys = "...hsd" if layout == BHSD else "...shd"
+    return jnp.einsum(f"...thd,{keys}->...hts", q, k, preferred_element_type=jnp.float32) * scale
 
 
-def _einsum(q, k, v, mask: Mask, scale: float, offset, dropout, return_lse: bool):
+def _mix(weights, v, layout: str) -> jax.Array:
+    """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh)"""
+    values = "...hsd" if layout == BHSD else "...shd"
+    return jnp.einsum(f"...hts,{values}->...thd", weights.astype(v.dtype), v)
+
+
+def _einsum(q, k, v, mask: Mask, scale: float, offset, layout: str, dropout, return_lse: bool):
     """The materialised softmax: scores (B, H, T, S) in float32, dropout on the weights."""
-    logits = _scores(q, k, scale)
+    logits = _scores(q, k, scale, layout)
     if mask.masks_anything:
-        logits = jnp.where(allowed(mask, q.shape[1], k.shape[1], offset), logits, -jnp.inf)
+        logits = jnp.where(allowed(mask, q.shape[1], logits.shape[-1], offset), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
     if dropout is not None:
         weights = dropout(weights)
-    y = jnp.einsum("bhts,bshd->bthd", weights.astype(v.dtype), v)
+    y = _mix(weights, v, layout)
     if return_lse:
         return y, jnp.swapaxes(jax.nn.logsumexp(logits, axis=-1), 1, 2)  # (B, T, H)
     return y
 
 
-def _chunked(q, k, v, mask: Mask, scale: float, offset, return_lse: bool):
+def _chunked(q, k, v, mask: Mask, scale: float, offset, layout: str, return_lse: bool):
     """Blocks of `CHUNK` queries of one batch row at a time: each block's scores (H, c, S) stay
     in cache. The same float32 math as `_einsum`, without dropout."""
     b, t, h, dh = q.shape
@@ -191,18 +224,17 @@ def _chunked(q, k, v, mask: Mask, scale: float, offset, return_lse: bool):
     blocks = padded.reshape(b, n, chunk, h, dh)
 
     def row(args):
-        qb, kb, vb = args  # (n, c, H, dh), (S, H, dh), (S, H, dh)
+        qb, kb, vb = args  # (n, c, H, dh), and one batch row of keys and values
 
         def block(args):
             qc, first = args  # (c, H, dh), ()
-            logits = _scores(qc, kb, scale)  # (H, c, S)
+            logits = _scores(qc, kb, scale, layout)  # (H, c, S)
             if mask.masks_anything:
                 padding = (first + jnp.arange(chunk) >= t)[:, None]  # rows past T see all: no -inf-only row
-                ok = allowed(mask, chunk, kb.shape[0], offset, first) | padding
+                ok = allowed(mask, chunk, logits.shape[-1], offset, first) | padding
                 logits = jnp.where(ok, logits, -jnp.inf)
             lse = jax.nn.logsumexp(logits, axis=-1)  # (H, c)
-            weights = jnp.exp(logits - lse[..., None])
-            return jnp.einsum("hts,shd->thd", weights.astype(vb.dtype), vb), lse.T
+            return _mix(jnp.exp(logits - lse[..., None]), vb, layout), lse.T
 
         return jax.lax.map(block, (qb, jnp.arange(n) * chunk))
 

@@ -13,7 +13,7 @@ from flax import nnx
 
 from flax_whisper.attention import Cache, merge_heads
 from flax_whisper.biased import BiasedAttention
-from flax_whisper.kernel import Mask
+from flax_whisper.kernel import BHSD, Mask, kv_layout, seq_axis
 from flax_whisper.layers import Buffer, Linear
 from whisper_config import ModelConfig
 
@@ -40,27 +40,30 @@ class AugmentedMemory(BiasedAttention):
     ) -> tuple[jax.Array, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`."""
         m = self.memory.shape[0]
-        q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v (B, m + S, H, dh) with a cache
+        q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v: m + S keys with a cache
+        axis = k.ndim + seq_axis(kv_layout())
+        slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
         if cache is None:
-            slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
-            k, v = jnp.concatenate([slot_k, k], axis=1), jnp.concatenate([slot_v, v], axis=1)  # (B, m + S, H, dh)
+            k, v = jnp.concatenate([slot_k, k], axis=axis), jnp.concatenate([slot_v, v], axis=axis)  # m + S keys
         write = not self.deterministic and self.memory_update is not None
         out = self.attend(q, k, v, Mask(causal=causal, prefix=m), offset=offset, return_lse=write)
         y = self.out(merge_heads(out[0] if write else out))
         if write:
-            self.memory_state[...] = self.written_state(self.slot_weights(q, k[:, :m], out[1]), y)
+            self.memory_state[...] = self.written_state(self.slot_weights(q, slot_k, out[1]), y)
         return y, cache
 
     def slot_keys_values(self, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
-        """Keys and values of `memory + memory_state` (no position, no rotary): (B, m, H, dh) each."""
+        """Keys and values of `memory + memory_state` (no position, no rotary): m keys each, in
+        `kv_layout()`."""
         slots = (self.memory[...] + self.memory_state[...]).astype(dtype)[None]  # (1, m, d)
         k, v = self.keys_values(slots)
         return jnp.broadcast_to(k, (batch, *k.shape[1:])), jnp.broadcast_to(v, (batch, *v.shape[1:]))
 
     def slot_weights(self, q: jax.Array, slot_k: jax.Array, lse: jax.Array) -> jax.Array:
         """Head-mean attention weight of every query on every slot, from a small separate product:
-        q (B, T, H, dh), slot_k (B, m, H, dh), lse (B, T, H) of the full softmax -> (B, T, m)."""
-        logits = jnp.einsum("bthd,bshd->bths", q, slot_k, preferred_element_type=jnp.float32)
+        q (B, T, H, dh), slot_k (m keys in `kv_layout()`), lse (B, T, H) of the full softmax -> (B, T, m)."""
+        keys = "bhsd" if kv_layout() == BHSD else "bshd"
+        logits = jnp.einsum(f"bthd,{keys}->bths", q, slot_k, preferred_element_type=jnp.float32)
         return jnp.exp(logits * self.attention_scale() - lse[..., None]).mean(axis=2)
 
     def written_state(self, slot_weights: jax.Array, y: jax.Array) -> jax.Array:
@@ -70,10 +73,14 @@ class AugmentedMemory(BiasedAttention):
         return (1 - self.momentum) * self.memory_state[...] + self.momentum * jax.lax.stop_gradient(delta)
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
-        """The slots' keys and values in the first `m` rows, then `length` empty ones: (B, m + L, H, dh)."""
+        """The slots' keys and values in the first `m` positions, then `length` empty ones."""
         slot_k, slot_v = self.slot_keys_values(batch, dtype)
         empty = super().init_cache(batch, length, dtype)
-        return {"k": jnp.concatenate([slot_k, empty["k"]], axis=1), "v": jnp.concatenate([slot_v, empty["v"]], axis=1)}
+        axis = 4 + seq_axis(kv_layout())
+        return {
+            "k": jnp.concatenate([slot_k, empty["k"]], axis=axis),
+            "v": jnp.concatenate([slot_v, empty["v"]], axis=axis),
+        }
 
     def cache_capacity(self, cache: Cache) -> int:
-        return cache["k"].shape[-3] - self.memory.shape[0]
+        return cache["k"].shape[seq_axis(kv_layout())] - self.memory.shape[0]

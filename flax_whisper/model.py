@@ -113,7 +113,9 @@ class TextDecoder(nnx.Module):
         layers = None if cache is None else cache["layers"]
         x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset)
         x = self.ln(x)
-        logits = (x @ self.token_embedding.embedding[...].astype(x.dtype).T).astype(jnp.float32)
+        # Tied output: the compute dtype in, float32 accumulated and out (SPEC 5), whatever the precision.
+        table = self.token_embedding.embedding[...].astype(x.dtype)
+        logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)  # (B, T, n_vocab)
         if cache is not None:
             cache = {"offset": offset + length, "layers": layers}
         return logits, cache

@@ -123,18 +123,32 @@ def test_bfloat16_inputs_keep_float32_scores():
 def test_auto_chooses_by_backend_size_and_dropout():
     small = jnp.zeros((1, 8, 2, 4))
     long = jnp.zeros((1, 1024, 4, 4))
-    assert fk.choose("auto", small, small, fk.Mask(), 0, None) == "xla"
-    assert fk.choose("auto", long, long, fk.Mask(), 0, None) == "chunked"  # this machine is a CPU
+    assert fk.choose("auto", small, 8, fk.Mask(), 0, None) == "xla"
+    assert fk.choose("auto", long, 1024, fk.Mask(), 0, None) == "chunked"  # this machine is a CPU
     from flax import nnx
 
     dropping = nnx.Dropout(0.1, rngs=nnx.Rngs(0))
-    assert fk.choose("auto", long, long, fk.Mask(), 0, dropping) == "einsum"
+    assert fk.choose("auto", long, 1024, fk.Mask(), 0, dropping) == "einsum"
     with pytest.raises(ValueError, match="needs bfloat16/float16 inputs"):
-        fk.choose("cudnn", small, small, fk.Mask(), 0, None)
+        fk.choose("cudnn", small, 8, fk.Mask(), 0, None)
     with pytest.raises(ValueError, match="not one of"):
-        fk.choose("flash", small, small, fk.Mask(), 0, None)
-    assert not fk.cudnn_expressible(small.astype(jnp.bfloat16), small, fk.Mask(window=3), 0)  # a symmetric band
-    assert fk.cudnn_expressible(small.astype(jnp.bfloat16), small, fk.Mask(causal=True, window=3), 0)
+        fk.choose("flash", small, 8, fk.Mask(), 0, None)
+    half = small.astype(jnp.bfloat16)
+    assert not fk.cudnn_expressible(half, fk.Mask(window=3), 0)  # a symmetric band
+    assert fk.cudnn_expressible(half, fk.Mask(causal=True, window=3), 0)
     one = jnp.zeros((1, 1, 2, 4), jnp.bfloat16)
-    assert fk.cudnn_expressible(one, small, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
-    assert not fk.cudnn_expressible(small.astype(jnp.bfloat16), small, fk.Mask(prefix=2), 0)
+    assert fk.cudnn_expressible(one, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
+    assert not fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)
+    assert fk.kv_layout() == "bhsd"  # heads-major keys on a CPU
+
+
+@pytest.mark.parametrize("implementation", ["xla", "chunked", "einsum"])
+def test_heads_major_keys_give_the_same_attention(implementation, monkeypatch):
+    monkeypatch.setattr(fk, "CHUNK", 4)
+    q, k, v = inputs(7, 10, seed=4)
+    expected, lse = reference(q, k, v, causal=True, prefix=3)
+    heads_major = [jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32) for x in (k, v)]
+    y, got_lse = fk.attend(jnp.asarray(q, jnp.float32), *heads_major, fk.Mask(causal=True, prefix=3), scale=0.5,
+                           layout="bhsd", implementation=implementation, return_lse=True)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)

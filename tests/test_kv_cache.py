@@ -92,5 +92,6 @@ def test_cache_is_a_pytree(pair, config):
     leaves = jax.tree.leaves(cache)
     layers, heads, width = config.n_text_layer, config.n_text_head, config.n_text_state // config.n_text_head
     assert len(leaves) == 1 + 4  # the offset, and every layer's buffers stacked on a leading axis
-    assert cache["layers"]["attn"]["k"].shape == (layers, 3, config.n_text_ctx, heads, width)
-    assert cache["layers"]["cross_attn"]["k"].shape == (layers, 3, 4, heads, width)
+    # Heads-major keys and values on a CPU (kernel.kv_layout): no transposes in a decoding step.
+    assert cache["layers"]["attn"]["k"].shape == (layers, 3, heads, config.n_text_ctx, width)
+    assert cache["layers"]["cross_attn"]["k"].shape == (layers, 3, heads, 4, width)

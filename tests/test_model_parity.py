@@ -94,3 +94,38 @@ def test_torch_compile_traces_the_loss_in_one_graph(name):
     eager.load_state_dict(model.state_dict())  # the compiled run's memory state, for the next step
     model.zero_grad()
     assert torch.allclose(compiled(mel_t, labels_t), eager.loss(mel_t, labels_t), atol=1e-5)
+
+
+BF16_LOSS_RTOL = 2e-3  # README "Precision": bf16 compute vs float32 on the same weights
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_bfloat16_loss_is_within_the_stated_tolerance_of_float32(name):
+    """Every preset and mechanism: the loss computed in bfloat16 (float32 weights cast at use;
+    norms, softmax, attention and vocabulary logits in float32) within BF16_LOSS_RTOL of the
+    float32 loss on the same weights and batch."""
+    preset, overrides = VARIANTS[name]
+    config = tiny_config(preset, **{**overrides, "n_audio_state": 64, "n_text_state": 64})
+    _, f = make_pair(config, seed=21)
+    mel, labels = random_batch(config, 4, 32, 12, seed=3)
+    loss = nnx.jit(lambda m, x, y: m.loss(x, y))
+    full = float(loss(f, jnp.asarray(mel), jnp.asarray(labels)))
+    half = float(loss(f, jnp.asarray(mel, jnp.bfloat16), jnp.asarray(labels)))
+    assert abs(half - full) <= BF16_LOSS_RTOL * full, f"bf16 {half} vs float32 {full}"
+
+
+def test_vocabulary_logits_accumulate_in_float32_from_bfloat16():
+    """The tied output matmul takes the bf16 activations and table and accumulates in float32."""
+    import jax
+
+    config = tiny_config()
+    _, f = make_pair(config)
+    xa = jnp.zeros((2, 4, config.n_text_state), jnp.bfloat16)
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda m: m.decoder(tokens, xa)[0])(f)
+    vocab = [
+        e for e in jaxpr.eqns if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (2, 3, config.n_vocab)
+    ]
+    assert len(vocab) == 1
+    assert [v.aval.dtype for v in vocab[0].invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert vocab[0].outvars[0].aval.dtype == jnp.float32

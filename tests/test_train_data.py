@@ -55,11 +55,11 @@ def test_manifests_batches_buckets_and_bad_rows(tmp_path, capsys):
     batches = train_batches(jsonl, features, 2, seed=0, stats=stats)
     seen = [next(batches) for _ in range(10)]  # several epochs
     for batch in seen:
-        assert batch["mel"].shape[1:] in [(80, 16), (80, 32), (80, 64)] and batch["mel"].dtype == np.float32
+        assert batch["audio"].shape[1] in [16 * 160, 32 * 160, 64 * 160] and batch["audio"].dtype == np.float32
         assert batch["labels"].shape[1] in (4, 12) and batch["labels"].shape[0] == 2
         longest = (batch["labels"] != -100).sum(axis=1).max()
         assert batch["labels"].shape[1] == min(b for b in (4, 12) if b >= longest)  # the smallest that fits
-    assert {b["mel"].shape[2] for b in seen} > {64}  # batches of short clips use short buckets
+    assert {b["audio"].shape[1] for b in seen} > {64 * 160}  # batches of short clips use short buckets
     assert stats.summary() == {"skipped_files": 2, "truncated_transcripts": stats.truncated}
     assert stats.truncated >= 1  # "x" * 20 + end of text > n_text_ctx=12
     assert sorted(Path(p).name for p in stats.skipped) == ["broken.wav", "missing.wav"]
@@ -70,7 +70,7 @@ def test_manifests_batches_buckets_and_bad_rows(tmp_path, capsys):
     labels = features.labels("hello")
     np.testing.assert_array_equal(labels, [*b"hello", 256])  # byte ids then end of text
     evals = eval_batches(jsonl, features, 4, DataStats())
-    assert sum(b["keep"].sum() for b in evals) == 5 and all(len(b["mel"]) == 4 for b in evals)
+    assert sum(b["keep"].sum() for b in evals) == 5 and all(len(b["audio"]) == 4 for b in evals)
     assert evals[-1]["labels"][~evals[-1]["keep"]].max() == -100  # padding rows count nowhere
 
 

@@ -102,7 +102,8 @@ class TextDecoder(nn.Module):
             x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset)
             new_caches.append(layer_cache)
         x = self.ln(x)
-        logits = (x @ self.token_embedding.weight.to(x.dtype).T).float()  # (B, T, n_vocab)
+        # Tied output in float32 (SPEC 5): upcast before the matmul, whatever the precision.
+        logits = x.float() @ self.token_embedding.weight.float().T  # (B, T, n_vocab)
         if cache is not None:
             cache = {"offset": offset + length, "layers": new_caches}
         return logits, cache

@@ -58,7 +58,9 @@ class TrainConfig:
     language: str | None = None  # Whisper vocabularies: the language token of the prompt
     task: str = "transcribe"
     audio_buckets: tuple[int, ...] = (128, 256)  # mel frame lengths batches are padded to
-    text_buckets: tuple[int, ...] = ()  # label lengths; () means n_text_ctx
+    # Label lengths batches are padded to (n_text_ctx is always added; longer ones are clamped):
+    # a batch of short transcripts is not padded to 448 tokens.
+    text_buckets: tuple[int, ...] = (16, 32, 64, 128, 256)
 
     # Optimisation.
     optimizer: str = "adamw"  # or "adafactor"

@@ -4,9 +4,11 @@ A *record* is `{"audio": source, "text": str}` where the source is a file path, 
 or `{"array", "sampling_rate"}`. Records come from a JSONL/CSV manifest (audio paths relative to
 the manifest) or a `datasets` dataset saved with `save_to_disk`. The pipeline reads and
 tokenises each record (`load_example`), skipping (and counting, by name) the ones whose audio
-cannot be used, then `collate` pads a batch's audio to the smallest bucket that holds its
-longest utterance, computes the log-mel of the batch in one jitted call, and pads the labels
-with -100. The step therefore compiles once per (audio bucket, text bucket) pair.
+cannot be used, in several threads with prefetch, then `collate` pads a batch's audio to the
+smallest bucket that holds its longest utterance and the labels (with -100) to the smallest
+text bucket. The log-mel is not computed here: the jitted step computes it on the device from
+the padded audio (`train.step.batch_mel`), so the loader only reads, resamples and pads. The
+step compiles once per (audio bucket, text bucket) pair.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, log_mel_spectrogram
+from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE
 from flax_whisper.model import IGNORE_INDEX
 from whisper_config import ModelConfig
 from whisper_io import AudioFileError, Tokenizer, load_audio
@@ -237,7 +239,7 @@ class Featurizer:
         return np.asarray(ids, np.int32)
 
     def collate(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-        """Examples -> {"mel": (B, n_mels, frames), "labels": (B, T)} padded to the smallest buckets."""
+        """Examples -> {"audio": (B, frames * 160), "labels": (B, T)} padded to the smallest buckets."""
         longest = max(len(e["audio"]) for e in examples)
         frames = next(b for b in self.audio_buckets if b * HOP_LENGTH >= longest)
         audio = np.zeros((len(examples), frames * HOP_LENGTH), np.float32)
@@ -247,8 +249,7 @@ class Featurizer:
         labels = np.full((len(examples), text), IGNORE_INDEX, np.int32)
         for row, example in zip(labels, examples, strict=True):
             row[: len(example["labels"])] = example["labels"]
-        mel = np.array(log_mel_spectrogram(audio, self.config.n_mels))  # a writable host copy
-        return {"mel": mel, "labels": labels}
+        return {"audio": audio, "labels": labels}
 
 
 # ----------------------------------------------------------------------------- pipelines

@@ -33,7 +33,16 @@ from train.data import DataError, DataStats, Featurizer, check_labels, eval_batc
 from train.metrics import MetricsLog, error_rates
 from train.run_folder import RunFolder
 from train.sharding import batch_sharding, check_batch, make_mesh, state_shardings
-from train.step import Graphs, TrainState, eval_step, learning_rate_schedule, make_optimizer, new_state, train_step
+from train.step import (
+    Graphs,
+    TrainState,
+    batch_mel,
+    eval_step,
+    learning_rate_schedule,
+    make_optimizer,
+    new_state,
+    train_step,
+)
 from whisper_io import decoding_options, text_tokens, tokenizer_for
 
 
@@ -106,6 +115,11 @@ class Trainer:
             in_shardings=(self.shardings, self.batch_sharding),
             out_shardings=replicated,
         )
+        self.mel_fn = jax.jit(
+            functools.partial(batch_mel, n_mels=self.model_config.n_mels),
+            in_shardings=(self.batch_sharding,),
+            out_shardings=self.batch_sharding,
+        )
         self.stop_requested: str | None = None  # the name of the signal that asked to stop
 
     # ------------------------------------------------------------------ pieces
@@ -117,7 +131,7 @@ class Trainer:
     def to_device(self, batch: dict) -> dict:
         """A host batch onto the mesh; labels are checked here, where values are still known."""
         check_labels(batch["labels"], self.model_config.n_vocab)
-        arrays = {k: batch[k] for k in ("mel", "labels")}
+        arrays = {k: batch[k] for k in ("audio", "labels")}
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), arrays)
 
     def evaluate(self, batches: list[dict]) -> dict:
@@ -133,8 +147,8 @@ class Trainer:
             for key in sums:
                 sums[key] += part[key].item()
             if model is not None:
-                prompts = np.tile(self.decode_prompt, (len(batch["mel"]), 1))
-                tokens = greedy_decode(model, on_device["mel"], prompts, self.decode_options)
+                prompts = np.tile(self.decode_prompt, (len(batch["audio"]), 1))
+                tokens = greedy_decode(model, self.mel_fn(on_device), prompts, self.decode_options)
                 rows = text_tokens(jax.device_get(tokens), len(self.decode_prompt), self.decode_options.eot)
                 for text, ids in zip(batch["texts"], rows, strict=False):  # padding rows have no text
                     references.append(text)

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from flax_whisper import Whisper
+from flax_whisper.audio import log_mel_spectrogram
 from flax_whisper.model import IGNORE_INDEX, cross_entropy, shift_right
 from train.config import TrainConfig
 
@@ -81,6 +82,7 @@ class Graphs:
 
     train: nnx.GraphDef
     eval: nnx.GraphDef
+    n_mels: int
 
     @classmethod
     def of(cls, model: Whisper) -> Graphs:
@@ -89,7 +91,7 @@ class Graphs:
         model.eval()
         eval_graph = nnx.split(model)[0]
         model.train()
-        return cls(train_graph, eval_graph)
+        return cls(train_graph, eval_graph, model.config.n_mels)
 
     def model(self, state: TrainState, training: bool = False) -> Whisper:
         return nnx.merge(self.train if training else self.eval, state.params, state.rest)
@@ -122,6 +124,14 @@ def spec_augment(mel: jax.Array, key: jax.Array, config: TrainConfig) -> jax.Arr
     return jnp.where(masked, mel.mean(axis=(1, 2), keepdims=True), mel)
 
 
+def batch_mel(batch: dict[str, jax.Array], n_mels: int) -> jax.Array:
+    """The batch's log-mel (B, n_mels, F): computed here, on the devices, from the padded 16 kHz
+    audio (B, F * 160) the loader gives (Whisper's frontend, per utterance), or taken as given."""
+    if "audio" in batch:
+        return log_mel_spectrogram(batch["audio"], n_mels)
+    return batch["mel"]
+
+
 def _compute_dtype(config: TrainConfig):
     return jnp.bfloat16 if config.precision == "bfloat16" else jnp.float32
 
@@ -134,15 +144,18 @@ def train_step(
     tx: optax.GradientTransformation,
     config: TrainConfig,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer step on `batch` {"mel" (B, n_mels, F), "labels" (B, T)}, split into
-    `accumulation_steps` micro-batches whose gradients are summed, weighted by their tokens.
+    """One optimizer step on `batch` {"audio" (B, N) or "mel" (B, n_mels, F), "labels" (B, T)},
+    split into `accumulation_steps` micro-batches of strided rows (micro-batch i holds rows i,
+    i + k, ...: on a batch sharded over devices, each one stays spread over all of them) whose
+    gradients are summed, weighted by their tokens.
 
     A step whose loss or gradient norm is not finite changes nothing but the counters.
     Jit it with `functools.partial` for the keyword arguments and `donate_argnums=0`.
     """
     k = config.accumulation_steps
-    batch = {**batch, "mel": spec_augment(batch["mel"], jax.random.fold_in(state.key, state.step), config)}
-    micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+    mel = batch_mel(batch, graphs.n_mels)
+    batch = {"mel": spec_augment(mel, jax.random.fold_in(state.key, state.step), config), "labels": batch["labels"]}
+    micro = jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1), batch)
     total_tokens = jnp.maximum(jnp.sum(batch["labels"] != IGNORE_INDEX), 1)
 
     def micro_loss(params, rest, mel, labels):
@@ -188,7 +201,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphs: Graphs,
     """Sums over one batch: token cross-entropy, correctly predicted tokens, and tokens counted."""
     model = graphs.model(state, training=False)
     labels = batch["labels"]
-    logits = model(batch["mel"].astype(_compute_dtype(config)), shift_right(labels, model.config.start_token_id))
+    mel = batch_mel(batch, model.config.n_mels).astype(_compute_dtype(config))
+    logits = model.logits(mel, shift_right(labels, model.config.start_token_id))
     counted = labels != IGNORE_INDEX
     tokens = counted.sum()
     loss_sum = cross_entropy(logits, labels) * jnp.maximum(tokens, 1)

@@ -1,0 +1,194 @@
+"""Encoder forward and greedy decoding: flax_whisper against openai-whisper and Hugging Face, one run.
+
+    python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
+        [--repeats 5] [--no-hf]
+
+On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
+and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
+
+- encoder forward: `flax_whisper` (jit) vs `openai-whisper`'s PyTorch encoder (`torch.no_grad`);
+- greedy decoding of `--new-tokens` tokens after the forced prompt, the encoder included:
+  `flax_whisper.greedy_decode` (one jitted program) vs `whisper.decoding.decode` (temperature 0,
+  no timestamps) and, with `transformers` installed, `WhisperForConditionalGeneration.generate`
+  (greedy, SDPA, KV cache) on a model of the same dimensions with its own random weights.
+
+Prints median times, tokens per second (tokens actually generated, end of text included) and
+the ratios against flax_whisper, all measured in this run. With random weights end of text is
+rarely chosen, so every framework decodes about `--new-tokens` tokens per window; to compare
+like with like, each rate counts the tokens that framework generated. On a GPU, add
+`--precision bfloat16` (torch: autocast; flax: bf16 compute).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
+
+
+def median_seconds(run, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def windows(batch: int, n_mels: int) -> np.ndarray:
+    """`batch` 30 s log-mel windows of real speech (B, n_mels, 3000)."""
+    import soundfile
+
+    from flax_whisper.audio import N_SAMPLES, log_mel_spectrogram
+
+    speech = soundfile.read(SPEECH, dtype="float32")[0]
+    audio = np.tile(speech, N_SAMPLES // len(speech) + 1)[:N_SAMPLES]
+    rows = [np.roll(audio, 16000 * i) for i in range(batch)]  # different content per row
+    return np.asarray(log_mel_spectrogram(np.stack(rows), n_mels))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny.en")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
+    args = parser.parse_args()
+
+    import torch
+    import whisper
+    from flax import nnx
+
+    from convert.core import new_flax_model
+    from convert.openai import from_openai_names
+    from flax_whisper import greedy_decode
+    from whisper_config import ModelConfig
+    from whisper_io import decoding_options, tokenizer_for
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = args.precision == "bfloat16"
+    config = ModelConfig.from_preset("whisper", args.size)
+    torch.manual_seed(0)
+    openai_model = whisper.model.Whisper(whisper.model.ModelDimensions(**config.openai_dims())).to(device).eval()
+    tensors = from_openai_names({k: v.float().cpu().numpy() for k, v in openai_model.state_dict().items()})
+    flax_model = new_flax_model(config, tensors)
+    flax_model.eval()
+    mel = windows(args.batch, config.n_mels)
+    tokenizer = tokenizer_for(config)
+    prompt, options = decoding_options(tokenizer, config, language="en", max_new_tokens=args.new_tokens)
+    prompts = np.tile(prompt, (args.batch, 1))
+    compute = jnp.bfloat16 if bf16 else jnp.float32
+    mel_jax = jnp.asarray(mel, compute)
+    mel_torch = torch.from_numpy(mel).to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    print(f"{args.size}: batch {args.batch} x 30 s, {args.new_tokens} new tokens, {args.precision}")
+    print(f"jax {jax.devices()[0].platform}, torch {device}, {torch.get_num_threads()} torch threads")
+
+    encode = nnx.jit(lambda m, x: m.encoder(x))
+    results = {}
+    results["encoder: flax_whisper (jit)"] = median_seconds(
+        lambda: jax.block_until_ready(encode(flax_model, mel_jax)), args.repeats
+    )
+
+    def openai_encoder():
+        with torch.no_grad(), autocast:
+            openai_model.encoder(mel_torch)
+        sync()
+
+    results["encoder: openai-whisper"] = median_seconds(openai_encoder, args.repeats)
+
+    generated = {}
+
+    def flax_decode():
+        tokens = np.asarray(greedy_decode(flax_model, mel_jax, prompts, options))
+        generated["decode: flax_whisper (jit)"] = int(np.sum(tokens[:, len(prompt) :] != -1))
+
+    results["decode: flax_whisper (jit)"] = median_seconds(flax_decode, args.repeats)
+
+    openai_options = whisper.DecodingOptions(
+        language="en", without_timestamps=True, fp16=bf16, temperature=0.0, sample_len=args.new_tokens
+    )
+
+    def openai_decode():
+        with torch.no_grad(), autocast:
+            out = whisper.decoding.decode(openai_model, mel_torch, openai_options)
+        sync()
+        generated["decode: openai-whisper"] = sum(len(r.tokens) + 1 for r in out)  # + end of text
+
+    results["decode: openai-whisper"] = median_seconds(openai_decode, args.repeats)
+
+    if not args.no_hf:
+        try:
+            from transformers import WhisperConfig, WhisperForConditionalGeneration
+        except ImportError:
+            print("transformers is not installed: skipping Hugging Face")
+        else:
+            hf_config = WhisperConfig(
+                vocab_size=config.n_vocab,
+                num_mel_bins=config.n_mels,
+                d_model=config.n_audio_state,
+                encoder_layers=config.n_audio_layer,
+                decoder_layers=config.n_text_layer,
+                encoder_attention_heads=config.n_audio_head,
+                decoder_attention_heads=config.n_text_head,
+                encoder_ffn_dim=4 * config.n_audio_state,
+                decoder_ffn_dim=4 * config.n_text_state,
+                max_source_positions=config.n_audio_ctx,
+                max_target_positions=config.n_text_ctx,
+            )
+            hf_model = WhisperForConditionalGeneration(hf_config).to(device).eval()
+            hf_prompt = torch.tensor(prompts, device=device)
+            hf_features = mel_torch.to(torch.bfloat16) if bf16 else mel_torch
+            if bf16:
+                hf_model = hf_model.to(torch.bfloat16)
+
+            def hf_encoder():
+                with torch.no_grad():
+                    hf_model.model.encoder(hf_features)
+                sync()
+
+            def hf_decode():
+                with torch.no_grad():
+                    out = hf_model.generate(
+                        input_features=hf_features,
+                        decoder_input_ids=hf_prompt,
+                        max_new_tokens=args.new_tokens,
+                        do_sample=False,
+                        num_beams=1,
+                    )
+                sync()
+                generated["decode: transformers generate"] = int((out.shape[1] - len(prompt)) * out.shape[0])
+
+            results["encoder: transformers"] = median_seconds(hf_encoder, args.repeats)
+            results["decode: transformers generate"] = median_seconds(hf_decode, args.repeats)
+
+    for kind in ("encoder", "decode"):
+        base = results[f"{kind}: flax_whisper (jit)"]
+        for name, seconds in results.items():
+            if not name.startswith(kind):
+                continue
+            rate = f"{generated[name] / seconds:8.1f} tokens/s" if name in generated else " " * 17
+            print(f"{name:32s} {seconds * 1e3:9.1f} ms  {rate}  flax is {seconds / base:5.2f}x as fast")
+
+
+if __name__ == "__main__":
+    main()
