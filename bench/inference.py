@@ -22,9 +22,7 @@ like with like, each rate counts the tokens that framework generated. On a GPU, 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -32,19 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_seconds
 
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
-
-
-def median_seconds(run, repeats: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def windows(batch: int, n_mels: int) -> np.ndarray:

@@ -1,11 +1,19 @@
-"""Time one training step: flax_whisper (jit) vs torch_ref (eager, and torch.compile).
+"""One training step (forward, cross-entropy, backward, clipping, AdamW): flax_whisper against
+Hugging Face `transformers` and torch_ref, in one run, with ratios.
 
-    python bench/train_step.py [--size demo|tiny|base|...] [--preset NAME] [--batch 32] [--frames N]
-        [--tokens N] [--steps 10] [--precision float32|bfloat16] [--no-compile]
+    python bench/train_step.py                      # this machine's CPU: tiny, batch 4, 30 s, 64 tokens
+    python bench/train_step.py --size small --batch 32 --tokens 448 --precision bfloat16 \
+        --mechanisms mha,biased,memory,dynamic_conv,hybrid,integrated      # the GPU configuration
 
-Same model config, batch and AdamW settings in both frameworks; prints the median step time of
-each and their ratios, all measured in this run. Timings depend on the machine: compare ratios
-from one run, never numbers across machines.
+For each mechanism in `--mechanisms` (self-attention of both sides; the `whisper` preset
+otherwise), `flax_whisper`'s jitted step; for `mha`, also `WhisperForConditionalGeneration`
+(SDPA attention, eager and `torch.compile`, the same dimensions, its own random weights) and
+`torch_ref` (eager and `torch.compile`) on the same batch and AdamW settings. Prints the median
+step time, samples/s, the speedup of flax_whisper over each, and for flax the model FLOPs
+(XLA's cost analysis of the step), the model FLOPs utilisation where the device's peak is known
+(`--peak-tflops` or the table below), and the step's memory (XLA's memory analysis of the
+compiled program; torch on GPUs: `max_memory_allocated`). float32 on GPUs: XLA multiplies in TF32
+by default while torch keeps full float32, so compare bfloat16 rows for like with like.
 """
 
 from __future__ import annotations
@@ -13,9 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,35 +31,48 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import numpy as np
 from flax import nnx
+from timing import median_seconds
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper
 from train.config import TrainConfig
 from train.step import Graphs, make_optimizer, new_state, train_step
 
-
-def median_seconds(step, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# Dense peak TFLOP/s by device kind and compute precision (bf16; float32 means TF32 on GPUs).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
 
 
-def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels: np.ndarray) -> float:
+def peak_flops(args) -> float | None:
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((table[args.precision] * 1e12 for name, table in PEAK_TFLOPS.items() if name in kind), None)
+
+
+def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels: np.ndarray) -> dict:
     tx = make_optimizer(config)
     step_fn = jax.jit(functools.partial(train_step, graphs=Graphs.of(model), tx=tx, config=config), donate_argnums=0)
     batch = {"mel": jax.device_put(mel), "labels": jax.device_put(labels)}
     holder = {"state": new_state(model, tx)}
+    compiled = step_fn.lower(holder["state"], batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
 
     def step():
         holder["state"], metrics = step_fn(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    return median_seconds(step, args.steps)
+    seconds = median_seconds(step, args.steps, warmup=2)
+    result = {"seconds": seconds, "flops": float(cost.get("flops", 0.0)) if cost else 0.0}
+    if memory is not None:
+        used = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
+        result["memory"] = used - memory.alias_size_in_bytes
+    return result
 
 
 def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray, labels: np.ndarray) -> dict:
@@ -67,16 +86,17 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
-    print(f"torch device: {device}")
     mel_t, labels_t = torch.from_numpy(mel).to(device), torch.from_numpy(labels).long().to(device)
 
-    def timed(module, warmup: int = 2) -> float:
+    def timed(module, loss_fn, warmup: int = 2) -> dict:
         optimizer, scheduler = torch_optimizer(module, config)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss = module.loss(mel_t, labels_t)
+                loss = loss_fn(mel_t, labels_t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), config.clip_norm)
             optimizer.step()
@@ -84,36 +104,86 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        return median_seconds(step, args.steps, warmup)
+        result = {"seconds": median_seconds(step, args.steps, warmup)}
+        if device == "cuda":
+            result["memory"] = torch.cuda.max_memory_allocated()
+        return result
 
-    results = {"torch_ref (eager)": timed(new_torch_model(model_config, initial).to(device).train())}
-    if not args.no_compile:
+    def compiled(make, name: str, results: dict) -> None:
+        if args.no_compile:
+            return
         try:
-            compiled = new_torch_model(model_config, initial).to(device).train()
-            compiled.loss = torch.compile(compiled.loss)
-            results["torch_ref (torch.compile)"] = timed(compiled, warmup=3)
+            module = make()
+            results[f"{name} (torch.compile)"] = timed(module, torch.compile(module.loss_fn), warmup=3)
         except Exception as e:  # torch.compile needs a working C++ toolchain; report, do not fail
-            print(f"torch.compile unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"torch.compile of {name} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+
+    results = {}
+    if not args.no_hf:
+        try:
+            from transformers import WhisperConfig, WhisperForConditionalGeneration
+        except ImportError:
+            print("transformers is not installed: skipping Hugging Face")
+        else:
+            hf_config = WhisperConfig(
+                vocab_size=model_config.n_vocab,
+                num_mel_bins=model_config.n_mels,
+                d_model=model_config.n_audio_state,
+                encoder_layers=model_config.n_audio_layer,
+                decoder_layers=model_config.n_text_layer,
+                encoder_attention_heads=model_config.n_audio_head,
+                decoder_attention_heads=model_config.n_text_head,
+                encoder_ffn_dim=4 * model_config.n_audio_state,
+                decoder_ffn_dim=4 * model_config.n_text_state,
+                max_source_positions=model_config.n_audio_ctx,
+                max_target_positions=model_config.n_text_ctx,
+                decoder_start_token_id=model_config.start_token_id,
+                attn_implementation="sdpa",
+            )
+
+            def make_hf():
+                model = WhisperForConditionalGeneration(hf_config).to(device).train()
+                model.loss_fn = lambda mel, labels: model(input_features=mel, labels=labels).loss
+                return model
+
+            hf = make_hf()
+            results["transformers (eager, sdpa)"] = timed(hf, hf.loss_fn)
+            del hf
+            compiled(make_hf, "transformers", results)
+
+    def make_ref():
+        model = new_torch_model(model_config, initial).to(device).train()
+        model.loss_fn = model.loss
+        return model
+
+    ref = make_ref()
+    results["torch_ref (eager)"] = timed(ref, ref.loss_fn)
+    del ref
+    compiled(make_ref, "torch_ref", results)
     if device == "cuda":
         torch.cuda.empty_cache()
+    print(f"torch device: {device}, {torch.get_num_threads()} threads")
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="demo")
+    parser.add_argument("--size", default="tiny")
     parser.add_argument("--preset", default="whisper")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--mechanisms", default="mha", help="comma-separated self-attention mechanisms")
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--frames", type=int, help="mel frames (default: the model's 2 * n_audio_ctx)")
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
+    parser.add_argument("--no-torch", action="store_true", help="time flax_whisper only")
     args = parser.parse_args()
 
-    config = TrainConfig(
-        preset=args.preset, size=args.size, precision=args.precision, time_masks=0, freq_masks=0, warmup_steps=0
-    )
+    base = dict(preset=args.preset, size=args.size, precision=args.precision, time_masks=0, freq_masks=0)
+    config = TrainConfig(**base, warmup_steps=0)
     model_config = config.model_config()
     frames = args.frames or 2 * model_config.n_audio_ctx
     tokens = min(args.tokens, model_config.n_text_ctx)
@@ -121,17 +191,35 @@ def main() -> None:
     mel = rng.standard_normal((args.batch, model_config.n_mels, frames)).astype(np.float32)
     labels = rng.integers(0, model_config.n_vocab, (args.batch, tokens)).astype(np.int32)
     print(f"{args.preset}/{args.size}: batch {args.batch}, {frames} frames, {tokens} tokens, {args.precision}")
-    print(f"devices: {jax.devices()}")
+    print(f"jax devices: {jax.devices()}")
 
     model = Whisper(model_config, rngs=nnx.Rngs(0))
-    initial = flax_to_torch(model)  # the same weights for torch
     results = {}
-    # torch first, then its cached memory is released: both share one accelerator.
-    results.update(time_torch(args, config, model_config, initial, mel, labels))
-    results["flax_whisper (jit)"] = time_flax(args, config, model, mel, labels)
-    base = results["flax_whisper (jit)"]
-    for name, seconds in results.items():
-        print(f"{name:28s} median {seconds * 1e3:9.1f} ms/step   {seconds / base:5.2f}x flax")
+    if not args.no_torch:  # torch first, then its cached memory is released: both share one accelerator
+        results.update(time_torch(args, config, model_config, flax_to_torch(model), mel, labels))
+    peak = peak_flops(args)
+    flax_rows = []
+    for mechanism in args.mechanisms.split(","):
+        overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism}
+        if mechanism in ("memory", "integrated"):
+            overrides["memory_update"] = True
+        mechanism_config = TrainConfig(**base, warmup_steps=0, model=overrides)
+        name = f"flax_whisper {mechanism} (jit)"
+        mechanism_model = Whisper(mechanism_config.model_config(), rngs=nnx.Rngs(0))
+        results[name] = time_flax(args, mechanism_config, mechanism_model, mel, labels)
+        flax_rows.append(name)
+
+    reference = results[flax_rows[0]]["seconds"]
+    print(f"{'':34s} {'ms/step':>9s} {'samples/s':>10s} {'flax speedup':>12s} {'memory':>9s} {'MFU':>6s}")
+    for name, row in results.items():
+        seconds = row["seconds"]
+        memory = f"{row['memory'] / 2**30:7.2f} GB" if "memory" in row else f"{'n/a':>9s}"
+        mfu = f"{row['flops'] / seconds / peak:6.1%}" if peak and row.get("flops") else f"{'n/a':>6s}"
+        print(
+            f"{name:34s} {seconds * 1e3:9.1f} {args.batch / seconds:10.2f} {seconds / reference:11.2f}x {memory} {mfu}"
+        )
+    flops = results[flax_rows[0]]["flops"]
+    print(f"model FLOPs per step (XLA cost analysis of the flax mha step): {flops:.3e}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   matrix of a block stays in cache; XLA:CPU runs long self-attention several times faster so,
   since it never writes the whole `(B, H, T, S)` matrix to memory;
 - `einsum`: the plain materialised softmax, the only path with dropout on the weights;
-- `auto` (default): `cudnn` on a GPU when it applies, else `chunked` on a CPU for long inputs,
-  else `xla`; `einsum` whenever attention dropout is active.
+- `auto` (default): `cudnn` on a GPU when it applies, else `xla`; on a CPU `chunked` for long
+  inputs and `einsum` for short ones (XLA:CPU runs them faster than the generic fused op);
+  `einsum` whenever attention dropout is active.
 
 Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
 gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
@@ -29,6 +30,7 @@ a static scale.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -160,8 +162,8 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
     backend = jax.default_backend()
     if backend == "gpu" and cudnn_expressible(q, mask, offset):
         return "cudnn"
-    if backend == "cpu" and q.shape[2] * q.shape[1] * n_keys >= CHUNKED_MIN_SCORES:
-        return "chunked"
+    if backend == "cpu":  # XLA:CPU runs its own einsums faster than the generic fused op
+        return "chunked" if q.shape[2] * q.shape[1] * n_keys >= CHUNKED_MIN_SCORES else "einsum"
     return "xla"
 
 
@@ -215,31 +217,93 @@ def _einsum(q, k, v, mask: Mask, scale: float, offset, layout: str, dropout, ret
 
 
 def _chunked(q, k, v, mask: Mask, scale: float, offset, layout: str, return_lse: bool):
-    """Blocks of `CHUNK` queries of one batch row at a time: each block's scores (H, c, S) stay
-    in cache. The same float32 math as `_einsum`, without dropout."""
+    """Blocks of `CHUNK` queries of one batch row at a time, forward and backward (flash
+    attention's recomputation: the backward pass rebuilds each block's weights from the saved
+    log-sum-exp), so no `(H, T, S)` score matrix is ever written to memory. The same float32
+    math as `_einsum`, without dropout."""
     b, t, h, dh = q.shape
     chunk = min(CHUNK, t)
     n = -(-t // chunk)
-    padded = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0)))  # (B, n * c, H, dh)
-    blocks = padded.reshape(b, n, chunk, h, dh)
+    blocks = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))).reshape(b, n, chunk, h, dh)
+    if layout != BHSD:  # each batch row's keys heads-major: (B, H, S, dh)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    y, lse = _flash(blocks, k, v, jnp.asarray(offset, jnp.int32), _FlashSpec(mask, scale, t, chunk))
+    y, lse = y.reshape(b, n * chunk, h, dh)[:, :t], lse.reshape(b, n * chunk, h)[:, :t]
+    return (y, lse) if return_lse else y
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlashSpec:
+    """The static part of a chunked attention: what is masked, the scale, the true query count."""
+
+    mask: Mask
+    scale: float
+    queries: int
+    chunk: int
+
+    def logits(self, qc, kb, first, offset) -> jax.Array:
+        """qc (c, H, dh), kb (H, S, dh) -> masked float32 scores (H, c, S) of queries first .. first + c."""
+        logits = _scores(qc, kb, self.scale, BHSD)
+        if self.mask.masks_anything:
+            padding = (first + jnp.arange(self.chunk) >= self.queries)[:, None]  # rows past T see all
+            ok = allowed(self.mask, self.chunk, logits.shape[-1], offset, first) | padding
+            logits = jnp.where(ok, logits, -jnp.inf)
+        return logits
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(blocks, k, v, offset, spec: _FlashSpec):
+    """blocks (B, n, c, H, dh), k and v (B, H, S, dh) -> y (B, n, c, H, dh), lse (B, n, c, H) f32."""
+    return _flash_forward(blocks, k, v, offset, spec)[0]
+
+
+def _flash_forward(blocks, k, v, offset, spec: _FlashSpec):
+    n = blocks.shape[1]
 
     def row(args):
-        qb, kb, vb = args  # (n, c, H, dh), and one batch row of keys and values
+        qb, kb, vb = args  # (n, c, H, dh), (H, S, dh), (H, S, dh)
 
         def block(args):
-            qc, first = args  # (c, H, dh), ()
-            logits = _scores(qc, kb, scale, layout)  # (H, c, S)
-            if mask.masks_anything:
-                padding = (first + jnp.arange(chunk) >= t)[:, None]  # rows past T see all: no -inf-only row
-                ok = allowed(mask, chunk, logits.shape[-1], offset, first) | padding
-                logits = jnp.where(ok, logits, -jnp.inf)
+            qc, first = args
+            logits = spec.logits(qc, kb, first, offset)  # (H, c, S)
             lse = jax.nn.logsumexp(logits, axis=-1)  # (H, c)
-            return _mix(jnp.exp(logits - lse[..., None]), vb, layout), lse.T
+            return _mix(jnp.exp(logits - lse[..., None]), vb, BHSD), lse.T
 
-        return jax.lax.map(block, (qb, jnp.arange(n) * chunk))
+        return jax.lax.map(block, (qb, jnp.arange(n) * spec.chunk))
 
-    y, lse = jax.lax.map(row, (blocks, k, v))  # (B, n, c, H, dh), (B, n, c, H)
-    y = y.reshape(b, n * chunk, h, dh)[:, :t]
-    if return_lse:
-        return y, lse.reshape(b, n * chunk, h)[:, :t]
-    return y
+    y, lse = jax.lax.map(row, (blocks, k, v))
+    return (y, lse), (blocks, k, v, offset, y, lse)
+
+
+def _flash_backward(spec: _FlashSpec, residuals, cotangents):
+    blocks, k, v, offset, y, lse = residuals
+    dy, dlse = cotangents
+    n = blocks.shape[1]
+
+    def row(args):
+        qb, kb, vb, yb, lseb, dyb, dlseb = args  # one batch row: (n, c, H, dh) ... (H, S, dh)
+
+        def block(carry, args):
+            dk, dv = carry  # (H, S, dh) float32
+            qc, yc, lsec, dyc, dlsec, first = args
+            logits = spec.logits(qc, kb, first, offset)
+            weights = jnp.exp(logits - lsec.T[..., None])  # (H, c, S)
+            dyc32 = dyc.astype(jnp.float32)
+            dv = dv + jnp.einsum("hts,thd->hsd", weights, dyc32)
+            dweights = jnp.einsum("thd,hsd->hts", dyc32, vb, preferred_element_type=jnp.float32)
+            row_dot = jnp.sum(dyc32 * yc.astype(jnp.float32), axis=-1).T  # (H, c): sum_s P dP
+            dlogits = weights * (dweights - row_dot[..., None] + dlsec.T[..., None]) * spec.scale
+            dq = jnp.einsum("hts,hsd->thd", dlogits, kb, preferred_element_type=jnp.float32)
+            dk = dk + jnp.einsum("hts,thd->hsd", dlogits, qc.astype(jnp.float32))
+            return (dk, dv), dq.astype(qc.dtype)
+
+        zeros = jnp.zeros(kb.shape, jnp.float32)
+        firsts = jnp.arange(n) * spec.chunk
+        (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (qb, yb, lseb, dyb, dlseb, firsts))
+        return dq, dk.astype(kb.dtype), dv.astype(vb.dtype)
+
+    dq, dk, dv = jax.lax.map(row, (blocks, k, v, y, lse, dy, dlse))
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_forward, _flash_backward)

@@ -1,0 +1,20 @@
+"""Shared by the benchmarks: median wall time of a callable after warm-up calls."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """`run()` `warmup` times untimed (compiles, caches), then the median of `repeats` timed calls.
+    `run` must block until its work is done (`jax.block_until_ready`, `torch.cuda.synchronize`)."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
