@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax
 import jax.numpy as jnp
 import numpy as np
+from peers import hf_config
 from timing import median_seconds
 
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
@@ -126,24 +127,11 @@ def main() -> None:
 
     if not args.no_hf:
         try:
-            from transformers import WhisperConfig, WhisperForConditionalGeneration
+            from transformers import WhisperForConditionalGeneration
         except ImportError:
             print("transformers is not installed: skipping Hugging Face")
         else:
-            hf_config = WhisperConfig(
-                vocab_size=config.n_vocab,
-                num_mel_bins=config.n_mels,
-                d_model=config.n_audio_state,
-                encoder_layers=config.n_audio_layer,
-                decoder_layers=config.n_text_layer,
-                encoder_attention_heads=config.n_audio_head,
-                decoder_attention_heads=config.n_text_head,
-                encoder_ffn_dim=4 * config.n_audio_state,
-                decoder_ffn_dim=4 * config.n_text_state,
-                max_source_positions=config.n_audio_ctx,
-                max_target_positions=config.n_text_ctx,
-            )
-            hf_model = WhisperForConditionalGeneration(hf_config).to(device).eval()
+            hf_model = WhisperForConditionalGeneration(hf_config(config)).to(device).eval()
             hf_prompt = torch.tensor(prompts, device=device)
             hf_features = mel_torch.to(torch.bfloat16) if bf16 else mel_torch
             if bf16:

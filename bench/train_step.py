@@ -31,6 +31,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import numpy as np
 from flax import nnx
+from peers import hf_config
 from timing import median_seconds
 
 from convert.core import flax_to_torch
@@ -121,34 +122,20 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
     results = {}
     if not args.no_hf:
         try:
-            from transformers import WhisperConfig, WhisperForConditionalGeneration
+            from transformers import WhisperForConditionalGeneration
         except ImportError:
             print("transformers is not installed: skipping Hugging Face")
         else:
-            hf_config = WhisperConfig(
-                vocab_size=model_config.n_vocab,
-                num_mel_bins=model_config.n_mels,
-                d_model=model_config.n_audio_state,
-                encoder_layers=model_config.n_audio_layer,
-                decoder_layers=model_config.n_text_layer,
-                encoder_attention_heads=model_config.n_audio_head,
-                decoder_attention_heads=model_config.n_text_head,
-                encoder_ffn_dim=4 * model_config.n_audio_state,
-                decoder_ffn_dim=4 * model_config.n_text_state,
-                max_source_positions=model_config.n_audio_ctx,
-                max_target_positions=model_config.n_text_ctx,
-                decoder_start_token_id=model_config.start_token_id,
-                attn_implementation="sdpa",
-            )
+            hf = hf_config(model_config, decoder_start_token_id=model_config.start_token_id)
 
             def make_hf():
-                model = WhisperForConditionalGeneration(hf_config).to(device).train()
+                model = WhisperForConditionalGeneration(hf).to(device).train()
                 model.loss_fn = lambda mel, labels: model(input_features=mel, labels=labels).loss
                 return model
 
-            hf = make_hf()
-            results["transformers (eager, sdpa)"] = timed(hf, hf.loss_fn)
-            del hf
+            model = make_hf()
+            results["transformers (eager, sdpa)"] = timed(model, model.loss_fn)
+            del model
             compiled(make_hf, "transformers", results)
 
     def make_ref():
