@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.core import check_torch_tensors, flax_arrays_to_torch, torch_to_flax_state
-from convert.rules import ConversionError
+from convert.rules import ConversionError, drop_removed
 from whisper_config import ConfigError, ModelConfig
 from whisper_io.messages import first_line, some
 from whisper_io.outputs import atomic_output, check_destination
@@ -113,6 +113,7 @@ def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> C
     else:
         config = _read_config(p)
         tensors = _read_flax_state(p / FLAX_STATE, config)
+    tensors = drop_removed(tensors, f"checkpoint {p}")
     check_torch_tensors(tensors, config, f"checkpoint {p}")
     check_tensor_values(tensors, f"checkpoint {p}", allow_nonfinite)
     return Checkpoint(config, tensors, fmt, str(p))
@@ -135,7 +136,7 @@ def _read_flax_state(path: Path, config: ModelConfig) -> dict[str, np.ndarray]:
                 arrays[f"{prefix}{key}"] = np.asarray(value)
 
     walk(restored, "")
-    return flax_arrays_to_torch(arrays, config)
+    return flax_arrays_to_torch(drop_removed(arrays, f"checkpoint {path.parent}"), config)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

@@ -168,6 +168,25 @@ def build_plan(config: ModelConfig) -> tuple[Entry, ...]:
     return tuple(entries)
 
 
+# Layers the model contract dropped. Revision 2 removed augmented memory's `memory_update`
+# linear: behind the write-back's stop-gradient it never received a gradient.
+REMOVED = ("memory_update",)
+
+
+def drop_removed(arrays: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """`arrays` without the tensors of removed layers, saying on stderr what was dropped."""
+    import sys
+
+    dropped = sorted(k for k in arrays if any(f".{name}." in k for name in REMOVED))
+    if dropped:
+        sys.stderr.write(
+            f"notice: {what}: dropped {len(dropped)} tensor(s) of layers the model contract removed "
+            f"(revision 2: augmented memory writes its output back directly): {', '.join(dropped[:4])}"
+            f"{' ...' if len(dropped) > 4 else ''}\n"
+        )
+    return {k: v for k, v in arrays.items() if k not in dropped}
+
+
 def check_inventory(shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
     """Raise one `ConversionError` naming every missing, unexpected and mis-shaped key."""
     missing = sorted(set(expected) - set(shapes))

@@ -87,8 +87,10 @@ class MultiHeadAttention(nnx.Module):
         causal: bool = False,
         cache: Cache | None = None,
         offset=0,
+        valid=None,
     ) -> tuple[jax.Array, Cache | None]:
-        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache.
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache. (`valid`, the real
+        positions, is read by the memory write-back only; every mechanism takes it.)
 
         With `xa`, attends to the encoder output (cross-attention), using the cache's projected
         keys and values when given. Without, self-attention; a cache holds `offset` earlier tokens.

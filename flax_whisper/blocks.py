@@ -57,13 +57,15 @@ class ResidualAttentionBlock(nnx.Module):
         causal: bool = False,
         cache: BlockCache | None = None,
         offset=0,
+        valid=None,
     ) -> tuple[jax.Array, BlockCache | None]:
-        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache; valid (B, T) or None
+        marks the real positions (for the memory write-back)."""
         if not self.gradient_checkpointing:
-            return self._forward(x, xa, causal=causal, cache=cache, offset=offset)
+            return self._forward(x, xa, causal=causal, cache=cache, offset=offset, valid=valid)
 
         def run(block, x, xa, cache):
-            return block._forward(x, xa, causal=causal, cache=cache, offset=offset)
+            return block._forward(x, xa, causal=causal, cache=cache, offset=offset, valid=valid)
 
         return nnx.remat(run, policy=REMAT_POLICIES[self.remat_policy])(self, x, xa, cache)
 
@@ -75,10 +77,11 @@ class ResidualAttentionBlock(nnx.Module):
         causal: bool = False,
         cache: BlockCache | None = None,
         offset=0,
+        valid=None,
     ) -> tuple[jax.Array, BlockCache | None]:
         """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
         attn_cache = None if cache is None else cache["attn"]
-        y, attn_cache = self.attn(self.attn_ln(x), causal=causal, cache=attn_cache, offset=offset)
+        y, attn_cache = self.attn(self.attn_ln(x), causal=causal, cache=attn_cache, offset=offset, valid=valid)
         x = x + y
         if self.cross_attn is not None:
             cross_cache = None if cache is None else cache["cross_attn"]
@@ -110,6 +113,7 @@ def run_stack(
     causal: bool = False,
     cache: BlockCache | None = None,
     offset=0,
+    valid=None,
 ) -> tuple[jax.Array, BlockCache | None]:
     """The stacked blocks in order: x (B, T, d) -> (B, T, d); the cache, when given, holds every
     layer's cache stacked on a leading axis and comes back updated."""
@@ -117,7 +121,7 @@ def run_stack(
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def layer(x: jax.Array, block: ResidualAttentionBlock) -> jax.Array:
-            return block(x, xa, causal=causal, offset=offset)[0]
+            return block(x, xa, causal=causal, offset=offset, valid=valid)[0]
 
         return layer(x, blocks), None
 
@@ -127,7 +131,7 @@ def run_stack(
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
     def layer_with_cache(x: jax.Array, block: ResidualAttentionBlock, attn_cache, rest):
-        x, layer_cache = block(x, xa, causal=causal, cache={"attn": attn_cache, **rest}, offset=offset)
+        x, layer_cache = block(x, xa, causal=causal, cache={"attn": attn_cache, **rest}, offset=offset, valid=valid)
         return x, layer_cache["attn"]
 
     x, attn = layer_with_cache(x, blocks, cache["attn"], read_only)

@@ -26,7 +26,7 @@ class DynamicConvAttention(nnx.Module):
         self.attention_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0
+        self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0, valid=None
     ) -> tuple[jax.Array, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache (causal only)."""
         b, t, d = x.shape

@@ -35,7 +35,7 @@ class HybridAttention(nnx.Module):
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(
-        self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0
+        self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0, valid=None
     ) -> tuple[jax.Array, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache."""
         local_cache = None if cache is None else cache["local_attn"]

@@ -1,7 +1,8 @@
-"""Augmented memory (SPEC 4.3), mirroring `torch_ref/memory.py`: persistent memory slots
-`memory (m, d)` plus the non-trainable `memory_state`, retrieved with the content bias of 4.2, and
-written back in training mode (`memory_update`) exactly once per forward pass. NNX keeps the state
-in a `MemoryState` variable (a `Buffer`: carried by the converter, skipped by the optimiser); under
+"""Augmented memory (model contract 4.3, revision 2), mirroring `torch_ref/memory.py`: persistent
+memory slots `memory (m, d)` plus the non-trainable `memory_state`, retrieved with the content
+bias of 4.2, and written back in training mode (`memory_update`) from the module's own output,
+over the real (not padded) positions, exactly once per forward pass. NNX keeps the state in a
+`MemoryState` variable (a `Buffer`: carried by the converter, skipped by the optimiser); under
 `nnx.remat` the update is an output of the forward, so recomputation cannot apply it twice.
 """
 
@@ -14,7 +15,7 @@ from flax import nnx
 from flax_whisper.attention import Cache, merge_heads
 from flax_whisper.biased import BiasedAttention
 from flax_whisper.kernel import BHSD, Mask, kv_layout, seq_axis
-from flax_whisper.layers import Buffer, Linear
+from flax_whisper.layers import Buffer
 from whisper_config import ModelConfig
 
 
@@ -31,25 +32,26 @@ class AugmentedMemory(BiasedAttention):
         init = jax.nn.initializers.normal(n_state**-0.5)
         self.memory = nnx.Param(init(rngs.params(), (config.memory_size, n_state), jnp.float32))
         self.memory_state = MemoryState(jnp.zeros((config.memory_size, n_state), jnp.float32))
-        self.memory_update = Linear(n_state, n_state, rngs=rngs) if config.memory_update else None
+        self.memory_update = config.memory_update
         self.momentum = config.memory_momentum
         self.deterministic = False  # training mode; `model.eval()` sets True, as for Dropout
 
     def __call__(
-        self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0
+        self, x: jax.Array, *, causal: bool = False, cache: Cache | None = None, offset=0, valid=None
     ) -> tuple[jax.Array, Cache | None]:
-        """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`."""
+        """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`
+        from the positions `valid` (B, T) marks real (all of them when None)."""
         m = self.memory.shape[0]
         q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v: m + S keys with a cache
         axis = k.ndim + seq_axis(kv_layout())
         slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
         if cache is None:
             k, v = jnp.concatenate([slot_k, k], axis=axis), jnp.concatenate([slot_v, v], axis=axis)  # m + S keys
-        write = not self.deterministic and self.memory_update is not None
+        write = not self.deterministic and self.memory_update
         out = self.attend(q, k, v, Mask(causal=causal, prefix=m), offset=offset, return_lse=write)
         y = self.out(merge_heads(out[0] if write else out))
         if write:
-            self.memory_state[...] = self.written_state(self.slot_weights(q, slot_k, out[1]), y)
+            self.memory_state[...] = self.written_state(self.slot_weights(q, slot_k, out[1]), y, valid)
         return y, cache
 
     def slot_keys_values(self, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
@@ -66,10 +68,14 @@ class AugmentedMemory(BiasedAttention):
         logits = jnp.einsum(f"bthd,{keys}->bths", q, slot_k, preferred_element_type=jnp.float32)
         return jnp.exp(logits * self.attention_scale() - lse[..., None]).mean(axis=2)
 
-    def written_state(self, slot_weights: jax.Array, y: jax.Array) -> jax.Array:
-        """slot_weights (B, T, m) head-mean, y (B, T, d) -> the next `memory_state` (m, d)."""
-        w = self.memory_update(y).astype(jnp.float32)  # (B, T, d)
-        delta = jnp.einsum("bts,btd->sd", slot_weights, w) / (slot_weights.sum((0, 1))[:, None] + 1e-6)
+    def written_state(self, slot_weights: jax.Array, y: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """slot_weights (B, T, m) head-mean, y (B, T, d) the module's output, valid (B, T) or None
+        -> the next `memory_state` (m, d): a momentum step towards each slot's weighted mean output."""
+        if valid is not None:
+            slot_weights = slot_weights * valid[..., None]  # padding writes nothing
+        delta = jnp.einsum("bts,btd->sd", slot_weights, y.astype(jnp.float32)) / (
+            slot_weights.sum((0, 1))[:, None] + 1e-6
+        )
         return (1 - self.momentum) * self.memory_state[...] + self.momentum * jax.lax.stop_gradient(delta)
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:

@@ -90,12 +90,13 @@ class TextDecoder(nnx.Module):
         self.ln = make_norm(config, d)
 
     def __call__(
-        self, tokens: jax.Array, xa: jax.Array, cache: DecoderCache | None = None
+        self, tokens: jax.Array, xa: jax.Array, cache: DecoderCache | None = None, valid: jax.Array | None = None
     ) -> tuple[jax.Array, DecoderCache | None]:
         """tokens (B, T) int, xa (B, S, d) encoder output -> logits (B, T, n_vocab) float32, cache.
 
         With a cache (from `init_cache`), `tokens` follow the `cache["offset"]` tokens already
-        decoded, and the returned cache holds them too.
+        decoded, and the returned cache holds them too. `valid` (B, T) marks the real positions
+        (the loss passes the ones whose label is not ignored): padding writes no memory state.
         """
         offset = 0 if cache is None else cache["offset"]
         start = host_offset(offset)
@@ -111,7 +112,7 @@ class TextDecoder(nnx.Module):
             x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
         x = self.dropout(x.astype(xa.dtype))
         layers = None if cache is None else cache["layers"]
-        x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset)
+        x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid)
         x = self.ln(x)
         # Tied output: the compute dtype in, float32 accumulated and out (SPEC 5), whatever the precision.
         table = self.token_embedding.embedding[...].astype(x.dtype)
@@ -153,9 +154,9 @@ class Whisper(nnx.Module):
         check_ids(self.config, tokens)
         return self.logits(mel, tokens)
 
-    def logits(self, mel: jax.Array, tokens: jax.Array) -> jax.Array:
+    def logits(self, mel: jax.Array, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """`__call__` without the host-side check of the token values."""
-        logits, _ = self.decoder(tokens, self.encoder(mel))
+        logits, _ = self.decoder(tokens, self.encoder(mel), valid=valid)
         return logits
 
     def loss(self, mel: jax.Array, labels: jax.Array, tokens: jax.Array | None = None) -> jax.Array:
@@ -170,7 +171,7 @@ class Whisper(nnx.Module):
             tokens = shift_right(labels, self.config.start_token_id)
         else:
             check_ids(self.config, tokens)
-        return cross_entropy(self.logits(mel, tokens), labels)
+        return cross_entropy(self.logits(mel, tokens, valid=labels != IGNORE_INDEX), labels)
 
 
 def shift_right(labels: jax.Array, start_token_id: int) -> jax.Array:

@@ -218,3 +218,24 @@ def test_flax_checkpoints_of_the_per_layer_layout_still_load(tmp_path, variant, 
     loaded = load_checkpoint(tmp_path / "old").tensors
     assert loaded.keys() == tensors.keys()
     assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+
+
+def test_revision_1_memory_update_tensors_are_dropped_with_a_notice(tmp_path, capsys):
+    """Model contract revision 2 removed augmented memory's `memory_update` linear; checkpoints
+    that have it load without it, and say so."""
+    from safetensors.numpy import save_file
+
+    config = tiny_config("whisper", encoder_attention="memory", decoder_attention="memory", memory_update=True)
+    tensors = torch_to_numpy(TorchWhisper(config))
+    old = dict(tensors)
+    for side, layers in (("encoder", config.n_audio_layer), ("decoder", config.n_text_layer)):
+        for layer in range(layers):
+            old[f"{side}.blocks.{layer}.attn.memory_update.weight"] = np.zeros((32, 32), np.float32)
+            old[f"{side}.blocks.{layer}.attn.memory_update.bias"] = np.zeros((32,), np.float32)
+    (tmp_path / "old").mkdir()
+    config.save(tmp_path / "old" / "config.json")
+    save_file(old, tmp_path / "old" / "model.safetensors")
+    loaded = load_checkpoint(tmp_path / "old")
+    assert loaded.tensors.keys() == tensors.keys()
+    err = capsys.readouterr().err
+    assert "notice:" in err and "dropped 8 tensor(s) of layers the model contract removed" in err

@@ -37,7 +37,6 @@ def torch_step(model, mel, labels):
     model.zero_grad()
     loss = model.loss(torch.from_numpy(mel), torch.from_numpy(labels))
     loss.backward()
-    # memory_update gets no gradient: SPEC 4.3 stops it at the write-back (its only use).
     return loss.item(), {
         k: np.zeros(p.shape) if p.grad is None else p.grad.numpy().copy() for k, p in model.named_parameters()
     }

@@ -6,11 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -101,7 +103,7 @@ def params_of(trainer: Trainer) -> dict[str, np.ndarray]:
 def reference_run(dataset, tmp_path_factory):
     """An uninterrupted 6-step run (checkpoints at 3 and 6), exported to torch."""
     out = tmp_path_factory.mktemp("reference")
-    config = tiny_train_config(dataset, out, export=("torch",), decode_eval=True)
+    config = tiny_train_config(dataset, out, export=("torch",), export_best=False, decode_eval=True)
     trainer = Trainer(config)
     result = trainer.run()
     return trainer, result, out
@@ -137,6 +139,24 @@ def trainer_steps(out: Path) -> list[int]:
     return sorted(int(p.name) for p in (out / "run" / "checkpoints").iterdir() if p.name.isdigit())
 
 
+def test_the_export_is_the_best_evaluated_checkpoint(reference_run):
+    """With export_best, the end of a run exports the kept checkpoint of lowest eval loss."""
+    from train.checkpointing import Checkpoints
+
+    trainer, _, out = reference_run
+    evals = {r["step"]: r["eval_loss"] for r in read_metrics(out / "run" / "logs" / "metrics.jsonl", "eval")}
+    checkpoints = Checkpoints(out / "run" / "checkpoints")
+    best = min(trainer_steps(out), key=lambda step: evals[step])
+    assert checkpoints.best_step() == (best, pytest.approx(evals[best]))
+    best_trainer = dataclasses.replace(trainer.config, export_best=True)
+    state, which = Trainer.exported_state(SimpleNamespace(config=best_trainer, state=trainer.state), checkpoints)
+    restored, _, _ = checkpoints.restore(best, trainer.state)
+    assert f"step {best}" in which
+    for ours, expected in zip(jax.tree.leaves(state.params), jax.tree.leaves(restored.params), strict=True):
+        assert np.array_equal(ours, expected)
+    checkpoints.close()
+
+
 def test_resume_is_bit_exact(reference_run, dataset, tmp_path):
     reference, _, ref_out = reference_run
     config = tiny_train_config(dataset, tmp_path, stop_at_step=4, decode_eval=True)
@@ -159,13 +179,11 @@ def test_a_partial_checkpoint_is_ignored_on_resume(reference_run, dataset, tmp_p
     """Orbax renames a checkpoint into place only when complete; a kill mid-save leaves a
     temporary directory that resuming skips (and removes)."""
     _, _, ref_out = reference_run
-    import shutil
-
     shutil.copytree(ref_out / "run", tmp_path / "run")
     partial = tmp_path / "run" / "checkpoints" / "9.orbax-checkpoint-tmp-1234567"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(os.urandom(64))
-    config = tiny_train_config(dataset, tmp_path, resume=True, export=("torch",), decode_eval=True)
+    config = tiny_train_config(dataset, tmp_path, resume=True, export=("torch",), export_best=False, decode_eval=True)
     trainer = Trainer(config)
     assert trainer.run().step == 6
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step 6" in capsys.readouterr().out
@@ -235,7 +253,7 @@ def test_resume_with_other_settings_names_every_difference(reference_run, datase
     from train.__main__ import main
 
     _, _, out = reference_run
-    same = tiny_train_config(dataset, out, export=("torch",), decode_eval=True, resume=True)
+    same = tiny_train_config(dataset, out, export=("torch",), export_best=False, decode_eval=True, resume=True)
     Trainer(same)  # the stored settings themselves pass
     changed = dataclasses.replace(
         same, learning_rate=1e-3, model={**TINY_MODEL, "decoder_rotary": True}, eval_every=2, stop_at_step=9
@@ -258,11 +276,9 @@ def test_an_unreadable_checkpoint_is_named_and_the_run_resumes_from_the_one_befo
     reference_run, dataset, tmp_path, capsys
 ):
     reference, _, ref_out = reference_run
-    import shutil
-
     shutil.copytree(ref_out / "run", tmp_path / "run")
-    corrupt(tmp_path / "run" / "checkpoints" / "6")
-    config = tiny_train_config(dataset, tmp_path, resume=True, export=("torch",), decode_eval=True)
+    corrupt(tmp_path / "run" / "checkpoints" / "6" / "state")  # the arrays: found when restoring
+    config = tiny_train_config(dataset, tmp_path, resume=True, export=("torch",), export_best=False, decode_eval=True)
     resumed = Trainer(config)
     assert resumed.run().step == 6
     captured = capsys.readouterr()
@@ -275,12 +291,22 @@ def test_an_unreadable_checkpoint_is_named_and_the_run_resumes_from_the_one_befo
     # With no readable checkpoint at all, the command says so in one line.
     from train.__main__ import main
 
-    for step in trainer_steps(tmp_path):
-        corrupt(tmp_path / "run" / "checkpoints" / str(step))
+    steps = trainer_steps(tmp_path)
+    for step in steps:
+        corrupt(tmp_path / "run" / "checkpoints" / str(step) / "state")
     capsys.readouterr()
     assert main([*cli_args(config), "--resume"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("error: no checkpoint in") and "step 6:" in error and "step 3:" in error
+    assert error.startswith("error: no checkpoint in") and all(f"step {step}:" in error for step in steps)
+
+    # Damaged metadata (which orbax reads when it opens the folder) is set aside by name too.
+    shutil.rmtree(tmp_path / "run")
+    shutil.copytree(ref_out / "run", tmp_path / "run")
+    corrupt(tmp_path / "run" / "checkpoints" / "6")
+    Trainer(config).run()
+    captured = capsys.readouterr()
+    assert "warning: checkpoint step 6 cannot be read (_CHECKPOINT_METADATA is damaged)" in captured.err
+    assert "at step 3" in captured.out
 
 
 def test_a_non_finite_model_is_not_exported_and_bad_labels_stop_at_the_batch(reference_run, tmp_path):

@@ -54,8 +54,10 @@ class ResidualAttentionBlock(nn.Module):
         causal: bool = False,
         cache: BlockCache | None = None,
         offset: int = 0,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, BlockCache | None]:
-        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache; valid (B, T) or None
+        marks the real positions (for the memory write-back)."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(
                 self._forward,
@@ -64,10 +66,11 @@ class ResidualAttentionBlock(nn.Module):
                 causal=causal,
                 cache=cache,
                 offset=offset,
+                valid=valid,
                 use_reentrant=False,
                 context_fn=self._replay_from_first_state,
             )
-        return self._forward(x, xa, causal=causal, cache=cache, offset=offset)
+        return self._forward(x, xa, causal=causal, cache=cache, offset=offset, valid=valid)
 
     def _replay_from_first_state(self):
         """(forward, recompute) contexts: remember the state buffers before the forward; during
@@ -106,10 +109,11 @@ class ResidualAttentionBlock(nn.Module):
         causal: bool = False,
         cache: BlockCache | None = None,
         offset: int = 0,
+        valid: Tensor | None = None,
     ) -> tuple[Tensor, BlockCache | None]:
         """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
         attn_cache = None if cache is None else cache["attn"]
-        y, attn_cache = self.attn(self.attn_ln(x), causal=causal, cache=attn_cache, offset=offset)
+        y, attn_cache = self.attn(self.attn_ln(x), causal=causal, cache=attn_cache, offset=offset, valid=valid)
         x = x + y
         if self.cross_attn is not None:
             cross_cache = None if cache is None else cache["cross_attn"]

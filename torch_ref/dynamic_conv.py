@@ -34,7 +34,7 @@ class DynamicConvAttention(nn.Module):
         self.attention_dropout = nn.Dropout(config.attention_dropout)
 
     def forward(
-        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0
+        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0, valid=None
     ) -> tuple[Tensor, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache (causal only)."""
         b, t, d = x.shape

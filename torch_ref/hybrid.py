@@ -34,7 +34,7 @@ class HybridAttention(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0
+        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0, valid=None
     ) -> tuple[Tensor, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache."""
         local_cache = None if cache is None else cache["local_attn"]

@@ -30,13 +30,15 @@ class IntegratedAttention(nn.Module):
         self.memory_attn = AugmentedMemory(n_state, n_head, config, rotary)
 
     def forward(
-        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0
+        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0, valid=None
     ) -> tuple[Tensor, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache."""
         hybrid_cache = None if cache is None else cache["hybrid"]
         memory_cache = None if cache is None else cache["memory_attn"]
         u, hybrid_cache = self.hybrid(x, causal=causal, cache=hybrid_cache, offset=offset)
-        y, memory_cache = self.memory_attn(self.ln_memory(x + u), causal=causal, cache=memory_cache, offset=offset)
+        y, memory_cache = self.memory_attn(
+            self.ln_memory(x + u), causal=causal, cache=memory_cache, offset=offset, valid=valid
+        )
         if cache is not None:
             cache = {"hybrid": hybrid_cache, "memory_attn": memory_cache}
         return u + y, cache

@@ -1,18 +1,20 @@
-"""Augmented memory (SPEC 4.3): persistent memory slots with biased retrieval.
+"""Augmented memory (model contract 4.3, revision 2): persistent memory slots with biased retrieval.
 
 Sukhbaatar et al. 2019, "Augmenting Self-attention with Persistent Memory", with the seed's
-integration idea 2 (biased retrieval) and its `memory_update` write-back:
+integration idea 2 (biased retrieval) and its write-back:
 
 - parameter `memory (m, d)`, init normal(0, d ** -0.5); state `memory_state (m, d)`, zeros, a
   persistent buffer (not trained, carried by the converter);
 - `M = memory + memory_state`; keys `[key(M); key(x)]`, values `[value(M); value(x)]`. Slots carry
   no position (no rotary) and are never masked; the `x` part is causal in the decoder. The content
   bias `u` of 4.2 is added to every query, so it scores slots and tokens alike;
-- write-back, only in training mode with `memory_update`: `w = memory_update(y)` for the module's
-  output `y (B, T, d)`, `a[b, t, s]` the head-mean weight on slot `s` (before dropout),
-  `delta[s] = sum_bt a w / (sum_bt a + 1e-6)`, `memory_state <- (1 - mu) memory_state + mu delta`
-  with `delta` detached. The buffer is rebound, never written in place, so a gradient-checkpointed
-  block can replay its forward from the state it first saw (see `blocks.py`).
+- write-back, only in training mode with `memory_update`: for the module's output `y (B, T, d)`,
+  `a[b, t, s]` the head-mean weight on slot `s` (before dropout) and `v[b, t]` 1 for a real
+  position, 0 for padding, `delta[s] = sum_bt v a y / (sum_bt v a + 1e-6)`,
+  `memory_state <- (1 - mu) memory_state + mu delta` with `delta` detached. The buffer is
+  rebound, never written in place, so a gradient-checkpointed block can replay its forward from
+  the state it first saw (see `blocks.py`). (Revision 1 wrote `memory_update(y)` through a linear
+  layer, which behind the detach never received a gradient; revision 2 removed it.)
 
 The seed's version only ran when sequence length equalled memory size, assigned a tensor to a
 Parameter and zero-initialised the slots, which kept them identical forever (SPEC 7.2).
@@ -26,7 +28,6 @@ from torch import Tensor, nn
 from torch_ref.attention import Cache, merge_heads
 from torch_ref.biased import BiasedAttention
 from torch_ref.kernel import Mask
-from torch_ref.layers import Linear
 from whisper_config import ModelConfig
 
 
@@ -38,23 +39,24 @@ class AugmentedMemory(BiasedAttention):
         super().__init__(n_state, n_head, config, rotary)
         self.memory = nn.Parameter(torch.randn(config.memory_size, n_state) * n_state**-0.5)
         self.register_buffer("memory_state", torch.zeros(config.memory_size, n_state))
-        self.memory_update = Linear(n_state, n_state) if config.memory_update else None
+        self.memory_update = config.memory_update
         self.momentum = config.memory_momentum
 
     def forward(
-        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0
+        self, x: Tensor, *, causal: bool = False, cache: Cache | None = None, offset: int = 0, valid=None
     ) -> tuple[Tensor, Cache | None]:
-        """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`."""
+        """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`
+        from the positions `valid` (B, T) marks real (all of them when None)."""
         m = self.memory.shape[0]
         q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v (B, m + S, H, dh) with a cache
         if cache is None:
             slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
             k, v = torch.cat([slot_k, k], dim=1), torch.cat([slot_v, v], dim=1)  # (B, m + S, H, dh)
-        write = self.training and self.memory_update is not None
+        write = self.training and self.memory_update
         out = self.attend(q, k, v, Mask(causal=causal, prefix=m), offset=offset, return_lse=write)
         y = self.out(merge_heads(out[0] if write else out))
         if write:
-            self.memory_state = self.written_state(self.slot_weights(q, k[:, :m], out[1]), y)
+            self.memory_state = self.written_state(self.slot_weights(q, k[:, :m], out[1]), y, valid)
         return y, cache
 
     def slot_keys_values(self, batch: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -69,10 +71,13 @@ class AugmentedMemory(BiasedAttention):
         logits = torch.einsum("bthd,bshd->bths", q, slot_k).float()
         return torch.exp(logits * self.attention_scale() - lse[..., None]).mean(dim=2)
 
-    def written_state(self, slot_weights: Tensor, y: Tensor) -> Tensor:
-        """slot_weights (B, T, m) head-mean, y (B, T, d) -> the next `memory_state` (m, d)."""
-        w = self.memory_update(y).float()  # (B, T, d)
-        delta = torch.einsum("bts,btd->sd", slot_weights, w) / (slot_weights.sum((0, 1))[:, None] + 1e-6)
+    def written_state(self, slot_weights: Tensor, y: Tensor, valid: Tensor | None = None) -> Tensor:
+        """slot_weights (B, T, m) head-mean, y (B, T, d) the module's output, valid (B, T) or None
+        -> the next `memory_state` (m, d): a momentum step towards each slot's weighted mean output."""
+        if valid is not None:
+            slot_weights = slot_weights * valid[..., None]  # padding writes nothing
+        total = torch.einsum("bts,btd->sd", slot_weights, y.float())  # (m, d)
+        delta = total / (slot_weights.sum((0, 1))[:, None] + 1e-6)
         return (1 - self.momentum) * self.memory_state + self.momentum * delta.detach()
 
     def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:

@@ -78,12 +78,13 @@ class TextDecoder(nn.Module):
         self.ln = make_norm(config, d)
 
     def forward(
-        self, tokens: Tensor, xa: Tensor, cache: DecoderCache | None = None
+        self, tokens: Tensor, xa: Tensor, cache: DecoderCache | None = None, valid: Tensor | None = None
     ) -> tuple[Tensor, DecoderCache | None]:
         """tokens (B, T) int, xa (B, S, d) encoder output -> logits (B, T, n_vocab) float32, cache.
 
         With a cache (from `init_cache`), `tokens` follow the `cache["offset"]` tokens already
-        decoded, and the returned cache holds them too.
+        decoded, and the returned cache holds them too. `valid` (B, T) marks the real positions
+        (the loss passes the ones whose label is not ignored): padding writes no memory state.
         """
         offset = 0 if cache is None else cache["offset"]
         length = check_tokens_shape(self.config, tokens.shape, offset)
@@ -99,7 +100,7 @@ class TextDecoder(nn.Module):
         layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
         new_caches = []
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
-            x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset)
+            x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset, valid=valid)
             new_caches.append(layer_cache)
         x = self.ln(x)
         # Tied output in float32 (SPEC 5): upcast before the matmul, whatever the precision.
@@ -141,9 +142,9 @@ class Whisper(nn.Module):
         check_ids(self.config, tokens)
         return self.logits(mel, tokens)
 
-    def logits(self, mel: Tensor, tokens: Tensor) -> Tensor:
+    def logits(self, mel: Tensor, tokens: Tensor, valid: Tensor | None = None) -> Tensor:
         """`forward` without the host-side check of the token values."""
-        logits, _ = self.decoder(tokens, self.encoder(mel))
+        logits, _ = self.decoder(tokens, self.encoder(mel), valid=valid)
         return logits
 
     def loss(self, mel: Tensor, labels: Tensor, tokens: Tensor | None = None) -> Tensor:
@@ -158,7 +159,7 @@ class Whisper(nn.Module):
             tokens = shift_right(labels, self.config.start_token_id)
         else:
             check_ids(self.config, tokens)
-        return cross_entropy(self.logits(mel, tokens), labels)
+        return cross_entropy(self.logits(mel, tokens, valid=labels != IGNORE_INDEX), labels)
 
 
 def check_ids(config: ModelConfig, ids: Tensor, ignored: int | None = None) -> None:

@@ -7,6 +7,7 @@ killed mid-save leaves the previous checkpoints intact (the partial one is never
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ def _abstract(leaf):
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True, warn=print):
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
@@ -61,16 +62,58 @@ class Checkpoints:
             ]
         )
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=preservation, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+            preservation_policy=preservation,
+            # Also what makes orbax write each step's metrics to disk, so the best survives a resume.
+            best_fn=lambda metrics: metrics[BEST_METRIC],
+            best_mode="min",
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
         )
         self.directory = Path(directory).absolute()
+        self.warn = warn
+        self._set_aside_damaged_metadata()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
+
+    def _set_aside_damaged_metadata(self) -> None:
+        """Orbax reads every kept step's small JSON files when it opens the folder, and fails as a
+        whole on one damaged file: such steps are set aside first, by name."""
+        if not self.directory.is_dir():
+            return
+        damaged = []
+        for folder in self.directory.iterdir():
+            if not folder.name.isdigit():
+                continue
+            for name in ("_CHECKPOINT_METADATA", "metrics/metrics"):
+                file = folder / name
+                try:
+                    if file.exists():
+                        json.loads(file.read_text(encoding="utf-8"))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                    damaged.append(int(folder.name))
+                    self.warn(f"warning: checkpoint step {folder.name} cannot be read ({name} is damaged)")
+                    break
+        self._move_aside(damaged)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
+
+    def best_step(self) -> tuple[int, float] | None:
+        """(step, eval loss) of the kept checkpoint with the lowest eval loss; None if none has one."""
+        scored = []
+        for step in self.all_steps():
+            try:
+                metrics = self.manager.metrics(step)
+            except Exception:  # a checkpoint saved without metrics
+                metrics = None
+            if metrics and BEST_METRIC in metrics:
+                scored.append((float(metrics[BEST_METRIC]), step))
+        if not scored:
+            return None
+        loss, step = min(scored)
+        return step, loss
 
     def save(self, step: int, state, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(
@@ -114,15 +157,17 @@ class Checkpoints:
 
     def _set_aside(self, steps: list[int]) -> None:
         """Move unreadable step folders out of orbax's directory, so training can save those steps again."""
-        if not steps:
-            return
+        if steps:
+            self._move_aside(steps)
+            self.manager.reload()
+
+    def _move_aside(self, steps: list[int]) -> None:
         aside = self.directory.parent / f"{self.directory.name}-unreadable"
-        aside.mkdir(exist_ok=True)
         for step in steps:
             source = self.directory / str(step)
             if source.exists():
+                aside.mkdir(exist_ok=True)
                 source.rename(aside / f"{step}-{int(time.time())}")
-        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

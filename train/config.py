@@ -103,6 +103,7 @@ class TrainConfig:
     resume: bool = False
     stop_at_step: int | None = None  # save and stop here (resume later); the schedule still spans `steps`
     export: tuple[str, ...] = ("flax",)  # formats written at the end: flax -> RUN/model, torch -> RUN/model-torch
+    export_best: bool = True  # export the kept checkpoint of lowest eval loss (else the last step)
     progress: bool = True
 
     def __post_init__(self):

@@ -161,19 +161,31 @@ class Trainer:
             metrics["examples"] = [{"reference": r, "hypothesis": h} for r, h in pairs]
         return metrics
 
-    def export(self) -> None:
-        """Write the final weights into the run folder in each `export` format (checked finite first)."""
+    def export(self, state: TrainState | None = None, which: str = "the last step") -> None:
+        """Write the weights of `state` (default: the current one) into the run folder in each
+        `export` format, checked finite first."""
         from convert.checkpoints import save_checkpoint
         from convert.core import flax_to_torch
 
         if not self.config.export or jax.process_index() != 0:
             return
-        tensors = flax_to_torch(jax.device_get(self.model()))
+        model = self.graphs.model(self.state if state is None else state, training=False)
+        tensors = flax_to_torch(jax.device_get(model))
         for fmt in self.config.export:
             path = self.folder.export_path(fmt)
             save_checkpoint(path, fmt, self.model_config, tensors, overwrite=True)
             hint = " (python -m flax_whisper.transcribe AUDIO --checkpoint ...)" if fmt == "flax" else ""
-            print(f"exported the {fmt} model to {path}{hint}")
+            print(f"exported {which} as a {fmt} model to {path}{hint}")
+
+    def exported_state(self, checkpoints: Checkpoints) -> tuple[TrainState, str]:
+        """The state to export at the end: with `export_best` and evaluations, the kept checkpoint
+        of lowest eval loss (restored), else the current one; and which it is, in words."""
+        step = int(self.state.step)
+        best = checkpoints.best_step() if self.config.export_best else None
+        if best is None or best[0] == step:
+            return self.state, f"step {step}" + (f" (the best eval loss, {best[1]:.4f})" if best else "")
+        state, _, _ = checkpoints.restore(best[0], self.state)
+        return state, f"step {best[0]}, the best eval loss ({best[1]:.4f}; set export_best = false for step {step})"
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = signal.Signals(signum).name
@@ -196,10 +208,11 @@ class Trainer:
 
         if process == 0 and not self.continuing:
             self.folder.start(config, self.model_config)
-        checkpoints = Checkpoints(self.folder.checkpoints, keep=config.keep_checkpoints)
+        warn = functools.partial(print, file=sys.stderr)
+        checkpoints = Checkpoints(self.folder.checkpoints, keep=config.keep_checkpoints, warn=warn)
         iterator = train_batches(local_records, self.featurizer, config.batch_size // processes, config.seed, stats)
         start = 0
-        restored = checkpoints.restore_newest(self.state, warn=lambda line: print(line, file=sys.stderr))
+        restored = checkpoints.restore_newest(self.state, warn=warn)
         if restored is not None:
             start, self.state, data_state, meta = restored
             iterator.set_state(data_state)
@@ -223,6 +236,8 @@ class Trainer:
                 log.write(0, "eval", last_eval)
                 print(f"step 0 (untrained): {_describe(last_eval)}")
             last_eval = self._loop(start, iterator, evals, checkpoints, log, stats) or last_eval
+            checkpoints.wait()
+            final = self.exported_state(checkpoints) if int(self.state.step) == config.steps else None
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
@@ -230,8 +245,8 @@ class Trainer:
             checkpoints.close()
             log.close()
         step = int(self.state.step)
-        if step == config.steps:
-            self.export()
+        if final is not None:
+            self.export(*final)
         return RunResult(step, step < config.steps, int(self.state.skipped), last_eval, stats.summary())
 
     def _loop(self, start, iterator, evals, checkpoints, log, stats) -> dict | None:

@@ -1,0 +1,75 @@
+"""On a CUDA GPU: the cuDNN flash-attention path against the float32 XLA path (`-m gpu`).
+
+Left out of the default run (the `gpu` marker; CI has no GPU): `python -m pytest -m gpu` on a
+machine with one. cuDNN needs bfloat16/float16 inputs, so each case compares it with the XLA
+path on the same inputs upcast to float32, to bfloat16's precision.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import make_pair, random_batch, tiny_config
+from flax import nnx
+
+import flax_whisper.kernel as fk
+from flax_whisper import greedy_decode
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(autouse=True)
+def needs_a_gpu():
+    assert jax.default_backend() == "gpu", "the gpu tests run on a CUDA GPU (python -m pytest -m gpu)"
+
+
+def qkv(t: int, s: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal((2, n, 4, 64)), jnp.bfloat16) for n in (t, s, s)]
+
+
+@pytest.mark.parametrize(
+    "mask", [fk.Mask(), fk.Mask(causal=True), fk.Mask(causal=True, window=16)], ids=["full", "causal", "left_window"]
+)
+def test_cudnn_matches_float32_xla(mask):
+    q, k, v = qkv(128, 128)
+    fast = fk.attend(q, k, v, mask, scale=0.125, implementation="cudnn")
+    exact = fk.attend(*(x.astype(jnp.float32) for x in (q, k, v)), mask, scale=0.125, implementation="xla")
+    np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(exact), atol=2e-2)
+
+
+def test_cudnn_decoding_step_uses_key_lengths():
+    """One query after 40 cached positions in a cache of 64: valid key lengths, not is_causal."""
+    q, k, v = qkv(1, 64, seed=1)
+    offset = jnp.int32(40)
+    assert fk.choose("auto", q, 64, fk.Mask(causal=True), offset, None) == "cudnn"
+    fast = jax.jit(lambda o: fk.attend(q, k, v, fk.Mask(causal=True), scale=0.125, offset=o))(offset)
+    exact = fk.attend(
+        *(x.astype(jnp.float32) for x in (q, k, v)), fk.Mask(causal=True), scale=0.125, offset=40, implementation="xla"
+    )
+    np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(exact), atol=2e-2)
+
+
+def test_a_bfloat16_model_on_cudnn_matches_float32():
+    config = tiny_config(n_audio_state=128, n_text_state=128, n_audio_head=2, n_text_head=2)
+    _, f = make_pair(config)
+    mel, labels = random_batch(config, 4, 32, 12)
+    loss = nnx.jit(lambda m, x, y: m.loss(x, y))
+    half = float(loss(f, jnp.asarray(mel, jnp.bfloat16), jnp.asarray(labels)))
+    full = float(loss(f, jnp.asarray(mel), jnp.asarray(labels)))
+    assert abs(half - full) <= 2e-3 * full
+
+
+def test_greedy_decoding_on_the_gpu_matches_float32_first_tokens():
+    config = tiny_config(n_vocab=51865, decoder_start_token_id=None)
+    _, f = make_pair(config)
+    from whisper_io import decoding_options, tokenizer_for
+
+    prompt, options = decoding_options(tokenizer_for(config), config, language="en", max_new_tokens=4)
+    mel = np.random.default_rng(0).standard_normal((2, config.n_mels, 32)).astype(np.float32)
+    prompts = np.tile(prompt, (2, 1))
+    full = np.asarray(greedy_decode(f, mel, prompts, options))
+    half = np.asarray(greedy_decode(f, jnp.asarray(mel, jnp.bfloat16), prompts, options))
+    assert (full[:, : len(prompt) + 1] == half[:, : len(prompt) + 1]).all()
