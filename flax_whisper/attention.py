@@ -1,4 +1,4 @@
-"""Multi-head attention with an explicit KV cache (SPEC sections 4.1, 4.2 and 4.5), mirroring
+"""Multi-head attention with an explicit KV cache (model contract sections 4.1, 4.2 and 4.5), mirroring
 `torch_ref/attention.py`.
 
 What a module attends to is a `kernel.Mask` (causal, a band `window`); how is `kernel.attend`.
@@ -52,7 +52,7 @@ def value_or_none(param: nnx.Variable | None) -> jax.Array | None:
 class MultiHeadAttention(nnx.Module):
     """OpenAI Whisper's multi-head attention, for self-attention and cross-attention.
 
-    With `rotary`, queries and keys of self-attention are rotated by their positions (SPEC 3);
+    With `rotary`, queries and keys of self-attention are rotated by their positions (contract 3);
     cross-attention never is (text and audio positions are unrelated).
     """
 

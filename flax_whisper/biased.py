@@ -1,4 +1,4 @@
-"""Biased attention (SPEC 4.2), mirroring `torch_ref/biased.py`: multi-head attention with a
+"""Biased attention (contract 4.2), mirroring `torch_ref/biased.py`: multi-head attention with a
 learned per-head content bias `u (H, dh)`, zero-initialised, added to every query after rotary
 (Transformer-XL's global content bias)."""
 

@@ -1,4 +1,4 @@
-"""The pre-norm residual block (SPEC section 5), mirroring `torch_ref/blocks.py`, with optional
+"""The pre-norm residual block (model contract section 5), mirroring `torch_ref/blocks.py`, with optional
 gradient checkpointing through `nnx.remat`, and the layer stack.
 
 A side's `n` blocks are one module whose every variable has a leading layer axis (`stack`), run

@@ -1,4 +1,4 @@
-"""Dynamic convolution (SPEC 4.4), mirroring `torch_ref/dynamic_conv.py`: each position predicts
+"""Dynamic convolution (contract 4.4), mirroring `torch_ref/dynamic_conv.py`: each position predicts
 its own convolution kernel `w = softmax_K(kernel_proj(x))` (B, T, H, K) over `v = value(x)`;
 centred in the encoder, past-only in the decoder, with the last `K - 1` value rows as the cache.
 """

@@ -1,4 +1,4 @@
-"""Hybrid attention (SPEC 4.5), mirroring `torch_ref/hybrid.py`: a band-masked local branch and a
+"""Hybrid attention (contract 4.5), mirroring `torch_ref/hybrid.py`: a band-masked local branch and a
 global branch, each with its own norm, summed; dropout on the sum."""
 
 from __future__ import annotations

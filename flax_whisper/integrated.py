@@ -1,4 +1,4 @@
-"""The seed's integrated block (SPEC 4.6), mirroring `torch_ref/integrated.py`:
+"""The seed's integrated block (contract 4.6), mirroring `torch_ref/integrated.py`:
 `u = hybrid'(x)` with dynamic convolution as the local branch, then
 `y = u + memory_attn(ln_memory(x + u))`."""
 

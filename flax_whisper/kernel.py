@@ -22,7 +22,7 @@ gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's ke
 decoding step over a `(B, S, H, dh)` cache spent most of its time transposing it), and `(B, S,
 H, dh)`, the fused GPU kernels' layout, elsewhere.
 
-Logits, softmax and the log-sum-exp are float32 whatever the input dtype (SPEC section 4). A
+Logits, softmax and the log-sum-exp are float32 whatever the input dtype (model contract section 4). A
 learned temperature (a traced scale) is folded into the queries, since the fused kernels take
 a static scale.
 """

@@ -1,4 +1,4 @@
-"""Primitive layers of the Flax NNX model (SPEC section 2), mirroring `torch_ref/layers.py`.
+"""Primitive layers of the Flax NNX model (model contract section 2), mirroring `torch_ref/layers.py`.
 
 Layouts differ from torch where JAX convention does: Linear `kernel (in, out)` (torch `weight
 (out, in)`), Conv1d NWC with `kernel (k, in, out)` (torch NCW `(out, in, k)`), LayerNorm `scale`

@@ -1,4 +1,4 @@
-"""AudioEncoder, TextDecoder and Whisper (SPEC section 5), mirroring `torch_ref/model.py`.
+"""AudioEncoder, TextDecoder and Whisper (model contract section 5), mirroring `torch_ref/model.py`.
 
 The public input layout is torch's: log-mel `(B, n_mels, frames)`; the encoder transposes it to
 NWC for its convolutions.
@@ -114,7 +114,7 @@ class TextDecoder(nnx.Module):
         layers = None if cache is None else cache["layers"]
         x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid)
         x = self.ln(x)
-        # Tied output: the compute dtype in, float32 accumulated and out (SPEC 5), whatever the precision.
+        # Tied output: the compute dtype in, float32 accumulated and out (contract 5), whatever the precision.
         table = self.token_embedding.embedding[...].astype(x.dtype)
         logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)  # (B, T, n_vocab)
         if cache is not None:

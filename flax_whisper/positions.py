@@ -1,4 +1,4 @@
-"""Position information (SPEC section 3), mirroring `torch_ref/positions.py`.
+"""Position information (model contract section 3), mirroring `torch_ref/positions.py`.
 
 Absolute tables (`sinusoidal` buffer, `learned`, `learned_sinusoidal`, `none`) are looked up at
 `offset + arange(T)`; `offset` may be traced (a jitted decoding loop), in which case the bound was

@@ -1,4 +1,4 @@
-"""The one registry of self-attention mechanisms (SPEC section 4), same keys as `torch_ref/registry.py`.
+"""The one registry of self-attention mechanisms (model contract section 4), same keys as `torch_ref/registry.py`.
 
 Blocks ask this table for `config.encoder_attention` / `config.decoder_attention`; they never
 branch on the name.

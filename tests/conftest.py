@@ -114,7 +114,7 @@ def random_openai_model(noise: float, dims=OPENAI_DIMS, seed: int = 0):
     model = whisper.model.Whisper(dims)
     with torch.no_grad():
         # OpenAI leaves decoder.positional_embedding uninitialised (torch.empty): fill every tensor,
-        # the stored encoder sinusoids included (SPEC 6: checkpoints carry their own table).
+        # the stored encoder sinusoids included (contract 6: checkpoints carry their own table).
         for name, tensor in model.state_dict().items():
             scaled = noise * torch.randn_like(tensor)
             tensor.copy_((1.0 if name.endswith("ln.weight") or "_ln." in name else 0.0) + scaled)

@@ -25,7 +25,8 @@ def test_json_round_trip(tmp_path):
 
 
 def test_the_presets():
-    expected = {  # SPEC 1 and 4.6: (encoder positions, encoder rotary, decoder positions, decoder rotary, attention)
+    # Contract 1 and 4.6: (encoder positions, encoder rotary, decoder positions, decoder rotary, attention)
+    expected = {
         "whisper": ("sinusoidal", False, "learned", False, "mha"),
         "all_rotary": ("none", True, "none", True, "mha"),
         "rotary_sinusoidal": ("none", True, "sinusoidal", False, "mha"),

@@ -110,7 +110,7 @@ def test_a_learned_temperature_is_folded_into_the_queries():
 
 
 def test_bfloat16_inputs_keep_float32_scores():
-    """Scores and softmax in float32 (SPEC 4): bf16 inputs give the float32 answer to bf16 rounding."""
+    """Scores and softmax in float32 (contract 4): bf16 inputs give the float32 answer to bf16 rounding."""
     q, k, v = inputs(64, 64, seed=3)
     expected, _ = reference(q, k, v, causal=True)
     for implementation in ("xla", "chunked", "einsum"):

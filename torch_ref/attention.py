@@ -1,4 +1,4 @@
-"""Multi-head attention with an explicit KV cache (SPEC sections 4.1, 4.2 and 4.5).
+"""Multi-head attention with an explicit KV cache (model contract sections 4.1, 4.2 and 4.5).
 
 OpenAI Whisper's attention: `query` (bias), `key` (no bias), `value` (bias), `out` (bias). What a
 module attends to is a `kernel.Mask` (causal, a band `window`); how is `kernel.attend`. Options
@@ -46,7 +46,7 @@ def merge_heads(x: Tensor) -> Tensor:
 class MultiHeadAttention(nn.Module):
     """OpenAI Whisper's multi-head attention, for self-attention and cross-attention.
 
-    With `rotary`, queries and keys of self-attention are rotated by their positions (SPEC 3);
+    With `rotary`, queries and keys of self-attention are rotated by their positions (contract 3);
     cross-attention never is (text and audio positions are unrelated).
     """
 

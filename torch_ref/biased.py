@@ -1,9 +1,9 @@
-"""Biased attention (SPEC 4.2): multi-head attention with a learned per-head content bias.
+"""Biased attention (contract 4.2): multi-head attention with a learned per-head content bias.
 
 `logit[h, i, j] = ((q[h, i] + u[h]) . k[h, j]) * s`, with `u (H, dh)` zero-initialised and added
 after rotary: Transformer-XL's global content bias (Dai et al. 2019). Keys that align with `u` get
 attention whatever the query, a learned feature priority. The seed added an `(H, dh)` bias to
-`(H, H)`-shaped scores (SPEC 7.1); this is the working form of that idea.
+`(H, H)`-shaped scores (contract 7.1); this is the working form of that idea.
 """
 
 from __future__ import annotations

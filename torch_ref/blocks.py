@@ -1,4 +1,4 @@
-"""The pre-norm residual block (SPEC section 5), with optional gradient checkpointing.
+"""The pre-norm residual block (model contract section 5), with optional gradient checkpointing.
 
 `torch.utils.checkpoint` re-runs a block's forward during backward. A block whose attention writes
 state in training (augmented memory's `memory_state`) must not write it twice nor recompute from

@@ -1,10 +1,10 @@
-"""Dynamic convolution (SPEC 4.4; Wu et al. 2019, "Pay Less Attention with Lightweight and
+"""Dynamic convolution (contract 4.4; Wu et al. 2019, "Pay Less Attention with Lightweight and
 Dynamic Convolutions"): each position predicts its own convolution kernel over the values.
 
 `v = value(x)`; `w = softmax_K(kernel_proj(x))` of shape (B, T, H, K), dropout on `w`;
 `y[t, c] = sum_k w[t, h(c), k] * v[t + k - p, c]` with zeros outside `[0, T)`, `h(c) = c // dh`,
 `p = K // 2` in the encoder (centred), `p = K - 1` in the decoder (past only); output `out(y)`.
-The seed computed q/k/v and dropped them, applying a static grouped convolution (SPEC 7.3).
+The seed computed q/k/v and dropped them, applying a static grouped convolution (contract 7.3).
 
 Incremental decoding caches the last `K - 1` rows of `v`: `{"v": (B, K - 1, d)}`, zeros at the
 start, which is exactly the zero padding before position 0.

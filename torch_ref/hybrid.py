@@ -1,9 +1,9 @@
-"""Hybrid attention (SPEC 4.5, the seed's `HybridAttention`): a local and a global branch, summed.
+"""Hybrid attention (contract 4.5, the seed's `HybridAttention`): a local and a global branch, summed.
 
 `y = local_attn(ln_local(x)) + global_attn(ln_global(x))`, dropout on the sum. `global_attn` is
 4.1 (with rotary where enabled); `local_attn` is 4.1 restricted to a fixed band: query `i` sees key
 `j` iff `|i - j| <= window_size` (decoder: `0 <= i - j <= window_size`). The seed's window shrank
-with sequence length and looped over chunks in Python (SPEC 7.4); a static band mask jits and
+with sequence length and looped over chunks in Python (contract 7.4); a static band mask jits and
 caches. Cache: `{"local_attn": ..., "global_attn": ...}`, one KV cache per branch.
 """
 

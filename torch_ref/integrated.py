@@ -1,4 +1,4 @@
-"""The seed's integrated block (SPEC 4.6): its three integration ideas in one attention sub-layer.
+"""The seed's integrated block (contract 4.6): its three integration ideas in one attention sub-layer.
 
 With `x` the (already normed) input: `u = hybrid'(x)`, the hybrid attention of 4.5 whose local
 branch is the dynamic convolution of 4.4 (idea 1); then `y = u + memory_attn(ln_memory(x + u))`,

@@ -9,7 +9,7 @@ fused kernel: flash or memory-efficient on GPUs, the flash CPU kernel on CPUs) f
 also taken whenever dropout acts on the weights or the log-sum-exp is needed (augmented
 memory's write-back): SDPA returns neither.
 
-Logits and softmax are float32 whatever the input dtype (SPEC section 4). A learned temperature
+Logits and softmax are float32 whatever the input dtype (model contract section 4). A learned temperature
 (a tensor) is folded into the queries, as in flax.
 """
 

@@ -1,4 +1,4 @@
-"""Primitive layers of the PyTorch reference (SPEC section 2).
+"""Primitive layers of the PyTorch reference (model contract section 2).
 
 Each mirrors OpenAI Whisper's dtype-casting layers: weights are cast to the input's dtype, norm
 statistics are taken in float32. `flax_whisper/layers.py` holds the same classes under the same

@@ -17,7 +17,7 @@ integration idea 2 (biased retrieval) and its write-back:
   layer, which behind the detach never received a gradient; revision 2 removed it.)
 
 The seed's version only ran when sequence length equalled memory size, assigned a tensor to a
-Parameter and zero-initialised the slots, which kept them identical forever (SPEC 7.2).
+Parameter and zero-initialised the slots, which kept them identical forever (contract 7.2).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AudioEncoder, TextDecoder and Whisper (SPEC section 5), with the teacher-forcing loss.
+"""AudioEncoder, TextDecoder and Whisper (model contract section 5), with the teacher-forcing loss.
 
 The `whisper` preset is exactly OpenAI Whisper: an OpenAI checkpoint, renamed by `convert`,
 loads into `Whisper` and gives OpenAI's logits.
@@ -103,7 +103,7 @@ class TextDecoder(nn.Module):
             x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset, valid=valid)
             new_caches.append(layer_cache)
         x = self.ln(x)
-        # Tied output in float32 (SPEC 5): upcast before the matmul, whatever the precision.
+        # Tied output in float32 (contract 5): upcast before the matmul, whatever the precision.
         logits = x.float() @ self.token_embedding.weight.float().T  # (B, T, n_vocab)
         if cache is not None:
             cache = {"offset": offset + length, "layers": new_caches}

@@ -1,4 +1,4 @@
-"""Position information (SPEC section 3): absolute tables and rotary embeddings.
+"""Position information (model contract section 3): absolute tables and rotary embeddings.
 
 Absolute tables, added to the input of the first block, are looked up at `offset + arange(T)`
 where `offset` counts the tokens already in a KV cache:

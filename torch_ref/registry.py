@@ -1,4 +1,4 @@
-"""The one registry of self-attention mechanisms (SPEC section 4).
+"""The one registry of self-attention mechanisms (model contract section 4).
 
 Blocks ask this table for `config.encoder_attention` / `config.decoder_attention`; they never
 branch on the name. `flax_whisper/registry.py` has the same keys.

@@ -1,4 +1,4 @@
-"""The model contract shared by `torch_ref` and `flax_whisper` (SPEC section 1).
+"""The model contract shared by `torch_ref` and `flax_whisper` (docs/model.md, section 1).
 
 Imports neither torch nor jax: a config can be read, validated and written on a machine that has
 neither framework. Every checkpoint directory carries one as `config.json`.

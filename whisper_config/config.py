@@ -2,7 +2,7 @@
 
 Dimension fields keep OpenAI Whisper's `ModelDimensions` names, so the `dims` of an OpenAI
 checkpoint load directly (`ModelConfig.from_openai_dims`). The remaining fields select the
-mechanisms of SPEC sections 2-4. Every value is validated with a message naming the field; a
+mechanisms of contract sections 2-4. Every value is validated with a message naming the field; a
 switch that would have no effect in the chosen configuration is an error, not silently ignored.
 """
 
@@ -29,7 +29,7 @@ OPENAI_DIM_FIELDS = (
 )
 
 ATTENTION_KINDS = ("mha", "biased", "memory", "dynamic_conv", "hybrid", "integrated")
-# The values SPEC section 1 names for each choice field.
+# The values contract section 1 names for each choice field.
 CHOICES: dict[str, tuple[str, ...]] = {
     "encoder_attention": ATTENTION_KINDS,
     "decoder_attention": ATTENTION_KINDS,
@@ -101,7 +101,7 @@ def _scheme(
     )
 
 
-# Named position/mechanism schemes (SPEC section 1; the seed's `Whisper-embeddings` study, plus
+# Named position/mechanism schemes (model contract section 1; the seed's `Whisper-embeddings` study, plus
 # OpenAI Whisper itself). Sizes are independent of the preset; fields can be overridden.
 PRESETS: dict[str, dict[str, Any]] = {
     "whisper": _scheme("sinusoidal", False, "learned", False),
@@ -109,7 +109,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rotary_sinusoidal": _scheme("none", True, "sinusoidal", False),
     "rotary_rotary_sinusoidal": _scheme("none", True, "sinusoidal", True),
     "rotary_learned_sinusoidal": _scheme("none", True, "learned_sinusoidal", True),
-    # SPEC 4.6: the seed's integrated block on both sides, with rotary and learned sinusoidal positions.
+    # contract 4.6: the seed's integrated block on both sides, with rotary and learned sinusoidal positions.
     "integrated": _scheme("learned_sinusoidal", True, "learned_sinusoidal", True, attention="integrated"),
 }
 
@@ -139,7 +139,7 @@ class ModelConfig:
     n_text_state: int = 384
     n_text_head: int = 6
     n_text_layer: int = 4
-    # mechanisms (SPEC sections 2-4)
+    # mechanisms (model contract sections 2-4)
     encoder_attention: str = "mha"
     decoder_attention: str = "mha"
     encoder_positions: str = "sinusoidal"
@@ -309,7 +309,7 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, size: str | None = None, **overrides: Any) -> ModelConfig:
-        """A named preset (SPEC section 1), optionally at an OpenAI size, then field overrides."""
+        """A named preset (model contract section 1), optionally at an OpenAI size, then field overrides."""
         fields = dict(SIZES[_check_size(size)]) if size is not None else {}
         fields.update(_preset_fields(name))
         fields.update(overrides)

@@ -21,7 +21,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.
 
 
 def rotary_inv_freq(head_width: int, base: float) -> np.ndarray:
-    """`(head_width / 2,)` float32 RoPE frequencies `base ** (-2i / head_width)` (SPEC section 3)."""
+    """`(head_width / 2,)` float32 RoPE frequencies `base ** (-2i / head_width)` (model contract section 3)."""
     if head_width % 2:
         raise ValueError(f"rotary needs an even head width, got {head_width}")
     return (float(base) ** (-np.arange(0, head_width, 2) / head_width)).astype(np.float32)
