@@ -40,7 +40,7 @@ def main() -> None:
     model_config = config.model_config()
     tokenizer = tokenizer_for(model_config)
     featurizer = Featurizer.create(
-        model_config, tokenizer, tokenizer.sot_sequence(config.language), config.audio_buckets, config.text_buckets
+        model_config, tokenizer, config.language, config.task, config.audio_buckets, config.text_buckets
     )
     records = read_records(config.train_data, config.train_split)
     batches = train_batches(records, featurizer, args.batch, 0, DataStats())

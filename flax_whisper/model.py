@@ -117,6 +117,11 @@ class TextDecoder(nnx.Module):
         # Tied output: the compute dtype in, float32 accumulated and out (contract 5), whatever the precision.
         table = self.token_embedding.embedding[...].astype(x.dtype)
         logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)  # (B, T, n_vocab)
+        if is_traced(offset):
+            # A jitted loop cannot raise: a step past the cache's capacity (or the context) would
+            # clamp its writes onto the last slot, so its logits are NaN instead of quietly wrong.
+            limit = self.config.n_text_ctx if capacity is None else min(capacity, self.config.n_text_ctx)
+            logits = jnp.where(offset + length > limit, jnp.nan, logits)
         if cache is not None:
             cache = {"offset": offset + length, "layers": layers}
         return logits, cache

@@ -1,6 +1,7 @@
 """Incremental decoding with the KV cache equals the full forward pass, in each framework."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -95,3 +96,18 @@ def test_cache_is_a_pytree(pair, config):
     # Heads-major keys and values on a CPU (kernel.kv_layout): no transposes in a decoding step.
     assert cache["layers"]["attn"]["k"].shape == (layers, 3, heads, config.n_text_ctx, width)
     assert cache["layers"]["cross_attn"]["k"].shape == (layers, 3, heads, 4, width)
+
+
+def test_a_jitted_loop_past_the_cache_gives_nan_logits_not_clamped_writes(pair, config):
+    """Inside jit the decoder cannot raise: steps past the cache's capacity give NaN logits, so a
+    loop that runs too far fails loudly instead of overwriting the last slot."""
+    _, f = pair
+    mel, tokens = random_batch(config, 2, 8, 5, seed=9)
+    xa = f.encoder(mel)
+    cache = f.decoder.init_cache(xa, max_length=3)
+    step = nnx.jit(lambda m, tok, cache: m.decoder(tok, xa, cache))
+    finite = []
+    for i in range(5):
+        logits, cache = step(f, jnp.asarray(tokens[:, i : i + 1]), cache)
+        finite.append(bool(jnp.isfinite(logits).all()))
+    assert finite == [True, True, True, False, False]

@@ -81,4 +81,6 @@ def test_tokenizer_is_chosen_from_the_vocabulary():
     with pytest.raises(TokenizerError, match="decoder_start_token_id is 1"):
         tokenizer_for(tiny_config(n_vocab=300, decoder_start_token_id=1))
     prompt, options = decoding_options(tokenizer_for(byte_config), byte_config)
-    assert prompt == (257,) and options.max_new_tokens == 8 and options.language_tokens == ()
+    assert prompt == (257,) and options.max_new_tokens == 4 and options.language_tokens == ()  # OpenAI: n_text_ctx // 2
+    _, longest = decoding_options(tokenizer_for(byte_config), byte_config, max_new_tokens=8)
+    assert longest.max_new_tokens == 8  # as many as the context holds

@@ -120,6 +120,8 @@ def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
     assert [r["step"] for r in evals] == [0, 3, 6] and all(0 <= r["token_accuracy"] <= 1 for r in evals)
     assert {"cer", "wer"} <= evals[-1].keys()
     assert any((out / "run" / "logs" / "tensorboard").iterdir())
+    curves = (out / "run" / "logs" / "curves.png").read_bytes()  # the matplotlib summary of the run
+    assert curves.startswith(b"\x89PNG") and len(curves) > 10_000
     assert trainer_steps(out) == [3, 6]
 
     # The torch export holds the final weights: torch_ref gives the Flax model's logits.

@@ -4,6 +4,7 @@ bad rows reported and skipped, long transcripts cut and counted, config files an
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -13,9 +14,9 @@ import pytest
 import soundfile
 
 from train.config import DEMO_MODEL, TrainConfig, from_args
-from train.data import DataError, DataStats, Featurizer, eval_batches, read_records, train_batches
+from train.data import DataError, DataStats, Featurizer, check_languages, eval_batches, read_records, train_batches
 from whisper_config import ConfigError, ModelConfig
-from whisper_io import ByteTokenizer
+from whisper_io import ByteTokenizer, TokenizerError
 
 REPO = Path(__file__).parent.parent
 CONFIG = ModelConfig.from_preset("whisper", **{**DEMO_MODEL, "n_audio_ctx": 32, "n_text_ctx": 12})
@@ -23,7 +24,7 @@ CONFIG = ModelConfig.from_preset("whisper", **{**DEMO_MODEL, "n_audio_ctx": 32, 
 
 def featurizer(**buckets) -> Featurizer:
     tokenizer = ByteTokenizer(CONFIG.n_vocab)
-    return Featurizer.create(CONFIG, tokenizer, tokenizer.sot_sequence(), **buckets)
+    return Featurizer.create(CONFIG, tokenizer, **buckets)
 
 
 def write_rows(folder: Path, seconds: list[float], texts: list[str]) -> list[dict]:
@@ -299,3 +300,46 @@ def test_print_config_shows_the_resolved_model(capsys):
     assert shown["run_dir"] == "runs/demo"
     assert main(["--print-config", "--size", "huge"]) == 2
     assert "unknown size 'huge'" in capsys.readouterr().err
+
+
+def test_every_setting_has_a_meaning_in_help():
+    from train.config import HELP
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"model"}
+    assert set(HELP) == fields and all(len(text) > 10 for text in HELP.values())
+    from train.config import parser
+
+    shown = " ".join(parser().format_help().split())
+    for name in fields:
+        assert " ".join(HELP[name].split())[:40] in shown, name
+    assert "adamw or adafactor" in shown and "demo (the small demo model) or an OpenAI size" in shown
+
+
+def multilingual_featurizer(language=None):
+    config = ModelConfig.from_preset("whisper", **{**DEMO_MODEL, "n_vocab": 51865, "decoder_start_token_id": None})
+    from whisper_io import tokenizer_for
+
+    return Featurizer.create(config, tokenizer_for(config), language)
+
+
+def test_a_multilingual_vocabulary_needs_a_language_per_row_or_run(tmp_path):
+    """Without a language the prompt's placeholder would teach every utterance as <|en|>: an error;
+    a manifest `language` column puts each row's own language token in its labels."""
+    rows = write_rows(tmp_path, [0.2, 0.3, 0.25], ["bonjour", "hallo", "hello"])
+    rows[0]["language"], rows[1]["language"] = "fr", "de"
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(tmp_path / "m.jsonl", "train")
+    featurizer = multilingual_featurizer()
+    with pytest.raises(DataError, match="row 3 has no language"):
+        check_languages(records, featurizer, "m.jsonl")
+    tokenizer = featurizer.tokenizer
+    codes = dict(zip(tokenizer.language_codes, tokenizer.language_tokens, strict=True))
+    labels = [featurizer.load_example(r, DataStats())["labels"] for r in records[:2]]
+    assert [int(row[0]) for row in labels] == [codes["fr"], codes["de"]]  # the row's language, after SOT
+    english = multilingual_featurizer("en")  # a run language covers rows without one
+    check_languages(records, english, "m.jsonl")
+    assert int(english.load_example(records[2], DataStats())["labels"][0]) == codes["en"]
+    assert int(english.load_example(records[0], DataStats())["labels"][0]) == codes["fr"]  # the row's own wins
+    records[1]["language"] = "xx"
+    with pytest.raises(TokenizerError, match="xx"):
+        check_languages(records, english, "m.jsonl")

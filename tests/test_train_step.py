@@ -63,6 +63,31 @@ def test_a_non_finite_step_changes_nothing_but_the_counters():
     assert bool(metrics["finite"]) and int(state.bad_streak) == 0 and int(state.worst_streak) == 1
 
 
+def test_the_logged_learning_rate_is_the_applied_one_after_skipped_steps():
+    """A skipped step does not advance the optimizer's schedule, so the rate reported for the next
+    step is the one optax applies: the schedule at the count of applied updates."""
+    import optax
+
+    from train.step import learning_rate_schedule
+
+    config = TrainConfig(warmup_steps=10, steps=50, learning_rate=1e-3)
+    model_config = tiny_config()
+    state, step = step_function(config, model_config)
+    mel, labels = random_batch(model_config, 2, 20, 8, seed=1)
+    bad = mel.copy()
+    bad[0, 0, 0] = np.nan
+    schedule = learning_rate_schedule(config)
+    for batch_mel in (mel, bad, bad, mel):
+        state, metrics = step(state, {"mel": jnp.asarray(batch_mel), "labels": jnp.asarray(labels)})
+    applied = int(state.step) - int(state.skipped)
+    assert int(state.skipped) == 2 and applied == 2
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+            if isinstance(s, optax.ScaleByAdamState)]  # fmt: skip
+    assert [int(s.count) for s in adam] == [applied]  # optax's own count of the updates it applied
+    assert float(metrics["learning_rate"]) == pytest.approx(float(schedule(applied - 1)))
+    assert float(metrics["learning_rate"]) != pytest.approx(float(schedule(int(state.step) - 1)))
+
+
 def test_dropout_rng_and_memory_state_advance_in_the_state():
     """Training-mode state (dropout RNG counters, augmented memory's write-back) flows through
     the jitted step: it changes every step, and the same state gives the same step."""

@@ -17,7 +17,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from whisper_config import ConfigError, ModelConfig
+from whisper_config import PRESETS, SIZES, ConfigError, ModelConfig
 from whisper_config.config import read_text
 from whisper_config.fields import check_field_types
 
@@ -56,6 +56,7 @@ class TrainConfig:
     audio_column: str = "audio"
     text_column: str = "text"
     language: str | None = None  # Whisper vocabularies: the language token of the prompt
+    language_column: str = "language"  # a row's own language code, when the data has this column
     task: str = "transcribe"
     audio_buckets: tuple[int, ...] = (128, 256)  # mel frame lengths batches are padded to
     # Label lengths batches are padded to (n_text_ctx is always added; longer ones are clamped):
@@ -112,6 +113,11 @@ class TrainConfig:
         checks = [
             (self.optimizer in ("adamw", "adafactor"), f"optimizer must be adamw or adafactor, got {self.optimizer!r}"),
             (self.precision in ("float32", "bfloat16"), f"precision must be float32 or bfloat16: {self.precision!r}"),
+            (
+                self.size in ("demo", *SIZES),
+                f"unknown size {self.size!r}; known sizes: demo, {', '.join(SIZES)}",
+            ),
+            (self.preset in PRESETS, f"unknown preset {self.preset!r}; known presets: {', '.join(PRESETS)}"),
             (self.steps >= 1, "steps must be at least 1"),
             (self.warmup_steps >= 0, "warmup_steps must be >= 0 (runs shorter than it warm up throughout)"),
             (self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}"),
@@ -195,6 +201,62 @@ class TrainConfig:
 
 
 EXPORTS = {"flax": "model", "torch": "model-torch"}  # format -> folder in the run folder
+
+# What each setting means and which values it takes: `python -m train --help` shows these.
+HELP = {
+    "preset": "position scheme and mechanisms of the model: whisper, all_rotary, rotary_sinusoidal, "
+    "rotary_rotary_sinusoidal, rotary_learned_sinusoidal or integrated",
+    "size": "model dimensions: demo (the small demo model) or an OpenAI size: tiny, tiny.en, base, base.en, small, "
+    "small.en, medium, medium.en, large-v2, large-v3",
+    "init_from": "start from this checkpoint (flax/torch directory or OpenAI .pt) instead of preset/size/--model",
+    "train_data": "training data: a JSONL/CSV manifest (audio path relative to it, transcript) or a Hugging Face "
+    "dataset directory from save_to_disk",
+    "eval_data": "evaluation data, the same kinds ('none' for no evaluation)",
+    "train_split": "split of a Hugging Face DatasetDict to train on",
+    "eval_split": "split of a Hugging Face DatasetDict to evaluate on",
+    "audio_column": "column holding the audio (a path, or a datasets Audio column)",
+    "text_column": "column holding the transcript",
+    "language": "language code for the prompt of every row (Whisper's multilingual vocabularies need one, "
+    "here or per row)",
+    "language_column": "column holding a row's own language code, used where present",
+    "task": "transcribe or translate (Whisper vocabularies)",
+    "audio_buckets": "mel frame lengths batches are padded to (2 * n_audio_ctx is always added)",
+    "text_buckets": "label lengths batches are padded to (n_text_ctx is always added)",
+    "optimizer": "adamw or adafactor",
+    "learning_rate": "peak learning rate, reached after warmup (a finite number > 0)",
+    "warmup_steps": "steps of linear warmup from 0",
+    "steps": "optimizer steps of the run (the cosine schedule spans them)",
+    "final_lr_ratio": "the cosine decays to learning_rate times this, in [0, 1]",
+    "weight_decay": "decoupled weight decay on the kernels and the token table (>= 0)",
+    "b1": "Adam's first-moment decay, in [0, 1)",
+    "b2": "Adam's second-moment decay, in [0, 1)",
+    "eps": "Adam's epsilon (> 0)",
+    "clip_norm": "global gradient-norm clipping ('none' to turn off)",
+    "batch_size": "examples per optimizer step, over all devices and accumulation micro-batches",
+    "accumulation_steps": "micro-batches per step (batch_size must be a multiple)",
+    "precision": "float32, or bfloat16 (bf16 compute; float32 weights, optimizer, softmax and logits)",
+    "max_bad_steps": "stop after this many steps in a row with a non-finite loss or gradient",
+    "time_masks": "SpecAugment time masks per training utterance (0: off)",
+    "time_mask_width": "widest SpecAugment time mask, in mel frames",
+    "freq_masks": "SpecAugment frequency masks per training utterance (0: off)",
+    "freq_mask_width": "widest SpecAugment frequency mask, in mel bins",
+    "seed": "seed of the initialisation, shuffling, dropout and augmentation",
+    "mesh_data": "data-parallel axis of the device mesh (-1: the devices mesh_fsdp leaves)",
+    "mesh_fsdp": "axis parameters and optimizer state are sharded over",
+    "name": "run name: the run folder is runs/NAME unless --run-dir is given",
+    "run_dir": "the run's folder (run.json, checkpoints/, logs/, model/); a new run needs it absent or empty",
+    "log_every": "steps between log lines (metrics.jsonl, TensorBoard, the progress bar)",
+    "eval_every": "steps between evaluations (loss, token accuracy, greedy CER/WER)",
+    "eval_batch_size": "evaluation batch size (a multiple of the device count)",
+    "decode_eval": "greedy-decode the evaluation split for CER/WER (--no-decode-eval: loss and accuracy only)",
+    "save_every": "steps between checkpoints",
+    "keep_checkpoints": "latest checkpoints kept (the best by eval loss is kept too)",
+    "resume": "continue the run in the run folder from its newest readable checkpoint",
+    "stop_at_step": "save and stop at this step (continue with --resume); the schedule still spans --steps",
+    "export": "formats of the final model in the run folder: flax (model/), torch (model-torch/)",
+    "export_best": "export the kept checkpoint of lowest eval loss (--no-export-best: the last step)",
+    "progress": "show a progress bar (--no-progress for logs)",
+}
 # Settings of earlier versions, with what replaced them.
 RENAMED = {
     "checkpoint_dir": "a run keeps its checkpoints in RUN_DIR/checkpoints (set run_dir or name)",
@@ -238,12 +300,12 @@ def parser() -> argparse.ArgumentParser:
             continue
         flag = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
-        default = f"default: {field.default}"
+        default = f"{HELP[field.name]}; default: {field.default}"
         if hint is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=default)
         elif typing.get_origin(hint) is tuple:
             item = typing.get_args(hint)[0]
-            default = f"comma-separated, empty for none; default: {','.join(map(str, field.default))}"
+            default = f"{HELP[field.name]}; comma-separated; default: {','.join(map(str, field.default)) or 'none'}"
             p.add_argument(flag, default=None, type=_list_converter(item), metavar="A,B,...", help=default)
         else:
             optional = isinstance(hint, types.UnionType) and type(None) in typing.get_args(hint)

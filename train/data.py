@@ -39,8 +39,11 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- records
 
 
-def read_manifest(path: str | Path, audio_column: str = "audio", text_column: str = "text") -> list[dict]:
-    """Records of a `.jsonl` (one object per line) or `.csv` (with a header) manifest.
+def read_manifest(
+    path: str | Path, audio_column: str = "audio", text_column: str = "text", language_column: str = "language"
+) -> list[dict]:
+    """Records of a `.jsonl` (one object per line) or `.csv` (with a header) manifest; a row's
+    `language_column`, when present and not empty, is its language code.
 
     Every row is checked here, so a bad one is an error naming the file and the line rather
     than a failure deep inside the pipeline.
@@ -86,7 +89,13 @@ def read_manifest(path: str | Path, audio_column: str = "audio", text_column: st
             if not isinstance(row[column], str) or (column == audio_column and not row[column].strip()):
                 raise DataError(f"{path}:{number}: {column!r} must be a non-empty string, got {row[column]!r}")
         audio = Path(row[audio_column])
-        records.append({"audio": str(audio if audio.is_absolute() else path.parent / audio), "text": row[text_column]})
+        record = {"audio": str(audio if audio.is_absolute() else path.parent / audio), "text": row[text_column]}
+        language = row.get(language_column)
+        if language not in (None, ""):
+            if not isinstance(language, str):
+                raise DataError(f"{path}:{number}: {language_column!r} must be a language code, got {language!r}")
+            record["language"] = language
+        records.append(record)
     if not records:
         raise DataError(f"{path}: the manifest is empty")
     return records
@@ -95,7 +104,14 @@ def read_manifest(path: str | Path, audio_column: str = "audio", text_column: st
 class HFRecords(Sequence):
     """Random access over a `datasets.Dataset` saved on disk, as records (audio stays encoded)."""
 
-    def __init__(self, path: str | Path, split: str, audio_column: str = "audio", text_column: str = "text"):
+    def __init__(
+        self,
+        path: str | Path,
+        split: str,
+        audio_column: str = "audio",
+        text_column: str = "text",
+        language_column: str = "language",
+    ):
         import datasets
 
         loaded = datasets.load_from_disk(str(path))
@@ -111,6 +127,7 @@ class HFRecords(Sequence):
             loaded = loaded.cast_column(audio_column, datasets.Audio(decode=False))
         self.dataset, self.path = loaded, str(path)
         self.audio_column, self.text_column = audio_column, text_column
+        self.language_column = language_column if language_column in loaded.column_names else None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -122,16 +139,40 @@ class HFRecords(Sequence):
             audio = audio["path"]
         elif isinstance(audio, dict) and audio.get("bytes") is not None:
             audio = {"bytes": audio["bytes"], "name": audio.get("path") or f"{self.path}[{index}]"}
-        return {"audio": audio, "text": row[self.text_column]}
+        record = {"audio": audio, "text": row[self.text_column]}
+        if self.language_column and row[self.language_column]:
+            record["language"] = row[self.language_column]
+        return record
 
 
 def read_records(
-    path: str | Path, split: str, audio_column: str = "audio", text_column: str = "text"
+    path: str | Path,
+    split: str,
+    audio_column: str = "audio",
+    text_column: str = "text",
+    language_column: str = "language",
 ) -> Sequence[dict]:
     """A manifest file, or a Hugging Face dataset directory (from `save_to_disk`)."""
     if Path(path).is_dir():
-        return HFRecords(path, split, audio_column, text_column)
-    return read_manifest(path, audio_column, text_column)
+        return HFRecords(path, split, audio_column, text_column, language_column)
+    return read_manifest(path, audio_column, text_column, language_column)
+
+
+def check_languages(records: Sequence[dict], featurizer: Featurizer, what: str) -> None:
+    """With a multilingual vocabulary and no run language, every row needs its own language:
+    checked before training starts (manifests; a dataset without the column fails at once too)."""
+    if featurizer.language is None and featurizer.tokenizer.multilingual:
+        if isinstance(records, HFRecords):
+            missing = None if records.language_column else 1
+        else:
+            missing = next((i for i, r in enumerate(records, 1) if not r.get("language")), None)
+        if missing is not None:
+            raise DataError(
+                f"{what}: the vocabulary is multilingual, no `language` is set for the run and row {missing} has "
+                "no language: set `language`, or give every row a language (`language_column`, default 'language')"
+            )
+    for code in sorted({r["language"] for r in records if r.get("language")} if isinstance(records, list) else ()):
+        featurizer.prompt(code)  # an unknown code (or one the vocabulary lacks) fails here, naming it
 
 
 def decode_audio(source: Any) -> np.ndarray:
@@ -199,18 +240,41 @@ class Featurizer:
 
     config: ModelConfig
     tokenizer: Tokenizer
-    prompt: tuple[int, ...]  # the forced start sequence that precedes the transcript
+    language: str | None  # the run's language, for rows without a language of their own
+    task: str
     audio_buckets: tuple[int, ...]  # mel frames, ascending, the last one <= 2 * n_audio_ctx
     text_buckets: tuple[int, ...]  # label lengths, ascending, the last one == n_text_ctx
 
     @classmethod
-    def create(cls, config: ModelConfig, tokenizer: Tokenizer, prompt, audio_buckets=(), text_buckets=()):
+    def create(
+        cls,
+        config: ModelConfig,
+        tokenizer: Tokenizer,
+        language: str | None = None,
+        task: str = "transcribe",
+        audio_buckets=(),
+        text_buckets=(),
+    ):
         most_frames = 2 * config.n_audio_ctx
         audio = tuple(sorted({min(int(b), most_frames) for b in audio_buckets} | {most_frames}))
         text = tuple(sorted({min(int(b), config.n_text_ctx) for b in text_buckets} | {config.n_text_ctx}))
         if min(audio) < 1 or min(text) < 1:
             raise DataError("bucket lengths must be positive")
-        return cls(config, tokenizer, tuple(prompt), audio, text)
+        tokenizer.sot_sequence(language, task)  # an unknown language or task fails here, not in the loader
+        return cls(config, tokenizer, language, task, audio, text)
+
+    def prompt(self, language: str | None = None) -> tuple[int, ...]:
+        """The forced start sequence before a transcript in `language` (default: the run's).
+
+        A multilingual vocabulary needs a language: without one the prompt would hold a
+        placeholder, and every utterance would be taught as that language."""
+        language = language or self.language
+        if language is None and self.tokenizer.multilingual:
+            raise DataError(
+                "the vocabulary is multilingual and this row has no language: set `language` for the run, "
+                "or give the data a language column (`language_column`)"
+            )
+        return self.tokenizer.sot_sequence(language, self.task)
 
     def load_example(self, record: dict, stats: DataStats) -> dict | None:
         """record -> {"audio": (N,) float32, "labels": (L,) int32}, or None (counted in `stats`)."""
@@ -225,13 +289,13 @@ class Featurizer:
         if len(audio) > most:
             stats.skip(str(name), f"{len(audio) / SAMPLE_RATE:.2f} s is longer than the model's {most / SAMPLE_RATE} s")
             return None
-        labels = self.labels(record["text"], stats)
+        labels = self.labels(record["text"], stats, record.get("language"))
         return {"audio": audio, "labels": labels}
 
-    def labels(self, text: str, stats: DataStats | None = None) -> np.ndarray:
-        """The decoder's targets: the prompt after its start token, the text, end of text.
-        Cut to n_text_ctx (counted) when longer."""
-        ids = [*self.prompt[1:], *self.tokenizer.encode(text), self.tokenizer.eot]
+    def labels(self, text: str, stats: DataStats | None = None, language: str | None = None) -> np.ndarray:
+        """The decoder's targets: the prompt (in the row's `language`, else the run's) after its
+        start token, the text, end of text. Cut to n_text_ctx (counted) when longer."""
+        ids = [*self.prompt(language)[1:], *self.tokenizer.encode(text), self.tokenizer.eot]
         if len(ids) > self.config.n_text_ctx:
             ids = ids[: self.config.n_text_ctx]
             if stats is not None:

@@ -29,8 +29,17 @@ from flax_whisper import Whisper
 from flax_whisper.decoding import greedy_decode
 from train.checkpointing import BEST_METRIC, Checkpoints
 from train.config import TrainConfig
-from train.data import DataError, DataStats, Featurizer, check_labels, eval_batches, read_records, train_batches
-from train.metrics import MetricsLog, error_rates
+from train.data import (
+    DataError,
+    DataStats,
+    Featurizer,
+    check_labels,
+    check_languages,
+    eval_batches,
+    read_records,
+    train_batches,
+)
+from train.metrics import MetricsLog, error_rates, plot_curves
 from train.run_folder import RunFolder
 from train.sharding import batch_sharding, check_batch, make_mesh, state_shardings
 from train.step import (
@@ -44,6 +53,7 @@ from train.step import (
     train_step,
 )
 from whisper_io import decoding_options, text_tokens, tokenizer_for
+from whisper_io.decoding import max_new_tokens_for
 
 
 class TrainingError(RuntimeError):
@@ -74,12 +84,17 @@ class Trainer:
         self.folder = RunFolder(config.run_path)
         self.continuing = self.folder.check(config, self.model_config)  # before anything costly
         self.tokenizer = tokenizer_for(self.model_config)
-        prompt = self.tokenizer.sot_sequence(config.language, config.task)
         self.featurizer = Featurizer.create(
-            self.model_config, self.tokenizer, prompt, config.audio_buckets, config.text_buckets
+            self.model_config, self.tokenizer, config.language, config.task, config.audio_buckets, config.text_buckets
         )
+        # Evaluation decodes as far as the context allows (no previous-text prompt to leave room for).
+        prompt_length = len(self.tokenizer.sot_sequence(config.language, config.task))
         self.decode_prompt, self.decode_options = decoding_options(
-            self.tokenizer, self.model_config, config.language, config.task
+            self.tokenizer,
+            self.model_config,
+            config.language,
+            config.task,
+            max_new_tokens_for(self.model_config, prompt_length),
         )
 
         self.mesh = make_mesh(config.mesh_data, config.mesh_fsdp, devices)
@@ -199,11 +214,14 @@ class Trainer:
         config = self.config
         stats = DataStats()
         process, processes = jax.process_index(), jax.process_count()
-        records = read_records(config.train_data, config.train_split, config.audio_column, config.text_column)
+        columns = (config.audio_column, config.text_column, config.language_column)
+        records = read_records(config.train_data, config.train_split, *columns)
+        check_languages(records, self.featurizer, config.train_data)
         local_records = records if processes == 1 else [records[i] for i in range(process, len(records), processes)]
         evals = []
         if config.eval_data:
-            eval_records = read_records(config.eval_data, config.eval_split, config.audio_column, config.text_column)
+            eval_records = read_records(config.eval_data, config.eval_split, *columns)
+            check_languages(eval_records, self.featurizer, config.eval_data)
             evals = eval_batches(eval_records, self.featurizer, config.eval_batch_size // processes, stats)
 
         if process == 0 and not self.continuing:
@@ -245,6 +263,8 @@ class Trainer:
             checkpoints.close()
             log.close()
         step = int(self.state.step)
+        if process == 0 and (self.folder.logs / "metrics.jsonl").is_file():
+            print(f"curves: {plot_curves(self.folder.logs / 'metrics.jsonl', self.folder.logs / 'curves.png')}")
         if final is not None:
             self.export(*final)
         return RunResult(step, step < config.steps, int(self.state.skipped), last_eval, stats.summary())
@@ -260,7 +280,13 @@ class Trainer:
             batch = next(iterator)
             self.state, metrics = self.train_fn(self.state, self.to_device(batch))
             window_steps += 1
-            progress.update(1)
+            if step == start + 1:  # the first step compiled: time the bar's rate (and ETA) from here
+                jax.block_until_ready(metrics["loss"])
+                progress.reset(total=config.steps)  # restarts the bar's clock
+                progress.initial = progress.n = progress.last_print_n = step
+                progress.refresh()
+            else:
+                progress.update(1)
             stop = self.stop_requested
             if step % config.log_every == 0 or step == config.steps or stop:
                 values = {k: v.item() for k, v in jax.device_get(metrics).items()}
@@ -268,14 +294,14 @@ class Trainer:
                 record = {
                     "loss": values["loss"],
                     "grad_norm": values["grad_norm"],
-                    "learning_rate": float(self.schedule(step - 1)),
+                    "learning_rate": values["learning_rate"],  # the one applied (skipped steps do not advance it)
                     "examples_per_second": window_steps * config.batch_size / elapsed,
                     "skipped_steps": int(self.state.skipped),
                     **stats.summary(),
                 }
                 log.write(step, "train", record)
                 progress.set_postfix(
-                    loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}",
+                    loss=f"{record['loss']:.4g}", lr=f"{record['learning_rate']:.1e}",
                     ex_s=f"{record['examples_per_second']:.0f}",
                 )  # fmt: skip
                 window_start, window_steps = time.perf_counter(), 0

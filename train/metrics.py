@@ -51,3 +51,31 @@ def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
     """The records of a metrics.jsonl file (of one `kind`: "train", "eval", ...)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return [r for r in rows if kind is None or r["kind"] == kind]
+
+
+def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path:
+    """A PNG of a run's curves from its metrics.jsonl: training loss and learning rate against the
+    step, and the evaluation's loss and CER (when decoded). Written beside the logs at the end of
+    a run, so the curves can be seen without TensorBoard."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    train, evals = read_metrics(metrics_path, "train"), read_metrics(metrics_path, "eval")
+    figure, (loss_axis, lr_axis, eval_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    loss_axis.plot([r["step"] for r in train], [r["loss"] for r in train])
+    loss_axis.set(title="training loss", xlabel="step", yscale="log")
+    lr_axis.plot([r["step"] for r in train], [r["learning_rate"] for r in train])
+    lr_axis.set(title="learning rate (applied)", xlabel="step")
+    eval_axis.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    decoded = [r for r in evals if "cer" in r]
+    if decoded:
+        eval_axis.plot([r["step"] for r in decoded], [r["cer"] for r in decoded], "s-", label="CER")
+    eval_axis.set(title="evaluation", xlabel="step", yscale="log")
+    eval_axis.legend()
+    figure.tight_layout()
+    png_path = Path(png_path)
+    figure.savefig(png_path, dpi=100)
+    plt.close(figure)
+    return png_path

@@ -32,6 +32,7 @@ TRAJECTORY = (
     "audio_column",
     "text_column",
     "language",
+    "language_column",
     "task",
     "audio_buckets",
     "text_buckets",

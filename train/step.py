@@ -193,7 +193,16 @@ def train_step(
         worst_streak=jnp.maximum(state.worst_streak, bad_streak),
         key=state.key,
     )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "tokens": total_tokens}
+    # The rate this step's update used: the schedule advances with applied updates only (a skipped
+    # step keeps the optimizer state, count included), so it is indexed by them, not by `step`.
+    learning_rate = learning_rate_schedule(config)(state.step - state.skipped)
+    metrics = {
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "finite": finite,
+        "tokens": total_tokens,
+        "learning_rate": learning_rate,
+    }
     return new, metrics
 
 

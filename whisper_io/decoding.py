@@ -59,10 +59,13 @@ def decoding_options(
     """(prompt, options) for transcribing with `tokenizer`, as OpenAI's defaults do it.
 
     Without a `language`, a multilingual vocabulary detects one per utterance. `max_new_tokens`
-    defaults to as many as the context holds.
+    defaults to OpenAI's `sample_len`, half the text context (`n_text_ctx // 2`: the other half
+    is kept for a previous-text prompt), which matching `openai-whisper` token for token needs;
+    `max_new_tokens_for(config, len(prompt))` is as many as the context holds.
     """
     prompt = tokenizer.sot_sequence(language, task)
-    max_new = max_new_tokens_for(config, len(prompt)) if max_new_tokens is None else max_new_tokens
+    default = min(config.n_text_ctx // 2, max_new_tokens_for(config, len(prompt)))
+    max_new = default if max_new_tokens is None else max_new_tokens
     check_decoding_length(config, len(prompt), max_new)
     detect = language is None and tokenizer.multilingual
     options = DecodingOptions(
