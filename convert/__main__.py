@@ -6,19 +6,26 @@ import argparse
 import math
 import sys
 
+import numpy as np
+
 from convert.checkpoints import FORMATS, NonFiniteError, check_output, load_checkpoint, save_checkpoint
 from convert.rules import ConversionError
+from convert.tensors import cast, dtype_of, ml_dtypes_name, shapes_of
 from whisper_config import PRESETS, SIZES, ConfigError, InputError, ModelConfig
 from whisper_io.outputs import OutputError
 
-DEFAULT_TARGET = {"torch": "flax", "openai": "flax", "flax": "torch"}
+DEFAULT_TARGET = {"torch": "flax", "openai": "flax", "hf": "flax", "flax": "torch"}
+DTYPES = ("float32", "bfloat16", "float16")
 
 CONVERT_HELP = """\
 Convert a checkpoint between frameworks. The source format is detected:
   torch   a directory with config.json + model.safetensors (torch_ref)
   flax    a directory with config.json + state/ (orbax, flax_whisper)
   openai  an OpenAI Whisper .pt file (read with torch.load(weights_only=True))
-By default torch and OpenAI checkpoints become flax, and flax becomes torch.
+  hf      a Hugging Face transformers Whisper directory (config.json with
+          model_type "whisper", model.safetensors or shards with an index)
+By default torch, OpenAI and hf checkpoints become flax, and flax becomes torch.
+Weights keep the source's precision (float16 stays float16) unless --dtype says.
 DST is written next to itself and renamed into place when complete. An existing
 DST is replaced only with --overwrite and only when it is a checkpoint; the
 source, a folder holding it and the current directory are never written.
@@ -36,6 +43,7 @@ def convert_main(argv: list[str]) -> int:
     )
     parser.add_argument("src", help="source checkpoint (directory or .pt file)")
     parser.add_argument("dst", help="destination (a directory, or a .pt file for --to openai)")
+    parser.add_argument("--dtype", choices=DTYPES, help="precision of the written weights (default: the source's)")
     parser.add_argument("--to", choices=FORMATS, help="target format (default: the other framework)")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace DST if it is an existing checkpoint (never anything else)"
@@ -60,6 +68,8 @@ def convert_main(argv: list[str]) -> int:
         raise NonFiniteError(f"{err}; pass --allow-nonfinite to convert it anyway") from None
     target = args.to or DEFAULT_TARGET[ckpt.format]
     config, tensors = ckpt.config, ckpt.tensors
+    if args.dtype:
+        tensors = cast(tensors, ml_dtypes_name(args.dtype))
     if args.preset:
         from convert.warm_start import warm_start
 
@@ -74,9 +84,13 @@ def convert_main(argv: list[str]) -> int:
         overwrite=args.overwrite,
         sources=[args.src],
         allow_nonfinite=args.allow_nonfinite,
+        values_checked=not (args.dtype or args.preset),  # load_checkpoint checked them; a cast may overflow
     )
-    n_weights = sum(v.size for v in tensors.values())
-    print(f"{args.src} ({ckpt.format}) -> {args.dst} ({target}): {len(tensors)} tensors, {n_weights:,} weights")
+    n_weights = sum(math.prod(shape) for shape in shapes_of(tensors).values())
+    dtypes = "/".join(sorted({np.dtype(dtype_of(tensors, k)).name for k in tensors}))
+    print(
+        f"{args.src} ({ckpt.format}) -> {args.dst} ({target}): {len(tensors)} tensors, {n_weights:,} weights, {dtypes}"
+    )
     return 0
 
 

@@ -3,9 +3,10 @@
 - torch: a directory with `config.json` and `model.safetensors` (torch_ref names).
 - flax: a directory with `config.json` and an orbax checkpoint of the Flax parameters in `state/`.
 - openai: an OpenAI Whisper `.pt` file (see `openai.py`).
+- hf: a Hugging Face `transformers` Whisper directory (see `hf.py`).
 
-Every loader returns a `Checkpoint`: the config plus torch_ref-named NumPy arrays, checked
-against the config by name and shape.
+Every loader returns a `Checkpoint`: the config plus torch_ref-named tensors, checked against
+the config by name and shape; safetensors files are read lazily, one tensor at a time.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.core import check_torch_tensors, flax_arrays_to_torch, torch_to_flax_state
+from convert.core import check_torch_tensors, flax_arrays_lazily, torch_to_flax_arrays
+from convert.hf import HF_ENTRIES, check_hf_compatible, is_hf_directory, is_shard_name, load_hf, save_hf
 from convert.rules import ConversionError, drop_removed
+from convert.tensors import dtype_of, safetensors_tensors, write_safetensors
 from whisper_config import ConfigError, ModelConfig
 from whisper_io.messages import first_line, some
 from whisper_io.outputs import atomic_output, check_destination
@@ -27,9 +30,9 @@ from whisper_io.outputs import atomic_output, check_destination
 CONFIG_FILE = "config.json"
 TORCH_WEIGHTS = "model.safetensors"
 FLAX_STATE = "state"
-FORMATS = ("torch", "flax", "openai")
+FORMATS = ("torch", "flax", "openai", "hf")
 # Everything a checkpoint directory of ours holds: a folder with anything else is not replaced.
-CHECKPOINT_ENTRIES = frozenset({CONFIG_FILE, TORCH_WEIGHTS, FLAX_STATE})
+CHECKPOINT_ENTRIES = frozenset({CONFIG_FILE, TORCH_WEIGHTS, FLAX_STATE, *HF_ENTRIES})
 FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 
@@ -51,18 +54,20 @@ def detect_format(path: str | os.PathLike) -> str:
     if not p.exists():
         raise ConversionError(f"{p}: no such file or directory")
     if p.is_dir():
+        if is_hf_directory(p):
+            return "hf"
         if (p / TORCH_WEIGHTS).is_file():
             return "torch"
         if (p / FLAX_STATE).is_dir():
             return "flax"
         raise ConversionError(
-            f"{p}: not a checkpoint directory: expected {CONFIG_FILE} with {TORCH_WEIGHTS} (torch) "
-            f"or a {FLAX_STATE}/ folder (flax)"
+            f"{p}: not a checkpoint directory: expected {CONFIG_FILE} with {TORCH_WEIGHTS} (torch), "
+            f"a {FLAX_STATE}/ folder (flax), or a Hugging Face config.json with model_type (hf)"
         )
     if zipfile.is_zipfile(p) or p.suffix in (".pt", ".pth"):
         return "openai"
     raise ConversionError(
-        f"{p}: not a checkpoint: expected an OpenAI Whisper .pt file or a torch/flax checkpoint directory"
+        f"{p}: not a checkpoint: expected an OpenAI Whisper .pt file or a torch/flax/hf checkpoint directory"
     )
 
 
@@ -78,13 +83,14 @@ def _read_config(directory: Path) -> ModelConfig:
 
 def check_tensor_values(tensors: Mapping[str, np.ndarray], what: str, allow_nonfinite: bool = False) -> None:
     """Refuse tensors that are not floating point, and (unless allowed) ones holding NaN or inf."""
-    not_float = sorted(f"{k} ({v.dtype})" for k, v in tensors.items() if np.dtype(v.dtype).name not in FLOAT_DTYPES)
+    dtypes = {k: np.dtype(dtype_of(tensors, k)).name for k in tensors}
+    not_float = sorted(f"{k} ({dtype})" for k, dtype in dtypes.items() if dtype not in FLOAT_DTYPES)
     if not_float:
         raise ConversionError(f"{what}: tensors that are not floating point: {some(not_float)}")
     if allow_nonfinite:
         return
     bad = []
-    for key, value in tensors.items():
+    for key, value in tensors.items():  # one tensor in memory at a time
         count = int(value.size - np.count_nonzero(np.isfinite(value)))
         if count:
             bad.append(f"{key} ({count:,} of {value.size:,} values)")
@@ -101,15 +107,11 @@ def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> C
         from convert.openai import load_openai
 
         config, tensors = load_openai(p)
+    elif fmt == "hf":
+        config, tensors = load_hf(p)
     elif fmt == "torch":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
-
         config = _read_config(p)
-        try:
-            tensors = load_file(p / TORCH_WEIGHTS)
-        except (SafetensorError, OSError) as err:
-            raise ConversionError(f"{p / TORCH_WEIGHTS}: not a safetensors file: {err}") from err
+        tensors = safetensors_tensors([p / TORCH_WEIGHTS])
     else:
         config = _read_config(p)
         tensors = _read_flax_state(p / FLAX_STATE, config)
@@ -119,7 +121,7 @@ def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> C
     return Checkpoint(config, tensors, fmt, str(p))
 
 
-def _read_flax_state(path: Path, config: ModelConfig) -> dict[str, np.ndarray]:
+def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray]:
     import orbax.checkpoint as ocp
 
     try:
@@ -136,19 +138,19 @@ def _read_flax_state(path: Path, config: ModelConfig) -> dict[str, np.ndarray]:
                 arrays[f"{prefix}{key}"] = np.asarray(value)
 
     walk(restored, "")
-    return flax_arrays_to_torch(drop_removed(arrays, f"checkpoint {path.parent}"), config)
+    return flax_arrays_lazily(drop_removed(arrays, f"checkpoint {path.parent}"), config)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a checkpoint this package writes, and nothing else: a torch or flax directory
-    holding only checkpoint files, or a PyTorch zip file."""
+    """True for a checkpoint this package writes, and nothing else: a torch, flax or hf directory
+    holding only checkpoint files (and weight shards), or a PyTorch zip file."""
     p = Path(path)
     try:
         fmt = detect_format(p)
     except ConversionError:
         return False
     if p.is_dir():
-        return all(entry.name in CHECKPOINT_ENTRIES for entry in p.iterdir())
+        return all(entry.name in CHECKPOINT_ENTRIES or is_shard_name(entry.name) for entry in p.iterdir())
     return fmt == "openai" and _is_torch_zip(p)
 
 
@@ -166,24 +168,25 @@ def check_output(path, overwrite: bool = False, sources: Sequence[str | os.PathL
 
 
 def _write_torch(path: Path, config: ModelConfig, tensors) -> None:
-    from safetensors.numpy import save_file
-
     path.mkdir()
     config.save(path / CONFIG_FILE)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path / TORCH_WEIGHTS, metadata={"format": "pt"})
+    write_safetensors(path / TORCH_WEIGHTS, tensors)
 
 
 def _write_flax(path: Path, config: ModelConfig, tensors) -> None:
+    import jax
     import orbax.checkpoint as ocp
-    from flax import nnx
 
-    state = torch_to_flax_state(tensors, config)
+    # The tensors' own precision, as CPU jax arrays (zero-copy from NumPy): orbax copies jax arrays
+    # once to write them (NumPy arrays twice). A synchronous save with little in flight at a
+    # time keeps a conversion's peak memory near twice the model.
+    cpu = jax.devices("cpu")[0]
+    arrays = jax.tree.map(lambda a: jax.device_put(a, cpu), torch_to_flax_arrays(tensors, config))
     path.mkdir()
     config.save(path / CONFIG_FILE)
-    checkpointer = ocp.StandardCheckpointer()
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
     try:
-        checkpointer.save((path / FLAX_STATE).absolute(), nnx.to_pure_dict(state))
-        checkpointer.wait_until_finished()
+        checkpointer.save((path / FLAX_STATE).absolute(), args=ocp.args.StandardSave(arrays))
     except OSError:
         raise
     except Exception as err:  # orbax wraps I/O failures in its own types
@@ -198,7 +201,11 @@ def _write_openai(path: Path, config: ModelConfig, tensors) -> None:
     save_openai(path, config, tensors)
 
 
-WRITERS = {"torch": _write_torch, "flax": _write_flax, "openai": _write_openai}
+def _write_hf(path: Path, config: ModelConfig, tensors) -> None:
+    save_hf(path, config, tensors)
+
+
+WRITERS = {"torch": _write_torch, "flax": _write_flax, "openai": _write_openai, "hf": _write_hf}
 
 
 def save_checkpoint(
@@ -210,11 +217,13 @@ def save_checkpoint(
     *,
     sources: Sequence[str | os.PathLike] = (),
     allow_nonfinite: bool = False,
+    values_checked: bool = False,
 ) -> None:
     """Write `tensors` (torch_ref names) as a checkpoint of format `fmt`, or change nothing.
 
     Everything is checked before a byte is written: the format, the tensors against `config`
-    (names, shapes, floating point, finite unless `allow_nonfinite`), that the format can hold
+    (names, shapes, floating point, finite unless `allow_nonfinite` -- or `values_checked`, for
+    tensors just read by `load_checkpoint`, which checks them), that the format can hold
     the model, and the destination (`check_output`: an existing checkpoint is replaced only with
     `overwrite`; anything else, `sources` and the current directory never). The checkpoint is
     written next to `path` and renamed into place when complete.
@@ -222,11 +231,14 @@ def save_checkpoint(
     if fmt not in WRITERS:
         raise ConversionError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     check_torch_tensors(tensors, config, "tensors to save")
-    check_tensor_values(tensors, "tensors to save", allow_nonfinite)
+    if not values_checked:  # (`load_checkpoint` has checked what it returns)
+        check_tensor_values(tensors, "tensors to save", allow_nonfinite)
     if fmt == "openai":
         from convert.openai import check_openai_compatible
 
         check_openai_compatible(config)
+    if fmt == "hf":
+        check_hf_compatible(config)
     destination = check_output(path, overwrite, sources)
     with atomic_output(destination) as partial:
         WRITERS[fmt](partial, config, tensors)

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from convert.rules import CARRIED, LAYER_STACK, abstract_model, build_plan, check_inventory
+from convert.tensors import LazyTensors, Spec, shapes_of
 from flax_whisper import Whisper
 from whisper_config import ModelConfig
 
@@ -23,7 +24,7 @@ Tensors = dict[str, np.ndarray]
 def check_torch_tensors(tensors: Mapping[str, np.ndarray], config: ModelConfig, what: str = "checkpoint") -> None:
     """Raise `ConversionError` unless `tensors` are exactly the torch state of `config`'s model."""
     expected = {e.torch_key: e.torch_shape for e in build_plan(config)}
-    check_inventory({k: tuple(v.shape) for k, v in tensors.items()}, expected, what)
+    check_inventory(shapes_of(tensors), expected, what)
 
 
 def _by_array(plan) -> dict[tuple, list]:
@@ -46,23 +47,59 @@ def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) 
     return state
 
 
-def flax_arrays_to_torch(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> Tensors:
+def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
+    """torch-named arrays -> the nested dict of Flax arrays a checkpoint stores (`nnx.to_pure_dict`
+    layout), in the tensors' own dtype, reading each tensor once."""
+    check_torch_tensors(tensors, config)
+    tree: dict = {}
+    for path, entries in _by_array(build_plan(config)).items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        if entries[0].layer is None:
+            node[path[-1]] = entries[0].transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
+            continue
+        # The layer stack, filled layer by layer: each tensor is read, transposed and copied once.
+        first = np.asarray(tensors[entries[0].torch_key])
+        stacked = np.empty((len(entries), *entries[0].flax_shape), first.dtype)
+        for entry in entries:
+            layer = first if entry is entries[0] else np.asarray(tensors[entry.torch_key])
+            stacked[entry.layer] = entry.transform.to_flax_view(layer)
+            first = None
+        node[path[-1]] = stacked
+    return tree
+
+
+def flax_arrays_lazily(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> LazyTensors:
     """Flax arrays under dotted paths (`encoder.blocks.attn.query.kernel`, stacked over layers)
-    -> torch-named NumPy arrays (checked). Checkpoints of earlier versions, whose blocks were
-    stored one per layer (`encoder.blocks.3.attn.query.kernel`), load too."""
+    -> torch-named tensors (checked), each sliced and transposed only when read: nothing is
+    copied up front. Checkpoints of earlier versions, whose blocks were stored one per layer
+    (`encoder.blocks.3.attn.query.kernel`), load too."""
     plan = build_plan(config)
     shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
-    if any(e.layer is not None and e.flax_layer_key in arrays for e in plan):  # the per-layer layout
+    per_layer = any(e.layer is not None and e.flax_layer_key in arrays for e in plan)
+    if per_layer:
         check_inventory(shapes, {e.flax_layer_key: e.flax_shape for e in plan}, "Flax state (per-layer layout)")
-        return {e.torch_key: e.transform.to_torch(np.asarray(arrays[e.flax_layer_key])) for e in plan}
-    check_inventory(shapes, {e.flax_key: e.stacked_shape for e in plan}, "Flax state")
-    tensors = {}
-    for entries in _by_array(plan).values():
-        value = np.asarray(arrays[entries[0].flax_key])
-        layers = [value] if entries[0].layer is None else LAYER_STACK.to_torch(value)
-        for entry, layer in zip(entries, layers, strict=True):
-            tensors[entry.torch_key] = entry.transform.to_torch(layer)
-    return tensors
+    else:
+        check_inventory(shapes, {e.flax_key: e.stacked_shape for e in plan}, "Flax state")
+
+    def reader(entry):
+        if per_layer:
+            return lambda: entry.transform.to_torch(np.asarray(arrays[entry.flax_layer_key]))
+        return lambda: entry.transform.to_torch(np.asarray(entry.slice_of(arrays[entry.flax_key])))
+
+    return LazyTensors(
+        {
+            e.torch_key: Spec(e.torch_shape, np.dtype(arrays[e.flax_layer_key if per_layer else e.flax_key].dtype),
+                              reader(e), e.flax_key)
+            for e in plan
+        }
+    )  # fmt: skip
+
+
+def flax_arrays_to_torch(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> Tensors:
+    """`flax_arrays_lazily`, every tensor read now."""
+    return dict(flax_arrays_lazily(arrays, config))
 
 
 def flax_state_to_torch(state: nnx.State, config: ModelConfig) -> Tensors:
@@ -74,6 +111,12 @@ def flax_state_to_torch(state: nnx.State, config: ModelConfig) -> Tensors:
 def flax_to_torch(model: Whisper) -> Tensors:
     """A Flax `Whisper` -> torch-named NumPy arrays."""
     return flax_state_to_torch(nnx.state(model, CARRIED), model.config)
+
+
+def flax_to_torch_lazily(model: Whisper) -> LazyTensors:
+    """A Flax `Whisper` -> torch-named tensors, each copied out of the model only when read."""
+    flat = nnx.to_flat_state(nnx.state(model, CARRIED))
+    return flax_arrays_lazily({".".join(map(str, path)): v.get_value() for path, v in flat}, model.config)
 
 
 def new_flax_model(config: ModelConfig, tensors: Mapping[str, np.ndarray], seed: int = 0) -> Whisper:

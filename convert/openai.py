@@ -1,69 +1,77 @@
 """OpenAI Whisper `.pt` checkpoints: `{"dims": ModelDimensions fields, "model_state_dict": ...}`.
 
 OpenAI's names differ from `torch_ref`'s only where OpenAI used an `nn.Sequential` (`mlp.0`,
-`mlp.2`); `RENAMES` maps them both ways. Files are read with `torch.load(weights_only=True)`: a
-pickle downloaded from the internet must not be able to run code.
+`mlp.2`); the `OPENAI_NAMES` rows of `rules.py` map them both ways. Files are read with
+`torch.load(weights_only=True)`: a pickle downloaded from the internet must not be able to run
+code.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 
-from convert.rules import ConversionError
+from convert.pt_file import Refused, read_pt
+from convert.rules import OPENAI_NAMES, ConversionError, rename
+from convert.tensors import LazyTensors, Spec
 from whisper_config import ConfigError, ModelConfig
-from whisper_io.messages import first_line
-
-# (OpenAI name part, torch_ref name part), applied to whole dotted segments.
-RENAMES = ((".mlp.0.", ".mlp.fc1."), (".mlp.2.", ".mlp.fc2."))
-
-
-def _rename(key: str, pairs) -> str:
-    for old, new in pairs:
-        key = re.sub(re.escape(old), new, key)
-    return key
 
 
 def from_openai_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {_rename(k, RENAMES): v for k, v in tensors.items()}
+    return rename(tensors, OPENAI_NAMES.from_format, "OpenAI checkpoint")
 
 
 def to_openai_names(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {_rename(k, [(new, old) for old, new in RENAMES]): v for k, v in tensors.items()}
+    return rename(tensors, OPENAI_NAMES.to_format, "tensors to save")
 
 
-def _read_pickle(path: str | os.PathLike):
-    """`torch.load(weights_only=True)` with a one-line reason for every way it can fail."""
-    import pickle
+def _read_payload(path: str | os.PathLike):
+    """The object an OpenAI file holds, tensors as lazy `Spec`s (zip files, read without torch) or
+    arrays (the legacy non-zip format, through `torch.load(weights_only=True)`), with a one-line
+    reason for every way it can fail."""
     import zipfile
-
-    import torch
 
     if os.path.getsize(path) == 0:
         raise ConversionError(f"{path}: empty file, not a PyTorch checkpoint")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a damaged file makes the unpickler raise almost anything
-        if not zipfile.is_zipfile(path):
-            raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from None
-        if isinstance(err, pickle.UnpicklingError):
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-            what = f"a reference to {found.group(1)}" if found else "objects other than tensors"
+    if zipfile.is_zipfile(path):
+        try:
+            return read_pt(Path(path))
+        except Refused as refused:
             raise ConversionError(
-                f"{path}: refused: it holds {what}, and loading that could run code; only tensors and plain "
-                "containers are read"
+                f"{path}: refused: it holds a reference to {refused.name}, and loading that could run code; only "
+                "tensors and plain containers are read"
             ) from None
-        raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({first_line(err)})") from None
+    try:
+        import torch
+
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # random bytes make the unpickler raise almost anything
+        raise ConversionError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle)") from None
+    return _legacy_tensors(payload)
 
 
-def load_openai(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndarray]]:
-    """An OpenAI `.pt` file -> (config, torch_ref-named float32 arrays)."""
+def _legacy_tensors(node):
+    """torch tensors in a legacy payload -> NumPy arrays in their own dtype (bfloat16 included)."""
     import torch
 
-    payload = _read_pickle(path)
+    if isinstance(node, dict):
+        return {k: _legacy_tensors(v) for k, v in node.items()}
+    if isinstance(node, torch.Tensor):
+        tensor = node.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            import ml_dtypes
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+    return node
+
+
+def load_openai(path: str | os.PathLike) -> tuple[ModelConfig, Mapping[str, np.ndarray]]:
+    """An OpenAI `.pt` file -> (config, torch_ref-named tensors in the file's own dtype, read lazily)."""
+    payload = _read_payload(path)
     if not isinstance(payload, dict) or "dims" not in payload or "model_state_dict" not in payload:
         found = sorted(map(str, payload)) if isinstance(payload, dict) else type(payload).__name__
         raise ConversionError(
@@ -83,20 +91,15 @@ def load_openai(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, np.ndar
     bad_keys = [repr(k) for k in state if not isinstance(k, str)]
     if bad_keys:
         raise ConversionError(f"{path}: 'model_state_dict' has keys that are not names: {', '.join(bad_keys[:5])}")
-    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    bad = sorted(k for k, v in state.items() if not isinstance(v, Spec | np.ndarray))
     if bad:
         raise ConversionError(f"{path}: 'model_state_dict' entries are not tensors: {', '.join(bad)}")
-    tensors = {k: _to_numpy(v) for k, v in state.items()}
-    return config, from_openai_names(tensors)
+    specs = {k: v if isinstance(v, Spec) else _in_memory(v, str(path)) for k, v in state.items()}
+    return config, LazyTensors(specs).renamed(OPENAI_NAMES.from_format, f"OpenAI checkpoint {path}")
 
 
-def _to_numpy(tensor) -> np.ndarray:
-    """A tensor as NumPy: floating point widened to float32, anything else kept as it is (and
-    then refused by the loader, naming the tensor)."""
-    import torch
-
-    tensor = tensor.detach().cpu()
-    return (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).numpy()
+def _in_memory(array: np.ndarray, source: str) -> Spec:
+    return Spec(tuple(array.shape), array.dtype, lambda: array, source)
 
 
 def check_openai_compatible(config: ModelConfig) -> None:
@@ -113,5 +116,14 @@ def save_openai(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[s
     import torch
 
     check_openai_compatible(config)
-    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_openai_names(tensors).items()}
+    state = {k: _to_torch(v) for k, v in to_openai_names(tensors).items()}
     torch.save({"dims": config.openai_dims(), "model_state_dict": state}, path)
+
+
+def _to_torch(array: np.ndarray):
+    import torch
+
+    array = np.ascontiguousarray(array)
+    if array.dtype.name == "bfloat16":  # NumPy's bfloat16 comes from ml_dtypes, which torch does not read
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 from flax import nnx
@@ -46,6 +46,10 @@ class Transform:
 
     def to_flax(self, array: np.ndarray) -> np.ndarray:
         return array if self.to_flax_axes is None else np.ascontiguousarray(array.transpose(self.to_flax_axes))
+
+    def to_flax_view(self, array: np.ndarray) -> np.ndarray:
+        """`to_flax` without the copy: a transposed view."""
+        return array if self.to_flax_axes is None else array.transpose(self.to_flax_axes)
 
     def to_torch(self, array: np.ndarray) -> np.ndarray:
         if self.to_flax_axes is None:
@@ -168,12 +172,117 @@ def build_plan(config: ModelConfig) -> tuple[Entry, ...]:
     return tuple(entries)
 
 
+# ----------------------------------------------------------------------------- file formats' names
+#
+# A format that is not torch_ref's own names its tensors differently. Each is a table of rows
+# (torch_ref module path, the format's module path), `*` standing for a layer number; a tensor's
+# leaf (`weight`, `bias`) follows its module unchanged, and a row naming a whole tensor maps just
+# that tensor. Names no row matches keep their name (`identity_rest`) or are an error.
+
+
+@dataclasses.dataclass(frozen=True)
+class Names:
+    """A named, invertible renaming of tensors between torch_ref and a file format."""
+
+    name: str
+    rows: tuple[tuple[str, str], ...]
+    identity_rest: bool = False  # names no row matches are the same in both
+
+    def _apply(self, key: str, rows) -> str | None:
+        parts = key.split(".")
+        for source, target in rows:
+            pattern = source.split(".")
+            if len(parts) < len(pattern):
+                continue
+            layers = []
+            for part, want in zip(parts, pattern, strict=False):
+                if want == "*" and part.isdigit():
+                    layers.append(part)
+                elif part != want:
+                    break
+            else:
+                out = [layers.pop(0) if t == "*" else t for t in target.split(".")]
+                return ".".join([*out, *parts[len(pattern) :]])
+        return key if self.identity_rest else None
+
+    def to_format(self, key: str) -> str | None:
+        """The format's name of torch_ref tensor `key` (None: the format has no such tensor)."""
+        return self._apply(key, self.rows)
+
+    def from_format(self, key: str) -> str | None:
+        """The torch_ref name of the format's tensor `key` (None: not a tensor of this model)."""
+        return self._apply(key, [(target, source) for source, target in self.rows])
+
+
+# OpenAI Whisper `.pt` files: torch_ref's names, but for the MLP OpenAI built as nn.Sequential.
+OPENAI_NAMES = Names(
+    "openai_names",
+    (
+        ("encoder.blocks.*.mlp.fc1", "encoder.blocks.*.mlp.0"),
+        ("encoder.blocks.*.mlp.fc2", "encoder.blocks.*.mlp.2"),
+        ("decoder.blocks.*.mlp.fc1", "decoder.blocks.*.mlp.0"),
+        ("decoder.blocks.*.mlp.fc2", "decoder.blocks.*.mlp.2"),
+    ),
+    identity_rest=True,
+)
+
+# Hugging Face `transformers` (`WhisperForConditionalGeneration`). Its `proj_out` is tied to the
+# token table: written nowhere, and when a file has it, it must equal `embed_tokens`.
+_HF_BLOCK = (
+    ("attn.query", "self_attn.q_proj"),
+    ("attn.key", "self_attn.k_proj"),
+    ("attn.value", "self_attn.v_proj"),
+    ("attn.out", "self_attn.out_proj"),
+    ("attn_ln", "self_attn_layer_norm"),
+    ("cross_attn.query", "encoder_attn.q_proj"),
+    ("cross_attn.key", "encoder_attn.k_proj"),
+    ("cross_attn.value", "encoder_attn.v_proj"),
+    ("cross_attn.out", "encoder_attn.out_proj"),
+    ("cross_attn_ln", "encoder_attn_layer_norm"),
+    ("mlp.fc1", "fc1"),
+    ("mlp.fc2", "fc2"),
+    ("mlp_ln", "final_layer_norm"),
+)
+HF_NAMES = Names(
+    "hf_names",
+    (
+        ("encoder.conv1", "model.encoder.conv1"),
+        ("encoder.conv2", "model.encoder.conv2"),
+        ("encoder.positional_embedding", "model.encoder.embed_positions.weight"),
+        ("encoder.ln_post", "model.encoder.layer_norm"),
+        ("decoder.token_embedding", "model.decoder.embed_tokens"),
+        ("decoder.positional_embedding", "model.decoder.embed_positions.weight"),
+        ("decoder.ln", "model.decoder.layer_norm"),
+        *(
+            (f"{side}.blocks.*.{ours}", f"model.{side}.layers.*.{theirs}")
+            for side in ("encoder", "decoder")
+            for ours, theirs in _HF_BLOCK
+        ),
+    ),
+)
+HF_TIED_OUTPUT = "proj_out.weight"  # the output projection HF ties to model.decoder.embed_tokens.weight
+
+
+def rename(tensors: Mapping, to: Callable[[str], str | None], what: str) -> dict:
+    """`tensors` under the names `to` gives; names it does not know are one error listing them."""
+    renamed, unknown = {}, []
+    for key, value in tensors.items():
+        new = to(key)
+        if new is None:
+            unknown.append(key)
+        else:
+            renamed[new] = value
+    if unknown:
+        raise ConversionError(f"{what}: tensors this model does not have: {', '.join(sorted(unknown)[:8])}")
+    return renamed
+
+
 # Layers the model contract dropped. Revision 2 removed augmented memory's `memory_update`
 # linear: behind the write-back's stop-gradient it never received a gradient.
 REMOVED = ("memory_update",)
 
 
-def drop_removed(arrays: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+def drop_removed(arrays: Mapping[str, np.ndarray], what: str) -> Mapping[str, np.ndarray]:
     """`arrays` without the tensors of removed layers, saying on stderr what was dropped."""
     import sys
 
@@ -184,6 +293,8 @@ def drop_removed(arrays: Mapping[str, np.ndarray], what: str) -> dict[str, np.nd
             f"(revision 2: augmented memory writes its output back directly): {', '.join(dropped[:4])}"
             f"{' ...' if len(dropped) > 4 else ''}\n"
         )
+    if hasattr(arrays, "without"):  # lazily read tensors stay lazy
+        return arrays.without(*dropped)
     return {k: v for k, v in arrays.items() if k not in dropped}
 
 

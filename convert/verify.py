@@ -1,20 +1,23 @@
 """Parity verification: one set of weights in both frameworks, the same input, the differences.
 
-`verify(config, tensors)` loads the weights into `torch_ref` and `flax_whisper`, checks that the
-torch -> flax -> torch round trip is bit-exact, runs both models in eval mode and float32 (JAX
-matmuls at "highest" precision) on the same random log-mel and tokens, and compares the encoder
-output, the logits and the next-token loss. A comparison passes when
-`max|flax - torch| <= atol + rtol * max|torch|`.
+`verify(config, tensors)` loads the weights into `torch_ref` and `flax_whisper` (one at a time, so
+a large model fits in memory), checks that the torch -> flax -> torch round trip is bit-exact,
+runs both models in eval mode and float32 (JAX matmuls at "highest" precision) on the same random
+log-mel and tokens, and compares the encoder output, the logits and the next-token loss. A
+comparison passes when `max|flax - torch| <= atol + rtol * max|torch|`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gc
 from collections.abc import Callable, Mapping
 
+import jax
 import numpy as np
 
-from convert.core import flax_to_torch, new_flax_model, new_torch_model
+from convert.core import flax_to_torch_lazily, new_flax_model, new_torch_model
+from convert.tensors import shapes_of
 from whisper_config import ModelConfig
 
 
@@ -57,33 +60,37 @@ def verify(
     log: Callable[[str], None] = print,
 ) -> list[Comparison]:
     """Run both frameworks on the same weights and input; return (and log) the comparisons."""
-    import jax
     import torch
 
     import torch_ref
 
     frames = 2 * config.n_audio_ctx if frames is None else frames
     n_tokens = min(32, config.n_text_ctx) if n_tokens is None else n_tokens
-    tensors = {k: np.asarray(v, np.float32) for k, v in tensors.items()}
-    torch_model = new_torch_model(config, tensors).eval()
-    flax_model = new_flax_model(config, tensors)
-    flax_model.eval()
-
-    back = flax_to_torch(flax_model)
-    worst = max(float(np.max(np.abs(back[k] - v), initial=0.0)) for k, v in tensors.items())
-    identical = all(np.array_equal(back[k], v) for k, v in tensors.items())
-    results = [Comparison("round trip torch->flax->torch", worst, worst, identical)]
-
     mel, tokens = random_inputs(config, batch, frames, n_tokens, seed)
-    log(
-        f"input: mel {mel.shape}, tokens {tokens.shape}, seed {seed}; "
-        f"{sum(v.size for v in tensors.values()):,} weights in {len(tensors)} tensors"
-    )
+    n_weights = sum(int(np.prod(shape)) for shape in shapes_of(tensors).values())
+    log(f"input: mel {mel.shape}, tokens {tokens.shape}, seed {seed}; {n_weights:,} weights in {len(tensors)} tensors")
+
+    # One framework's model in memory at a time (a large-v3 is 6 GB in float32): torch first,
+    # its outputs kept, then flax. `tensors` may be read lazily from the checkpoint file.
+    torch_model = new_torch_model(config, tensors).eval()
     with torch.no_grad():
         mel_t, tokens_t = torch.from_numpy(mel), torch.from_numpy(tokens)
         enc_t = torch_model.encoder(mel_t)
         logits_t, _ = torch_model.decoder(tokens_t, enc_t)
         loss_t = torch_ref.cross_entropy(logits_t[:, :-1], tokens_t[:, 1:])
+    del torch_model
+    _release_freed_memory()
+
+    flax_model = new_flax_model(config, tensors)
+    flax_model.eval()
+    # The round trip, tensor by tensor: flax's arrays back to torch layout equal the float32 weights.
+    back = flax_to_torch_lazily(flax_model)
+    worst, identical = 0.0, True
+    for key in tensors:
+        original, again = np.asarray(tensors[key], np.float32), back[key]
+        worst = max(worst, float(np.max(np.abs(again - original), initial=0.0)))
+        identical = identical and np.array_equal(again, original)
+    results = [Comparison("round trip torch->flax->torch", worst, worst, identical)]
     with jax.default_matmul_precision("highest"):
         enc_f, logits_f, loss_f = _flax_outputs(flax_model, jax.numpy.asarray(mel), jax.numpy.asarray(tokens))
     results += [
@@ -98,15 +105,31 @@ def verify(
 
 
 def _flax_outputs(model, mel, tokens):
-    """Encoder output, logits and next-token loss in one jitted call (one compile, not one per op)."""
+    """Encoder output, logits and next-token loss in one jitted call (one compile, not one per op).
+    A pure `jax.jit` over the split state: it returns only the outputs, never a copy of the
+    model's state (which `nnx.jit` hands back), so a large model is not held twice."""
     from flax import nnx
 
     import flax_whisper
 
-    @nnx.jit
-    def run(model, mel, tokens):
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, mel, tokens):
+        model = nnx.merge(graphdef, state)
         enc = model.encoder(mel)
         logits, _ = model.decoder(tokens, enc)
         return enc, logits, flax_whisper.cross_entropy(logits[:, :-1], tokens[:, 1:])
 
-    return run(model, mel, tokens)
+    return run(state, mel, tokens)
+
+
+def _release_freed_memory() -> None:
+    """Collect, and hand freed heap memory back to the OS: glibc keeps the torch model's freed
+    tensors in its heap otherwise (gigabytes at large-v3 size), on top of the flax model."""
+    import contextlib
+    import ctypes
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

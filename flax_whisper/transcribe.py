@@ -173,10 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flax_whisper.transcribe",
         description="Transcribe audio files greedily with a checkpoint of any format `convert` reads "
-        "(flax or torch directory, OpenAI .pt). Prints `PATH: TEXT` per file.",
+        "(flax, torch or Hugging Face directory, OpenAI .pt). Prints `PATH: TEXT` per file.",
     )
     parser.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, ...; any sample rate)")
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or OpenAI .pt file")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint directory (flax, torch, Hugging Face) or OpenAI .pt file"
+    )
     parser.add_argument(
         "--framework", choices=("flax", "torch"), default="flax", help="flax_whisper (default) or torch_ref"
     )

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, flax_forward, make_pair, random_batch, tiny_config
+from conftest import TINY, VARIANTS, assert_close, flax_forward, make_pair, random_batch, tiny_config
 from flax import nnx
 
 from convert import (
@@ -25,6 +25,7 @@ from convert.core import torch_to_numpy
 from convert.openai import from_openai_names, to_openai_names
 from convert.rules import CONV1D, LAYER_STACK, LINEAR
 from torch_ref import Whisper as TorchWhisper
+from whisper_config import ModelConfig
 from whisper_io.outputs import OutputError
 
 
@@ -102,7 +103,27 @@ def test_openai_names_map_both_ways():
     assert from_openai_names(theirs) == ours
 
 
-@pytest.mark.parametrize("fmt", ["torch", "flax", "openai"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_format_name_tables_are_invertible_over_every_tensor(variant):
+    """Each format's rows map every torch_ref tensor of every variant to a distinct name and back."""
+    from convert.rules import HF_NAMES, OPENAI_NAMES
+
+    config = ModelConfig.from_preset(VARIANTS[variant][0], **{**TINY, **VARIANTS[variant][1]})
+    keys = [entry.torch_key for entry in build_plan(config)]
+    for names in (OPENAI_NAMES, HF_NAMES):
+        theirs = [names.to_format(key) for key in keys]
+        if names is HF_NAMES and not config.is_openai_compatible():
+            continue  # (HF refuses these models before naming anything)
+        assert None not in theirs and len(set(theirs)) == len(keys), names.name
+        assert [names.from_format(name) for name in theirs] == keys, names.name
+    assert HF_NAMES.to_format("decoder.blocks.11.cross_attn.key.weight") == (
+        "model.decoder.layers.11.encoder_attn.k_proj.weight"
+    )
+    assert HF_NAMES.from_format("model.encoder.layers.0.fc1.bias") == "encoder.blocks.0.mlp.fc1.bias"
+    assert HF_NAMES.from_format("model.encoder.layers.0.something_else.bias") is None
+
+
+@pytest.mark.parametrize("fmt", ["torch", "flax", "openai", "hf"])
 def test_checkpoint_formats_round_trip(tmp_path, fmt):
     config = tiny_config(decoder_start_token_id=None, n_vocab=51865, n_text_layer=1, n_audio_layer=1)
     torch_model, _ = make_pair(config, seed=3)
@@ -154,7 +175,7 @@ def test_files_that_are_not_checkpoints(tmp_path):
         (text, "not a checkpoint"),
         (fake_pt, "not a PyTorch checkpoint"),
         (tmp_path / "empty", "not a checkpoint directory"),
-        (bad_st, "not a safetensors file"),
+        (bad_st, "not a readable safetensors file"),
     ]
     for path, message in cases:
         with pytest.raises(ConversionError, match=message):

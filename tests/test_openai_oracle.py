@@ -68,13 +68,53 @@ def test_openai_dims_become_the_whisper_preset(openai_checkpoint):
     assert config.start_token_id == 50258
 
 
-def test_float16_checkpoint_loads_as_float32(openai_checkpoint, tmp_path):
-    """OpenAI ships float16 weights; they are widened exactly to the float32 model."""
+def test_float16_checkpoint_keeps_its_precision_and_models_load_as_float32(openai_checkpoint, tmp_path):
+    """OpenAI ships float16 weights: a conversion keeps them float16 (read lazily, without torch),
+    and a model built from them is float32 holding exactly the widened values."""
     model, _ = openai_checkpoint
     half = {k: v.half() for k, v in model.state_dict().items()}
     torch.save({"dims": dataclasses.asdict(DIMS), "model_state_dict": half}, tmp_path / "half.pt")
     tensors = load_checkpoint(tmp_path / "half.pt").tensors
-    assert tensors["decoder.blocks.1.mlp.fc2.weight"].dtype == np.float32
-    assert np.array_equal(
-        tensors["decoder.blocks.1.mlp.fc2.weight"], half["decoder.blocks.1.mlp.2.weight"].float().numpy()
-    )
+    expected = half["decoder.blocks.1.mlp.2.weight"].numpy()
+    assert tensors["decoder.blocks.1.mlp.fc2.weight"].dtype == np.float16
+    assert np.array_equal(tensors["decoder.blocks.1.mlp.fc2.weight"], expected)
+    torch_model = load_torch_model(tmp_path / "half.pt")
+    assert torch.equal(torch_model.decoder.blocks[1].mlp.fc2.weight, half["decoder.blocks.1.mlp.2.weight"].float())
+    flax_model = load_flax_model(tmp_path / "half.pt")
+    kernel = np.asarray(flax_model.decoder.blocks.mlp.fc2.kernel[...])[1]  # (in, out) of layer 1
+    assert kernel.dtype == np.float32 and np.array_equal(kernel, expected.astype(np.float32).T)
+
+
+def test_openai_files_of_every_precision_and_layout_read_as_torch_reads_them(tmp_path):
+    """The torch-free reader gives `torch.load`'s values for float32, float16, bfloat16 and
+    non-contiguous (transposed, offset) tensors, and refuses code references by name."""
+    import ml_dtypes
+
+    from convert.pt_file import Refused, read_pt
+
+    base = torch.randn(6, 10)
+    tensors = {
+        "f32": base,
+        "f16": base.half(),
+        "bf16": base.bfloat16(),
+        "transposed": base.t(),
+        "offset": base[2:, 3:7],
+        "scalar": base[1, 1],
+    }
+    torch.save({"w": tensors}, tmp_path / "all.pt")
+    read = read_pt(tmp_path / "all.pt")["w"]
+    for key, tensor in tensors.items():
+        expected = tensor.float().numpy() if key == "bf16" else tensor.numpy()
+        value = read[key].read()
+        assert value.shape == tuple(tensor.shape), key
+        if key == "bf16":
+            assert value.dtype == ml_dtypes.bfloat16
+        assert np.array_equal(np.asarray(value, np.float32), expected.astype(np.float32)), key
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"w": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(Refused, match="print"):
+        read_pt(tmp_path / "evil.pt")

@@ -103,7 +103,7 @@ def params_of(trainer: Trainer) -> dict[str, np.ndarray]:
 def reference_run(dataset, tmp_path_factory):
     """An uninterrupted 6-step run (checkpoints at 3 and 6), exported to torch."""
     out = tmp_path_factory.mktemp("reference")
-    config = tiny_train_config(dataset, out, export=("torch",), export_best=False, decode_eval=True)
+    config = tiny_train_config(dataset, out, export=("torch", "hf"), export_best=False, decode_eval=True)
     trainer = Trainer(config)
     result = trainer.run()
     return trainer, result, out
@@ -135,6 +135,11 @@ def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(mel), torch.from_numpy(tokens)).numpy()
     np.testing.assert_allclose(np.asarray(flax_model(mel, tokens)), expected, atol=1e-4)
+    # The Hugging Face export holds the same weights under transformers' names.
+    from convert import load_checkpoint
+
+    hf, torch_export = load_checkpoint(out / "run" / "model-hf"), load_checkpoint(out / "run" / "model-torch")
+    assert hf.format == "hf" and all(np.array_equal(hf.tensors[k], v) for k, v in torch_export.tensors.items())
 
 
 def trainer_steps(out: Path) -> list[int]:

@@ -250,7 +250,7 @@ def test_unusable_rows_are_counted_per_split_by_row(tmp_path):
         ("final_lr_ratio = nan", "final_lr_ratio must be a finite number, got nan"),
         ("final_lr_ratio = 2.0", r"final_lr_ratio must be in \[0, 1\], got 2.0"),
         ("audio_buckets = [64, 8.7]", r"audio_buckets must be a list of integers, got \(64, 8.7\)"),
-        ('export = ["onnx"]', "export takes formats from flax, torch, got onnx"),
+        ('export = ["onnx"]', "export takes formats from flax, torch, hf, got onnx"),
         ("[model]\nn_text_layer = 8.7", r"n_text_layer must be an integer, got 8.7"),
         ("[model]\nrotary_base = nan", "rotary_base must be a finite number, got nan"),
     ],

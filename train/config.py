@@ -200,7 +200,7 @@ class TrainConfig:
             raise ConfigError(f"{path}: {err}") from None
 
 
-EXPORTS = {"flax": "model", "torch": "model-torch"}  # format -> folder in the run folder
+EXPORTS = {"flax": "model", "torch": "model-torch", "hf": "model-hf"}  # format -> folder in the run folder
 
 # What each setting means and which values it takes: `python -m train --help` shows these.
 HELP = {
@@ -208,7 +208,8 @@ HELP = {
     "rotary_rotary_sinusoidal, rotary_learned_sinusoidal or integrated",
     "size": "model dimensions: demo (the small demo model) or an OpenAI size: tiny, tiny.en, base, base.en, small, "
     "small.en, medium, medium.en, large-v2, large-v3",
-    "init_from": "start from this checkpoint (flax/torch directory or OpenAI .pt) instead of preset/size/--model",
+    "init_from": "start from this checkpoint (flax/torch/Hugging Face directory or OpenAI .pt) instead of "
+    "preset/size/--model",
     "train_data": "training data: a JSONL/CSV manifest (audio path relative to it, transcript) or a Hugging Face "
     "dataset directory from save_to_disk",
     "eval_data": "evaluation data, the same kinds ('none' for no evaluation)",
@@ -253,7 +254,8 @@ HELP = {
     "keep_checkpoints": "latest checkpoints kept (the best by eval loss is kept too)",
     "resume": "continue the run in the run folder from its newest readable checkpoint",
     "stop_at_step": "save and stop at this step (continue with --resume); the schedule still spans --steps",
-    "export": "formats of the final model in the run folder: flax (model/), torch (model-torch/)",
+    "export": "formats of the final model in the run folder: flax (model/), torch (model-torch/), hf (model-hf/, "
+    "a Hugging Face transformers directory; whisper preset only)",
     "export_best": "export the kept checkpoint of lowest eval loss (--no-export-best: the last step)",
     "progress": "show a progress bar (--no-progress for logs)",
 }

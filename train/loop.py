@@ -81,6 +81,15 @@ class Trainer:
             self.model_config, initial = checkpoint.config, checkpoint.tensors
         else:
             self.model_config = config.model_config()
+        if "hf" in config.export:  # found out now, not after the run
+            from convert.hf import hf_differences
+
+            differ = hf_differences(self.model_config)
+            if differ:
+                raise TrainingError(
+                    "export 'hf' needs a model Hugging Face's Whisper can hold (the plain whisper preset); this one "
+                    f"differs in {', '.join(differ)}"
+                )
         self.folder = RunFolder(config.run_path)
         self.continuing = self.folder.check(config, self.model_config)  # before anything costly
         self.tokenizer = tokenizer_for(self.model_config)

@@ -3,7 +3,7 @@
     RUN/run.json        the run's settings and model, written when it starts
     RUN/checkpoints/    orbax checkpoints (see `checkpointing.py`)
     RUN/logs/           metrics.jsonl and tensorboard/
-    RUN/model/          the flax export (RUN/model-torch/ for torch), written at the end
+    RUN/model/          the flax export (RUN/model-torch/ for torch, RUN/model-hf/ for hf), written at the end
 
 A new run refuses a folder that already holds a run (`--resume` continues it) or that holds
 anything else; a run folder never sits inside another. Resuming compares the stored settings with

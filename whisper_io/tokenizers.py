@@ -103,6 +103,11 @@ class WhisperTokenizer(Tokenizer):
         self.eot, self.sot = self._base.eot, self._base.sot
         self.vocab_size = self._base.encoding.n_vocab
         self.no_timestamps = self._base.no_timestamps
+        self.sot_prev, self.transcribe, self.translate = (
+            self._base.sot_prev,
+            self._base.transcribe,
+            self._base.translate,
+        )
         if is_multilingual:
             self.language_tokens = tuple(self._base.all_language_tokens)
             self.language_codes = tuple(self._base.all_language_codes)
