@@ -208,6 +208,8 @@ def generation_config(config: ModelConfig) -> dict:
         "begin_suppress_tokens": tokens["begin_suppress"],
         "is_multilingual": bool(getattr(tokenizer, "multilingual", False)),
     }
+    if config.alignment_heads is not None:  # [layer, head] pairs, as HF's word timestamps read them
+        data["alignment_heads"] = [list(divmod(h, config.n_text_head)) for h in config.alignment_heads]
     no_timestamps = getattr(tokenizer, "no_timestamps", None)
     if no_timestamps is not None:  # a Whisper vocabulary
         data.update(
@@ -270,7 +272,9 @@ def weight_files(directory: Path) -> list[Path]:
 def load_hf(directory: Path) -> tuple[ModelConfig, LazyTensors]:
     """An HF Whisper directory -> (config, lazily read torch_ref-named tensors)."""
     config = config_from_hf(directory)
-    if not (directory / GENERATION_FILE).is_file():
+    if (directory / GENERATION_FILE).is_file():
+        config = _with_alignment_heads(config, directory / GENERATION_FILE)
+    else:
         sys.stderr.write(
             f"notice: {directory}: no {GENERATION_FILE}; decoding settings are derived from the vocabulary "
             f"(n_vocab={config.n_vocab})\n"
@@ -295,6 +299,23 @@ def load_hf(directory: Path) -> tuple[ModelConfig, LazyTensors]:
             )
         tensors = tensors.without(HF_TIED_OUTPUT)
     return config, tensors.renamed(HF_NAMES.from_format, f"HF checkpoint {directory}")
+
+
+def _with_alignment_heads(config: ModelConfig, path: Path) -> ModelConfig:
+    """`config` with the generation config's `alignment_heads` ([layer, head] pairs), when it has them."""
+    pairs = _read_json(path, "generation config").get("alignment_heads")
+    if pairs is None:
+        return config
+    ok = isinstance(pairs, list) and all(
+        isinstance(p, list) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in p)
+        for p in pairs
+    )
+    if ok and all(0 <= layer < config.n_text_layer and 0 <= head < config.n_text_head for layer, head in pairs):
+        return config.replace(alignment_heads=tuple(layer * config.n_text_head + head for layer, head in pairs))
+    raise ConversionError(
+        f"{path}: alignment_heads must be [layer, head] pairs within {config.n_text_layer} layers of "
+        f"{config.n_text_head} heads, got {str(pairs)[:80]}"
+    )
 
 
 # ----------------------------------------------------------------------------- writing

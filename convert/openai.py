@@ -116,6 +116,10 @@ def save_openai(path: str | os.PathLike, config: ModelConfig, tensors: Mapping[s
     import torch
 
     check_openai_compatible(config)
+    if config.alignment_heads is not None:
+        import sys
+
+        sys.stderr.write(f"notice: {path}: an OpenAI .pt file has no place for alignment_heads; not written\n")
     state = {k: _to_torch(v) for k, v in to_openai_names(tensors).items()}
     torch.save({"dims": config.openai_dims(), "model_state_dict": state}, path)
 

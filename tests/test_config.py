@@ -86,6 +86,8 @@ def test_frozen():
         (dict(memory_size=0), "memory_size must be an integer >= 1"),
         (dict(memory_update=True), "neither encoder_attention nor decoder_attention is memory or integrated"),
         (dict(window_size=0), "window_size must be an integer >= 1, got 0"),
+        (dict(alignment_heads=(0, 99)), r"alignment_heads=\[0, 99\] must be flat head indices in \[0, "),
+        (dict(alignment_heads=(0.5,)), "alignment_heads must be a list of integers"),
         (dict(conv_kernel_size=4), "conv_kernel_size=4 must be odd"),
         (dict(conv_kernel_size=0), "conv_kernel_size must be an integer >= 1, got 0"),
         (dict(conv_kernel_size=-3), "conv_kernel_size must be an integer >= 1"),

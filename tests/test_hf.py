@@ -408,3 +408,35 @@ def test_openai_and_hf_checkpoints_convert_without_torch(hf_dir, tmp_path):
     ours = load_checkpoint(tmp_path / "from-openai").tensors
     reference = torch.load(path, weights_only=True)["model_state_dict"]
     assert np.array_equal(ours["decoder.blocks.1.mlp.fc1.weight"], reference["decoder.blocks.1.mlp.0.weight"].numpy())
+
+
+def test_alignment_heads_travel_through_every_format_that_can_hold_them(hf_dir, tmp_path):
+    """The generation config's alignment heads (word timestamps need them) survive HF -> flax ->
+    torch -> HF; bad ones are named."""
+    broken = broken_copy(hf_dir[2], tmp_path, "with-heads")
+    generation = json.loads((broken / "generation_config.json").read_text())
+    heads = [[1, 0], [2, 2], [2, 1]]
+    (broken / "generation_config.json").write_text(json.dumps({**generation, "alignment_heads": heads}))
+    assert load_checkpoint(broken).config.alignment_heads == (3, 8, 7)  # layer * 3 heads + head
+    convert_cli(broken, tmp_path / "flax")
+    convert_cli(tmp_path / "flax", tmp_path / "torch")
+    convert_cli(tmp_path / "torch", tmp_path / "hf", "--to", "hf")
+    again = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert again["alignment_heads"] == heads
+    assert transformers.GenerationConfig.from_pretrained(tmp_path / "hf").alignment_heads == heads
+    (broken / "generation_config.json").write_text(json.dumps({**generation, "alignment_heads": [[7, 0]]}))
+    one_line_error(convert_cli(broken, tmp_path / "out", ok=False), "generation_config.json", "alignment_heads")
+
+
+def test_verify_and_transcribe_take_hf_directories(hf_dir, tmp_path):
+    _, _, path = hf_dir
+    done = convert_cli("verify", path, "--batch", "1")
+    assert f"checkpoint {path} (hf)" in done.stdout and "parity ok" in done.stdout
+    speech = Path(__file__).parent / "data" / "speech_16k.wav"
+    run = subprocess.run(
+        [sys.executable, "-m", "flax_whisper.transcribe", str(speech), "--checkpoint", str(path),
+         "--max-new-tokens", "4", "--language", "en"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"{speech}: ")

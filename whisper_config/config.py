@@ -52,6 +52,8 @@ SWITCHES = (
 
 # Settings that change how a model trains, not what it computes once trained.
 TRAINING_ONLY = ("dropout", "attention_dropout")
+# What is known about a model, not how it computes.
+METADATA = ("alignment_heads",)
 # Settings of how the computation runs, not what it computes (up to rounding): a checkpoint does
 # not depend on them, and a resumed run may change them.
 EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing", "remat_policy")
@@ -169,6 +171,10 @@ class ModelConfig:
     # Teacher forcing: the token fed before the first label. None picks OpenAI's
     # <|startoftranscript|> for OpenAI vocabularies (see `start_token_id`).
     decoder_start_token_id: int | None = None
+    # Metadata, not architecture: the decoder's cross-attention heads that follow the audio in
+    # time (for word timestamps), as flat indices `layer * n_text_head + head`, when known (Hugging
+    # Face checkpoints carry them in generation_config.json as [layer, head] pairs).
+    alignment_heads: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_field_types(self, ConfigError)
@@ -221,6 +227,12 @@ class ModelConfig:
         start = self.decoder_start_token_id
         if start is not None and not (isinstance(start, int) and 0 <= start < self.n_vocab):
             raise ConfigError(f"decoder_start_token_id={start!r} must be a token id in [0, n_vocab={self.n_vocab})")
+        heads = self.n_text_layer * self.n_text_head
+        if self.alignment_heads is not None and not all(0 <= h < heads for h in self.alignment_heads):
+            raise ConfigError(
+                f"alignment_heads={list(self.alignment_heads)} must be flat head indices in [0, {heads}) "
+                f"(layer * n_text_head + head)"
+            )
 
     def _check_positions(self) -> None:
         if (
@@ -326,6 +338,8 @@ class ModelConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        if isinstance(data.get("alignment_heads"), list):  # JSON has lists; the frozen config holds tuples
+            data = {**data, "alignment_heads": tuple(data["alignment_heads"])}
         return cls(**data)
 
     @classmethod
@@ -347,7 +361,7 @@ class ModelConfig:
         return [
             f"{name}={getattr(self, name)!r} (OpenAI: {getattr(openai, name)!r})"
             for name in self.to_dict()
-            if name not in TRAINING_ONLY + EXECUTION_ONLY and getattr(self, name) != getattr(openai, name)
+            if name not in TRAINING_ONLY + EXECUTION_ONLY + METADATA and getattr(self, name) != getattr(openai, name)
         ]
 
     def is_openai_compatible(self) -> bool:
