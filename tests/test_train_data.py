@@ -343,3 +343,33 @@ def test_a_multilingual_vocabulary_needs_a_language_per_row_or_run(tmp_path):
     records[1]["language"] = "xx"
     with pytest.raises(TokenizerError, match="xx"):
         check_languages(records, english, "m.jsonl")
+
+
+def test_processes_read_disjoint_blocks_of_the_same_global_batches(tmp_path):
+    """With P processes each reads its block of every global batch: together they read each row
+    once per epoch, and the global batches are those of one process (the same rows, in order)."""
+    texts = [f"row {i}" for i in range(12)]
+    rows = write_rows(tmp_path, [0.1 + 0.02 * i for i in range(12)], texts)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(tmp_path / "m.jsonl", "train")
+    features = featurizer()
+
+    def texts_of(batch):
+        return [bytes(int(t) for t in row if 0 <= t < 256).decode() for row in batch["labels"]]
+
+    one = train_batches(records, features, 4, seed=3, stats=DataStats())
+    parts = [train_batches(records, features, 4, seed=3, stats=DataStats(), process=p, processes=2) for p in (0, 1)]
+    epoch_rows = []
+    for step in range(6):  # two epochs of 3 global batches
+        whole = texts_of(next(one))
+        halves = [texts_of(next(part)) for part in parts]
+        assert halves[0] + halves[1] == whole  # process p holds rows [2p, 2p + 2) of the global batch
+        epoch_rows += whole
+        if step % 3 == 2:
+            assert sorted(epoch_rows) == sorted(texts)  # every row once per epoch
+            epoch_rows = []
+    with pytest.raises(DataError, match="batch_size 5 does not split over 2 processes"):
+        train_batches(records, features, 5, seed=3, stats=DataStats(), process=0, processes=2)
+    evals = [eval_batches(records, features, 8, DataStats(), p, 2) for p in (0, 1)]
+    assert [len(b["audio"]) for b in evals[0]] == [4, 4] and evals[0][0]["texts"] == evals[1][0]["texts"]
+    assert texts_of(evals[0][0]) + texts_of(evals[1][0]) == evals[0][0]["texts"]

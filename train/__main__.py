@@ -35,10 +35,12 @@ def main(argv: list[str] | None = None) -> int:
             model = None if config.init_from else config.model_config().to_dict()  # validates the model
             print(json.dumps({"train": config.to_dict(), "model": model, "run_dir": str(config.run_path)}, indent=2))
             return 0
-        if args.distributed:
-            import jax
+        if args.processes is not None:
+            from train.launch import launch
 
-            jax.distributed.initialize()  # TPU pods and SLURM/Kubernetes clusters configure themselves
+            return launch(args.processes, sys.argv[1:] if argv is None else argv)
+        if args.distributed:
+            initialize_distributed()
         result = Trainer(config).run()
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
@@ -52,6 +54,73 @@ def main(argv: list[str] | None = None) -> int:
         summary.update({k: v for k, v in result.eval.items() if k != "examples"})
     print(json.dumps(summary))
     return 0
+
+
+def initialize_distributed() -> None:
+    """`jax.distributed.initialize()`: TPU pods and SLURM clusters configure themselves; elsewhere
+    JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID say where the coordinator is,
+    how many processes there are and which one this is. CPU processes use gloo collectives. A
+    coordinator that cannot be reached is an error after JAX_INITIALIZATION_TIMEOUT seconds
+    (default 60), never a hang."""
+    import os
+
+    import jax
+
+    from train.loop import TrainingError
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    env = os.environ
+    numbers = {}
+    for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_INITIALIZATION_TIMEOUT"):
+        if env.get(name):
+            try:
+                numbers[name] = int(env[name])
+            except ValueError:
+                raise TrainingError(f"{name} must be an integer, got {env[name]!r}") from None
+    address = env.get("JAX_COORDINATOR_ADDRESS")
+    timeout = numbers.get("JAX_INITIALIZATION_TIMEOUT", 60)
+    if address and numbers.get("JAX_PROCESS_ID", 0) != 0:
+        wait_for_coordinator(address, timeout)  # JAX's own client aborts the process instead
+    bind = env.get("JAX_COORDINATOR_BIND_ADDRESS")
+    if address and address.startswith("127.0.0.1:") and not bind:
+        bind = address  # a local run listens on the loopback only
+    try:
+        jax.distributed.initialize(
+            coordinator_address=address,
+            num_processes=numbers.get("JAX_NUM_PROCESSES"),
+            process_id=numbers.get("JAX_PROCESS_ID"),
+            initialization_timeout=timeout,
+            coordinator_bind_address=bind,
+        )
+    except (ValueError, TypeError, RuntimeError) as err:
+        from whisper_io.messages import first_line
+
+        raise TrainingError(f"jax.distributed.initialize failed (coordinator {address}): {first_line(err)}") from None
+
+
+def wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Return once the coordinator at HOST:PORT accepts connections; `TrainingError` after
+    `timeout_s` seconds of trying."""
+    import socket
+    import time
+
+    from train.loop import TrainingError
+
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise TrainingError(f"JAX_COORDINATOR_ADDRESS must be HOST:PORT, got {address!r}")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise TrainingError(
+                    f"cannot reach the coordinator at {address} within {timeout_s:g} s ({err.strerror or err}); "
+                    "is process 0 running, and are JAX_COORDINATOR_ADDRESS and JAX_NUM_PROCESSES the same everywhere?"
+                ) from None
+            time.sleep(0.5)
 
 
 if __name__ == "__main__":

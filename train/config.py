@@ -296,6 +296,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="call jax.distributed.initialize() first (multi-host: run the same command on every host)",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="N",
+        help="run N cooperating processes on this machine (coordinator on 127.0.0.1), each seeing the devices "
+        "XLA_FLAGS gives it; for tests and debugging multi-host code",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "model":

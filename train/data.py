@@ -344,8 +344,37 @@ class _Indexed(Sequence):
         return int(index), self.records[int(index)]
 
 
-def train_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: int, seed: int, stats: DataStats):
-    """An endless, checkpointable grain iterator of training batches, reshuffled every epoch.
+class _ProcessBlock(Sequence):
+    """Process `process`'s rows of each global batch: the global order is cut into batches of
+    `batch_size`, and process p of P reads the p-th contiguous block of `batch_size // P` rows of
+    each (the rows its devices hold in the global array). Every process computes the same global
+    order, so together they read each row once per epoch, and the global batches are the same
+    whatever the number of processes."""
+
+    def __init__(self, order, batch_size: int, process: int, processes: int):
+        self.order, self.batch_size = order, batch_size
+        self.local, self.process = batch_size // processes, process
+        self.length = (len(order) // batch_size) * self.local
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        step, row = divmod(int(index), self.local)
+        return self.order[step * self.batch_size + self.process * self.local + row]
+
+
+def train_batches(
+    records: Sequence[dict],
+    featurizer: Featurizer,
+    batch_size: int,
+    seed: int,
+    stats: DataStats,
+    process: int = 0,
+    processes: int = 1,
+):
+    """An endless, checkpointable grain iterator of this process's part of the training batches
+    (`batch_size // processes` rows of each global batch of `batch_size`), reshuffled every epoch.
 
     `iterator.get_state()` / `set_state()` save and restore its position exactly. Unusable rows
     are skipped (reported through `stats`); once every row of `records` has failed, the next
@@ -353,6 +382,8 @@ def train_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: i
     """
     import grain
 
+    if batch_size % processes:
+        raise DataError(f"batch_size {batch_size} does not split over {processes} processes")
     failed: set[int] = set()
     lock = threading.Lock()
 
@@ -367,21 +398,30 @@ def train_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: i
                 raise DataError(f"none of the {len(records)} training rows can be used (see the warnings above)")
         return example
 
+    order = grain.MapDataset.source(_Indexed(records)).seed(seed).shuffle().repeat()  # the same in every process
     dataset = (
-        grain.MapDataset.source(_Indexed(records))
-        .seed(seed)
-        .shuffle()
-        .repeat()
+        grain.MapDataset.source(_ProcessBlock(order, batch_size, process, processes))
         .map(load)  # None (skipped) rows are dropped
         .to_iter_dataset()
-        .batch(batch_size, drop_remainder=True, batch_fn=featurizer.collate)
+        .batch(batch_size // processes, drop_remainder=True, batch_fn=featurizer.collate)
     )
     return iter(dataset)
 
 
-def eval_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: int, stats: DataStats) -> list[dict]:
-    """The whole eval split as batches of exactly `batch_size` (the last one padded with rows
-    whose labels are all ignored and whose `keep` is False), plus each row's transcript."""
+def eval_batches(
+    records: Sequence[dict],
+    featurizer: Featurizer,
+    batch_size: int,
+    stats: DataStats,
+    process: int = 0,
+    processes: int = 1,
+) -> list[dict]:
+    """The whole eval split as global batches of exactly `batch_size` (the last one padded with
+    rows whose labels are all ignored and whose `keep` is False). Each batch holds this process's
+    block of `batch_size // processes` rows (the rows its devices hold) and the transcripts of the
+    whole global batch, which greedy decoding's gathered tokens are compared with."""
+    if batch_size % processes:
+        raise DataError(f"eval_batch_size {batch_size} does not split over {processes} processes")
     examples, texts = [], []
     for record in records:
         example = featurizer.load_example(record, stats)
@@ -390,11 +430,13 @@ def eval_batches(records: Sequence[dict], featurizer: Featurizer, batch_size: in
             texts.append(record["text"])
     if not examples:
         raise DataError("the evaluation split has no usable rows")
-    batches = []
+    batches, local = [], batch_size // processes
+    mine = slice(process * local, (process + 1) * local)
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         keep = np.arange(batch_size) < len(chunk)
         filler = {"audio": np.zeros(HOP_LENGTH, np.float32), "labels": np.zeros(0, np.int32)}
-        batch = featurizer.collate(chunk + [filler] * (batch_size - len(chunk)))
-        batches.append({**batch, "keep": keep, "texts": texts[start : start + batch_size]})
+        batch = featurizer.collate(chunk + [filler] * (batch_size - len(chunk)))  # padded as one global batch
+        batch = {key: value[mine] for key, value in batch.items()}
+        batches.append({**batch, "keep": keep[mine], "texts": texts[start : start + batch_size]})
     return batches

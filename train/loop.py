@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import signal
 import sys
 import time
@@ -156,24 +157,35 @@ class Trainer:
         """A host batch onto the mesh; labels are checked here, where values are still known."""
         check_labels(batch["labels"], self.model_config.n_vocab)
         arrays = {k: batch[k] for k in ("audio", "labels")}
+        if jax.process_count() > 1:  # each process padded its block to its own buckets: agree on the largest
+            arrays = pad_to_common_shape(arrays)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), arrays)
+
+    def _agreed_stop(self) -> str | None:
+        """The signal that asked this run to stop, agreed by every process at the same step (one
+        process's SIGTERM stops them all there, together)."""
+        if jax.process_count() == 1:
+            return self.stop_requested
+        from jax.experimental import multihost_utils
+
+        asked = np.asarray(multihost_utils.process_allgather(np.array([self.stop_requested is not None])))
+        return self.stop_requested or ("a signal to another process" if asked.any() else None)
 
     def evaluate(self, batches: list[dict]) -> dict:
         """Eval loss, token accuracy and (with `decode_eval`) greedy CER/WER over `batches`."""
         sums = {"loss_sum": 0.0, "correct": 0, "tokens": 0}
         references, hypotheses = [], []
-        # Greedy decoding gathers the batch on the host: single-process runs only, for now.
-        decode = self.config.decode_eval and jax.process_count() == 1
+        decode = self.config.decode_eval
         model = self.model(training=False) if decode else None
         for batch in batches:
             on_device = self.to_device(batch)
             part = jax.device_get(self.eval_fn(self.state, on_device))
             for key in sums:
                 sums[key] += part[key].item()
-            if model is not None:
-                prompts = np.tile(self.decode_prompt, (len(batch["audio"]), 1))
+            if model is not None:  # the whole global batch, whatever the number of processes
+                prompts = np.tile(self.decode_prompt, (self.config.eval_batch_size, 1))
                 tokens = greedy_decode(model, self.mel_fn(on_device), prompts, self.decode_options)
-                rows = text_tokens(jax.device_get(tokens), len(self.decode_prompt), self.decode_options.eot)
+                rows = text_tokens(gather_array(tokens), len(self.decode_prompt), self.decode_options.eot)
                 for text, ids in zip(batch["texts"], rows, strict=False):  # padding rows have no text
                     references.append(text)
                     hypotheses.append(self.tokenizer.decode(ids).strip())
@@ -189,12 +201,16 @@ class Trainer:
         """Write the weights of `state` (default: the current one) into the run folder in each
         `export` format, checked finite first."""
         from convert.checkpoints import save_checkpoint
-        from convert.core import flax_to_torch
+        from convert.core import flax_state_to_torch
+        from convert.rules import CARRIED
 
-        if not self.config.export or jax.process_index() != 0:
+        if not self.config.export:
             return
         model = self.graphs.model(self.state if state is None else state, training=False)
-        tensors = flax_to_torch(jax.device_get(model))
+        weights = jax.tree.map(gather_array, nnx.state(model, CARRIED))  # every process takes part
+        if jax.process_index() != 0:
+            return
+        tensors = flax_state_to_torch(weights, self.model_config)
         for fmt in self.config.export:
             path = self.folder.export_path(fmt)
             save_checkpoint(path, fmt, self.model_config, tensors, overwrite=True)
@@ -226,30 +242,30 @@ class Trainer:
         columns = (config.audio_column, config.text_column, config.language_column)
         records = read_records(config.train_data, config.train_split, *columns)
         check_languages(records, self.featurizer, config.train_data)
-        local_records = records if processes == 1 else [records[i] for i in range(process, len(records), processes)]
         evals = []
         if config.eval_data:
             eval_records = read_records(config.eval_data, config.eval_split, *columns)
             check_languages(eval_records, self.featurizer, config.eval_data)
-            evals = eval_batches(eval_records, self.featurizer, config.eval_batch_size // processes, stats)
+            evals = eval_batches(eval_records, self.featurizer, config.eval_batch_size, stats, process, processes)
 
         if process == 0 and not self.continuing:
             self.folder.start(config, self.model_config)
         warn = functools.partial(print, file=sys.stderr)
         checkpoints = Checkpoints(self.folder.checkpoints, keep=config.keep_checkpoints, warn=warn)
-        iterator = train_batches(local_records, self.featurizer, config.batch_size // processes, config.seed, stats)
+        # Every process reads its block of each global batch: the batches are those of a single process.
+        iterator = train_batches(records, self.featurizer, config.batch_size, config.seed, stats, process, processes)
         start = 0
         restored = checkpoints.restore_newest(self.state, warn=warn)
         if restored is not None:
             start, self.state, data_state, meta = restored
-            iterator.set_state(data_state)
+            iterator.set_state(process_part(data_state, process, processes))
             stats.skipped.update(meta.get("skipped_files", {}))
             stats.truncated = meta.get("truncated_transcripts", 0)
             print(f"resumed from {checkpoints.directory} at step {start}")
         elif config.resume:
             print(f"--resume: no checkpoint in {self.folder.path} yet, starting from step 0")
 
-        log = MetricsLog(self.folder.logs)
+        log = MetricsLog(self.folder.logs, enabled=process == 0)  # one log, written by process 0
         log.write(start, "config", {"train": config.to_dict(), "model": self.model_config.to_dict()})
         handlers = {}
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -296,7 +312,7 @@ class Trainer:
                 progress.refresh()
             else:
                 progress.update(1)
-            stop = self.stop_requested
+            stop = self._agreed_stop()
             if step % config.log_every == 0 or step == config.steps or stop:
                 values = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
@@ -328,7 +344,7 @@ class Trainer:
             if saved:
                 meta = {"step": step, "skipped_files": dict(stats.skipped), "truncated_transcripts": stats.truncated}
                 scores = {BEST_METRIC: evaluated[BEST_METRIC]} if evaluated else None
-                checkpoints.save(step, self.state, iterator.get_state(), meta, scores)
+                checkpoints.save(step, self.state, gather_from_processes(iterator.get_state()), meta, scores)
             if evaluated or saved:  # throughput counts training steps only
                 window_start, window_steps = time.perf_counter(), 0
             if stop:
@@ -338,6 +354,57 @@ class Trainer:
                 progress.write(f"stopping at step {step} (stop_at_step); continue with --resume")
         progress.close()
         return last_eval
+
+
+def pad_to_common_shape(arrays: dict) -> dict:
+    """Every process's block of a batch padded to the same lengths (the largest bucket among them:
+    what one process padding the whole batch would have chosen); audio with silence, labels with
+    the ignore index."""
+    from jax.experimental import multihost_utils
+
+    from train.data import IGNORE_INDEX
+
+    lengths = np.array([arrays["audio"].shape[1], arrays["labels"].shape[1]], np.int64)
+    audio, labels = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, 2).max(axis=0)
+    pad = lambda x, n, value: np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)  # noqa: E731
+    return {"audio": pad(arrays["audio"], audio, 0.0), "labels": pad(arrays["labels"], labels, IGNORE_INDEX)}
+
+
+def gather_array(array: jax.Array) -> np.ndarray:
+    """A global array, whole, on every process's host."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def gather_from_processes(value) -> dict:
+    """Each process's JSON-able `value` (its data iterator's position), gathered so the one process
+    that writes a checkpoint's JSON items stores them all: `{"processes": [value_0, ...]}`."""
+    if jax.process_count() == 1:
+        return {"processes": [value]}
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)], np.int64))).reshape(-1)
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+    return {"processes": [json.loads(row[:n].tobytes()) for row, n in zip(rows, lengths, strict=True)]}
+
+
+def process_part(saved, process: int, processes: int):
+    """This process's entry of `gather_from_processes`'s record (older checkpoints hold one state)."""
+    if not (isinstance(saved, dict) and "processes" in saved):
+        return saved
+    states = saved["processes"]
+    if len(states) != processes:
+        raise TrainingError(
+            f"the checkpoint was written by {len(states)} process(es) and this run has {processes}: resume with "
+            f"--processes {len(states)} (the data order of each process is part of the run)"
+        )
+    return states[process]
 
 
 def _describe(metrics: dict) -> str:

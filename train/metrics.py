@@ -18,12 +18,15 @@ class MetricsLog:
     """Appends `{"step", "time", **metrics}` lines to `log_dir/metrics.jsonl` and writes scalars
     to TensorBoard (`log_dir/tensorboard`) when tensorboardX is installed."""
 
-    def __init__(self, log_dir: str | Path, tensorboard: bool = True):
+    def __init__(self, log_dir: str | Path, tensorboard: bool = True, enabled: bool = True):
+        """`enabled=False` (every process but the first of a multi-process run) writes nothing."""
         self.directory = Path(log_dir)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / "metrics.jsonl"
+        self.file = self.board = None
+        if not enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")  # noqa: SIM115  (closed in close())
-        self.board = None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -33,6 +36,8 @@ class MetricsLog:
                 self.board = SummaryWriter(str(self.directory / "tensorboard"))
 
     def write(self, step: int, kind: str, metrics: dict) -> None:
+        if self.file is None:
+            return
         record = {"step": step, "kind": kind, "time": round(time.time(), 3), **metrics}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -42,7 +47,8 @@ class MetricsLog:
                     self.board.add_scalar(f"{kind}/{name}", value, step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.board is not None:
             self.board.close()
 

@@ -1,0 +1,104 @@
+"""Several cooperating processes on this machine: `python -m train --processes 2` (2 x 4 CPU devices,
+gloo collectives, coordinator on 127.0.0.1) against the same run in one process with 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_train import tiny_train_config, write_clips
+
+from train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow  # four training runs of several processes: minutes on 2 cores
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    for split, count, seed in [("train", 24, 0), ("eval", 12, 1)]:
+        rows = write_clips(folder, count, seed)
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def train_cli(config_path: Path, devices: int, *flags: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(config_path), *flags],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )  # fmt: skip
+
+
+def write_config(dataset: Path, out: Path, **overrides) -> Path:
+    settings = dict(mesh_fsdp=4, eval_batch_size=8, decode_eval=True, export=("torch",), export_best=False)
+    config = tiny_train_config(dataset, out, **{**settings, **overrides})
+    path = out / "settings.json"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def weights(run: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(run / "model-torch" / "model.safetensors")
+
+
+def test_two_processes_train_as_one_and_resume_exactly(dataset, tmp_path):
+    single = write_config(dataset, tmp_path / "single")
+    done = train_cli(single, 8)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    double = write_config(dataset, tmp_path / "double")
+    done = train_cli(double, 4, "--processes", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    one, two = (read_metrics(tmp_path / name / "run" / "logs" / "metrics.jsonl") for name in ("single", "double"))
+    losses = {name: [r["loss"] for r in log if r["kind"] == "train"] for name, log in (("one", one), ("two", two))}
+    assert len(losses["one"]) == 6
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)  # the same global batches
+    evals = {name: [r for r in log if r["kind"] == "eval"] for name, log in (("one", one), ("two", two))}
+    assert [r["step"] for r in evals["two"]] == [0, 3, 6]
+    for a, b in zip(evals["one"], evals["two"], strict=True):  # the whole eval split, decoded across processes
+        assert a["cer"] == b["cer"] and a["wer"] == b["wer"]
+        assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
+    # Stopped at step 3 and resumed: the parameters of the uninterrupted 2-process run, bit for bit.
+    resumed = write_config(dataset, tmp_path / "resumed")
+    done = train_cli(resumed, 4, "--processes", "2", "--stop-at-step", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = train_cli(resumed, 4, "--processes", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    uninterrupted, again = weights(tmp_path / "double" / "run"), weights(tmp_path / "resumed" / "run")
+    assert uninterrupted.keys() == again.keys()
+    assert all(np.array_equal(uninterrupted[k], again[k]) for k in uninterrupted)
+
+
+def test_a_process_that_fails_stops_the_run_with_its_reason(dataset, tmp_path):
+    """A bad run (the eval batch does not split over 8 devices) ends every process, non-zero, with
+    the reason, instead of leaving the others waiting on a collective."""
+    config = write_config(dataset, tmp_path / "bad", eval_batch_size=6)
+    done = train_cli(config, 4, "--processes", "2", timeout=200)
+    assert done.returncode != 0
+    assert "eval_batch_size 6 does not split over 8 devices" in done.stderr
+
+
+def test_a_coordinator_that_cannot_be_reached_is_an_error_in_bounded_time(dataset, tmp_path):
+    config = write_config(dataset, tmp_path / "alone")
+    env_extra = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:9", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1",
+                 "JAX_INITIALIZATION_TIMEOUT": "5"}  # fmt: skip
+    env = {**os.environ, **env_extra}
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "--config", str(config), "--distributed"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "cannot reach the coordinator at 127.0.0.1:9 within 5 s" in done.stderr
