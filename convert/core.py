@@ -47,26 +47,34 @@ def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) 
     return state
 
 
-def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
-    """torch-named arrays -> the nested dict of Flax arrays a checkpoint stores (`nnx.to_pure_dict`
-    layout), in the tensors' own dtype, reading each tensor once."""
+def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype=None):
+    """(Flax path, array) for every array of the model's carried state, one at a time: each
+    torch tensor read, transposed and copied once (layer stacks filled in place), in the
+    tensors' own dtype unless `dtype` is given. Only the array being built is held."""
     check_torch_tensors(tensors, config)
-    tree: dict = {}
     for path, entries in _by_array(build_plan(config)).items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
         if entries[0].layer is None:
-            node[path[-1]] = entries[0].transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
+            array = entries[0].transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
+            yield path, array if dtype is None else array.astype(dtype, copy=False)
             continue
-        # The layer stack, filled layer by layer: each tensor is read, transposed and copied once.
         first = np.asarray(tensors[entries[0].torch_key])
-        stacked = np.empty((len(entries), *entries[0].flax_shape), first.dtype)
+        stacked = np.empty((len(entries), *entries[0].flax_shape), first.dtype if dtype is None else dtype)
         for entry in entries:
             layer = first if entry is entries[0] else np.asarray(tensors[entry.torch_key])
             stacked[entry.layer] = entry.transform.to_flax_view(layer)
             first = None
-        node[path[-1]] = stacked
+        yield path, stacked
+
+
+def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
+    """torch-named arrays -> the nested dict of Flax arrays a checkpoint stores (`nnx.to_pure_dict`
+    layout), in the tensors' own dtype."""
+    tree: dict = {}
+    for path, array in iter_flax_arrays(tensors, config):
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = array
     return tree
 
 

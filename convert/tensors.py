@@ -114,31 +114,71 @@ def _numpy_dtype(name: str) -> np.dtype:
 
 
 def safetensors_tensors(files: list[Path]) -> LazyTensors:
-    """The tensors of one or more safetensors files, read lazily (memory-mapped by safetensors).
-    A damaged file, or a tensor in two files, is one error naming the file."""
-    from safetensors import SafetensorError, safe_open
-
+    """The tensors of one or more safetensors files, each read from the file when asked for
+    (`np.fromfile` at its offset: nothing memory-mapped stays resident). A damaged or truncated
+    file, or a tensor in two files, is one error naming the file."""
     specs: dict[str, Spec] = {}
     for path in files:
-        try:
-            handle = safe_open(str(path), framework="np")
-            keys = list(handle.keys())
-            headers = {k: handle.get_slice(k) for k in keys}
-            found = {k: (tuple(h.get_shape()), h.get_dtype()) for k, h in headers.items()}
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ConversionError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
-        for key, (shape, dtype) in found.items():
+        for key, (shape, dtype, offset) in _safetensors_header(path).items():
             if key in specs:
                 raise ConversionError(f"{path}: tensor {key} is also in {specs[key].source}")
 
-            def read(handle=handle, key=key, path=path):
+            def read(path=path, shape=shape, dtype=dtype, offset=offset, key=key):
+                count = int(np.prod(shape))
                 try:
-                    return handle.get_tensor(key)
-                except (SafetensorError, OSError, ValueError) as err:
+                    array = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+                except (OSError, ValueError) as err:
                     raise ConversionError(f"{path}: cannot read {key} ({first_line(err)})") from None
+                if array.size != count:
+                    raise ConversionError(f"{path}: {key} is truncated")
+                return array.reshape(shape)
 
-            specs[key] = Spec(shape, _numpy_dtype(dtype), read, str(path))
+            specs[key] = Spec(shape, dtype, read, str(path))
     return LazyTensors(specs)
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, int]]:
+    """name -> (shape, dtype, absolute data offset), checked against the file's size."""
+
+    def bad(why: str) -> ConversionError:
+        return ConversionError(f"{path}: not a readable safetensors file ({why})")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise bad("shorter than its header")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise bad(f"a header of {length} bytes in a file of {size}")
+            header = json.loads(file.read(length))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        if isinstance(err, ConversionError):
+            raise
+        raise bad(f"the header is not JSON: {first_line(err)}") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    start, found = 8 + length, {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(int(n) for n in info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise bad(f"the entry of {key} is malformed") from None
+        if dtype not in SAFETENSORS_DTYPES and dtype not in _NON_FLOAT:
+            raise bad(f"{key} has an unknown dtype {dtype!r}")
+        dtype = _numpy_dtype(dtype)
+        if not (0 <= begin <= end and start + end <= size):
+            raise bad(f"{key} lies beyond the end of the file (truncated?)")
+        if end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise bad(f"{key}: {end - begin} bytes do not hold {shape} of {dtype.name}")
+        found[key] = (shape, dtype, start + begin)
+    return found
 
 
 def write_safetensors(path: Path, tensors: Mapping, keys=None, metadata: dict | None = None) -> None:

@@ -21,6 +21,7 @@ import soundfile
 import torch
 from flax import nnx
 
+from flax_whisper import Whisper
 from flax_whisper.audio import log_mel_spectrogram
 from train.config import TrainConfig
 from train.data import DataStats, read_records, train_batches
@@ -416,15 +417,37 @@ for name, devices, fsdp in [("one", jax.devices()[:1], 1), ("mesh", jax.devices(
         local = list(leaf.addressable_shards[0].data.shape)
         shards[jax.tree_util.keystr(path)] = [str(leaf.sharding.spec), local, list(leaf.shape)]
     out[name] = {"losses": losses, "shards": shards, "mesh": dict(trainer.mesh.shape)}
+
+# Starting from a checkpoint: its weights, placed array by array into the same shardings.
+import numpy as np
+from convert import load_checkpoint
+from convert.core import flax_to_torch
+checkpoint = load_checkpoint(sys.argv[2])
+trainer = Trainer(dataclasses.replace(config, mesh_fsdp=4, init_from=sys.argv[2]))
+loaded = flax_to_torch(jax.device_get(trainer.model()))
+out["from_checkpoint"] = {
+    "equal": all(np.array_equal(loaded[k], np.asarray(v, np.float32)) for k, v in checkpoint.tensors.items()),
+    "specs_as_fresh": all(
+        a.sharding.is_equivalent_to(b, a.ndim)
+        for a, b in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(trainer.shardings), strict=True)
+    ),
+    "embedding": str(trainer.state.params["decoder"]["token_embedding"]["embedding"].get_value().sharding.spec),
+}
 print(json.dumps(out))
 """
 
 
 def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp_path):
     config = tiny_train_config(dataset, tmp_path, eval_data=None)
+    from convert import save_checkpoint
+    from convert.core import flax_to_torch
+
+    model_config = config.model_config()
+    start = flax_to_torch(Whisper(model_config, rngs=nnx.Rngs(7)))
+    save_checkpoint(tmp_path / "start", "torch", model_config, {k: v.astype(np.float16) for k, v in start.items()})
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     done = subprocess.run(
-        [sys.executable, "-c", SHARDED_RUN, json.dumps(config.to_dict())],
+        [sys.executable, "-c", SHARDED_RUN, json.dumps(config.to_dict()), str(tmp_path / "start")],
         capture_output=True,
         text=True,
         env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
@@ -438,3 +461,6 @@ def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp
     assert embedding[1] == [258, 32 // 4] and embedding[2] == [258, 32]  # each device holds a quarter
     assert any("fc1" in k for k in sharded) and any("fc2" in k for k in sharded)
     assert all("fsdp" not in v[0] for v in result["one"]["shards"].values())
+    # init_from a (float16) checkpoint: exactly its weights, in float32, sharded as a fresh state.
+    placed = result["from_checkpoint"]
+    assert placed["equal"] and placed["specs_as_fresh"] and "fsdp" in placed["embedding"]

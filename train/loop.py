@@ -42,7 +42,7 @@ from train.data import (
 )
 from train.metrics import MetricsLog, error_rates, plot_curves
 from train.run_folder import RunFolder
-from train.sharding import batch_sharding, check_batch, make_mesh, state_shardings
+from train.sharding import batch_sharding, check_batch, make_mesh, place_weights, state_shardings
 from train.step import (
     Graphs,
     TrainState,
@@ -51,6 +51,7 @@ from train.step import (
     learning_rate_schedule,
     make_optimizer,
     new_state,
+    state_from,
     train_step,
 )
 from whisper_io import decoding_options, text_tokens, tokenizer_for
@@ -119,13 +120,16 @@ class Trainer:
 
         self.graphs = Graphs.of(nnx.eval_shape(lambda: Whisper(self.model_config, rngs=nnx.Rngs(config.seed))))
         self.shardings = state_shardings(jax.eval_shape(init), self.mesh)
+        # Created inside jit straight into its shardings. From a checkpoint, its weights are placed
+        # array by array into those shardings (never the whole model on one host), and the rest of
+        # the state (RNG streams, optimizer, counters) is built around them, also inside jit.
         if initial is None:
             self.state = jax.jit(init, out_shardings=self.shardings)()
         else:
-            from convert.core import new_flax_model
-
-            host = new_state(new_flax_model(self.model_config, initial, config.seed), self.tx, config.seed)
-            self.state = jax.device_put(host, self.shardings)
+            rest = jax.jit(lambda: init().rest, out_shardings=self.shardings.rest)()  # (parameters pruned)
+            params, rest = place_weights(jax.eval_shape(init).params, rest, self.shardings, initial, self.model_config)
+            around = functools.partial(state_from, tx=self.tx, seed=config.seed)
+            self.state = jax.jit(around, out_shardings=self.shardings, donate_argnums=(0, 1))(params, rest)
 
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -59,3 +59,25 @@ def check_batch(batch_size: int, accumulation_steps: int, mesh: Mesh) -> None:
             f"a micro-batch of {per_step} examples (batch_size {batch_size} / accumulation_steps "
             f"{accumulation_steps}) does not split over {mesh.size} devices"
         )
+
+
+def place_weights(params, rest, shardings, tensors, config):
+    """`params` and `rest` (the model's `nnx.State`s: shapes only, or arrays) with their carried
+    variables -- parameters and buffers -- set from a checkpoint's torch-named `tensors`, each
+    array placed straight into its sharding (`shardings`: a `TrainState` of them): the host
+    builds one array at a time (float32) and every process materialises only the shards its
+    own devices hold. Nothing else of the model is ever on one host."""
+    from flax import nnx
+
+    from convert.core import iter_flax_arrays
+
+    variables, targets = {}, {}
+    for state, part in ((params, "params"), (rest, "rest")):
+        variables.update(nnx.to_flat_state(state))
+        targets.update(nnx.to_flat_state(getattr(shardings, part)))
+    for path, host in iter_flax_arrays(tensors, config, dtype=np.float32):
+        sharding = targets[path].get_value()
+        placed = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
+        variables[path].set_value(placed)
+        del host, placed
+    return params, rest

@@ -100,6 +100,12 @@ class Graphs:
 def new_state(model: Whisper, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
     """The initial state of `model` (usable inside `jax.jit` / `jax.eval_shape`)."""
     _, params, rest = nnx.split(model, nnx.Param, ...)
+    return state_from(params, rest, tx, seed)
+
+
+def state_from(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """The initial training state around given parameters and model state: fresh optimizer
+    state and counters (usable inside `jax.jit`)."""
     counters = [jnp.zeros((), jnp.int32) for _ in range(4)]  # distinct buffers: the state is donated
     return TrainState(params, rest, tx.init(params), *counters, key=jax.random.key(seed))
 
