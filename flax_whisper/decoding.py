@@ -41,10 +41,17 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> jax.
     prompt = np.asarray(prompt, np.int32)
     check_decoding_length(model.config, prompt.shape[1], options.max_new_tokens)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
-    return _greedy_decode(model, jnp.asarray(mel), prompt, options)
+    graphdef, state = nnx.split(model)
+    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options)
 
 
-@functools.partial(nnx.jit, static_argnames=("options",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
+def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions) -> jax.Array:
+    """A pure jit over the split model: it returns the tokens only (an `nnx.jit` would also hand
+    back the model's state, a copy of every weight per call)."""
+    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options)
+
+
 def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: DecodingOptions) -> jax.Array:
     eot, max_new = options.eot, options.max_new_tokens
     batch, n_prompt = prompt.shape
