@@ -102,3 +102,39 @@ def test_a_coordinator_that_cannot_be_reached_is_an_error_in_bounded_time(datase
     )  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "cannot reach the coordinator at 127.0.0.1:9 within 5 s" in done.stderr
+
+
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(dataset, tmp_path):
+    """Preemption of one host: the signal is agreed at the next step, every process saves that
+    step together and exits cleanly (nobody is left waiting in a collective)."""
+    import signal
+    import socket
+    import time
+
+    config = write_config(dataset, tmp_path / "preempted", steps=400, save_every=1000, eval_data=None)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    processes = []
+    for index in range(2):
+        env = {**os.environ, "XLA_FLAGS": flags, "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+               "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(index)}  # fmt: skip
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "train", "--config", str(config), "--distributed"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        ))  # fmt: skip
+    metrics = tmp_path / "preempted" / "run" / "logs" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # a few steps in
+        if metrics.is_file() and len(read_metrics(metrics, "train")) >= 3:
+            break
+        assert all(p.poll() is None for p in processes), [p.communicate() for p in processes]
+        time.sleep(0.2)
+    processes[1].send_signal(signal.SIGTERM)  # only the second process is told
+    outputs = [p.communicate(timeout=240) for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], [o[1][-2000:] for o in outputs]
+    stopped = [int(out.split("stopping at step ")[1].split()[0]) for out, _ in outputs if "stopping at step" in out]
+    assert len(stopped) == 2 and stopped[0] == stopped[1] < 400, outputs
+    saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [stopped[0]]
