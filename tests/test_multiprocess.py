@@ -133,7 +133,9 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(dataset, tm
         time.sleep(0.2)
     processes[1].send_signal(signal.SIGTERM)  # only the second process is told
     outputs = [p.communicate(timeout=240) for p in processes]
-    assert [p.returncode for p in processes] == [0, 0], [o[1][-2000:] for o in outputs]
+    if [p.returncode for p in processes] != [0, 0]:
+        print("\n=====\n".join(o[1][-6000:] for o in outputs))
+    assert [p.returncode for p in processes] == [0, 0]
     stopped = [int(out.split("stopping at step ")[1].split()[0]) for out, _ in outputs if "stopping at step" in out]
     assert len(stopped) == 2 and stopped[0] == stopped[1] < 400, outputs
     saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "run" / "checkpoints").iterdir() if p.name.isdigit())

@@ -84,6 +84,13 @@ def initialize_distributed() -> None:
     bind = env.get("JAX_COORDINATOR_BIND_ADDRESS")
     if address and address.startswith("127.0.0.1:") and not bind:
         bind = address  # a local run listens on the loopback only
+    # The runtime's threads (the coordination client, the CPU backend's collective transport) are
+    # started with SIGTERM and SIGINT blocked, so a preemption signal reaches the main thread --
+    # which asks the run to stop -- and never interrupts a collective's socket I/O half-way.
+    import signal
+
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
         jax.distributed.initialize(
             coordinator_address=address,
@@ -92,10 +99,13 @@ def initialize_distributed() -> None:
             initialization_timeout=timeout,
             coordinator_bind_address=bind,
         )
+        jax.devices()  # the backend and its threads, created now, under the mask
     except (ValueError, TypeError, RuntimeError) as err:
         from whisper_io.messages import first_line
 
         raise TrainingError(f"jax.distributed.initialize failed (coordinator {address}): {first_line(err)}") from None
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:

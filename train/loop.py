@@ -165,12 +165,16 @@ class Trainer:
             arrays = pad_to_common_shape(arrays)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), arrays)
 
-    def _agreed_stop(self) -> str | None:
+    def _agreed_stop(self, metrics) -> str | None:
         """The signal that asked this run to stop, agreed by every process at the same step (one
         process's SIGTERM stops them all there, together)."""
         if jax.process_count() == 1:
             return self.stop_requested
         from jax.experimental import multihost_utils
+
+        # The step's own collectives first: on CPUs independent programs may run concurrently, and
+        # collectives of two programs interleaved differently in two processes would be mismatched.
+        jax.block_until_ready(metrics)
 
         asked = np.asarray(multihost_utils.process_allgather(np.array([self.stop_requested is not None])))
         return self.stop_requested or ("a signal to another process" if asked.any() else None)
@@ -316,7 +320,7 @@ class Trainer:
                 progress.refresh()
             else:
                 progress.update(1)
-            stop = self._agreed_stop()
+            stop = self._agreed_stop(metrics)
             if step % config.log_every == 0 or step == config.steps or stop:
                 values = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
