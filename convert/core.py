@@ -37,13 +37,10 @@ def _by_array(plan) -> dict[tuple, list]:
 
 def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> nnx.State:
     """torch-named arrays -> the Flax `nnx.State` of parameters and buffers (checked, float32)."""
-    check_torch_tensors(tensors, config)
     state = nnx.state(abstract_model(config), CARRIED)
     flat = dict(nnx.to_flat_state(state))
-    for path, entries in _by_array(build_plan(config)).items():
-        arrays = [e.transform.to_flax(np.asarray(tensors[e.torch_key], dtype=np.float32)) for e in entries]
-        value = arrays[0] if entries[0].layer is None else LAYER_STACK.to_flax(arrays)
-        flat[path].set_value(jnp.asarray(value))
+    for path, array in iter_flax_arrays(tensors, config, dtype=np.float32):
+        flat[path].set_value(jnp.asarray(array))
     return state
 
 
@@ -57,13 +54,9 @@ def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dty
             array = entries[0].transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
             yield path, array if dtype is None else array.astype(dtype, copy=False)
             continue
-        first = np.asarray(tensors[entries[0].torch_key])
-        stacked = np.empty((len(entries), *entries[0].flax_shape), first.dtype if dtype is None else dtype)
-        for entry in entries:
-            layer = first if entry is entries[0] else np.asarray(tensors[entry.torch_key])
-            stacked[entry.layer] = entry.transform.to_flax_view(layer)
-            first = None
-        yield path, stacked
+        # Layers in order (`_by_array`), read one by one as the stack is filled.
+        layers = (e.transform.to_flax_view(np.asarray(tensors[e.torch_key])) for e in entries)
+        yield path, LAYER_STACK.to_flax(layers, len(entries), dtype)
 
 
 def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.rules import HF_NAMES, HF_TIED_OUTPUT, ConversionError, rename
-from convert.tensors import LazyTensors, dtype_of, safetensors_tensors, shape_of, write_safetensors
+from convert.rules import HF_NAMES, HF_TIED_OUTPUT, ConversionError
+from convert.tensors import LazyTensors, dtype_of, renamed, safetensors_tensors, shape_of, write_safetensors
 from whisper_config import ConfigError, ModelConfig
 from whisper_io.messages import first_line
 
@@ -137,10 +137,8 @@ def _default_start(config: ModelConfig) -> int | None:
 
 def hf_differences(config: ModelConfig) -> list[str]:
     """How `config` differs from what HF's Whisper can hold (empty when it can)."""
-    differ = config.replace(decoder_start_token_id=None).openai_differences()  # HF's config holds the start id
-    if config.n_audio_state != config.n_text_state:
-        differ.append(f"n_audio_state={config.n_audio_state} and n_text_state={config.n_text_state} (HF: one d_model)")
-    return differ
+    # HF's config holds the start id; its single d_model is ours too (ModelConfig requires equal widths).
+    return config.replace(decoder_start_token_id=None).openai_differences()
 
 
 def check_hf_compatible(config: ModelConfig) -> None:
@@ -152,9 +150,9 @@ def check_hf_compatible(config: ModelConfig) -> None:
         )
 
 
-def config_to_hf(config: ModelConfig, dtype: str) -> dict:
-    """`config.json` for `WhisperConfig`."""
-    tokens = _special_tokens(config)
+def config_to_hf(config: ModelConfig, dtype: str, tokenizer=None) -> dict:
+    """`config.json` for `WhisperConfig` (`tokenizer`: the vocabulary's, built when not given)."""
+    tokens = _special_tokens(config, tokenizer)
     data = {
         "model_type": "whisper",
         "architectures": ["WhisperForConditionalGeneration"],
@@ -179,25 +177,27 @@ def config_to_hf(config: ModelConfig, dtype: str) -> dict:
     return data
 
 
-def _special_tokens(config: ModelConfig) -> dict:
-    """The ids `generate()` needs, from the vocabulary's tokenizer."""
+def _tokenizer(config: ModelConfig):
     from whisper_io import tokenizer_for
 
-    tokenizer = tokenizer_for(config)
-    out = {
+    return tokenizer_for(config)
+
+
+def _special_tokens(config: ModelConfig, tokenizer=None) -> dict:
+    """The ids `generate()` needs, from the vocabulary's tokenizer."""
+    tokenizer = tokenizer or _tokenizer(config)
+    return {
         "eot": tokenizer.eot,
         "sot": config.start_token_id,
         "suppress": list(tokenizer.suppress_tokens),
         "begin_suppress": sorted({*tokenizer.blank_tokens, tokenizer.eot}),
-        "tokenizer": tokenizer,
     }
-    return out
 
 
-def generation_config(config: ModelConfig) -> dict:
+def generation_config(config: ModelConfig, tokenizer=None) -> dict:
     """`generation_config.json`: what `WhisperForConditionalGeneration.generate()` reads."""
-    tokens = _special_tokens(config)
-    tokenizer = tokens.pop("tokenizer")
+    tokenizer = tokenizer or _tokenizer(config)
+    tokens = _special_tokens(config, tokenizer)
     data = {
         "decoder_start_token_id": tokens["sot"],
         "bos_token_id": tokens["eot"],
@@ -250,9 +250,9 @@ def preprocessor_config(config: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------- reading
 
 
-def weight_files(directory: Path) -> list[Path]:
-    """The safetensors files of an HF directory: `model.safetensors`, or the shards its index lists
-    (each must exist)."""
+def weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of an HF directory -- `model.safetensors`, or the shards its index lists
+    (each must exist) -- and the index's map of tensor names to shards (None without an index)."""
     index = directory / INDEX
     if index.is_file():
         data = _read_json(index, "index")
@@ -263,9 +263,9 @@ def weight_files(directory: Path) -> list[Path]:
         missing = [name for name in shards if not (directory / name).is_file()]
         if missing:
             raise ConversionError(f"{index}: shard(s) missing from the directory: {', '.join(missing)}")
-        return [directory / name for name in shards]
+        return [directory / name for name in shards], weight_map
     if (directory / WEIGHTS).is_file():
-        return [directory / WEIGHTS]
+        return [directory / WEIGHTS], None
     raise ConversionError(f"{directory}: an HF directory without {WEIGHTS} or {INDEX}")
 
 
@@ -279,11 +279,10 @@ def load_hf(directory: Path) -> tuple[ModelConfig, LazyTensors]:
             f"notice: {directory}: no {GENERATION_FILE}; decoding settings are derived from the vocabulary "
             f"(n_vocab={config.n_vocab})\n"
         )
-    files = weight_files(directory)
+    files, weight_map = weight_files(directory)
     tensors = safetensors_tensors(files)
-    index = directory / INDEX
-    if index.is_file():
-        weight_map = _read_json(index, "index")["weight_map"]
+    if weight_map is not None:
+        index = directory / INDEX
         stray = sorted(set(tensors) ^ set(weight_map))
         if stray:
             raise ConversionError(f"{index}: the index and the shards disagree about {', '.join(stray[:4])}")
@@ -324,13 +323,13 @@ def _with_alignment_heads(config: ModelConfig, path: Path) -> ModelConfig:
 def save_hf(path: Path, config: ModelConfig, tensors: Mapping[str, np.ndarray], shard_bytes: int | None = None):
     """Write an HF directory `from_pretrained` loads (no missing or unexpected keys)."""
     check_hf_compatible(config)
-    named = tensors.renamed(HF_NAMES.to_format, "tensors to save") if isinstance(tensors, LazyTensors) else None
-    named = named if named is not None else rename(tensors, HF_NAMES.to_format, "tensors to save")
+    named = renamed(tensors, HF_NAMES.to_format, "tensors to save")
     dtypes = {np.dtype(dtype_of(named, k)).name for k in named}
     dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
     path.mkdir()
-    _write_json(path / CONFIG_FILE, config_to_hf(config, DTYPES.get(dtype, "float32")))
-    _write_json(path / GENERATION_FILE, generation_config(config))
+    tokenizer = _tokenizer(config)
+    _write_json(path / CONFIG_FILE, config_to_hf(config, DTYPES.get(dtype, "float32"), tokenizer))
+    _write_json(path / GENERATION_FILE, generation_config(config, tokenizer))
     _write_json(path / PREPROCESSOR_FILE, preprocessor_config(config))
     shards = _plan_shards(named, SHARD_BYTES if shard_bytes is None else shard_bytes)
     if len(shards) == 1:

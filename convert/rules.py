@@ -87,11 +87,27 @@ class LayerStack:
 
     name: str = "layer_stack"
 
-    def to_flax(self, layers: list[np.ndarray]) -> np.ndarray:
-        return np.stack(layers)
+    def to_flax(self, layers, count: int | None = None, dtype=None) -> np.ndarray:
+        """Per-layer arrays -> one `(L, ...)` array (in `dtype`, default the first layer's). `layers`
+        may be any iterable of `count` arrays: each is copied in as it comes, so a generator that
+        reads them one by one never holds more than one besides the result."""
+        count = len(layers) if count is None else count
+        layers = iter(layers)
+        first = np.asarray(next(layers))
+        stacked = np.empty((count, *first.shape), first.dtype if dtype is None else dtype)
+        stacked[0] = first
+        del first
+        for index in range(1, count):
+            stacked[index] = next(layers)
+        return stacked
+
+    def layer(self, stacked, index: int):
+        """Layer `index` of a stacked array (a view)."""
+        return stacked[index]
 
     def to_torch(self, stacked: np.ndarray) -> list[np.ndarray]:
-        return [layer.copy() for layer in stacked]  # (np.ascontiguousarray would make 0-d arrays 1-d)
+        # (a copy per layer; np.ascontiguousarray would make 0-d arrays 1-d)
+        return [self.layer(stacked, index).copy() for index in range(len(stacked))]
 
 
 LAYER_STACK = LayerStack()
@@ -126,7 +142,7 @@ class Entry:
 
     def slice_of(self, array: np.ndarray) -> np.ndarray:
         """This entry's part of the Flax array at `flax_path` (its layer of a stacked array)."""
-        return array if self.layer is None else array[self.layer]
+        return array if self.layer is None else LAYER_STACK.layer(array, self.layer)
 
     @property
     def stacked_shape(self) -> tuple[int, ...]:

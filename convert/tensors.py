@@ -84,6 +84,15 @@ def shapes_of(tensors: Mapping) -> dict[str, tuple[int, ...]]:
     return {key: shape_of(tensors, key) for key in tensors}
 
 
+def renamed(tensors: Mapping, to: Callable[[str], str | None], what: str) -> Mapping:
+    """`tensors` under the names `to` gives (lazily for `LazyTensors`); unknown names are an error."""
+    if isinstance(tensors, LazyTensors):
+        return tensors.renamed(to, what)
+    from convert.rules import rename
+
+    return rename(tensors, to, what)
+
+
 def ml_dtypes_name(name: str) -> np.dtype:
     """A NumPy dtype by name, bfloat16 included."""
     import ml_dtypes
