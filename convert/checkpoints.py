@@ -12,6 +12,7 @@ the config by name and shape; safetensors files are read lazily, one tensor at a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ import numpy as np
 from convert.core import check_torch_tensors, flax_arrays_lazily, torch_to_flax_arrays
 from convert.hf import HF_ENTRIES, check_hf_compatible, is_hf_directory, is_shard_name, load_hf, save_hf
 from convert.rules import ConversionError, drop_removed
-from convert.tensors import dtype_of, safetensors_tensors, write_safetensors
+from convert.tensors import LazyTensors, Spec, dtype_of, safetensors_tensors, write_safetensors
 from whisper_config import ConfigError, ModelConfig
 from whisper_io.messages import first_line, some
 from whisper_io.outputs import atomic_output, check_destination
@@ -122,23 +123,51 @@ def load_checkpoint(path: str | os.PathLike, allow_nonfinite: bool = False) -> C
 
 
 def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray]:
+    """The orbax checkpoint at `path` as torch-named tensors, read lazily: shapes and dtypes come
+    from its metadata, and each array is restored alone when a tensor of it is read (orbax's
+    partial restore). The last array read is kept, so the layers of a stack, read in order, cost
+    one restore; nothing else of the model is held."""
     import orbax.checkpoint as ocp
 
     try:
-        restored = ocp.StandardCheckpointer().restore(path.absolute())
+        tree = ocp.StandardCheckpointer().metadata(path.absolute()).item_metadata.tree
     except Exception as err:  # orbax raises many types for unreadable directories
         raise ConversionError(f"{path}: not a readable orbax checkpoint: {first_line(err)}") from None
-    arrays: dict[str, np.ndarray] = {}
+    last: dict[tuple, np.ndarray] = {}
 
-    def walk(node, prefix: str) -> None:
+    def restore(keys: tuple[str, ...]) -> np.ndarray:
+        if keys not in last:
+            item: dict = {}
+            node = item
+            for key in keys[:-1]:
+                node = node.setdefault(key, {})
+            node[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+            try:
+                with ocp.PyTreeCheckpointer() as checkpointer:
+                    restored = checkpointer.restore(
+                        path.absolute(), args=ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True)
+                    )
+            except Exception as err:  # orbax raises many types for unreadable arrays
+                raise ConversionError(f"{path}: cannot read {'.'.join(keys)}: {first_line(err)}") from None
+            for key in keys:
+                restored = restored[key]
+            last.clear()
+            last[keys] = np.asarray(restored)
+        return last[keys]
+
+    specs: dict[str, Spec] = {}
+
+    def walk(node, keys: tuple[str, ...]) -> None:
         for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
+            if isinstance(value, Mapping):
+                walk(value, (*keys, key))
             else:
-                arrays[f"{prefix}{key}"] = np.asarray(value)
+                name = ".".join((*keys, key))
+                read = functools.partial(restore, (*keys, key))
+                specs[name] = Spec(tuple(value.shape), np.dtype(value.dtype), read, str(path))
 
-    walk(restored, "")
-    return flax_arrays_lazily(drop_removed(arrays, f"checkpoint {path.parent}"), config)
+    walk(tree, ())
+    return flax_arrays_lazily(drop_removed(LazyTensors(specs), f"checkpoint {path.parent}"), config)
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:

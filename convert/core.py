@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from convert.rules import CARRIED, LAYER_STACK, abstract_model, build_plan, check_inventory
-from convert.tensors import LazyTensors, Spec, shapes_of
+from convert.tensors import LazyTensors, Spec, dtype_of, shapes_of
 from flax_whisper import Whisper
 from whisper_config import ModelConfig
 
@@ -44,26 +44,28 @@ def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) 
     return state
 
 
-def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype=None):
+def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype=None, for_file: bool = False):
     """(Flax path, array) for every array of the model's carried state, one at a time: each
     torch tensor read, transposed and copied once (layer stacks filled in place), in the
-    tensors' own dtype unless `dtype` is given. Only the array being built is held."""
+    tensors' own dtype unless `dtype` is given. Only the array being built is held. `for_file`:
+    in a Flax checkpoint file's layout (the token table unpadded) instead of the model's."""
     check_torch_tensors(tensors, config)
     for path, entries in _by_array(build_plan(config)).items():
+        transform = entries[0].transform.on_file if for_file else entries[0].transform
         if entries[0].layer is None:
-            array = entries[0].transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
+            array = transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
             yield path, array if dtype is None else array.astype(dtype, copy=False)
             continue
         # Layers in order (`_by_array`), read one by one as the stack is filled.
-        layers = (e.transform.to_flax_view(np.asarray(tensors[e.torch_key])) for e in entries)
+        layers = (transform.to_flax_view(np.asarray(tensors[e.torch_key])) for e in entries)
         yield path, LAYER_STACK.to_flax(layers, len(entries), dtype)
 
 
 def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
     """torch-named arrays -> the nested dict of Flax arrays a checkpoint stores (`nnx.to_pure_dict`
-    layout), in the tensors' own dtype."""
+    layout, the token table's true rows), in the tensors' own dtype."""
     tree: dict = {}
-    for path, array in iter_flax_arrays(tensors, config):
+    for path, array in iter_flax_arrays(tensors, config, for_file=True):
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -74,15 +76,23 @@ def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig)
 def flax_arrays_lazily(arrays: Mapping[str, np.ndarray], config: ModelConfig) -> LazyTensors:
     """Flax arrays under dotted paths (`encoder.blocks.attn.query.kernel`, stacked over layers)
     -> torch-named tensors (checked), each sliced and transposed only when read: nothing is
-    copied up front. Checkpoints of earlier versions, whose blocks were stored one per layer
+    copied up front. `arrays` are a model's state or a checkpoint file's (whose token table has
+    the true rows). Checkpoints of earlier versions, whose blocks were stored one per layer
     (`encoder.blocks.3.attn.query.kernel`), load too."""
     plan = build_plan(config)
-    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    shapes = shapes_of(arrays)
     per_layer = any(e.layer is not None and e.flax_layer_key in arrays for e in plan)
+
+    def expected(key: str, model_shape: tuple, file_shape: tuple) -> tuple:
+        return model_shape if shapes.get(key) == model_shape else file_shape
+
     if per_layer:
-        check_inventory(shapes, {e.flax_layer_key: e.flax_shape for e in plan}, "Flax state (per-layer layout)")
+        layout = {e.flax_layer_key: expected(e.flax_layer_key, e.flax_shape, e.transform.file_shape(e.flax_shape))
+                  for e in plan}  # fmt: skip
+        check_inventory(shapes, layout, "Flax state (per-layer layout)")
     else:
-        check_inventory(shapes, {e.flax_key: e.stacked_shape for e in plan}, "Flax state")
+        layout = {e.flax_key: expected(e.flax_key, e.stacked_shape, e.file_shape) for e in plan}
+        check_inventory(shapes, layout, "Flax state")
 
     def reader(entry):
         if per_layer:
@@ -91,7 +101,7 @@ def flax_arrays_lazily(arrays: Mapping[str, np.ndarray], config: ModelConfig) ->
 
     return LazyTensors(
         {
-            e.torch_key: Spec(e.torch_shape, np.dtype(arrays[e.flax_layer_key if per_layer else e.flax_key].dtype),
+            e.torch_key: Spec(e.torch_shape, dtype_of(arrays, e.flax_layer_key if per_layer else e.flax_key),
                               reader(e), e.flax_key)
             for e in plan
         }

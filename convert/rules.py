@@ -62,10 +62,59 @@ class Transform:
         inverse = np.argsort(self.to_flax_axes)
         return tuple(flax_shape[i] for i in inverse)
 
+    def bind(self, config: ModelConfig) -> Transform:
+        """This transform for one model (a permutation needs nothing of it)."""
+        return self
+
+    @property
+    def on_file(self) -> Transform:
+        """The transform a Flax checkpoint file's layout takes (the model's own)."""
+        return self
+
+    def file_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape a Flax checkpoint file holds for a model array of `flax_shape`."""
+        return tuple(flax_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class PadRows:
+    """The named transform between a torch table of `rows` rows and the Flax one padded with
+    zero rows to `padded` (`ModelConfig.padded_vocab`); back, the padding is dropped. Flax
+    checkpoint files keep the true rows (`on_file`), as every other format does."""
+
+    name: str
+    rows: int = 0
+    padded: int = 0
+
+    def bind(self, config: ModelConfig) -> PadRows:
+        return dataclasses.replace(self, rows=config.n_vocab, padded=config.padded_vocab)
+
+    def to_flax(self, array: np.ndarray) -> np.ndarray:
+        if len(array) == self.padded:
+            return array
+        table = np.zeros((self.padded, *array.shape[1:]), array.dtype)
+        table[: self.rows] = array
+        return table
+
+    to_flax_view = to_flax
+
+    def to_torch(self, array: np.ndarray) -> np.ndarray:
+        return array[: self.rows]
+
+    def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (self.rows, *flax_shape[1:])
+
+    file_shape = torch_shape
+
+    @property
+    def on_file(self) -> Transform:
+        return IDENTITY
+
 
 IDENTITY = Transform("identity", None)
 LINEAR = Transform("linear_transpose", (1, 0))  # torch (out, in) <-> flax (in, out)
 CONV1D = Transform("conv_permute", (2, 1, 0))  # torch (out, in, k) <-> flax (k, in, out)
+VOCAB_PADDING = PadRows("vocab_padding")  # torch (n_vocab, d) <-> flax (padded_vocab, d)
 
 # layer class (same name in torch_ref and flax_whisper) -> flax leaf -> (torch leaf, transform)
 LAYERS: dict[str, dict[str, tuple[str, Transform]]] = {
@@ -74,7 +123,7 @@ LAYERS: dict[str, dict[str, tuple[str, Transform]]] = {
     "LayerNorm": {"scale": ("weight", IDENTITY), "bias": ("bias", IDENTITY)},
     "RMSNorm": {"scale": ("weight", IDENTITY)},
     "GroupRMSNorm": {"scale": ("weight", IDENTITY), "bias": ("bias", IDENTITY)},
-    "Embedding": {"embedding": ("weight", IDENTITY)},
+    "Embedding": {"embedding": ("weight", VOCAB_PADDING)},
 }
 
 
@@ -121,8 +170,8 @@ class Entry:
     torch_key: str
     flax_path: tuple[str | int, ...]
     layer: int | None  # None: not stacked
-    transform: Transform
-    flax_shape: tuple[int, ...]  # of one layer
+    transform: Transform | PadRows
+    flax_shape: tuple[int, ...]  # of one layer, in the model
     torch_shape: tuple[int, ...]
     trainable: bool
     layers: int = 1  # the stack's depth, for stacked entries
@@ -148,6 +197,12 @@ class Entry:
     def stacked_shape(self) -> tuple[int, ...]:
         return self.flax_shape if self.layer is None else (self.layers, *self.flax_shape)
 
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        """`stacked_shape` as a Flax checkpoint file holds it (the true vocabulary's rows)."""
+        shape = self.transform.file_shape(self.flax_shape)
+        return shape if self.layer is None else (self.layers, *shape)
+
 
 def abstract_model(config: ModelConfig) -> Whisper:
     """The Flax model with shapes only (no memory allocated)."""
@@ -170,6 +225,7 @@ def build_plan(config: ModelConfig) -> tuple[Entry, ...]:
         if owners[tuple(owner)] in LAYERS and leaf not in rules:
             raise AssertionError(f"conversion table has no rule for {'.'.join(map(str, path))}")
         torch_leaf, transform = rules.get(leaf, (leaf, IDENTITY))
+        transform = transform.bind(config)
         shape = tuple(variable.get_value().shape)
         trainable = isinstance(variable, nnx.Param)
         if not _is_stacked(tuple(path)):

@@ -77,7 +77,10 @@ def shape_of(tensors: Mapping, key: str) -> tuple[int, ...]:
 
 
 def dtype_of(tensors: Mapping, key: str) -> np.dtype:
-    return tensors.spec(key).dtype if isinstance(tensors, LazyTensors) else np.asarray(tensors[key]).dtype
+    if isinstance(tensors, LazyTensors):
+        return tensors.spec(key).dtype
+    value = tensors[key]
+    return np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
 
 
 def shapes_of(tensors: Mapping) -> dict[str, tuple[int, ...]]:

@@ -70,13 +70,14 @@ class MultiHeadAttention(nnx.Module):
         self.rotary_base = config.rotary_base if rotary else None
         self.window = window
         self.implementation = config.attention_implementation
-        self.query = Linear(n_state, n_state, rngs=rngs)
-        self.key = Linear(n_state, n_state, bias=False, rngs=rngs)
-        self.value = Linear(n_state, n_state, rngs=rngs)
-        self.out = Linear(n_state, n_state, rngs=rngs)
+        self.query = Linear(n_state, n_state, axes=("embed", "heads"), rngs=rngs)
+        self.key = Linear(n_state, n_state, bias=False, axes=("embed", "heads"), rngs=rngs)
+        self.value = Linear(n_state, n_state, axes=("embed", "heads"), rngs=rngs)
+        self.out = Linear(n_state, n_state, axes=("heads", "embed"), rngs=rngs)
         self.attention_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
         self.scale = (n_state // n_head) ** -0.5
-        self.temperature = nnx.Param(jnp.asarray(self.scale, jnp.float32)) if config.learned_temperature else None
+        temperature = nnx.Param(jnp.asarray(self.scale, jnp.float32), axes=())
+        self.temperature = temperature if config.learned_temperature else None
         self.content_bias = nnx.data(None)  # a Param in BiasedAttention
 
     def __call__(

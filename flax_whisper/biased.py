@@ -14,4 +14,4 @@ from whisper_config import ModelConfig
 class BiasedAttention(MultiHeadAttention):
     def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, *, rngs: nnx.Rngs):
         super().__init__(n_state, n_head, config, rotary, rngs=rngs)
-        self.content_bias = nnx.Param(jnp.zeros((n_head, n_state // n_head), jnp.float32))
+        self.content_bias = nnx.Param(jnp.zeros((n_head, n_state // n_head), jnp.float32), axes=(None, None))

@@ -6,7 +6,8 @@ in order by `nnx.scan` (`run_stack`): the program holds one block however deep t
 compile time does not grow with depth. torch_ref keeps an `nn.ModuleList`; the converter maps
 the stacked arrays to the per-layer names `blocks.N.*` and back. State that attention writes in
 training (augmented memory) is an output of the rematerialised forward, so recomputation cannot
-write it twice; under the scan each layer writes its own slice.
+write it twice; under the scan each layer writes its own slice. The residual stream's layout is
+pinned at every block boundary (`constrain`: a no-op outside `sharding_rules`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import jax
 from flax import nnx
 
 from flax_whisper.attention import MultiHeadAttention
-from flax_whisper.layers import MLP, make_norm
+from flax_whisper.layers import MLP, constrain, make_norm
 from flax_whisper.registry import build_attention
 from whisper_config import ModelConfig
 
 BlockCache = dict[str, dict]
+ACTIVATION = ("batch", "length", "embed_act")  # the logical axes of the residual stream between blocks
 # What the backward pass keeps of a checkpointed block (`ModelConfig.remat_policy`).
 REMAT_POLICIES = {"full": None, "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
@@ -95,14 +97,18 @@ class ResidualAttentionBlock(nnx.Module):
 
 def stack(n: int, make: Callable[[nnx.Rngs], ResidualAttentionBlock], rngs: nnx.Rngs) -> ResidualAttentionBlock:
     """`n` blocks made by `make` as one module whose variables have a leading axis of size `n`
-    (each layer initialised from its own split of `rngs`)."""
+    (each layer initialised from its own split of `rngs`), its logical name "layers"."""
 
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def create(rngs: nnx.Rngs) -> ResidualAttentionBlock:
         return make(rngs)
 
-    return create(rngs)
+    blocks = create(rngs)
+    for _, variable in nnx.iter_graph(blocks):
+        if isinstance(variable, nnx.Variable) and "axes" in variable.get_metadata():
+            variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
+    return blocks
 
 
 def run_stack(
@@ -121,7 +127,7 @@ def run_stack(
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
         def layer(x: jax.Array, block: ResidualAttentionBlock) -> jax.Array:
-            return block(x, xa, causal=causal, offset=offset, valid=valid)[0]
+            return constrain(block(x, xa, causal=causal, offset=offset, valid=valid)[0], ACTIVATION)
 
         return layer(x, blocks), None
 
@@ -132,7 +138,7 @@ def run_stack(
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
     def layer_with_cache(x: jax.Array, block: ResidualAttentionBlock, attn_cache, rest):
         x, layer_cache = block(x, xa, causal=causal, cache={"attn": attn_cache, **rest}, offset=offset, valid=valid)
-        return x, layer_cache["attn"]
+        return constrain(x, ACTIVATION), layer_cache["attn"]
 
     x, attn = layer_with_cache(x, blocks, cache["attn"], read_only)
     return x, {**cache, "attn": attn}

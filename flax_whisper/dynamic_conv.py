@@ -20,9 +20,9 @@ class DynamicConvAttention(nnx.Module):
         # No queries or keys: config validation rejects rotary with this mechanism.
         self.n_head = n_head
         self.kernel_size = config.conv_kernel_size
-        self.value = Linear(n_state, n_state, rngs=rngs)
-        self.kernel_proj = Linear(n_state, n_head * self.kernel_size, rngs=rngs)
-        self.out = Linear(n_state, n_state, rngs=rngs)
+        self.value = Linear(n_state, n_state, axes=("embed", "heads"), rngs=rngs)
+        self.kernel_proj = Linear(n_state, n_head * self.kernel_size, axes=("embed", None), rngs=rngs)
+        self.out = Linear(n_state, n_state, axes=("heads", "embed"), rngs=rngs)
         self.attention_dropout = nnx.Dropout(config.attention_dropout, rngs=rngs)
 
     def __call__(

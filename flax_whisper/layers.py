@@ -4,9 +4,20 @@ Layouts differ from torch where JAX convention does: Linear `kernel (in, out)` (
 (out, in)`), Conv1d NWC with `kernel (k, in, out)` (torch NCW `(out, in, k)`), LayerNorm `scale`
 (torch `weight`), Embedding `embedding` (torch `weight`). Numeric defaults are set explicitly to
 torch's: LayerNorm eps 1e-5, exact GELU.
+
+Sharding is annotated, not decided, here: each weight carries the logical names of its axes
+(`axes` metadata: "embed", "heads", "mlp", "vocab", and "layers" once stacked; None for an axis
+never split), and `constrain` pins an activation's layout by the same kind of names. What the
+names mean on a device mesh is a rules table of the training code (`train/sharding.py`); outside
+`sharding_rules` the model runs unchanged. torch_ref has no counterpart: the annotations change
+where arrays live, never what is computed.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +26,29 @@ from flax import nnx
 from whisper_config import ModelConfig
 
 EMBEDDING_STD = 0.02
+Axes = tuple[str | None, ...]  # logical axis names, one per dimension
+
+# (logical axes, shape) -> a jax Sharding, or None to leave the array alone; set by `sharding_rules`.
+_PLACEMENT: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("placement", default=None)
+
+
+@contextlib.contextmanager
+def sharding_rules(placement: Callable[[Axes, tuple[int, ...]], jax.sharding.Sharding | None]):
+    """Within this context (entered while a function is traced), `constrain` lays activations out
+    as `placement(axes, shape)` says."""
+    token = _PLACEMENT.set(placement)
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
+
+
+def constrain(x: jax.Array, axes: Axes) -> jax.Array:
+    """`x` with its sharding pinned to the one its logical `axes` map to under `sharding_rules`;
+    `x` unchanged outside them."""
+    placement = _PLACEMENT.get()
+    sharding = None if placement is None else placement(axes, x.shape)
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 
 class Buffer(nnx.Variable):
@@ -33,13 +67,16 @@ def host_offset(offset) -> int:
 
 
 class Linear(nnx.Module):
-    """`y = x @ kernel + bias`, kernel `(in, out)`; Xavier-uniform kernel, zero bias."""
+    """`y = x @ kernel + bias`, kernel `(in, out)`; Xavier-uniform kernel, zero bias. `axes` names
+    the kernel's (in, out) axes; the bias has the out axis."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rngs: nnx.Rngs):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, *, axes: Axes = (None, None), rngs: nnx.Rngs
+    ):
         self.out_features = out_features
         init = jax.nn.initializers.xavier_uniform()
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if bias else None
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32), axes=axes)
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = x @ self.kernel[...].astype(x.dtype)
@@ -64,8 +101,9 @@ class Conv1d(nnx.Module):
         self.stride = stride
         self.padding = padding
         init = jax.nn.initializers.variance_scaling(2.0, "fan_in", "uniform")
-        self.kernel = nnx.Param(init(rngs.params(), (kernel_size, in_features, out_features), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+        kernel = init(rngs.params(), (kernel_size, in_features, out_features), jnp.float32)
+        self.kernel = nnx.Param(kernel, axes=(None, None, "embed"))
+        self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=("embed",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, W, in) -> (B, W', out)"""
@@ -84,8 +122,8 @@ class LayerNorm(nnx.Module):
 
     def __init__(self, n_state: int, eps: float = 1e-5):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32), axes=(None,))
+        self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -100,7 +138,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, n_state: int, eps: float = 1e-6):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -114,8 +152,8 @@ class GroupRMSNorm(nnx.Module):
 
     def __init__(self, n_state: int, groups: int, eps: float = 1e-6):
         self.groups, self.eps = groups, eps
-        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32))
-        self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32), axes=(None,))
+        self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., d) -> (..., d)"""
@@ -125,24 +163,38 @@ class GroupRMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    """Token table `(n_vocab, d)`, normal(0, 0.02) init (std 1 would make tied logits huge)."""
+    """Token table `(rows, d)`, normal(0, 0.02) init (std 1 would make tied logits huge). `rows`
+    (default `n_vocab`) may exceed the vocabulary (`ModelConfig.padded_vocab`, so the table shards
+    evenly): the extra rows start at zero, no token reads them, and `attend` masks their logits."""
 
-    def __init__(self, n_vocab: int, n_state: int, *, rngs: nnx.Rngs):
-        init = jax.nn.initializers.normal(EMBEDDING_STD)
-        self.embedding = nnx.Param(init(rngs.params(), (n_vocab, n_state), jnp.float32))
+    def __init__(self, n_vocab: int, n_state: int, rows: int | None = None, *, rngs: nnx.Rngs):
+        rows = n_vocab if rows is None else rows
+        self.n_vocab = n_vocab
+        table = jax.nn.initializers.normal(EMBEDDING_STD)(rngs.params(), (n_vocab, n_state), jnp.float32)
+        table = jnp.pad(table, ((0, rows - n_vocab), (0, 0)))
+        self.embedding = nnx.Param(table, axes=("vocab", "embed"))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens (B, T) int -> (B, T, d)"""
         return jnp.take(self.embedding[...], tokens, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output logits: x (B, T, d) in the compute dtype -> (B, T, rows), accumulated and
+        returned in float32 (contract 5) whatever the precision; the padding rows' logits are -inf."""
+        table = self.embedding[...].astype(x.dtype)
+        logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        if table.shape[0] == self.n_vocab:
+            return logits
+        return jnp.where(jnp.arange(table.shape[0]) < self.n_vocab, logits, -jnp.inf)
 
 
 class MLP(nnx.Module):
     """`fc1 (d -> 4d) -> [norm (4d) if mlp_norm] -> GELU (exact) -> Dropout -> fc2 (4d -> d)`."""
 
     def __init__(self, n_state: int, n_mlp: int, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.fc1 = Linear(n_state, n_mlp, rngs=rngs)
+        self.fc1 = Linear(n_state, n_mlp, axes=("embed", "mlp"), rngs=rngs)
         self.norm = make_norm(config, n_mlp) if config.mlp_norm else None
-        self.fc2 = Linear(n_mlp, n_state, rngs=rngs)
+        self.fc2 = Linear(n_mlp, n_state, axes=("mlp", "embed"), rngs=rngs)
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:

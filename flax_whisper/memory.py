@@ -30,8 +30,8 @@ class AugmentedMemory(BiasedAttention):
     def __init__(self, n_state: int, n_head: int, config: ModelConfig, rotary: bool = False, *, rngs: nnx.Rngs):
         super().__init__(n_state, n_head, config, rotary, rngs=rngs)
         init = jax.nn.initializers.normal(n_state**-0.5)
-        self.memory = nnx.Param(init(rngs.params(), (config.memory_size, n_state), jnp.float32))
-        self.memory_state = MemoryState(jnp.zeros((config.memory_size, n_state), jnp.float32))
+        self.memory = nnx.Param(init(rngs.params(), (config.memory_size, n_state), jnp.float32), axes=(None, "embed"))
+        self.memory_state = MemoryState(jnp.zeros((config.memory_size, n_state), jnp.float32), axes=(None, "embed"))
         self.memory_update = config.memory_update
         self.momentum = config.memory_momentum
         self.deterministic = False  # training mode; `model.eval()` sets True, as for Dropout

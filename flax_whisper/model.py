@@ -12,13 +12,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.blocks import ResidualAttentionBlock, run_stack, stack
-from flax_whisper.layers import Conv1d, Embedding, gelu, host_offset, is_traced, make_norm
+from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, stack
+from flax_whisper.layers import Conv1d, Embedding, constrain, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
 from whisper_config.checks import check_cache_offset, check_dtype, check_same_batch
 
 IGNORE_INDEX = -100
+LOGITS = ("batch", "length", "vocab_act")  # the logical axes of the output logits
 DecoderCache = dict[str, Any]
 
 
@@ -62,7 +63,7 @@ class AudioEncoder(nnx.Module):
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
             x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
-        x, _ = run_stack(self.blocks, self.dropout(x))
+        x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION))
         return self.ln_post(x)
 
 
@@ -70,7 +71,7 @@ class TextDecoder(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         d = config.n_text_state
-        self.token_embedding = Embedding(config.n_vocab, d, rngs=rngs)
+        self.token_embedding = Embedding(config.n_vocab, d, rows=config.padded_vocab, rngs=rngs)
         self.positional_embedding = position_table(config.decoder_positions, config.n_text_ctx, d, rngs)
         self.normalize_positions = config.normalize_positions and config.decoder_positions == "learned_sinusoidal"
         self.dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -90,13 +91,20 @@ class TextDecoder(nnx.Module):
         self.ln = make_norm(config, d)
 
     def __call__(
-        self, tokens: jax.Array, xa: jax.Array, cache: DecoderCache | None = None, valid: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        xa: jax.Array,
+        cache: DecoderCache | None = None,
+        valid: jax.Array | None = None,
+        padded_vocab: bool = False,
     ) -> tuple[jax.Array, DecoderCache | None]:
         """tokens (B, T) int, xa (B, S, d) encoder output -> logits (B, T, n_vocab) float32, cache.
 
         With a cache (from `init_cache`), `tokens` follow the `cache["offset"]` tokens already
         decoded, and the returned cache holds them too. `valid` (B, T) marks the real positions
         (the loss passes the ones whose label is not ignored): padding writes no memory state.
+        With `padded_vocab`, the logits cover the table's `config.padded_vocab` rows, the padding
+        ids' at -inf: what the loss reads, so a vocabulary-sharded layout is never sliced.
         """
         offset = 0 if cache is None else cache["offset"]
         start = host_offset(offset)
@@ -110,13 +118,13 @@ class TextDecoder(nnx.Module):
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
             x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
-        x = self.dropout(x.astype(xa.dtype))
+        x = constrain(self.dropout(x.astype(xa.dtype)), ACTIVATION)
         layers = None if cache is None else cache["layers"]
         x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid)
         x = self.ln(x)
-        # Tied output: the compute dtype in, float32 accumulated and out (contract 5), whatever the precision.
-        table = self.token_embedding.embedding[...].astype(x.dtype)
-        logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)  # (B, T, n_vocab)
+        logits = constrain(self.token_embedding.attend(x), LOGITS)  # (B, T, padded_vocab) float32
+        if not padded_vocab:
+            logits = logits[..., : self.config.n_vocab]
         if is_traced(offset):
             # A jitted loop cannot raise: a step past the cache's capacity (or the context) would
             # clamp its writes onto the last slot, so its logits are NaN instead of quietly wrong.
@@ -159,9 +167,12 @@ class Whisper(nnx.Module):
         check_ids(self.config, tokens)
         return self.logits(mel, tokens)
 
-    def logits(self, mel: jax.Array, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:
-        """`__call__` without the host-side check of the token values."""
-        logits, _ = self.decoder(tokens, self.encoder(mel), valid=valid)
+    def logits(
+        self, mel: jax.Array, tokens: jax.Array, valid: jax.Array | None = None, padded_vocab: bool = False
+    ) -> jax.Array:
+        """`__call__` without the host-side check of the token values (`TextDecoder` for `valid`
+        and `padded_vocab`)."""
+        logits, _ = self.decoder(tokens, self.encoder(mel), valid=valid, padded_vocab=padded_vocab)
         return logits
 
     def loss(self, mel: jax.Array, labels: jax.Array, tokens: jax.Array | None = None) -> jax.Array:
@@ -176,7 +187,7 @@ class Whisper(nnx.Module):
             tokens = shift_right(labels, self.config.start_token_id)
         else:
             check_ids(self.config, tokens)
-        return cross_entropy(self.logits(mel, tokens, valid=labels != IGNORE_INDEX), labels)
+        return cross_entropy(self.logits(mel, tokens, valid=labels != IGNORE_INDEX, padded_vocab=True), labels)
 
 
 def shift_right(labels: jax.Array, start_token_id: int) -> jax.Array:

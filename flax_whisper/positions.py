@@ -21,15 +21,18 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> jax
     return jnp.asarray(tables.sinusoids(length, channels, max_timescale))
 
 
+AXES = (None, "embed")  # a position table's logical axes (see `layers`)
+
+
 def position_table(kind: str, n_ctx: int, n_state: int, rngs: nnx.Rngs) -> nnx.Variable | None:
     """The `positional_embedding` `(n_ctx, d)` of the given kind (None for `none`)."""
     if kind == "sinusoidal":
-        return Buffer(sinusoids(n_ctx, n_state))
+        return Buffer(sinusoids(n_ctx, n_state), axes=AXES)
     if kind == "learned":
         init = jax.nn.initializers.normal(EMBEDDING_STD)
-        return nnx.Param(init(rngs.params(), (n_ctx, n_state), jnp.float32))
+        return nnx.Param(init(rngs.params(), (n_ctx, n_state), jnp.float32), axes=AXES)
     if kind == "learned_sinusoidal":
-        return nnx.Param(sinusoids(n_ctx, n_state))
+        return nnx.Param(sinusoids(n_ctx, n_state), axes=AXES)
     if kind == "none":
         return None
     raise ValueError(f"unknown position table {kind!r}")

@@ -20,6 +20,7 @@ import pytest
 import soundfile
 import torch
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from flax_whisper import Whisper
 from flax_whisper.audio import log_mel_spectrogram
@@ -404,8 +405,9 @@ from train.loop import Trainer
 config = TrainConfig.from_dict(json.loads(sys.argv[1]))
 assert len(jax.devices()) == 8, jax.devices()
 out = {}
-for name, devices, fsdp in [("one", jax.devices()[:1], 1), ("mesh", jax.devices(), 4)]:
-    trainer = Trainer(dataclasses.replace(config, mesh_fsdp=fsdp), devices=devices)
+runs = [("one", jax.devices()[:1], 1, 1), ("mesh", jax.devices(), 4, 1), ("tensor", jax.devices(), 2, 2)]
+for name, devices, fsdp, tensor in runs:
+    trainer = Trainer(dataclasses.replace(config, mesh_fsdp=fsdp, mesh_tensor=tensor), devices=devices)
     batches = train_batches(read_records(config.train_data, "train"), trainer.featurizer, 8, 0, DataStats())
     losses = []
     for _ in range(3):
@@ -454,12 +456,21 @@ def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["mesh"]["mesh"] == {"data": 2, "fsdp": 4}
+    assert result["mesh"]["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert result["tensor"]["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
     np.testing.assert_allclose(result["mesh"]["losses"], result["one"]["losses"], rtol=1e-5)
-    sharded = {k: v for k, v in result["mesh"]["shards"].items() if "fsdp" in v[0]}
-    embedding = next(v for k, v in sharded.items() if "token_embedding" in k)
-    assert embedding[1] == [258, 32 // 4] and embedding[2] == [258, 32]  # each device holds a quarter
-    assert any("fc1" in k for k in sharded) and any("fc2" in k for k in sharded)
+    np.testing.assert_allclose(result["tensor"]["losses"], result["one"]["losses"], rtol=1e-5)
+    shards = result["mesh"]["shards"]
+    # The token table (258 tokens, padded to 384 rows) is split on its vocabulary: a quarter each.
+    embedding = next(v for k, v in shards.items() if "token_embedding" in k)
+    assert embedding == [str(P("fsdp", None)), [384 // 4, 32], [384, 32]]
+    fc1 = next(v for k, v in shards.items() if "fc1" in k and "kernel" in k)
+    assert fc1[0] == str(P(None, "fsdp", None))  # (layers, embed, mlp): FSDP on the width
+    # With a tensor axis: the MLP's hidden units split over it, the table over both.
+    spec = {k: v[0] for k, v in result["tensor"]["shards"].items() if "kernel" in k or "embedding" in k}
+    assert next(v for k, v in spec.items() if "fc1" in k) == str(P(None, "fsdp", "tensor"))
+    assert next(v for k, v in spec.items() if "fc2" in k) == str(P(None, "tensor", "fsdp"))
+    assert next(v for k, v in spec.items() if "token_embedding" in k) == str(P(("tensor", "fsdp"), None))
     assert all("fsdp" not in v[0] for v in result["one"]["shards"].values())
     # init_from a (float16) checkpoint: exactly its weights, in float32, sharded as a fresh state.
     placed = result["from_checkpoint"]

@@ -87,9 +87,11 @@ class TrainConfig:
     freq_mask_width: int = 12
     seed: int = 0
 
-    # Sharding: a (data, fsdp) mesh over all devices; data = -1 takes what fsdp leaves.
+    # Sharding: a (data, fsdp, tensor) mesh over all devices; data = -1 takes what the others
+    # leave. Which axes split what: the rules table of train/sharding.py.
     mesh_data: int = -1
     mesh_fsdp: int = 1
+    mesh_tensor: int = 1
 
     # The run folder (default runs/NAME) holds everything a run writes: run.json (its settings),
     # checkpoints/, logs/ (metrics.jsonl, tensorboard/) and the exports (model/, model-torch/).
@@ -139,7 +141,10 @@ class TrainConfig:
                 min(self.time_masks, self.time_mask_width, self.freq_masks, self.freq_mask_width) >= 0,
                 "SpecAugment settings must be >= 0",
             ),
-            (self.mesh_fsdp >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1), "mesh sizes must be >= 1"),
+            (
+                min(self.mesh_fsdp, self.mesh_tensor) >= 1 and (self.mesh_data == -1 or self.mesh_data >= 1),
+                "mesh sizes must be >= 1",
+            ),
             (all(b >= 1 for b in self.audio_buckets + self.text_buckets), "bucket lengths must be positive"),
             (
                 bool(self.name.strip()) and "/" not in self.name,
@@ -242,8 +247,9 @@ HELP = {
     "freq_masks": "SpecAugment frequency masks per training utterance (0: off)",
     "freq_mask_width": "widest SpecAugment frequency mask, in mel bins",
     "seed": "seed of the initialisation, shuffling, dropout and augmentation",
-    "mesh_data": "data-parallel axis of the device mesh (-1: the devices mesh_fsdp leaves)",
-    "mesh_fsdp": "axis parameters and optimizer state are sharded over",
+    "mesh_data": "data-parallel axis of the device mesh (-1: the devices the other axes leave)",
+    "mesh_fsdp": "axis parameters and optimizer state are sharded over (FSDP)",
+    "mesh_tensor": "tensor-parallel axis: MLP hidden units, attention heads and logits split over it",
     "name": "run name: the run folder is runs/NAME unless --run-dir is given",
     "run_dir": "the run's folder (run.json, checkpoints/, logs/, model/); a new run needs it absent or empty",
     "log_every": "steps between log lines (metrics.jsonl, TensorBoard, the progress bar)",

@@ -2,7 +2,7 @@
 
 Build: the model config (or `init_from`'s), checked against the run folder first (a new run
 never writes into another run's folder or a folder of other files; `--resume` must keep the
-run's settings); tokenizer and featurizer; a (data, fsdp) mesh; the initial state created
+run's settings); tokenizer and featurizer; a (data, fsdp, tensor) mesh; the initial state created
 directly in its shardings by a jitted init (or loaded from `init_from`); jitted train and eval
 steps. Run: batches from the grain pipeline, a step per batch, metrics every `log_every` steps,
 evaluation (loss, token accuracy, greedy CER/WER) every `eval_every`, orbax checkpoints every
@@ -24,7 +24,7 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_whisper import Whisper
 from flax_whisper.decoding import greedy_decode
@@ -42,7 +42,15 @@ from train.data import (
 )
 from train.metrics import MetricsLog, error_rates, plot_curves
 from train.run_folder import RunFolder
-from train.sharding import batch_sharding, check_batch, make_mesh, place_weights, state_shardings
+from train.sharding import (
+    batch_sharding,
+    batch_shards,
+    check_batch,
+    make_mesh,
+    place_weights,
+    state_shardings,
+    with_activation_sharding,
+)
 from train.step import (
     Graphs,
     TrainState,
@@ -69,6 +77,17 @@ class RunResult:
     skipped_steps: int
     eval: dict | None
     data: dict
+
+
+def sharded_train_step(config: TrainConfig, graphs: Graphs, tx, mesh: Mesh, shardings: TrainState):
+    """The jitted `train_step` on `mesh`: the state in `shardings` (donated), the batch split over
+    "data" x "fsdp", activations laid out by the rules, metrics replicated."""
+    return jax.jit(
+        with_activation_sharding(functools.partial(train_step, graphs=graphs, tx=tx, config=config), mesh),
+        in_shardings=(shardings, batch_sharding(mesh)),
+        out_shardings=(shardings, NamedSharding(mesh, PartitionSpec())),
+        donate_argnums=0,
+    )
 
 
 class Trainer:
@@ -108,10 +127,12 @@ class Trainer:
             max_new_tokens_for(self.model_config, prompt_length),
         )
 
-        self.mesh = make_mesh(config.mesh_data, config.mesh_fsdp, devices)
+        self.mesh = make_mesh(config.mesh_data, config.mesh_fsdp, config.mesh_tensor, devices)
         check_batch(config.batch_size, config.accumulation_steps, self.mesh)
-        if config.eval_batch_size % self.mesh.size:
-            raise DataError(f"eval_batch_size {config.eval_batch_size} does not split over {self.mesh.size} devices")
+        if config.eval_batch_size % batch_shards(self.mesh):
+            raise DataError(
+                f"eval_batch_size {config.eval_batch_size} does not split over {batch_shards(self.mesh)} devices"
+            )
         self.tx = make_optimizer(config)
         self.schedule = learning_rate_schedule(config)
 
@@ -133,14 +154,9 @@ class Trainer:
 
         self.batch_sharding = batch_sharding(self.mesh)
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.train_fn = jax.jit(
-            functools.partial(train_step, graphs=self.graphs, tx=self.tx, config=config),
-            in_shardings=(self.shardings, self.batch_sharding),
-            out_shardings=(self.shardings, replicated),
-            donate_argnums=0,
-        )
+        self.train_fn = sharded_train_step(config, self.graphs, self.tx, self.mesh, self.shardings)
         self.eval_fn = jax.jit(
-            functools.partial(eval_step, graphs=self.graphs, config=config),
+            with_activation_sharding(functools.partial(eval_step, graphs=self.graphs, config=config), self.mesh),
             in_shardings=(self.shardings, self.batch_sharding),
             out_shardings=replicated,
         )

@@ -217,7 +217,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *, graphs: Graphs,
     model = graphs.model(state, training=False)
     labels = batch["labels"]
     mel = batch_mel(batch, model.config.n_mels).astype(_compute_dtype(config))
-    logits = model.logits(mel, shift_right(labels, model.config.start_token_id))
+    logits = model.logits(mel, shift_right(labels, model.config.start_token_id), padded_vocab=True)
     counted = labels != IGNORE_INDEX
     tokens = counted.sum()
     loss_sum = cross_entropy(logits, labels) * jnp.maximum(tokens, 1)

@@ -61,6 +61,7 @@ EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing", "remat_p
 # OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
 _EN = 51864
 _MULTI = 51865
+VOCAB_MULTIPLE = 128  # the Flax token table's rows are padded to a multiple of this (`ModelConfig.padded_vocab`)
 SIZES: dict[str, dict[str, int]] = {
     name: dict(
         n_mels=mels,
@@ -300,6 +301,13 @@ class ModelConfig:
         tables = self.n_audio_ctx * d_audio + (self.n_text_ctx + self.n_vocab) * d_text
         convs = 3 * d_audio * (self.n_mels + d_audio)
         return self.n_audio_layer * per_audio + self.n_text_layer * per_text + tables + convs
+
+    @property
+    def padded_vocab(self) -> int:
+        """Rows of the Flax token table: `n_vocab` rounded up to a multiple of `VOCAB_MULTIPLE`, so
+        the table shards evenly on its vocabulary axis. The padded ids' logits are masked; every
+        checkpoint format keeps the true `n_vocab` rows."""
+        return -(-self.n_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
     @property
     def is_multilingual(self) -> bool:
