@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_train import tiny_train_config, write_clips
+from test_train import corrupt, tiny_train_config, write_clips
 
 from train.metrics import read_metrics
 
@@ -81,6 +81,17 @@ def test_two_processes_train_as_one_and_resume_exactly(dataset, tmp_path):
     assert uninterrupted.keys() == again.keys()
     assert all(np.array_equal(uninterrupted[k], again[k]) for k in uninterrupted)
 
+    # The newest checkpoint unreadable: both processes resume from the one before, and it is set
+    # aside once (by process 0), never lost; the run ends with the same parameters again.
+    corrupt(tmp_path / "resumed" / "run" / "checkpoints" / "6" / "state")
+    done = train_cli(resumed, 4, "--processes", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "warning: checkpoint step 6 cannot be read" in done.stderr and "resuming from step 3" in done.stderr
+    aside = list((tmp_path / "resumed" / "run" / "checkpoints-unreadable").iterdir())
+    assert [p.name.split("-")[0] for p in aside] == ["6"]
+    again = weights(tmp_path / "resumed" / "run")
+    assert all(np.array_equal(uninterrupted[k], again[k]) for k in uninterrupted)
+
 
 def test_a_process_that_fails_stops_the_run_with_its_reason(dataset, tmp_path):
     """A bad run (the eval batch does not split over 8 devices) ends every process, non-zero, with
@@ -140,3 +151,34 @@ def test_sigterm_to_one_process_stops_every_process_at_the_same_step(dataset, tm
     assert len(stopped) == 2 and stopped[0] == stopped[1] < 400, outputs
     saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert saved == [stopped[0]]
+
+
+@pytest.mark.parametrize(
+    "counts, message",
+    [
+        ((3, 2), "not every process joined the coordinator at 127.0.0.1:{port} within 5 s"),
+        ((2, 3), "the processes disagree on JAX_NUM_PROCESSES (process 0: 2, process 1: 3)"),
+    ],
+    ids=["coordinator-waits-for-more", "a-process-expects-more"],
+)
+def test_processes_told_different_counts_stop_with_an_error_in_bounded_time(dataset, tmp_path, counts, message):
+    from train.launch import free_port
+
+    config = write_config(dataset, tmp_path / "run")
+    port = free_port()
+    processes = []
+    for index, count in enumerate(counts):
+        env = {
+            **os.environ,
+            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4",
+            "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+            "JAX_NUM_PROCESSES": str(count),
+            "JAX_PROCESS_ID": str(index),
+            "JAX_INITIALIZATION_TIMEOUT": "5",
+        }
+        command = [sys.executable, "-m", "train", "--config", str(config), "--distributed"]
+        processes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [process.communicate(timeout=90) for process in processes]  # never a hang
+    for process, (_, err) in zip(processes, outputs, strict=True):
+        assert process.returncode == 2, err[-2000:]
+        assert message.format(port=port) in err

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import threading
 
 from train.config import from_args
 from whisper_config import ConfigError
@@ -62,7 +64,6 @@ def initialize_distributed() -> None:
     how many processes there are and which one this is. CPU processes use gloo collectives. A
     coordinator that cannot be reached is an error after JAX_INITIALIZATION_TIMEOUT seconds
     (default 60), never a hang."""
-    import os
 
     import jax
 
@@ -79,6 +80,9 @@ def initialize_distributed() -> None:
                 raise TrainingError(f"{name} must be an integer, got {env[name]!r}") from None
     address = env.get("JAX_COORDINATOR_ADDRESS")
     timeout = numbers.get("JAX_INITIALIZATION_TIMEOUT", 60)
+    expected = numbers.get("JAX_NUM_PROCESSES")
+    if expected is not None and not 0 <= numbers.get("JAX_PROCESS_ID", 0) < expected:
+        raise TrainingError(f"JAX_PROCESS_ID={numbers['JAX_PROCESS_ID']} must be in [0, JAX_NUM_PROCESSES={expected})")
     if address and numbers.get("JAX_PROCESS_ID", 0) != 0:
         wait_for_coordinator(address, timeout)  # JAX's own client aborts the process instead
     bind = env.get("JAX_COORDINATOR_BIND_ADDRESS")
@@ -91,12 +95,18 @@ def initialize_distributed() -> None:
 
     stop_signals = {signal.SIGTERM, signal.SIGINT}
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+    # When fewer processes join than the coordinator waits for (one not started, or started with
+    # another JAX_NUM_PROCESSES), JAX's client aborts the process with a stack trace once its own
+    # timeout passes; this watchdog says what is wrong and exits first.
+    watchdog = threading.Timer(timeout, _not_all_joined, args=(address, expected, timeout))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=address,
-            num_processes=numbers.get("JAX_NUM_PROCESSES"),
+            num_processes=expected,
             process_id=numbers.get("JAX_PROCESS_ID"),
-            initialization_timeout=timeout,
+            initialization_timeout=timeout + 10,
             coordinator_bind_address=bind,
         )
         jax.devices()  # the backend and its threads, created now, under the mask
@@ -105,7 +115,39 @@ def initialize_distributed() -> None:
 
         raise TrainingError(f"jax.distributed.initialize failed (coordinator {address}): {first_line(err)}") from None
     finally:
+        watchdog.cancel()
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    _check_process_counts(expected)
+
+
+def _not_all_joined(address: str | None, expected: int | None, timeout_s: float) -> None:
+    told = f" (this one was told JAX_NUM_PROCESSES={expected})" if expected else ""
+    sys.stderr.write(
+        f"error: not every process joined the coordinator at {address or '(auto-detected)'} within "
+        f"{timeout_s:g} s{told}: is every process started, with the same JAX_COORDINATOR_ADDRESS and "
+        "JAX_NUM_PROCESSES?\n"
+    )
+    sys.stderr.flush()
+    os._exit(2)
+
+
+def _check_process_counts(expected: int | None) -> None:
+    """Every process must have been told the number of processes the coordinator runs with (the
+    coordinator's own count wins silently otherwise): compared across all of them, so all stop."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from train.loop import TrainingError
+
+    told = multihost_utils.process_allgather(np.asarray([-1 if expected is None else expected], np.int32))
+    told = [int(n) for n in np.asarray(told).reshape(-1)]
+    if any(n not in (-1, jax.process_count()) for n in told):
+        said = ", ".join(f"process {i}: {'unset' if n == -1 else n}" for i, n in enumerate(told))
+        raise TrainingError(
+            f"the processes disagree on JAX_NUM_PROCESSES ({said}); the coordinator runs "
+            f"{jax.process_count()}: give every process the same value"
+        )
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:

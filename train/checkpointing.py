@@ -77,10 +77,8 @@ class Checkpoints:
     def _set_aside_damaged_metadata(self) -> None:
         """Orbax reads every kept step's small JSON files when it opens the folder, and fails as a
         whole on one damaged file: such steps are set aside first, by name."""
-        if not self.directory.is_dir():
-            return
         damaged = []
-        for folder in self.directory.iterdir():
+        for folder in self.directory.iterdir() if self.directory.is_dir() else ():
             if not folder.name.isdigit():
                 continue
             for name in ("_CHECKPOINT_METADATA", "metrics/metrics"):
@@ -157,17 +155,28 @@ class Checkpoints:
 
     def _set_aside(self, steps: list[int]) -> None:
         """Move unreadable step folders out of orbax's directory, so training can save those steps again."""
+        self._move_aside(steps)
         if steps:
-            self._move_aside(steps)
             self.manager.reload()
 
     def _move_aside(self, steps: list[int]) -> None:
-        aside = self.directory.parent / f"{self.directory.name}-unreadable"
-        for step in steps:
-            source = self.directory / str(step)
-            if source.exists():
-                aside.mkdir(exist_ok=True)
-                source.rename(aside / f"{step}-{int(time.time())}")
+        """Every process finds the same steps unreadable and calls this (with none too); process 0
+        alone moves them (the folder is shared), once every process has looked, and the others
+        wait until it has."""
+        from jax.experimental import multihost_utils
+
+        several = jax.process_count() > 1
+        if several:
+            multihost_utils.sync_global_devices("checkpoints read")
+        if jax.process_index() == 0:
+            aside = self.directory.parent / f"{self.directory.name}-unreadable"
+            for step in steps:
+                source = self.directory / str(step)
+                if source.exists():
+                    aside.mkdir(exist_ok=True)
+                    source.rename(aside / f"{step}-{int(time.time())}")
+        if several:
+            multihost_utils.sync_global_devices("unreadable checkpoints set aside")
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
