@@ -194,8 +194,10 @@ def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype
 
 
 def write_safetensors(path: Path, tensors: Mapping, keys=None, metadata: dict | None = None) -> None:
-    """Write `keys` of `tensors` (default: all) as one safetensors file, one tensor at a time."""
-    keys = sorted(tensors if keys is None else keys)
+    """Write `keys` of `tensors` (default: all) as one safetensors file, one tensor at a time, in
+    the order given: the order a lazy reader is cheapest in (a flax checkpoint's layers of one
+    stack follow each other)."""
+    keys = list(tensors if keys is None else keys)
     names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
