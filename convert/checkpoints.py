@@ -137,6 +137,7 @@ def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray
 
     def restore(keys: tuple[str, ...]) -> np.ndarray:
         if keys not in last:
+            last.clear()  # before reading the next array, not after: one array at a time
             item: dict = {}
             node = item
             for key in keys[:-1]:
@@ -151,7 +152,6 @@ def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray
                 raise ConversionError(f"{path}: cannot read {'.'.join(keys)}: {first_line(err)}") from None
             for key in keys:
                 restored = restored[key]
-            last.clear()
             last[keys] = np.asarray(restored)
         return last[keys]
 

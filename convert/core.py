@@ -47,11 +47,18 @@ def torch_to_flax_state(tensors: Mapping[str, np.ndarray], config: ModelConfig) 
 def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dtype=None, for_file: bool = False):
     """(Flax path, array) for every array of the model's carried state, one at a time: each
     torch tensor read, transposed and copied once (layer stacks filled in place), in the
-    tensors' own dtype unless `dtype` is given. Only the array being built is held. `for_file`:
+    tensors' own dtype unless `dtype` is given. Only the array being built is held (a Flax
+    source's stacks, `LazyTensors.stacks`, are taken whole). `for_file`:
     in a Flax checkpoint file's layout (the token table unpadded) instead of the model's."""
     check_torch_tensors(tensors, config)
+    stacks = getattr(tensors, "stacks", None)
     for path, entries in _by_array(build_plan(config)).items():
         transform = entries[0].transform.on_file if for_file else entries[0].transform
+        if stacks is not None and entries[0].layer is not None:
+            # From a Flax state: each stack as it is, not stacked again from its layers.
+            stack = np.asarray(stacks[entries[0].flax_key])
+            yield path, stack if dtype is None else stack.astype(dtype, copy=False)
+            continue
         if entries[0].layer is None:
             array = transform.to_flax(np.asarray(tensors[entries[0].torch_key]))
             yield path, array if dtype is None else array.astype(dtype, copy=False)
@@ -104,7 +111,8 @@ def flax_arrays_lazily(arrays: Mapping[str, np.ndarray], config: ModelConfig) ->
             e.torch_key: Spec(e.torch_shape, dtype_of(arrays, e.flax_layer_key if per_layer else e.flax_key),
                               reader(e), e.flax_key)
             for e in plan
-        }
+        },
+        stacks=None if per_layer else arrays,
     )  # fmt: skip
 
 

@@ -29,10 +29,15 @@ class Spec:
 
 
 class LazyTensors(Mapping):
-    """name -> array, read from its file when asked (never cached); shapes and dtypes up front."""
+    """name -> array, read from its file when asked (never cached); shapes and dtypes up front.
 
-    def __init__(self, specs: Mapping[str, Spec]):
+    Tensors sliced out of a Flax state's layer stacks keep those in `stacks` (dotted Flax path ->
+    the whole stacked array, in the model's layout), so going back to Flax takes each stack as it
+    is instead of stacking its layers again."""
+
+    def __init__(self, specs: Mapping[str, Spec], stacks: Mapping | None = None):
         self._specs = dict(specs)
+        self.stacks = stacks
 
     def __getitem__(self, key: str) -> np.ndarray:
         spec = self._specs[key]
@@ -54,7 +59,9 @@ class LazyTensors(Mapping):
         return self._specs[key].source
 
     def without(self, *keys: str) -> LazyTensors:
-        return LazyTensors({k: v for k, v in self._specs.items() if k not in keys})
+        if not keys:
+            return self
+        return LazyTensors({k: v for k, v in self._specs.items() if k not in keys}, self.stacks)
 
     def renamed(self, to: Callable[[str], str | None], what: str) -> LazyTensors:
         """The same tensors under the names `to` gives; a name it does not know is an error."""
