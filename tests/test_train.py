@@ -258,6 +258,32 @@ def test_ctrl_c_and_sigterm_save_and_stop_cleanly_and_a_kill_keeps_the_last_chec
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step {last}" in out
 
 
+def test_a_checkpoint_from_before_the_vocabulary_padding_resumes_and_other_shapes_do_not(reference_run, tmp_path):
+    from train.checkpointing import Checkpoints
+
+    trainer, _, _ = reference_run
+    state, n_vocab = trainer.state, trainer.model_config.n_vocab
+    keystr = jax.tree_util.keystr
+
+    def cut(name: str, rows: int):  # `name`'s arrays with their first `rows` rows only
+        return lambda path, x: x[:rows] if name in keystr(path) and x.ndim and x.shape[0] > rows else x
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints", async_save=False)
+    old = jax.tree_util.tree_map_with_path(cut("token_embedding", n_vocab), state)  # as stored before
+    assert old.params["decoder"]["token_embedding"]["embedding"].shape[0] == n_vocab
+    checkpoints.save(3, old, {}, {})
+    restored, _, _ = checkpoints.restore(3, state)
+    ours, expected = (jax.tree.leaves((s.params, s.opt_state)) for s in (restored, state))
+    for a, b in zip(ours, expected, strict=True):
+        np.testing.assert_array_equal(a, b)  # the padding rows were zero, and are read as zero
+    # Any other array of another shape is refused, never padded or truncated.
+    rows = trainer.model_config.n_text_ctx - 1
+    checkpoints.save(4, jax.tree_util.tree_map_with_path(cut("decoder']['positional_embedding", rows), state), {}, {})
+    with pytest.raises(ValueError, match="is not compatible with the stored shape"):
+        checkpoints.restore(4, state)
+    checkpoints.close()
+
+
 def test_resume_with_other_settings_names_every_difference(reference_run, dataset, capsys):
     from train.__main__ import main
 

@@ -48,6 +48,12 @@ def _abstract(leaf):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=getattr(leaf, "sharding", None))
 
 
+def _names(path) -> tuple[str, ...]:
+    """A tree path as plain names, the same for a saved tree and the state it came from."""
+    names = tuple(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
 class Checkpoints:
     def __init__(self, directory: str | Path, keep: int = 2, async_save: bool = True, warn=print):
         preservation = policies.AnyPreservationPolicy(
@@ -122,15 +128,39 @@ class Checkpoints:
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, like) -> tuple[Any, dict, dict]:
-        """(state shaped and sharded like `like`, data iterator state, metadata) of `step`."""
+        """(state shaped and sharded like `like`, data iterator state, metadata) of `step`.
+
+        A checkpoint written before the token table was padded (its rows, and the optimizer
+        moments shaped like it, hold the true vocabulary) is read with the padding rows zero, as
+        a fresh padded model has them; any other difference of shape is an error."""
         target = jax.tree.map(_abstract, like)
+        padded = self._unpadded_vocabulary(step, target)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target, strict=not padded),
+                data=ocp.args.JsonRestore(),
+                meta=ocp.args.JsonRestore(),
             ),
         )
         return from_savable(restored.state, like), restored.data, restored.meta
+
+    def _unpadded_vocabulary(self, step: int, target) -> bool:
+        """True when the arrays of `step` whose shapes differ from `target`'s are all the token
+        table's (or its moments'), stored with fewer rows."""
+        try:
+            stored = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
+        except Exception:  # unreadable metadata: the restore itself says why
+            return False
+        shapes = {_names(path): tuple(m.shape) for path, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        differ = [
+            (names, shapes[names], tuple(leaf.shape))
+            for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
+            if (names := _names(path)) in shapes and shapes[names] != tuple(leaf.shape)
+        ]
+        return bool(differ) and all(
+            "token_embedding" in names and old[1:] == new[1:] and old[0] < new[0] for names, old, new in differ
+        )
 
     def restore_newest(self, like, warn=print) -> tuple[int, Any, dict, dict] | None:
         """(step, state, data state, metadata) of the newest checkpoint that can be read, or None
