@@ -5,7 +5,7 @@
 Writes a FLAC file of `--hours` of speech and silence (the test suite's espeak-ng recording,
 repeated, at `--rate` in stereo, so reading also resamples and mixes down), a small random model
 (the demo size: 2.56 s windows, so a 3-hour file is 4,219 windows), then runs
-`python -m flax_whisper.transcribe` on it in a fresh process and prints that process's peak
+`python -m transcribe` on it in a fresh process and prints that process's peak
 resident memory and wall time, next to the size the file's samples would have in memory. The
 README states what one run gave.
 """
@@ -30,7 +30,7 @@ SPEECH = REPO / "tests" / "data" / "speech_16k.wav"
 # Runs the CLI and reports the process's own peak RSS (ru_maxrss is in KiB on Linux).
 CHILD = """
 import json, resource, sys
-from flax_whisper.transcribe import main
+from transcribe.__main__ import main
 status = main(sys.argv[1:])
 print(json.dumps({"status": status, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """

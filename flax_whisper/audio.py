@@ -147,15 +147,22 @@ class LogMelWindows:
     Construction makes a first pass to find the loudest value, which sets the 8-decade floor
     for the whole recording as in Whisper, and to count the windows; iterating makes a second
     pass and yields each window (n_mels, frames) exactly as `log_mel_spectrogram` of the whole
-    recording, zero-padded to whole windows and cut, would give it.
+    recording, zero-padded to whole windows and cut, would give it. `samples` is the
+    recording's length (16 kHz samples).
     """
 
     def __init__(self, open_blocks: Callable[[], Iterable[np.ndarray]], n_mels: int, frames: int):
         if n_mels not in (80, 128):
             raise ValueError(f"Whisper's frontend has 80 or 128 mel bins, got n_mels={n_mels}")
         self.open_blocks, self.n_mels, self.frames = open_blocks, n_mels, frames
-        self.count, top = 0, None
-        for segment in _window_segments(open_blocks(), frames * HOP_LENGTH):
+        self.count, self.samples, top = 0, 0, None
+
+        def counted() -> Iterator[np.ndarray]:
+            for block in open_blocks():
+                self.samples += len(block)
+                yield block
+
+        for segment in _window_segments(counted(), frames * HOP_LENGTH):
             loudest = _window_log10_mel(segment, n_mels, frames).max()
             top = loudest if top is None else jnp.maximum(top, loudest)
             self.count += 1

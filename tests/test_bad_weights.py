@@ -61,7 +61,7 @@ def test_non_finite_weights_are_named_and_refused_unless_allowed(tmp_path, capsy
     assert "decoder.ln.weight" in line and "parity cannot be checked on non-finite weights" in line
     assert "parity FAILED" not in capsys.readouterr().out
 
-    from flax_whisper.transcribe import main as transcribe_main
+    from transcribe.__main__ import main as transcribe_main
 
     assert transcribe_main([str(tmp_path / "x.wav"), "--checkpoint", str(tmp_path / "nan")]) == 2
     assert "hold NaN or infinity: decoder.ln.weight" in one_line_error(capsys)

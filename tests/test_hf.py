@@ -434,7 +434,7 @@ def test_verify_and_transcribe_take_hf_directories(hf_dir, tmp_path):
     assert f"checkpoint {path} (hf)" in done.stdout and "parity ok" in done.stdout
     speech = Path(__file__).parent / "data" / "speech_16k.wav"
     run = subprocess.run(
-        [sys.executable, "-m", "flax_whisper.transcribe", str(speech), "--checkpoint", str(path),
+        [sys.executable, "-m", "transcribe", str(speech), "--checkpoint", str(path),
          "--max-new-tokens", "4", "--language", "en"],
         capture_output=True, text=True,
     )  # fmt: skip

@@ -128,7 +128,7 @@ def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
 
     # The torch export holds the final weights: torch_ref gives the Flax model's logits.
     from convert import load_torch_model
-    from flax_whisper.transcribe import mel_windows
+    from transcribe import mel_windows
 
     torch_model = load_torch_model(out / "run" / "model-torch").eval()
     flax_model = trainer.model()

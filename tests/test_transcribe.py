@@ -1,5 +1,6 @@
-"""`python -m flax_whisper.transcribe`: real speech through the whole pipeline in both frameworks,
-checked against OpenAI's decoder on the same windows; bad files are reported, not fatal."""
+"""`python -m transcribe`: real speech through the whole pipeline in both frameworks, checked
+against OpenAI's decoder on the same windows; bad files are reported, not fatal; results written
+as `openai-whisper` writes them."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import soundfile
 from conftest import BLOCK_TORCH, openai_greedy
 
 from convert import load_checkpoint, save_checkpoint
-from flax_whisper.transcribe import main, mel_windows, window_samples
+from transcribe import mel_windows, window_samples
+from transcribe.__main__ import main
 from whisper_io import load_audio
 
 SPEECH = Path(__file__).parent / "data" / "speech_16k.wav"
@@ -40,7 +42,7 @@ def audio_files(tmp_path_factory):
 
 def run_cli(argv: list[str], block_torch: bool) -> subprocess.CompletedProcess:
     guard = BLOCK_TORCH if block_torch else "import sys\n"
-    code = guard + "from flax_whisper.transcribe import main\nsys.exit(main(sys.argv[1:]))"
+    code = guard + "from transcribe.__main__ import main\nsys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
 
 
@@ -68,10 +70,20 @@ def test_transcripts_match_openai_in_both_frameworks(decoding_checkpoint, audio_
     for result in flax_results:
         audio = load_audio(result["path"])
         windows = mel_windows(audio, ckpt.config)
-        assert result["windows"] == len(windows) == math.ceil(len(audio) / window_samples(ckpt.config)) > 1
+        segments = result["segments"]
+        assert len(segments) == len(windows) == math.ceil(len(audio) / window_samples(ckpt.config)) > 1
         expected = openai_greedy(model, windows, None)
-        assert result["text"] == " ".join(r.text for r in expected if r.text)
+        assert [s["tokens"] for s in segments] == [list(r.tokens) for r in expected]
+        assert [s["text"].strip() for s in segments] == [r.text for r in expected]
+        assert result["text"] == "".join(s["text"] for s in segments)
         assert result["language"] == expected[0].language
+        # One segment per window for now: the window's bounds, the last cut at the recording's end.
+        seconds = window_samples(ckpt.config) / 16000
+        assert [(s["id"], s["seek"], s["start"]) for s in segments] == [
+            (i, i * windows.shape[-1], i * seconds) for i in range(len(windows))
+        ]
+        assert [s["end"] for s in segments[:-1]] == [(i + 1) * seconds for i in range(len(windows) - 1)]
+        assert segments[-1]["end"] == pytest.approx(len(audio) / 16000)
     assert flax_results[0]["text"]
 
 
@@ -91,3 +103,82 @@ def test_a_three_hour_recording_is_transcribed_in_constant_memory(tmp_path):
     result = measure(hours=3.0, keep=str(tmp_path))
     assert result["status"] == 0 and result["transcript_chars"] > 0
     assert result["peak_rss_mb"] < 2048, result
+
+
+RESULT = {
+    "text": " Hello there. --> Tab\there and a long one.",
+    "language": "en",
+    "segments": [
+        {"id": 0, "seek": 0, "start": 0.0, "end": 2.5, "text": " Hello there.", "tokens": [1, 2]},
+        {"id": 1, "seek": 3000, "start": 2.5004, "end": 30.0, "text": " --> Tab\there", "tokens": [3]},
+        {"id": 2, "seek": 6000, "start": 3599.9996, "end": 3725.25, "text": " and a long one é.", "tokens": [4]},
+    ],
+}
+
+
+@pytest.mark.parametrize("fmt", ["txt", "vtt", "srt", "tsv", "json"])
+def test_outputs_are_byte_for_byte_openai_whisper_s(fmt, tmp_path):
+    from whisper.utils import get_writer
+
+    from transcribe.outputs import write_outputs
+
+    (tmp_path / "openai").mkdir()
+    get_writer(fmt, str(tmp_path / "openai"))(RESULT, "talk.final.flac")
+    (ours,) = write_outputs(RESULT, "some/where/talk.final.flac", tmp_path / "ours", (fmt,))
+    assert ours == tmp_path / "ours" / f"talk.final.{fmt}"
+    assert ours.read_bytes() == (tmp_path / "openai" / f"talk.final.{fmt}").read_bytes()
+
+
+def test_output_files_refuse_to_replace_anything_unless_asked(decoding_checkpoint, tmp_path, capsys):
+    _, path, _ = decoding_checkpoint
+    common = [str(SPEECH), "--checkpoint", str(path), "--max-new-tokens", "4"]
+    assert main([*common, "--output-dir", str(tmp_path / "out")]) == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [f"speech_16k.{fmt}" for fmt in ("json", "srt", "tsv", "txt", "vtt")]
+    result = json.loads((tmp_path / "out" / "speech_16k.json").read_text())
+    assert {"text", "language", "segments"} <= result.keys() and result["segments"][0]["start"] == 0.0
+
+    (tmp_path / "out" / "speech_16k.srt").write_text("a user's own subtitles")
+    capsys.readouterr()
+    assert main([*common, "--output-dir", str(tmp_path / "out"), "-f", "srt"]) == 2  # before decoding anything
+    assert "speech_16k.srt: exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (tmp_path / "out" / "speech_16k.srt").read_text() == "a user's own subtitles"
+    assert main([*common, "--output-dir", str(tmp_path / "out"), "-f", "srt", "--overwrite"]) == 0
+    assert (tmp_path / "out" / "speech_16k.srt").read_text().startswith("1\n00:00:00,000 --> ")
+
+    # Two inputs whose outputs would share a name, and subtitles of several files on stdout.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "speech_16k.wav").write_bytes(SPEECH.read_bytes())
+    assert main([str(SPEECH), str(other / "speech_16k.wav"), "--checkpoint", str(path), "-o", str(tmp_path / "x")]) == 2
+    assert "would both be written to" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(SPEECH), str(other / "speech_16k.wav"), "--checkpoint", str(path), "-f", "vtt"])
+    assert "give --output-dir for several" in capsys.readouterr().err
+    assert main([*common, "-f", "vtt"]) == 0
+    assert capsys.readouterr().out.startswith("WEBVTT\n\n00:00.000 --> ")
+
+
+def test_the_old_command_name_still_works(decoding_checkpoint):
+    _, path, _ = decoding_checkpoint
+    command = ["-m", "flax_whisper.transcribe", str(SPEECH), "--checkpoint", str(path), "--max-new-tokens", "2"]
+    done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is now `python -m transcribe`" in done.stderr and done.stdout.startswith(f"{SPEECH}: ")
+
+
+def test_model_packages_import_nothing_above_them():
+    """flax_whisper and torch_ref import only the config and io packages (and each other never)."""
+    import ast
+
+    root = Path(__file__).parent.parent
+    above = {"convert", "train", "transcribe", "bench", "tests"}
+    for package, sibling in (("flax_whisper", "torch_ref"), ("torch_ref", "flax_whisper")):
+        for file in (root / package).glob("*.py"):
+            for node in ast.walk(ast.parse(file.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+                tops = {name.split(".")[0] for name in names}
+                if file.name == "transcribe.py" and package == "flax_whisper":
+                    continue  # the old command's alias, importing `transcribe` only when run
+                assert not tops & (above | {sibling}), f"{file} imports {tops & (above | {sibling})}"

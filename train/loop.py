@@ -238,7 +238,7 @@ class Trainer:
         for fmt in self.config.export:
             path = self.folder.export_path(fmt)
             save_checkpoint(path, fmt, self.model_config, tensors, overwrite=True)
-            hint = " (python -m flax_whisper.transcribe AUDIO --checkpoint ...)" if fmt == "flax" else ""
+            hint = " (python -m transcribe AUDIO --checkpoint ...)" if fmt == "flax" else ""
             print(f"exported {which} as a {fmt} model to {path}{hint}")
 
     def exported_state(self, checkpoints: Checkpoints) -> tuple[TrainState, str]:

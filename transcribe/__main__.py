@@ -1,0 +1,93 @@
+"""`python -m transcribe AUDIO... --checkpoint CKPT`: transcripts of audio files (see the README).
+
+Without `--output-dir`, prints `PATH: TEXT` per file (`--output-format json`: one JSON object per
+file, its `path` added; `srt`, `vtt`, `tsv`: the subtitles of a single file). With it, writes
+`DIR/<name>.<format>` for each file in `--output-format` (default `all`), as `openai-whisper`'s
+command does, refusing to replace an existing file unless `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from transcribe.outputs import FORMATS, RENDERERS, check_outputs, write_outputs
+from transcribe.pipeline import Transcriber, transcribe_files
+from whisper_config import ConfigError, InputError
+from whisper_io import AudioFileError, TokenizerError
+from whisper_io.outputs import OutputError
+from whisper_io.tokenizers import TASKS
+
+
+def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Transcribe audio files greedily with a checkpoint of any format `convert` reads "
+        "(flax, torch or Hugging Face directory, OpenAI .pt).",
+    )
+    p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, ...; any sample rate)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (flax, torch, Hugging Face) or OpenAI .pt")
+    p.add_argument("--framework", choices=("flax", "torch"), default="flax", help="flax_whisper (default) or torch_ref")
+    p.add_argument(
+        "--language", help="language code, e.g. en (default: detected per file, when the vocabulary has them)"
+    )
+    p.add_argument("--task", choices=TASKS, default="transcribe")
+    p.add_argument("--batch-size", type=int, default=8, help="windows decoded together (default 8)")
+    p.add_argument("--max-new-tokens", type=int, help="tokens sampled per window (default: n_text_ctx // 2)")
+    p.add_argument(
+        "--output-format",
+        "-f",
+        choices=(*FORMATS, "all"),
+        help="txt, vtt, srt, tsv, json or all (default: all with --output-dir, else PATH: TEXT lines)",
+    )
+    p.add_argument("--output-dir", "-o", help="write DIR/<audio name>.<format> files instead of printing")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.add_argument("--jsonl", action="store_true", help="the same as --output-format json")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> int:
+    cli = parser(prog)
+    args = cli.parse_args(argv)
+    if args.batch_size < 1:
+        cli.error("--batch-size must be at least 1")
+    fmt = "json" if args.jsonl else args.output_format
+    formats = FORMATS if fmt == "all" or (fmt is None and args.output_dir) else (fmt,) if fmt else ()
+    if not args.output_dir and fmt in ("all", "vtt", "srt", "tsv") and len(set(args.audio)) > 1:
+        cli.error(f"--output-format {fmt} prints one file's transcript: give --output-dir for several")
+
+    try:
+        if args.output_dir:
+            check_outputs(args.audio, args.output_dir, formats, args.overwrite)
+        transcriber = Transcriber.load(
+            args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens
+        )
+    except (ConfigError, InputError, TokenizerError, OutputError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    failed = []
+
+    def report(error: AudioFileError) -> None:
+        failed.append(error.path)
+        print(f"error: {error}", file=sys.stderr)
+
+    results = transcribe_files(args.audio, transcriber, report)
+    for path, result in results.items():
+        if args.output_dir:
+            for written in write_outputs(result, path, args.output_dir, formats):
+                print(f"{path}: {written}", file=sys.stderr)
+        elif fmt == "json":
+            print(json.dumps({"path": path, **result}, ensure_ascii=False))
+        elif fmt in (None, "txt"):
+            print(f"{path}: {result['text'].strip()}")
+        else:
+            sys.stdout.write(RENDERERS[fmt](result))
+    if failed:
+        print(f"{len(failed)} of {len(args.audio)} files could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
