@@ -24,6 +24,38 @@ def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
     return logits.at[:, np.asarray(ids)].set(-jnp.inf) if ids else logits
 
 
+def timestamp_rules(logits: jax.Array, sampled: jax.Array, count, options: DecodingOptions) -> jax.Array:
+    """OpenAI's timestamp rules (see `whisper_io.decoding`): logits (B, V) for the token after the
+    first `count` (may be traced) of `sampled` (B, N) -> logits with the forbidden ids at -inf."""
+    if options.timestamp_begin is None:
+        return logits
+    begin, eot = options.timestamp_begin, options.eot
+    ids = jnp.arange(logits.shape[-1])
+    last = jnp.take(sampled, jnp.maximum(count - 1, 0), axis=1)  # (B,)
+    penultimate = jnp.take(sampled, jnp.maximum(count - 2, 0), axis=1)
+    last_stamp = (count >= 1) & (last >= begin)
+    penultimate_stamp = (count < 2) | (penultimate >= begin)
+    seen = jnp.arange(sampled.shape[1]) < count
+    latest = jnp.max(jnp.where(seen & (sampled >= begin), sampled, -1), axis=1)  # (B,) -1: none yet
+    bound = jnp.where(last_stamp & ~penultimate_stamp, latest, latest + 1)
+    forbidden = (
+        (ids == options.no_timestamps)
+        | ((last_stamp & penultimate_stamp)[:, None] & (ids >= begin))  # after a pair: text
+        | ((last_stamp & ~penultimate_stamp)[:, None] & (ids < eot))  # after a lone one: its pair
+        | ((latest >= 0)[:, None] & (ids >= begin) & (ids < bound[:, None]))  # never backwards
+    )
+    if options.max_initial_timestamp_index is not None:
+        late = ids > begin + options.max_initial_timestamp_index
+    else:
+        late = jnp.zeros_like(ids, bool)
+    forbidden |= (count == 0) & ((ids < begin) | late)  # the first token: an early timestamp
+    logits = jnp.where(forbidden, -jnp.inf, logits)
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    stamps = jax.nn.logsumexp(logprobs[:, begin:], axis=-1)
+    text = jnp.max(logprobs[:, :begin], axis=-1)
+    return jnp.where((stamps > text)[:, None] & (ids < begin), -jnp.inf, logits)
+
+
 def detect_language(model: Whisper, xa: jax.Array, start: jax.Array, language_tokens: tuple[int, ...]) -> jax.Array:
     """The most likely language token after the start token alone. xa (B, S, d), start (B, 1) -> (B,)"""
     logits, _ = model.decoder(start, xa)  # (B, 1, V)
@@ -62,8 +94,9 @@ def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: D
     # Every prompt token and every sampled token but the last is fed once.
     cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
     logits, cache = model.decoder(prompt, xa, cache)
-    first = jnp.argmax(suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens), axis=-1)
     tokens = jnp.full((batch, n_prompt + max_new), eot, jnp.int32)
+    first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
+    first = jnp.argmax(timestamp_rules(first, tokens[:, n_prompt:], 0, options), axis=-1)
     tokens = tokens.at[:, :n_prompt].set(prompt).at[:, n_prompt].set(first.astype(jnp.int32))
 
     def unfinished(state):
@@ -76,7 +109,8 @@ def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: D
         decoder, i, tokens, cache, done = state
         last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i - 1, 1, axis=1)  # (B, 1)
         logits, cache = decoder(last, xa, cache)
-        chosen = jnp.argmax(suppress(logits[:, -1], options.suppress_tokens), axis=-1).astype(jnp.int32)
+        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, n_prompt:], i, options)
+        chosen = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
         chosen = jnp.where(done, eot, chosen)  # finished rows keep receiving end of text
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], n_prompt + i, axis=1)
         return decoder, i + 1, tokens, cache, done | (chosen == eot)

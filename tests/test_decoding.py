@@ -27,6 +27,16 @@ def decoding_setup(decoding_checkpoint):
     return model, path, mel, flax_model, load_torch_model(path).eval()
 
 
+def decode_both(flax_model, torch_model, mel, prompt, options):
+    """("flax" | "torch", tokens (B, P + max_new)) of greedy decoding `mel` after `prompt` in each framework."""
+    prompts = np.tile(prompt, (len(mel), 1))
+    for name, decode, model in [
+        ("flax", flax_decoding.greedy_decode, flax_model),
+        ("torch", torch_decoding.greedy_decode, torch_model),
+    ]:
+        yield name, np.asarray(decode(model, mel, prompts, options))
+
+
 @pytest.mark.parametrize("language", ["en", None], ids=["english", "detected"])
 def test_greedy_tokens_match_openai(decoding_setup, language):
     model, path, mel, flax_model, torch_model = decoding_setup
@@ -34,12 +44,7 @@ def test_greedy_tokens_match_openai(decoding_setup, language):
     tokenizer = tokenizer_for(config)
     expected = openai_greedy(model, mel, language)
     prompt, options = decoding_options(tokenizer, config, language, max_new_tokens=SAMPLE_LEN)
-    prompts = np.tile(prompt, (len(mel), 1))
-    for name, decode, ours in [
-        ("flax", flax_decoding.greedy_decode, flax_model),
-        ("torch", torch_decoding.greedy_decode, torch_model),
-    ]:
-        tokens = np.asarray(decode(ours, mel, prompts, options))
+    for name, tokens in decode_both(flax_model, torch_model, mel, prompt, options):
         assert text_tokens(tokens, len(prompt), tokenizer.eot) == [r.tokens for r in expected], name
         languages = [tokenizer.language_codes[tokenizer.language_tokens.index(t)] for t in tokens[:, 1]]
         assert languages == [r.language for r in expected], name
@@ -51,6 +56,72 @@ def test_greedy_tokens_match_openai(decoding_setup, language):
     assert len(set(lengths)) > 1 and min(lengths) < SAMPLE_LEN
     if language is None:
         assert len({r.language for r in expected}) > 1
+
+
+@pytest.fixture(scope="module")
+def timestamp_setup(tmp_path_factory):
+    """A random OpenAI model that samples timestamps as well as text: each timestamp's embedding
+    row is 0.8 times the row of one of three tokens the model favours, plus noise, so that the
+    timestamps' summed probability often beats the best text token's."""
+    from conftest import random_openai_model, save_openai_model
+
+    model = random_openai_model(noise=1.0, seed=0)
+    mel = np.random.default_rng(0).standard_normal((4, 80, 2 * model.dims.n_audio_ctx)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    begin = tokenizer_for(load_config_of(model)).timestamp_begin
+    with torch.no_grad():
+        table = model.decoder.token_embedding.weight
+        count = table.shape[0] - begin
+        favoured = torch.from_numpy(rng.choice([18979, 4767, 6765], count))
+        noise = torch.from_numpy(rng.standard_normal((count, table.shape[1])).astype(np.float32))
+        table[begin:] = 0.8 * table[favoured] + 0.3 * noise * table.std()
+    path = save_openai_model(model, tmp_path_factory.mktemp("timestamps") / "random.pt")
+    flax_model = load_flax_model(path)
+    flax_model.eval()
+    return model, path, mel, flax_model, load_torch_model(path).eval()
+
+
+def load_config_of(model):
+    from whisper_config import ModelConfig
+
+    return ModelConfig.from_openai_dims(vars(model.dims))
+
+
+@pytest.mark.parametrize("language", ["en", None], ids=["english", "detected"])
+def test_timestamp_tokens_match_openai(timestamp_setup, language):
+    """OpenAI's timestamp rules (pairs, monotonic, max initial timestamp, the timestamp-vs-text
+    probability rule) in both frameworks: the tokens of `decode(without_timestamps=False)`."""
+    import whisper
+
+    model, path, mel, flax_model, torch_model = timestamp_setup
+    config = load_checkpoint(path).config
+    tokenizer = tokenizer_for(config)
+    sample_len = 12
+    oracle = whisper.DecodingOptions(
+        language=language, without_timestamps=False, fp16=False, temperature=0.0, sample_len=sample_len
+    )
+    expected = whisper.decoding.decode(model, torch.from_numpy(mel), oracle)
+    prompt, options = decoding_options(tokenizer, config, language, max_new_tokens=sample_len, timestamps=True)
+    assert tokenizer.no_timestamps not in prompt
+    for name, tokens in decode_both(flax_model, torch_model, mel, prompt, options):
+        assert text_tokens(tokens, len(prompt), tokenizer.eot) == [r.tokens for r in expected], name
+    # Not degenerate: rows differ, each mixes timestamps (several, some in pairs) with text, and
+    # the rules show: a first timestamp within max_initial_timestamp, none ever decreasing.
+    begin = tokenizer.timestamp_begin
+    stamps = [[t for t in r.tokens if t >= begin] for r in expected]
+    assert len({tuple(r.tokens) for r in expected}) == len(expected)
+    assert all(len(s) >= 3 and len(s) < len(r.tokens) for s, r in zip(stamps, expected, strict=True))
+    assert all(begin <= r.tokens[0] <= begin + options.max_initial_timestamp_index for r in expected)
+    assert all(s == sorted(s) for s in stamps)
+
+
+def test_a_vocabulary_without_timestamps_says_so():
+    from whisper_config import ModelConfig
+    from whisper_io import TokenizerError
+
+    config = ModelConfig(n_vocab=258, decoder_start_token_id=257)
+    with pytest.raises(TokenizerError, match="the bytes vocabulary has no timestamp tokens"):
+        decoding_options(tokenizer_for(config), config, timestamps=True)
 
 
 def test_flax_decoding_compiles_once_per_shape(decoding_setup):

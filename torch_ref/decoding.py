@@ -23,6 +23,39 @@ def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
     return logits
 
 
+def timestamp_rules(logits: Tensor, sampled: Tensor, count: int, options: DecodingOptions) -> Tensor:
+    """OpenAI's timestamp rules (see `whisper_io.decoding`): logits (B, V) for the token after the
+    first `count` of `sampled` (B, N) -> logits with the forbidden ids at -inf."""
+    if options.timestamp_begin is None:
+        return logits
+    begin, eot = options.timestamp_begin, options.eot
+    ids = torch.arange(logits.shape[-1], device=logits.device)
+    last = sampled[:, max(count - 1, 0)]  # (B,)
+    penultimate = sampled[:, max(count - 2, 0)]
+    last_stamp = (last >= begin) & (count >= 1)
+    penultimate_stamp = (penultimate >= begin) | (count < 2)
+    seen = torch.arange(sampled.shape[1], device=sampled.device) < count
+    latest = torch.where(seen & (sampled >= begin), sampled, -1).amax(dim=1)  # (B,) -1: none yet
+    bound = torch.where(last_stamp & ~penultimate_stamp, latest, latest + 1)
+    forbidden = (
+        (ids == options.no_timestamps)
+        | ((last_stamp & penultimate_stamp)[:, None] & (ids >= begin))  # after a pair: text
+        | ((last_stamp & ~penultimate_stamp)[:, None] & (ids < eot))  # after a lone one: its pair
+        | ((latest >= 0)[:, None] & (ids >= begin) & (ids < bound[:, None]))  # never backwards
+    )
+    if options.max_initial_timestamp_index is not None:
+        late = ids > begin + options.max_initial_timestamp_index
+    else:
+        late = torch.zeros_like(ids, dtype=torch.bool)
+    if count == 0:
+        forbidden |= (ids < begin) | late  # the first token: an early timestamp
+    logits = logits.masked_fill(forbidden, -torch.inf)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    stamps = torch.logsumexp(logprobs[:, begin:], dim=-1)
+    text = logprobs[:, :begin].amax(dim=-1)
+    return logits.masked_fill((stamps > text)[:, None] & (ids < begin), -torch.inf)
+
+
 def detect_language(model: Whisper, xa: Tensor, start: Tensor, language_tokens: tuple[int, ...]) -> Tensor:
     """The most likely language token after the start token alone. xa (B, S, d), start (B, 1) -> (B,)"""
     logits, _ = model.decoder(start, xa)  # (B, 1, V)
@@ -51,8 +84,9 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
     # Every prompt token and every sampled token but the last is fed once.
     cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
     logits, cache = model.decoder(prompt, xa, cache)
-    chosen = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens).argmax(dim=-1)
     tokens = torch.full((batch, n_prompt + max_new), eot, dtype=torch.long, device=device)
+    first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
+    chosen = timestamp_rules(first, tokens[:, n_prompt:], 0, options).argmax(dim=-1)
     tokens[:, :n_prompt] = prompt
     tokens[:, n_prompt] = chosen
     done = chosen == eot
@@ -60,7 +94,8 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
         if bool(done.all()):
             break
         logits, cache = model.decoder(tokens[:, n_prompt + i - 1 : n_prompt + i], xa, cache)
-        chosen = suppress(logits[:, -1], options.suppress_tokens).argmax(dim=-1)
+        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, n_prompt:], i, options)
+        chosen = allowed.argmax(dim=-1)
         chosen = torch.where(done, eot, chosen)  # finished rows keep receiving end of text
         tokens[:, n_prompt + i] = chosen
         done |= chosen == eot

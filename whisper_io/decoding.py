@@ -1,10 +1,18 @@
 """Greedy decoding settings shared by `flax_whisper.decoding` and `torch_ref.decoding`.
 
-Both frameworks run the same algorithm as OpenAI Whisper's `decode` at temperature 0 without
-timestamps: feed the forced prompt (start of transcript, language, task, no-timestamps), then
-repeatedly take the arg-max of the last logits after suppressing `suppress_tokens` (and, for the
-first sampled token only, `blank_tokens`), until every row has produced end of text or
-`max_new_tokens` were sampled. Rows that finished keep receiving end of text.
+Both frameworks run the same algorithm as OpenAI Whisper's `decode` at temperature 0: feed the
+forced prompt (start of transcript, language, task, and no-timestamps unless timestamps are
+sampled), then repeatedly take the arg-max of the last logits after suppressing
+`suppress_tokens` (and, for the first sampled token only, `blank_tokens`), until every row has
+produced end of text or `max_new_tokens` were sampled. Rows that finished keep receiving end of
+text.
+
+With timestamps (`timestamp_begin` set), OpenAI's timestamp rules (`ApplyTimestampRules`) mask
+the logits after those suppressions, from the tokens sampled so far: <|notimestamps|> never;
+timestamps come in pairs (after a lone timestamp only another timestamp or end of text, after
+a pair no timestamp), never decrease, and a segment has nonzero length; the first token is a
+timestamp no later than `max_initial_timestamp_index`; and when the timestamps' total
+probability exceeds that of the likeliest text token, a timestamp is taken.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import dataclasses
 import numpy as np
 
 from whisper_config import InputError, ModelConfig
-from whisper_io.tokenizers import Tokenizer
+from whisper_io.tokenizers import Tokenizer, TokenizerError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +36,10 @@ class DecodingOptions:
     # When given, prompt column 1 is overwritten per row by the arg-max over these ids of the
     # logits after the start token alone (Whisper's language detection).
     language_tokens: tuple[int, ...] = ()
+    # Timestamps (see above): None samples text only.
+    timestamp_begin: int | None = None
+    no_timestamps: int | None = None
+    max_initial_timestamp_index: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -49,21 +61,40 @@ def check_decoding_length(config: ModelConfig, prompt_length: int, max_new_token
         )
 
 
+CHUNK_SECONDS = 30.0  # OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s)
+
+
 def decoding_options(
     tokenizer: Tokenizer,
     config: ModelConfig,
     language: str | None = None,
     task: str = "transcribe",
     max_new_tokens: int | None = None,
+    timestamps: bool = False,
+    max_initial_timestamp: float | None = 1.0,
 ) -> tuple[tuple[int, ...], DecodingOptions]:
     """(prompt, options) for transcribing with `tokenizer`, as OpenAI's defaults do it.
 
     Without a `language`, a multilingual vocabulary detects one per utterance. `max_new_tokens`
     defaults to OpenAI's `sample_len`, half the text context (`n_text_ctx // 2`: the other half
     is kept for a previous-text prompt), which matching `openai-whisper` token for token needs;
-    `max_new_tokens_for(config, len(prompt))` is as many as the context holds.
+    `max_new_tokens_for(config, len(prompt))` is as many as the context holds. `timestamps`
+    samples timestamp tokens (the prompt then ends before <|notimestamps|>), the first no later
+    than `max_initial_timestamp` seconds (None: anywhere), as OpenAI's defaults do.
     """
     prompt = tokenizer.sot_sequence(language, task)
+    stamps = {}
+    if timestamps:
+        if tokenizer.timestamp_begin is None or tokenizer.no_timestamps is None:
+            raise TokenizerError(f"the {tokenizer.name} vocabulary has no timestamp tokens")
+        prompt = prompt[:-1] if prompt[-1] == tokenizer.no_timestamps else prompt
+        precision = CHUNK_SECONDS / config.n_audio_ctx
+        initial = None if max_initial_timestamp is None else round(max_initial_timestamp / precision)
+        stamps = dict(
+            timestamp_begin=tokenizer.timestamp_begin,
+            no_timestamps=tokenizer.no_timestamps,
+            max_initial_timestamp_index=initial,
+        )
     default = min(config.n_text_ctx // 2, max_new_tokens_for(config, len(prompt)))
     max_new = default if max_new_tokens is None else max_new_tokens
     check_decoding_length(config, len(prompt), max_new)
@@ -74,6 +105,7 @@ def decoding_options(
         suppress_tokens=tokenizer.suppress_tokens,
         blank_tokens=tokenizer.blank_tokens,
         language_tokens=tokenizer.language_tokens if detect else (),
+        **stamps,
     )
     return prompt, options
 

@@ -40,6 +40,8 @@ class Tokenizer:
     vocab_size: int  # ids this tokenizer can produce; a model needs n_vocab >= vocab_size
     language_codes: tuple[str, ...] = ()  # codes with a language token, in id order
     language_tokens: tuple[int, ...] = ()
+    no_timestamps: int | None = None  # <|notimestamps|>, the last token of a text-only prompt
+    timestamp_begin: int | None = None  # <|0.00|>; every id from it on is a timestamp
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -103,6 +105,7 @@ class WhisperTokenizer(Tokenizer):
         self.eot, self.sot = self._base.eot, self._base.sot
         self.vocab_size = self._base.encoding.n_vocab
         self.no_timestamps = self._base.no_timestamps
+        self.timestamp_begin = self._base.timestamp_begin
         self.sot_prev, self.transcribe, self.translate = (
             self._base.sot_prev,
             self._base.transcribe,
