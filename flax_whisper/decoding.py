@@ -16,7 +16,7 @@ from flax import nnx
 
 from flax_whisper.model import Whisper
 from whisper_config import check_token_range
-from whisper_io.decoding import DecodingOptions, check_decoding_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, check_decoding_length
 
 
 def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -118,3 +118,102 @@ def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: D
     state = (model.decoder, jnp.ones((), jnp.int32), tokens, cache, first == eot)
     _, _, tokens, _, _ = nnx.while_loop(unfinished, step, state)
     return tokens
+
+
+def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+    """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int32, the
+    chosen candidate of each utterance padded with end of text, and its sum of log-probabilities
+    (B,) float32): OpenAI's beam search (see `whisper_io.decoding.BeamSearch`), one jitted
+    program per (shapes, options, beam). Call `model.eval()` first."""
+    prompt = np.asarray(prompt, np.int32)
+    check_decoding_length(model.config, prompt.shape[1], options.max_new_tokens)
+    check_token_range(model.config, int(prompt.min()), int(prompt.max()))
+    graphdef, state = nnx.split(model)
+    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "options", "beam"))
+def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+    return _beam_search(nnx.merge(graphdef, state), mel, prompt, options, beam)
+
+
+def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+    eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
+    batch, n_prompt = prompt.shape
+    length = n_prompt + max_new
+    xa = model.encoder(mel)  # (B, S, d)
+    if options.language_tokens:
+        prompt = prompt.at[:, 1].set(detect_language(model, xa, prompt[:, :1], options.language_tokens))
+    xa = jnp.repeat(xa, k, axis=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
+    tokens = jnp.full((batch * k, length), eot, jnp.int32).at[:, :n_prompt].set(jnp.repeat(prompt, k, axis=0))
+    cache = model.decoder.init_cache(xa, length)
+    logits, cache = model.decoder(tokens[:, :n_prompt], xa, cache)
+    rows = (jnp.arange(batch) * k)[:, None]  # (B, 1): each utterance's first row
+
+    def unfinished(state):
+        _, i, _, _, _, _, _, _, count = state
+        return (i < max_new) & ~jnp.all(count >= most)
+
+    def step(state):
+        decoder, i, tokens, cache, logits, scores, done, done_scores, count = state
+        logits = suppress(logits, options.suppress_tokens)
+        logits = jnp.where(i == 0, suppress(logits, options.blank_tokens), logits)
+        logprobs = jax.nn.log_softmax(timestamp_rules(logits, tokens[:, n_prompt:], i, options), axis=-1)
+        top, ids = jax.lax.top_k(logprobs, k + 1)  # (B k, k + 1)
+        sums = (scores[:, None] + top).reshape(batch, k * (k + 1))  # beam-major, then rank
+        sums = jnp.where((i == 0) & (jnp.arange(k * (k + 1)) >= k + 1), -jnp.inf, sums)  # one prompt, one beam
+        order = jnp.argsort(-sums, axis=1, stable=True)
+        sums = jnp.take_along_axis(sums, order, axis=1)  # (B, C) best first
+        proposed = jnp.take_along_axis(ids.reshape(batch, -1), order, axis=1)
+        source = rows + order // (k + 1)  # (B, C) the proposing row
+        ends = proposed == eot
+        others = jnp.cumsum(~ends, axis=1)  # proposals not ending so far, inclusive
+        # Finished: ends ranked before the k-th kept proposal; kept: the first k others.
+        considered = (others - ~ends) < k
+        finished = ends & considered
+        kept = jnp.argsort(~(~ends & (others <= k)), axis=1, stable=True)[:, :k]  # (B, k) positions
+        # Candidates finished now go to each utterance's list, best first, while it has room.
+        slot = count[:, None] + jnp.cumsum(finished, axis=1) - 1
+        slot = jnp.where(finished & (slot < most), slot, most)  # `most`: dropped
+        ended = tokens[source]  # (B, C, L): a finished candidate is its row, end of text after
+        done = done.at[jnp.arange(batch)[:, None], slot].set(ended, mode="drop")
+        done_scores = done_scores.at[jnp.arange(batch)[:, None], slot].set(sums, mode="drop")
+        count = jnp.minimum(count + finished.sum(axis=1), most)
+        # The kept proposals become the beams: rows gathered (tokens and self-attention caches).
+        chosen = jnp.take_along_axis(source, kept, axis=1).reshape(-1)  # (B k,)
+        tokens = tokens[chosen]
+        tokens = jax.lax.dynamic_update_slice_in_dim(
+            tokens, jnp.take_along_axis(proposed, kept, axis=1).reshape(-1, 1), n_prompt + i, axis=1
+        )
+        scores = jnp.take_along_axis(sums, kept, axis=1).reshape(-1)
+        layers = cache["layers"]
+        cache = {**cache, "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen], layers["attn"])}}
+        last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i, 1, axis=1)
+        logits, cache = decoder(last, xa, cache)
+        return decoder, i + 1, tokens, cache, logits[:, -1], scores, done, done_scores, count
+
+    done = jnp.full((batch, most, length), eot, jnp.int32)
+    done_scores = jnp.full((batch, most), -jnp.inf, jnp.float32)
+    state = (model.decoder, jnp.zeros((), jnp.int32), tokens, cache, logits[:, -1], jnp.zeros(batch * k),
+             done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
+    _, _, tokens, _, _, scores, done, done_scores, count = nnx.while_loop(unfinished, step, state)
+
+    # Too few finished: the remaining beams, best first, until an utterance has k candidates.
+    size = max(most, k)
+    best = jnp.argsort(-scores.reshape(batch, k), axis=1, stable=True)  # (B, k)
+    fill = jnp.arange(k)[None, :] + count[:, None]  # the slot each beam would take
+    fill = jnp.where(fill < k, fill, size)  # `size`: dropped
+    pool = jnp.concatenate([done, jnp.full((batch, size - most, length), eot, jnp.int32)], axis=1)
+    pool_scores = jnp.concatenate([done_scores, jnp.full((batch, size - most), -jnp.inf)], axis=1)
+    utterance = jnp.arange(batch)[:, None]
+    beams = jnp.take_along_axis(tokens.reshape(batch, k, length), best[..., None], axis=1)
+    pool = pool.at[utterance, fill].set(beams, mode="drop")
+    beam_scores = jnp.take_along_axis(scores.reshape(batch, k), best, axis=1)
+    pool_scores = pool_scores.at[utterance, fill].set(beam_scores, mode="drop")
+    # Rank by the sum over the length penalty; the first best wins.
+    sampled = pool[:, :, n_prompt:] == eot
+    lengths = jnp.where(sampled.any(axis=-1), jnp.argmax(sampled, axis=-1), max_new).astype(jnp.float32)
+    penalty = lengths if beam.length_penalty is None else ((5 + lengths) / 6) ** beam.length_penalty
+    pick = jnp.argmax(jnp.where(jnp.isfinite(pool_scores), pool_scores / penalty, -jnp.inf), axis=1)
+    chosen = jnp.take_along_axis(pool, pick[:, None, None], axis=1)[:, 0]
+    return chosen, jnp.take_along_axis(pool_scores, pick[:, None], axis=1)[:, 0]

@@ -4,6 +4,7 @@ variant, and one compile per shape."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ import torch_ref.decoding as torch_decoding
 from convert import load_checkpoint, load_flax_model, load_torch_model
 from whisper_config import InputError
 from whisper_io import DecodingOptions, decoding_options, text_tokens, tokenizer_for
+from whisper_io.decoding import BeamSearch
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +126,52 @@ def test_a_vocabulary_without_timestamps_says_so():
         decoding_options(tokenizer_for(config), config, timestamps=True)
 
 
-def test_flax_decoding_compiles_once_per_shape(decoding_setup):
+@pytest.mark.parametrize("patience", [1.0, 2.0])
+@pytest.mark.parametrize(
+    "setup, timestamps", [("decoding_setup", False), ("timestamp_setup", True)], ids=["text", "timestamps"]
+)
+def test_beam_search_matches_openai(request, setup, timestamps, patience):
+    """Beam 5, patience 1 and 2: the chosen tokens and their sums of log-probabilities of
+    `whisper.decoding.decode`, in both frameworks, text only and with timestamps."""
+    import whisper
+
+    model, path, mel, flax_model, torch_model = request.getfixturevalue(setup)
+    config = load_checkpoint(path).config
+    tokenizer = tokenizer_for(config)
+    sample_len = 12 if timestamps else SAMPLE_LEN
+    oracle = whisper.DecodingOptions(
+        language="en", beam_size=5, patience=patience, without_timestamps=not timestamps, fp16=False,
+        temperature=0.0, sample_len=sample_len,
+    )  # fmt: skip
+    # openai-whisper 20250625 cannot beam-search a batch of several utterances: one at a time.
+    expected = [whisper.decoding.decode(model, torch.from_numpy(mel[i : i + 1]), oracle)[0] for i in range(len(mel))]
+    prompt, options = decoding_options(tokenizer, config, "en", max_new_tokens=sample_len, timestamps=timestamps)
+    prompts, beam = np.tile(prompt, (len(mel), 1)), BeamSearch(5, patience)
+    for name, (tokens, sums) in [
+        ("flax", flax_decoding.beam_search_decode(flax_model, mel, prompts, options, beam)),
+        ("torch", torch_decoding.beam_search_decode(torch_model, mel, prompts, options, beam)),
+    ]:
+        assert text_tokens(np.asarray(tokens), len(prompt), tokenizer.eot) == [r.tokens for r in expected], name
+        oracle_sums = [r.avg_logprob * (len(r.tokens) + 1) for r in expected]
+        np.testing.assert_allclose(np.asarray(sums), oracle_sums, rtol=1e-4, err_msg=name)
+    # Not degenerate: the search chose other sequences than greedy decoding for some rows.
+    greedy = flax_decoding.greedy_decode(flax_model, mel, prompts, options)
+    assert text_tokens(np.asarray(greedy), len(prompt), tokenizer.eot) != [r.tokens for r in expected]
+    if not timestamps:
+        assert min(len(r.tokens) for r in expected) < sample_len  # some candidates ended early
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_flax_decoding_compiles_once_per_shape(decoding_setup, search):
     _, _, mel, flax_model, _ = decoding_setup
     tokenizer = tokenizer_for(flax_model.config)
     prompt, options = decoding_options(tokenizer, flax_model.config, "en", max_new_tokens=4)
     prompts = np.tile(prompt, (2, 1))
-    flax_decoding.greedy_decode(flax_model, mel[:2], prompts, options)  # compiles
+    if search == "beam":
+        decode = functools.partial(flax_decoding.beam_search_decode, beam=BeamSearch(5, 2.0))
+    else:
+        decode = flax_decoding.greedy_decode
+    decode(flax_model, mel[:2], prompts, options)  # compiles
     compiles = []
 
     def count(event: str, duration: float, **_) -> None:
@@ -138,11 +180,11 @@ def test_flax_decoding_compiles_once_per_shape(decoding_setup):
 
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
-        second = flax_decoding.greedy_decode(flax_model, mel[2:], prompts, options)
+        second = decode(flax_model, mel[2:], prompts, options)
         jax.block_until_ready(second)
         assert compiles == [], f"{len(compiles)} compilations for a batch of an already compiled shape"
         shorter = dataclasses.replace(options, max_new_tokens=3)
-        flax_decoding.greedy_decode(flax_model, mel[2:], prompts, shorter)
+        decode(flax_model, mel[2:], prompts, shorter)
         assert len(compiles) >= 1  # the listener does see compilations
     finally:
         jax.monitoring.unregister_event_duration_listener(count)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from torch_ref.model import Whisper
 from whisper_config import check_token_range
-from whisper_io.decoding import DecodingOptions, check_decoding_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, check_decoding_length
 
 
 def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
@@ -100,3 +100,93 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
         tokens[:, n_prompt + i] = chosen
         done |= chosen == eot
     return tokens
+
+
+def _rows(cache, rows: Tensor):
+    """A (nested) cache dict with the batch rows `rows` of every tensor."""
+    if isinstance(cache, dict):
+        return {name: _rows(value, rows) for name, value in cache.items()}
+    return cache[rows] if isinstance(cache, Tensor) else cache
+
+
+@torch.no_grad()
+def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+    """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int64, the
+    chosen candidate of each utterance padded with end of text, and its sum of log-probabilities
+    (B,) float32): OpenAI's beam search (see `whisper_io.decoding.BeamSearch`). Call
+    `model.eval()` first."""
+    eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
+    device = next(model.parameters()).device
+    prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
+    batch, n_prompt = prompt.shape
+    check_decoding_length(model.config, n_prompt, max_new)
+    check_token_range(model.config, int(prompt.min()), int(prompt.max()))
+    length = n_prompt + max_new
+    xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
+    if options.language_tokens:
+        prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
+    xa = xa.repeat_interleave(k, dim=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
+    tokens = torch.full((batch * k, length), eot, dtype=torch.long, device=device)
+    tokens[:, :n_prompt] = prompt.repeat_interleave(k, dim=0)
+    cache = model.decoder.init_cache(xa, length)
+    logits, cache = model.decoder(tokens[:, :n_prompt], xa, cache)
+    logits = logits[:, -1]
+    rows = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1): each utterance's first row
+    scores = torch.zeros(batch * k, device=device)
+    done = torch.full((batch, most + 1, length), eot, dtype=torch.long, device=device)  # (slot `most`: dropped)
+    done_scores = torch.full((batch, most + 1), -torch.inf, device=device)
+    count = torch.zeros(batch, dtype=torch.long, device=device)
+    utterance = torch.arange(batch, device=device)[:, None]
+    for i in range(max_new):
+        logits = suppress(logits, options.suppress_tokens)
+        if i == 0:
+            logits = suppress(logits, options.blank_tokens)
+        logprobs = torch.log_softmax(timestamp_rules(logits, tokens[:, n_prompt:], i, options).float(), dim=-1)
+        top, ids = logprobs.topk(k + 1, dim=-1)  # (B k, k + 1)
+        sums = (scores[:, None] + top).reshape(batch, k * (k + 1))  # beam-major, then rank
+        if i == 0:
+            sums[:, k + 1 :] = -torch.inf  # one prompt, one beam
+        sums, order = torch.sort(sums, dim=1, descending=True, stable=True)
+        proposed = ids.reshape(batch, -1).gather(1, order)
+        source = rows + order // (k + 1)  # (B, C) the proposing row
+        ends = proposed == eot
+        others = torch.cumsum(~ends, dim=1)  # proposals not ending so far, inclusive
+        # Finished: ends ranked before the k-th kept proposal; kept: the first k others.
+        finished = ends & ((others - (~ends).long()) < k)
+        kept = torch.sort((~(~ends & (others <= k))).long(), dim=1, stable=True).indices[:, :k]  # (B, k)
+        # Candidates finished now go to each utterance's list, best first, while it has room.
+        slot = count[:, None] + torch.cumsum(finished, dim=1) - 1
+        slot = torch.where(finished & (slot < most), slot, most)
+        done[utterance, slot] = tokens[source]
+        done_scores[utterance, slot] = sums
+        count = torch.clamp(count + finished.sum(dim=1), max=most)
+        # The kept proposals become the beams: rows gathered (tokens and self-attention caches).
+        chosen = source.gather(1, kept).reshape(-1)  # (B k,)
+        tokens = tokens[chosen]
+        tokens[:, n_prompt + i] = proposed.gather(1, kept).reshape(-1)
+        scores = sums.gather(1, kept).reshape(-1)
+        for layer in cache["layers"]:
+            layer["attn"] = _rows(layer["attn"], chosen)
+        if bool((count >= most).all()):
+            break
+        logits, cache = model.decoder(tokens[:, n_prompt + i : n_prompt + i + 1], xa, cache)
+        logits = logits[:, -1]
+
+    # Too few finished: the remaining beams, best first, until an utterance has k candidates.
+    size = max(most, k)
+    pool = torch.full((batch, size + 1, length), eot, dtype=torch.long, device=device)
+    pool_scores = torch.full((batch, size + 1), -torch.inf, device=device)
+    pool[:, :most], pool_scores[:, :most] = done[:, :most], done_scores[:, :most]
+    best = torch.sort(scores.reshape(batch, k), dim=1, descending=True, stable=True).indices  # (B, k)
+    fill = torch.arange(k, device=device)[None, :] + count[:, None]  # the slot each beam would take
+    fill = torch.where(fill < k, fill, size)
+    pool[utterance, fill] = tokens.reshape(batch, k, length).gather(1, best[..., None].expand(-1, -1, length))
+    pool_scores[utterance, fill] = scores.reshape(batch, k).gather(1, best)
+    pool, pool_scores = pool[:, :size], pool_scores[:, :size]
+    # Rank by the sum over the length penalty; the first best wins.
+    sampled = pool[:, :, n_prompt:] == eot
+    lengths = torch.where(sampled.any(dim=-1), sampled.int().argmax(dim=-1), max_new).float()
+    penalty = lengths if beam.length_penalty is None else ((5 + lengths) / 6) ** beam.length_penalty
+    ranked = torch.where(torch.isfinite(pool_scores), pool_scores / penalty, -torch.inf)
+    pick = ranked.argmax(dim=1)
+    return pool[torch.arange(batch), pick], pool_scores[torch.arange(batch), pick]

@@ -46,6 +46,33 @@ class DecodingOptions:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
 
 
+@dataclasses.dataclass(frozen=True)
+class BeamSearch:
+    """OpenAI's beam search settings: `beam_size` beams per utterance; decoding stops once each
+    utterance has `round(beam_size * patience)` finished candidates (or at `max_new_tokens`);
+    candidates are ranked by sum of log-probabilities over length (`length_penalty` None) or
+    over `((5 + length) / 6) ** length_penalty`.
+
+    Each step, every beam proposes its `beam_size + 1` likeliest next tokens; the proposals of an
+    utterance are ranked by their sums (ties: beam order, then the proposal's rank); proposals
+    ending in end of text are set aside as finished until `beam_size` others have been kept as
+    the next beams. At the start all beams are the prompt, so only the first one proposes.
+    Utterances with fewer than `beam_size` finished candidates at the end take their remaining
+    beams, best first."""
+
+    beam_size: int = 5
+    patience: float = 1.0
+    length_penalty: float | None = None
+
+    def __post_init__(self):
+        if self.beam_size < 1 or self.patience <= 0:
+            raise InputError(f"beam_size must be >= 1 and patience > 0, got {self.beam_size} and {self.patience}")
+
+    @property
+    def max_candidates(self) -> int:
+        return round(self.beam_size * self.patience)
+
+
 def max_new_tokens_for(config: ModelConfig, prompt_length: int) -> int:
     """The most tokens that can be sampled after a prompt: every fed token needs a position,
     and the last sampled token is never fed (OpenAI stops at `n_text_ctx + 1` tokens too)."""
