@@ -182,3 +182,23 @@ def test_model_packages_import_nothing_above_them():
                 if file.name == "transcribe.py" and package == "flax_whisper":
                     continue  # the old command's alias, importing `transcribe` only when run
                 assert not tops & (above | {sibling}), f"{file} imports {tops & (above | {sibling})}"
+
+
+def test_beam_search_transcripts_match_openai(decoding_checkpoint, capsys):
+    import torch
+    import whisper
+
+    model, path, _ = decoding_checkpoint
+    argv = [str(SPEECH), "--checkpoint", str(path), "--max-new-tokens", "8", "-f", "json"]
+    assert main([*argv, "--beam-size", "5", "--patience", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    windows = mel_windows(load_audio(SPEECH), load_checkpoint(path).config)
+    oracle = whisper.DecodingOptions(beam_size=5, patience=2.0, without_timestamps=True, fp16=False, sample_len=8)
+    expected = [whisper.decoding.decode(model, torch.from_numpy(w[None]), oracle)[0] for w in windows]
+    assert [s["tokens"] for s in result["segments"]] == [r.tokens for r in expected]
+    assert main(argv) == 0  # greedy: another transcript on at least one window
+    greedy = json.loads(capsys.readouterr().out)
+    assert [s["tokens"] for s in greedy["segments"]] != [r.tokens for r in expected]
+    with pytest.raises(SystemExit):
+        main([*argv, "--patience", "2"])
+    assert "--patience and --length-penalty need --beam-size" in capsys.readouterr().err

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         result = Trainer(config).run()
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
+        _leave_distributed_run(2)
         return 2
     except KeyboardInterrupt:
         print("interrupted: stopped without saving (the last checkpoint is kept)", file=sys.stderr)
@@ -56,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         summary.update({k: v for k, v in result.eval.items() if k != "examples"})
     print(json.dumps(summary))
     return 0
+
+
+def _leave_distributed_run(code: int) -> None:
+    """After an error in a run of several processes, exit now: JAX's shutdown at interpreter exit
+    waits at a barrier for every process, which one that stopped at another point (or already
+    left) never reaches, and that wait is minutes long. Nothing is left to save by then."""
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def initialize_distributed() -> None:

@@ -16,6 +16,7 @@ from transcribe.outputs import FORMATS, RENDERERS, check_outputs, write_outputs
 from transcribe.pipeline import Transcriber, transcribe_files
 from whisper_config import ConfigError, InputError
 from whisper_io import AudioFileError, TokenizerError
+from whisper_io.decoding import BeamSearch
 from whisper_io.outputs import OutputError
 from whisper_io.tokenizers import TASKS
 
@@ -35,6 +36,11 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASKS, default="transcribe")
     p.add_argument("--batch-size", type=int, default=8, help="windows decoded together (default 8)")
     p.add_argument("--max-new-tokens", type=int, help="tokens sampled per window (default: n_text_ctx // 2)")
+    p.add_argument("--beam-size", type=int, help="beam search with this many beams (default: greedy decoding)")
+    p.add_argument("--patience", type=float, default=1.0, help="beam search: stop at beam_size * patience finished")
+    p.add_argument(
+        "--length-penalty", type=float, help="beam search: rank by ((5 + length) / 6) ** this (default: length)"
+    )
     p.add_argument(
         "--output-format",
         "-f",
@@ -52,6 +58,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
     args = cli.parse_args(argv)
     if args.batch_size < 1:
         cli.error("--batch-size must be at least 1")
+    if args.beam_size is None and (args.patience != 1.0 or args.length_penalty is not None):
+        cli.error("--patience and --length-penalty need --beam-size")
+    if args.beam_size is not None and (args.beam_size < 1 or args.patience <= 0):
+        cli.error("--beam-size must be at least 1 and --patience above 0")
+    beam = None if args.beam_size is None else BeamSearch(args.beam_size, args.patience, args.length_penalty)
     fmt = "json" if args.jsonl else args.output_format
     formats = FORMATS if fmt == "all" or (fmt is None and args.output_dir) else (fmt,) if fmt else ()
     if not args.output_dir and fmt in ("all", "vtt", "srt", "tsv") and len(set(args.audio)) > 1:
@@ -61,7 +72,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         if args.output_dir:
             check_outputs(args.audio, args.output_dir, formats, args.overwrite)
         transcriber = Transcriber.load(
-            args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens
+            args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens, beam
         )
     except (ConfigError, InputError, TokenizerError, OutputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

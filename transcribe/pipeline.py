@@ -28,7 +28,7 @@ from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
 from whisper_config import ConfigError, ModelConfig
 from whisper_io import AudioFileError, decoding_options, text_tokens, tokenizer_for
 from whisper_io.audio_files import stream_audio
-from whisper_io.decoding import DecodingOptions
+from whisper_io.decoding import BeamSearch, DecodingOptions
 from whisper_io.tokenizers import Tokenizer
 
 
@@ -72,7 +72,9 @@ class Transcriber:
         task: str = "transcribe",
         batch_size: int = 8,
         max_new_tokens: int | None = None,
+        beam: BeamSearch | None = None,
     ) -> Transcriber:
+        """The model of `checkpoint` in `framework`, decoding greedily, or with `beam` search."""
         from convert.checkpoints import load_checkpoint
 
         ckpt = load_checkpoint(checkpoint)
@@ -83,12 +85,12 @@ class Transcriber:
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
             from convert.core import new_flax_model
-            from flax_whisper.decoding import greedy_decode
+            from flax_whisper.decoding import beam_search_decode, greedy_decode
 
             model = new_flax_model(config, ckpt.tensors)
         elif framework == "torch":
             from convert.core import new_torch_model
-            from torch_ref.decoding import greedy_decode
+            from torch_ref.decoding import beam_search_decode, greedy_decode
 
             model = new_torch_model(config, ckpt.tensors)
         else:
@@ -96,7 +98,9 @@ class Transcriber:
         model.eval()
 
         def run(mel: np.ndarray, prompts: np.ndarray) -> np.ndarray:
-            return np.asarray(greedy_decode(model, mel, prompts, options))
+            if beam is None:
+                return np.asarray(greedy_decode(model, mel, prompts, options))
+            return np.asarray(beam_search_decode(model, mel, prompts, options, beam)[0])
 
         return cls(config, tokenizer, prompt, options, run, batch_size)
 
