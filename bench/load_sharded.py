@@ -23,9 +23,40 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = """
 import json, resource, sys, tempfile
+import os, threading, time
 import jax, numpy as np
+import train.loop
 from train.config import TrainConfig
 from train.loop import Trainer
+
+# While the weights are placed: the host's resident memory sampled every 2 ms, less what it
+# held when placing began and less the shards placed so far (CPU devices live in host memory).
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+placed, working = [0], [0]
+def place(shape, sharding, callback, _make=jax.make_array_from_callback):
+    def counted(index):
+        shard = callback(index)
+        placed[0] += shard.nbytes  # about to be copied into its device's buffer
+        return shard
+    return _make(shape, sharding, counted)
+jax.make_array_from_callback = place  # train.sharding places each array through it
+def place_weights(*args, _place=train.loop.place_weights):
+    start, stop = rss(), threading.Event()
+    def sample():
+        while not stop.is_set():
+            working[0] = max(working[0], rss() - start - placed[0])
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        return _place(*args)
+    finally:
+        stop.set()
+        sampler.join()
+train.loop.place_weights = place_weights
 
 checkpoint, optimizer, devices = sys.argv[1], sys.argv[2], int(sys.argv[3])
 baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -41,7 +72,8 @@ per_device = max(sum(s.data.nbytes for x in leaves for s in x.addressable_shards
 params = jax.tree.leaves(trainer.state.params)
 largest = max(x.nbytes for x in params)
 print(json.dumps({"peak": peak * 1024, "baseline": baseline * 1024, "state": state_bytes,
-                  "per_device": per_device, "largest": largest, "devices": len(jax.devices())}))
+                  "per_device": per_device, "largest": largest, "devices": len(jax.devices()),
+                  "working": working[0]}))
 """
 
 
@@ -65,6 +97,7 @@ def main() -> None:
     print(f"training state      {r['state'] / gb:6.2f} GB ({r['per_device'] / gb:.2f} GB on the fullest device)")
     print(f"peak RSS            {r['peak'] / gb:6.2f} GB (process baseline before loading {r['baseline'] / gb:.2f} GB)")
     print(f"beyond the state    {beyond / gb:6.2f} GB; the largest parameter array is {r['largest'] / gb:.2f} GB")
+    print(f"placing the weights {r['working'] / gb:6.2f} GB at most beyond the shards placed so far (every 2 ms)")
 
 
 if __name__ == "__main__":
