@@ -149,6 +149,8 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     cache = model.decoder.init_cache(xa, length)
     logits, cache = model.decoder(tokens[:, :n_prompt], xa, cache)
     rows = (jnp.arange(batch) * k)[:, None]  # (B, 1): each utterance's first row
+    utterance = jnp.arange(batch)[:, None]
+    size = max(most, k)  # the candidates an utterance ends with: `most` finished, or k when too few
 
     def unfinished(state):
         _, i, _, _, _, _, _, _, count = state
@@ -174,10 +176,10 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         kept = jnp.argsort(~(~ends & (others <= k)), axis=1, stable=True)[:, :k]  # (B, k) positions
         # Candidates finished now go to each utterance's list, best first, while it has room.
         slot = count[:, None] + jnp.cumsum(finished, axis=1) - 1
-        slot = jnp.where(finished & (slot < most), slot, most)  # `most`: dropped
+        slot = jnp.where(finished & (slot < most), slot, size)  # `size`: dropped
         ended = tokens[source]  # (B, C, L): a finished candidate is its row, end of text after
-        done = done.at[jnp.arange(batch)[:, None], slot].set(ended, mode="drop")
-        done_scores = done_scores.at[jnp.arange(batch)[:, None], slot].set(sums, mode="drop")
+        done = done.at[utterance, slot].set(ended, mode="drop")
+        done_scores = done_scores.at[utterance, slot].set(sums, mode="drop")
         count = jnp.minimum(count + finished.sum(axis=1), most)
         # The kept proposals become the beams: rows gathered (tokens and self-attention caches).
         chosen = jnp.take_along_axis(source, kept, axis=1).reshape(-1)  # (B k,)
@@ -192,24 +194,20 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         logits, cache = decoder(last, xa, cache)
         return decoder, i + 1, tokens, cache, logits[:, -1], scores, done, done_scores, count
 
-    done = jnp.full((batch, most, length), eot, jnp.int32)
-    done_scores = jnp.full((batch, most), -jnp.inf, jnp.float32)
+    done = jnp.full((batch, size, length), eot, jnp.int32)
+    done_scores = jnp.full((batch, size), -jnp.inf, jnp.float32)
     state = (model.decoder, jnp.zeros((), jnp.int32), tokens, cache, logits[:, -1], jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
     _, _, tokens, _, _, scores, done, done_scores, count = nnx.while_loop(unfinished, step, state)
 
     # Too few finished: the remaining beams, best first, until an utterance has k candidates.
-    size = max(most, k)
     best = jnp.argsort(-scores.reshape(batch, k), axis=1, stable=True)  # (B, k)
     fill = jnp.arange(k)[None, :] + count[:, None]  # the slot each beam would take
     fill = jnp.where(fill < k, fill, size)  # `size`: dropped
-    pool = jnp.concatenate([done, jnp.full((batch, size - most, length), eot, jnp.int32)], axis=1)
-    pool_scores = jnp.concatenate([done_scores, jnp.full((batch, size - most), -jnp.inf)], axis=1)
-    utterance = jnp.arange(batch)[:, None]
     beams = jnp.take_along_axis(tokens.reshape(batch, k, length), best[..., None], axis=1)
-    pool = pool.at[utterance, fill].set(beams, mode="drop")
+    pool = done.at[utterance, fill].set(beams, mode="drop")
     beam_scores = jnp.take_along_axis(scores.reshape(batch, k), best, axis=1)
-    pool_scores = pool_scores.at[utterance, fill].set(beam_scores, mode="drop")
+    pool_scores = done_scores.at[utterance, fill].set(beam_scores, mode="drop")
     # Rank by the sum over the length penalty; the first best wins.
     sampled = pool[:, :, n_prompt:] == eot
     lengths = jnp.where(sampled.any(axis=-1), jnp.argmax(sampled, axis=-1), max_new).astype(jnp.float32)

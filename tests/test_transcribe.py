@@ -155,6 +155,9 @@ def test_output_files_refuse_to_replace_anything_unless_asked(decoding_checkpoin
     with pytest.raises(SystemExit):
         main([str(SPEECH), str(other / "speech_16k.wav"), "--checkpoint", str(path), "-f", "vtt"])
     assert "give --output-dir for several" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # five formats cannot share stdout, even for one file
+        main([*common, "-f", "all"])
+    assert "--output-format all writes one file per format: give --output-dir" in capsys.readouterr().err
     assert main([*common, "-f", "vtt"]) == 0
     assert capsys.readouterr().out.startswith("WEBVTT\n\n00:00.000 --> ")
 

@@ -133,8 +133,9 @@ def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, be
     logits = logits[:, -1]
     rows = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1): each utterance's first row
     scores = torch.zeros(batch * k, device=device)
-    done = torch.full((batch, most + 1, length), eot, dtype=torch.long, device=device)  # (slot `most`: dropped)
-    done_scores = torch.full((batch, most + 1), -torch.inf, device=device)
+    size = max(most, k)  # the candidates an utterance ends with: `most` finished, or k when too few
+    done = torch.full((batch, size + 1, length), eot, dtype=torch.long, device=device)  # (slot `size`: dropped)
+    done_scores = torch.full((batch, size + 1), -torch.inf, device=device)
     count = torch.zeros(batch, dtype=torch.long, device=device)
     utterance = torch.arange(batch, device=device)[:, None]
     for i in range(max_new):
@@ -156,7 +157,7 @@ def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, be
         kept = torch.sort((~(~ends & (others <= k))).long(), dim=1, stable=True).indices[:, :k]  # (B, k)
         # Candidates finished now go to each utterance's list, best first, while it has room.
         slot = count[:, None] + torch.cumsum(finished, dim=1) - 1
-        slot = torch.where(finished & (slot < most), slot, most)
+        slot = torch.where(finished & (slot < most), slot, size)
         done[utterance, slot] = tokens[source]
         done_scores[utterance, slot] = sums
         count = torch.clamp(count + finished.sum(dim=1), max=most)
@@ -173,16 +174,12 @@ def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, be
         logits = logits[:, -1]
 
     # Too few finished: the remaining beams, best first, until an utterance has k candidates.
-    size = max(most, k)
-    pool = torch.full((batch, size + 1, length), eot, dtype=torch.long, device=device)
-    pool_scores = torch.full((batch, size + 1), -torch.inf, device=device)
-    pool[:, :most], pool_scores[:, :most] = done[:, :most], done_scores[:, :most]
     best = torch.sort(scores.reshape(batch, k), dim=1, descending=True, stable=True).indices  # (B, k)
     fill = torch.arange(k, device=device)[None, :] + count[:, None]  # the slot each beam would take
     fill = torch.where(fill < k, fill, size)
-    pool[utterance, fill] = tokens.reshape(batch, k, length).gather(1, best[..., None].expand(-1, -1, length))
-    pool_scores[utterance, fill] = scores.reshape(batch, k).gather(1, best)
-    pool, pool_scores = pool[:, :size], pool_scores[:, :size]
+    done[utterance, fill] = tokens.reshape(batch, k, length).gather(1, best[..., None].expand(-1, -1, length))
+    done_scores[utterance, fill] = scores.reshape(batch, k).gather(1, best)
+    pool, pool_scores = done[:, :size], done_scores[:, :size]
     # Rank by the sum over the length penalty; the first best wins.
     sampled = pool[:, :, n_prompt:] == eot
     lengths = torch.where(sampled.any(dim=-1), sampled.int().argmax(dim=-1), max_new).float()

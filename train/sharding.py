@@ -114,12 +114,6 @@ def weight_spec(shape: tuple[int, ...], axes: tuple | None, mesh: Mesh) -> Parti
     return _with_fsdp(logical_spec(axes, shape, mesh), shape, axes, mesh.shape["fsdp"])
 
 
-def _axes(leaf) -> tuple | None:
-    from flax import nnx
-
-    return leaf.get_metadata().get("axes") if isinstance(leaf, nnx.Variable) else None
-
-
 def state_shardings(abstract_state, mesh: Mesh):
     """NamedShardings for every leaf of a (shape-only) training state: parameters and the optimizer
     moments shaped like them by the parameters' logical axes (optax keeps each `nnx.Variable`'s
@@ -128,8 +122,8 @@ def state_shardings(abstract_state, mesh: Mesh):
 
     def sharding(leaf):
         if isinstance(leaf, nnx.Variable):
-            value = leaf.get_value()
-            return leaf.replace(NamedSharding(mesh, weight_spec(tuple(value.shape), _axes(leaf), mesh)))
+            spec = weight_spec(tuple(leaf.get_value().shape), leaf.get_metadata().get("axes"), mesh)
+            return leaf.replace(NamedSharding(mesh, spec))
         return NamedSharding(mesh, weight_spec(tuple(leaf.shape), None, mesh))
 
     return jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -60,12 +60,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         cli.error("--batch-size must be at least 1")
     if args.beam_size is None and (args.patience != 1.0 or args.length_penalty is not None):
         cli.error("--patience and --length-penalty need --beam-size")
-    if args.beam_size is not None and (args.beam_size < 1 or args.patience <= 0):
-        cli.error("--beam-size must be at least 1 and --patience above 0")
-    beam = None if args.beam_size is None else BeamSearch(args.beam_size, args.patience, args.length_penalty)
+    try:
+        beam = None if args.beam_size is None else BeamSearch(args.beam_size, args.patience, args.length_penalty)
+    except InputError as e:
+        cli.error(str(e))
     fmt = "json" if args.jsonl else args.output_format
     formats = FORMATS if fmt == "all" or (fmt is None and args.output_dir) else (fmt,) if fmt else ()
-    if not args.output_dir and fmt in ("all", "vtt", "srt", "tsv") and len(set(args.audio)) > 1:
+    if not args.output_dir and fmt == "all":
+        cli.error("--output-format all writes one file per format: give --output-dir")
+    if not args.output_dir and fmt in ("vtt", "srt", "tsv") and len(set(args.audio)) > 1:
         cli.error(f"--output-format {fmt} prints one file's transcript: give --output-dir for several")
 
     try:
