@@ -4,9 +4,10 @@
 
 Runs in a child process with `--devices` CPU devices (XLA_FLAGS), builds the `Trainer` of a run
 with `init_from=CHECKPOINT` and `mesh_fsdp=--devices`, and reports its peak RSS next to the
-training state's size. CPU devices live in host memory, so the state itself counts in the RSS:
-what loading adds beyond it is the host's working memory, which should be about one array (the
-largest layer stack in float32), not the model. A CHECKPOINT of large-v3 size comes from
+training state's size, and the most the host held while placing the weights beyond the device
+buffers made so far. CPU devices live in host memory, so the state itself counts in the RSS:
+what loading adds beyond it is the host's working memory, which should be about one source
+tensor, never the model. A CHECKPOINT of large-v3 size comes from
 `python bench/convert_large.py --workdir DIR` (DIR/flax).
 """
 
@@ -30,24 +31,25 @@ from train.config import TrainConfig
 from train.loop import Trainer
 
 # While the weights are placed: the host's resident memory sampled every 2 ms, less what it
-# held when placing began and less the shards placed so far (CPU devices live in host memory).
+# held when placing began and less the device buffers made since (CPU devices live in host
+# memory; each buffer counted once, however many arrays share it).
 page = os.sysconf("SC_PAGE_SIZE")
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * page
-placed, working = [0], [0]
-def place(shape, sharding, callback, _make=jax.make_array_from_callback):
-    def counted(index):
-        shard = callback(index)
-        placed[0] += shard.nbytes  # about to be copied into its device's buffer
-        return shard
-    return _make(shape, sharding, counted)
-jax.make_array_from_callback = place  # train.sharding places each array through it
+def on_devices():
+    buffers = {}
+    for array in jax.live_arrays():
+        for shard in array.addressable_shards:
+            buffers[(shard.device.id, shard.data.unsafe_buffer_pointer())] = shard.data.nbytes
+    return sum(buffers.values())
+working = [0]
 def place_weights(*args, _place=train.loop.place_weights):
-    start, stop = rss(), threading.Event()
+    start, stop = rss() - on_devices(), threading.Event()
     def sample():
         while not stop.is_set():
-            working[0] = max(working[0], rss() - start - placed[0])
+            before = on_devices()  # buffers freed between the two readings make it an overestimate
+            working[0] = max(working[0], rss() - start - before)
             time.sleep(0.002)
     sampler = threading.Thread(target=sample)
     sampler.start()

@@ -68,6 +68,62 @@ def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dty
         yield path, LAYER_STACK.to_flax(layers, len(entries), dtype)
 
 
+def _region(entries, tensors: Mapping, dtype):
+    """index (a tuple of slices) -> that part of the Flax array `entries` fill, in `dtype`, read
+    from `tensors` with little held besides it: a layer stack's region takes its layers one at a
+    time and keeps only their slices (a Flax source's stack, `LazyTensors.stacks`, is read whole
+    once, as it is stored, and sliced); any other array is built once, kept while its regions are
+    asked for, then dropped with this function."""
+    first = entries[0]
+    stacks = getattr(tensors, "stacks", None)
+    if first.layer is None or stacks is not None:
+        whole: list = []
+
+        def region(index):
+            if not whole:
+                if first.layer is None:
+                    whole.append(first.transform.to_flax_view(np.asarray(tensors[first.torch_key])))
+                else:
+                    whole.append(np.asarray(stacks[first.flax_key]))
+            return np.array(whole[0][index], dtype)
+
+        return region
+
+    def stack_region(index):
+        rows = range(len(entries))[index[0]]
+        parts = (first.transform.to_flax_view(np.asarray(tensors[entries[i].torch_key]))[index[1:]] for i in rows)
+        return LAYER_STACK.to_flax(parts, len(rows), dtype)
+
+    return stack_region
+
+
+def place_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, shardings: Mapping, dtype=np.float32):
+    """(Flax path, `jax.Array`) for every array of the model's carried state, each made straight
+    in its sharding (`shardings`: Flax path -> `jax.sharding.Sharding`), one array and one device
+    at a time, and on each process only the parts its own devices hold (`place_by_regions`): the
+    host holds at most one source tensor (a torch tensor, or a Flax checkpoint's stored array)
+    besides the region being placed."""
+    check_torch_tensors(tensors, config)
+    for path, entries in _by_array(build_plan(config)).items():
+        region = _region(entries, tensors, dtype)
+        yield path, place_by_regions(entries[0].stacked_shape, shardings[path], region)
+
+
+def place_by_regions(shape: tuple[int, ...], sharding, region) -> jax.Array:
+    """The `jax.Array` of `shape` in `sharding` whose parts are `region(index)`, made one device
+    at a time (each region on the host only until its device holds it), unlike
+    `jax.make_array_from_callback`, which builds every local region before placing any."""
+    shards, made = [], {}
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if key not in made:  # a replicated part is built once per process
+            made.clear()
+            made[key] = region(index)
+        shards.append(jax.device_put(made[key], device).block_until_ready())
+    made.clear()
+    return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+
 def torch_to_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
     """torch-named arrays -> the nested dict of Flax arrays a checkpoint stores (`nnx.to_pure_dict`
     layout, the token table's true rows), in the tensors' own dtype."""

@@ -53,12 +53,29 @@ def weights(run: Path) -> dict[str, np.ndarray]:
     return load_file(run / "model-torch" / "model.safetensors")
 
 
+def start_checkpoint(dataset: Path, folder: Path) -> Path:
+    """A float16 torch checkpoint of the tiny model with seeded random weights, to start from."""
+    from flax import nnx
+
+    from convert import save_checkpoint
+    from convert.core import flax_to_torch
+    from flax_whisper import Whisper
+
+    config = tiny_train_config(dataset, folder).model_config()
+    tensors = flax_to_torch(Whisper(config, rngs=nnx.Rngs(11)))
+    save_checkpoint(folder / "start", "torch", config, {k: v.astype(np.float16) for k, v in tensors.items()})
+    return folder / "start"
+
+
 def test_two_processes_train_as_one_and_resume_exactly(dataset, tmp_path):
-    single = write_config(dataset, tmp_path / "single")
+    # Every run starts from a checkpoint, which each process places region by region into the
+    # shards its own devices hold: the same losses as one process prove the regions right.
+    start = str(start_checkpoint(dataset, tmp_path / "checkpoint"))
+    single = write_config(dataset, tmp_path / "single", init_from=start)
     done = train_cli(single, 8)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    double = write_config(dataset, tmp_path / "double")
+    double = write_config(dataset, tmp_path / "double", init_from=start)
     done = train_cli(double, 4, "--processes", "2")
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -72,7 +89,7 @@ def test_two_processes_train_as_one_and_resume_exactly(dataset, tmp_path):
         assert a["cer"] == b["cer"] and a["wer"] == b["wer"]
         assert a["eval_loss"] == pytest.approx(b["eval_loss"], rel=1e-5)
     # Stopped at step 3 and resumed: the parameters of the uninterrupted 2-process run, bit for bit.
-    resumed = write_config(dataset, tmp_path / "resumed")
+    resumed = write_config(dataset, tmp_path / "resumed", init_from=start)
     done = train_cli(resumed, 4, "--processes", "2", "--stop-at-step", "3")
     assert done.returncode == 0, done.stderr[-3000:]
     done = train_cli(resumed, 4, "--processes", "2", "--resume")

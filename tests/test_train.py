@@ -446,21 +446,23 @@ for name, devices, fsdp, tensor in runs:
         shards[jax.tree_util.keystr(path)] = [str(leaf.sharding.spec), local, list(leaf.shape)]
     out[name] = {"losses": losses, "shards": shards, "mesh": dict(trainer.mesh.shape)}
 
-# Starting from a checkpoint: its weights, placed array by array into the same shardings.
+# Starting from a checkpoint (torch, then flax on a mesh with a tensor axis): its weights, placed
+# array by array and device by device into the same shardings.
 import numpy as np
 from convert import load_checkpoint
 from convert.core import flax_to_torch
-checkpoint = load_checkpoint(sys.argv[2])
-trainer = Trainer(dataclasses.replace(config, mesh_fsdp=4, init_from=sys.argv[2]))
-loaded = flax_to_torch(jax.device_get(trainer.model()))
-out["from_checkpoint"] = {
-    "equal": all(np.array_equal(loaded[k], np.asarray(v, np.float32)) for k, v in checkpoint.tensors.items()),
-    "specs_as_fresh": all(
-        a.sharding.is_equivalent_to(b, a.ndim)
-        for a, b in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(trainer.shardings), strict=True)
-    ),
-    "embedding": str(trainer.state.params["decoder"]["token_embedding"]["embedding"].get_value().sharding.spec),
-}
+for path, tensor in zip(sys.argv[2:], (1, 2)):
+    checkpoint = load_checkpoint(path)
+    trainer = Trainer(dataclasses.replace(config, mesh_fsdp=4 // tensor, mesh_tensor=tensor, init_from=path))
+    loaded = flax_to_torch(jax.device_get(trainer.model()))
+    out["from_" + checkpoint.format] = {
+        "equal": all(np.array_equal(loaded[k], np.asarray(v, np.float32)) for k, v in checkpoint.tensors.items()),
+        "specs_as_fresh": all(
+            a.sharding.is_equivalent_to(b, a.ndim)
+            for a, b in zip(jax.tree.leaves(trainer.state), jax.tree.leaves(trainer.shardings), strict=True)
+        ),
+        "embedding": str(trainer.state.params["decoder"]["token_embedding"]["embedding"].get_value().sharding.spec),
+    }
 print(json.dumps(out))
 """
 
@@ -472,10 +474,19 @@ def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp
 
     model_config = config.model_config()
     start = flax_to_torch(Whisper(model_config, rngs=nnx.Rngs(7)))
-    save_checkpoint(tmp_path / "start", "torch", model_config, {k: v.astype(np.float16) for k, v in start.items()})
+    start = {k: v.astype(np.float16) for k, v in start.items()}
+    save_checkpoint(tmp_path / "start", "torch", model_config, start)
+    save_checkpoint(tmp_path / "start_flax", "flax", model_config, start)
     flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     done = subprocess.run(
-        [sys.executable, "-c", SHARDED_RUN, json.dumps(config.to_dict()), str(tmp_path / "start")],
+        [
+            sys.executable,
+            "-c",
+            SHARDED_RUN,
+            json.dumps(config.to_dict()),
+            str(tmp_path / "start"),
+            str(tmp_path / "start_flax"),
+        ],
         capture_output=True,
         text=True,
         env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"},
@@ -499,5 +510,6 @@ def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp
     assert next(v for k, v in spec.items() if "token_embedding" in k) == str(P(("tensor", "fsdp"), None))
     assert all("fsdp" not in v[0] for v in result["one"]["shards"].values())
     # init_from a (float16) checkpoint: exactly its weights, in float32, sharded as a fresh state.
-    placed = result["from_checkpoint"]
-    assert placed["equal"] and placed["specs_as_fresh"] and "fsdp" in placed["embedding"]
+    for fmt, embedding in (("torch", "fsdp"), ("flax", "tensor")):
+        placed = result[f"from_{fmt}"]
+        assert placed["equal"] and placed["specs_as_fresh"] and embedding in placed["embedding"], (fmt, placed)

@@ -175,20 +175,18 @@ def with_activation_sharding(fn: Callable, mesh: Mesh) -> Callable:
 def place_weights(params, rest, shardings, tensors, config):
     """`params` and `rest` (the model's `nnx.State`s: shapes only, or arrays) with their carried
     variables -- parameters and buffers -- set from a checkpoint's torch-named `tensors`, each
-    array placed straight into its sharding (`shardings`: a `TrainState` of them): the host
-    builds one array at a time (float32) and every process materialises only the shards its
-    own devices hold. Nothing else of the model is ever on one host."""
+    array made straight in its sharding (`shardings`: a `TrainState` of them) by
+    `convert.core.place_flax_arrays`: one array at a time, and every process reads and builds
+    only the parts its own devices hold. Nothing else of the model is ever on one host."""
     from flax import nnx
 
-    from convert.core import iter_flax_arrays
+    from convert.core import place_flax_arrays
 
     variables, targets = {}, {}
     for state, part in ((params, "params"), (rest, "rest")):
         variables.update(nnx.to_flat_state(state))
-        targets.update(nnx.to_flat_state(getattr(shardings, part)))
-    for path, host in iter_flax_arrays(tensors, config, dtype=np.float32):
-        sharding = targets[path].get_value()
-        placed = jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index])
+        targets.update((path, v.get_value()) for path, v in nnx.to_flat_state(getattr(shardings, part)))
+    for path, placed in place_flax_arrays(tensors, config, targets, dtype=np.float32):
         variables[path].set_value(placed)
-        del host, placed
+        del placed
     return params, rest
