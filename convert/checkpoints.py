@@ -22,7 +22,7 @@ import numpy as np
 
 from convert.core import check_torch_tensors, flax_arrays_lazily, torch_to_flax_arrays
 from convert.hf import HF_ENTRIES, check_hf_compatible, is_hf_directory, is_shard_name, load_hf, save_hf
-from convert.rules import ConversionError, drop_removed
+from convert.rules import STACKED, ConversionError, drop_removed
 from convert.tensors import LazyTensors, Spec, dtype_of, safetensors_tensors, write_safetensors
 from whisper_config import ConfigError, ModelConfig
 from whisper_io.messages import first_line, some
@@ -156,6 +156,7 @@ def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray
         return last[keys]
 
     specs: dict[str, Spec] = {}
+    regions = _region_reader(path)
 
     def walk(node, keys: tuple[str, ...]) -> None:
         for key, value in node.items():
@@ -164,10 +165,50 @@ def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray
             else:
                 name = ".".join((*keys, key))
                 read = functools.partial(restore, (*keys, key))
-                specs[name] = Spec(tuple(value.shape), np.dtype(value.dtype), read, str(path))
+                chunked = regions is not None and _chunked(value)
+                region = functools.partial(regions, name) if chunked else None
+                specs[name] = Spec(tuple(value.shape), np.dtype(value.dtype), read, str(path), region)
 
     walk(tree, ())
     return flax_arrays_lazily(drop_removed(LazyTensors(specs), f"checkpoint {path.parent}"), config)
+
+
+def _chunked(metadata) -> bool:
+    """Whether orbax stored the array in chunks smaller than itself (then a region is cheap to
+    read; a single compressed chunk has to be decoded whole for any part of it)."""
+    storage = getattr(metadata, "storage", None)
+    chunks = getattr(storage, "chunk_shape", None)
+    return chunks is not None and tuple(chunks) != tuple(metadata.shape)
+
+
+def _region_reader(path: Path):
+    """(array name, index) -> that region of the array in the orbax checkpoint at `path`, read
+    by TensorStore from the chunks it covers only; None when the checkpoint's layout is unknown."""
+    import json
+
+    import orbax.checkpoint as ocp
+    import tensorstore
+
+    try:
+        layout = json.loads((path / "_METADATA").read_text(encoding="utf-8"))
+        ocdbt, zarr3 = bool(layout["use_ocdbt"]), bool(layout["use_zarr3"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    opened: dict[str, object] = {}
+
+    def read(name: str, index: tuple) -> np.ndarray:
+        try:
+            if name not in opened:
+                opened.clear()  # one array open at a time
+                info = ocp.type_handlers.ParamInfo(name=name, parent_dir=path.absolute(), use_zarr3=zarr3)
+                spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+                context = ocp.type_handlers.get_ts_context(use_ocdbt=ocdbt)
+                opened[name] = tensorstore.open(spec, open=True, read=True, context=context).result()
+            return np.asarray(opened[name][index].read().result())
+        except Exception as err:  # TensorStore raises its own types for unreadable data
+            raise ConversionError(f"{path}: cannot read {name}: {first_line(err)}") from None
+
+    return read
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
@@ -213,9 +254,18 @@ def _write_flax(path: Path, config: ModelConfig, tensors) -> None:
     arrays = jax.tree.map(lambda a: jax.device_put(a, cpu), torch_to_flax_arrays(tensors, config))
     path.mkdir()
     config.save(path / CONFIG_FILE)
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
+    # Layer stacks in Zarr3 chunks of at most CHUNK_BYTES: a reader placing a stack region by
+    # region (`convert.core.place_flax_arrays`) decodes only the chunks it covers. The other
+    # arrays are read whole and stay one chunk each.
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_zarr3=True))
+
+    def save_args(keys, _) -> ocp.SaveArgs:
+        stacked = any(getattr(k, "key", None) in STACKED for k in keys)
+        return ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES if stacked else None)
+
+    chunks = jax.tree_util.tree_map_with_path(save_args, arrays)
     try:
-        checkpointer.save((path / FLAX_STATE).absolute(), args=ocp.args.StandardSave(arrays))
+        checkpointer.save((path / FLAX_STATE).absolute(), args=ocp.args.PyTreeSave(arrays, save_args=chunks))
     except OSError:
         raise
     except Exception as err:  # orbax wraps I/O failures in its own types
@@ -232,6 +282,9 @@ def _write_openai(path: Path, config: ModelConfig, tensors) -> None:
 
 def _write_hf(path: Path, config: ModelConfig, tensors) -> None:
     save_hf(path, config, tensors)
+
+
+CHUNK_BYTES = 16 * 2**20  # the largest stored chunk of a Flax checkpoint's layer stack
 
 
 WRITERS = {"torch": _write_torch, "flax": _write_flax, "openai": _write_openai, "hf": _write_hf}

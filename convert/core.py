@@ -71,11 +71,15 @@ def iter_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, dty
 def _region(entries, tensors: Mapping, dtype):
     """index (a tuple of slices) -> that part of the Flax array `entries` fill, in `dtype`, read
     from `tensors` with little held besides it: a layer stack's region takes its layers one at a
-    time and keeps only their slices (a Flax source's stack, `LazyTensors.stacks`, is read whole
-    once, as it is stored, and sliced); any other array is built once, kept while its regions are
-    asked for, then dropped with this function."""
+    time and keeps only their slices (a Flax checkpoint's stack, `LazyTensors.stacks`, is read
+    region by region from the chunks it is stored in, or whole once when it is one chunk); any
+    other array is built once, kept while its regions are asked for, then dropped with this
+    function."""
     first = entries[0]
     stacks = getattr(tensors, "stacks", None)
+    stored = stacks.spec(first.flax_key) if isinstance(stacks, LazyTensors) and first.layer is not None else None
+    if stored is not None and stored.read_region is not None and stored.shape == first.stacked_shape:
+        return lambda index: np.asarray(stored.read_region(index), dtype)
     if first.layer is None or stacks is not None:
         whole: list = []
 
@@ -106,7 +110,22 @@ def place_flax_arrays(tensors: Mapping[str, np.ndarray], config: ModelConfig, sh
     check_torch_tensors(tensors, config)
     for path, entries in _by_array(build_plan(config)).items():
         region = _region(entries, tensors, dtype)
-        yield path, place_by_regions(entries[0].stacked_shape, shardings[path], region)
+        placed = place_by_regions(entries[0].stacked_shape, shardings[path], region)
+        del region
+        _return_freed_memory()
+        yield path, placed
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed by the last array's reads back to the system (glibc keeps freed
+    blocks of its per-thread arenas, which TensorStore's and XLA's threads each have, so the
+    process would otherwise grow by a few arrays' worth while loading). A no-op elsewhere."""
+    import contextlib
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # not glibc: nothing to do
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
 
 
 def place_by_regions(shape: tuple[int, ...], sharding, region) -> jax.Array:

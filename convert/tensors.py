@@ -26,6 +26,9 @@ class Spec:
     dtype: np.dtype
     read: Callable[[], np.ndarray]
     source: str  # the file it comes from, for messages
+    # index (a tuple of slices) -> that part only, for files stored in chunks smaller than the
+    # array (a Flax checkpoint's); None: `read` it whole.
+    read_region: Callable[[tuple], np.ndarray] | None = None
 
 
 class LazyTensors(Mapping):

@@ -260,3 +260,48 @@ def test_revision_1_memory_update_tensors_are_dropped_with_a_notice(tmp_path, ca
     assert loaded.tensors.keys() == tensors.keys()
     err = capsys.readouterr().err
     assert "notice:" in err and "dropped 8 tensor(s) of layers the model contract removed" in err
+
+
+def test_flax_checkpoints_store_layer_stacks_in_chunks_read_region_by_region(tmp_path, monkeypatch):
+    """Layer stacks are written in chunks of at most `CHUNK_BYTES` (here a few hundred bytes, so
+    that a tiny model's stacks span several) and read back region by region, each region equal
+    to that part of the stack; other arrays stay one chunk. Checkpoints written before, in one
+    chunk per array, still load (a region is then cut from the array read whole)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from jax.sharding import SingleDeviceSharding
+
+    import convert.checkpoints
+    from convert.core import place_flax_arrays
+
+    config = tiny_config("whisper")
+    tensors = {k: v.astype(np.float16) for k, v in torch_to_numpy(TorchWhisper(config)).items()}
+    monkeypatch.setattr(convert.checkpoints, "CHUNK_BYTES", 512)
+    save_checkpoint(tmp_path / "f", "flax", config, tensors)
+    tree = ocp.StandardCheckpointer().metadata((tmp_path / "f" / "state").absolute()).item_metadata.tree
+    fc1 = tree["decoder"]["blocks"]["mlp"]["fc1"]["kernel"]
+    assert np.prod(fc1.storage.chunk_shape) * 2 <= 512 < np.prod(fc1.shape) * 2
+    table = tree["decoder"]["token_embedding"]["embedding"]
+    assert tuple(table.storage.chunk_shape) == tuple(table.shape)
+
+    loaded = load_checkpoint(tmp_path / "f").tensors
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+    stacks = loaded.stacks
+    whole = stacks["decoder.blocks.mlp.fc1.kernel"]
+    region = stacks.spec("decoder.blocks.mlp.fc1.kernel").read_region
+    for index in [(slice(None), slice(8, 16), slice(None)), (slice(1, 2), slice(None), slice(32, 96))]:
+        assert np.array_equal(region(index), whole[index])
+
+    # Placed region by region (one device here: the whole array is its one region), and the same
+    # from a checkpoint of the earlier single-chunk layout.
+    device = SingleDeviceSharding(jax.devices()[0])
+    shardings = {entry.flax_path: device for entry in build_plan(config)}
+    placed = dict(place_flax_arrays(loaded, config, shardings))
+    monkeypatch.setattr(convert.checkpoints, "CHUNK_BYTES", None)
+    save_checkpoint(tmp_path / "single", "flax", config, tensors)
+    single = load_checkpoint(tmp_path / "single").tensors
+    assert single.stacks.spec("decoder.blocks.mlp.fc1.kernel").read_region is None
+    again = dict(place_flax_arrays(single, config, shardings))
+    assert placed.keys() == again.keys()
+    assert all(np.array_equal(placed[k], again[k]) and placed[k].dtype == np.float32 for k in placed)
+    assert np.array_equal(placed[("decoder", "blocks", "mlp", "fc1", "kernel")], whole.astype(np.float32))
