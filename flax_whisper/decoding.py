@@ -1,4 +1,4 @@
-"""Greedy decoding with the KV cache (mirrors `torch_ref/decoding.py`).
+"""Greedy decoding, sampling and beam search with the KV cache (mirrors `torch_ref/decoding.py`).
 
 `greedy_decode` is one jit-compiled program per (batch, frames, prompt length, options): the
 sampling loop is a `lax.while_loop` over single-token decoder steps on a fixed-size cache, which
@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from flax_whisper.model import Whisper
-from whisper_config import check_token_range
+from whisper_config import InputError, check_token_range
 from whisper_io.decoding import BeamSearch, DecodingOptions, check_decoding_length
 
 
@@ -70,21 +70,56 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> jax.
     sampled tokens; every position after a row's end of text holds end of text. Call
     `model.eval()` first: decoding in training mode would apply dropout.
     """
+    if options.temperature > 0:
+        raise InputError("greedy_decode takes the arg-max: sample with decode_with_scores and a key")
+    return decode_with_scores(model, mel, prompt, options)[0]
+
+
+def decode_with_scores(model: Whisper, mel, prompt, options: DecodingOptions, key: jax.Array | None = None):
+    """`greedy_decode`, or sampling at `options.temperature` > 0 with the random `key`, also
+    returning each row's sum of log-probabilities (B,) float32 and no-speech probability (B,)
+    float32 (NaN without `options.no_speech`); see `whisper_io.decoding`."""
     prompt = np.asarray(prompt, np.int32)
     check_decoding_length(model.config, prompt.shape[1], options.max_new_tokens)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
+    if (options.temperature > 0) != (key is not None):
+        raise InputError("a random key is needed at a temperature above 0, and only there")
+    key = jax.random.key(0) if key is None else key  # unused at temperature 0
     graphdef, state = nnx.split(model)
-    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options)
+    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options, key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions) -> jax.Array:
-    """A pure jit over the split model: it returns the tokens only (an `nnx.jit` would also hand
-    back the model's state, a copy of every weight per call)."""
-    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options)
+def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions, key):
+    """A pure jit over the split model: it returns the tokens and scores only (an `nnx.jit` would
+    also hand back the model's state, a copy of every weight per call)."""
+    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options, key)
 
 
-def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: DecodingOptions) -> jax.Array:
+def no_speech_probability(logits: jax.Array, prompt: jax.Array, options: DecodingOptions) -> jax.Array:
+    """logits (B, P, V) of the prompt (B, P) -> the probability of <|nospeech|> after its start
+    token (B,), in float32; NaN without `options.no_speech`."""
+    if options.no_speech is None or options.sot is None:
+        return jnp.full(prompt.shape[:1], jnp.nan, jnp.float32)
+    at = jnp.argmax(prompt == options.sot, axis=1)  # (B,) the start token's position
+    start = jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0]  # (B, V)
+    return jax.nn.softmax(start.astype(jnp.float32), axis=-1)[:, options.no_speech]
+
+
+def choose(allowed: jax.Array, options: DecodingOptions, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Masked logits (B, V) -> (the next token (B,) int32, its log-probability (B,) float32): the
+    arg-max at temperature 0, else a draw from softmax(allowed / temperature) by the Gumbel-max
+    trick (the arg-max after adding standard Gumbel noise drawn with `key`)."""
+    if options.temperature > 0:
+        noise = jax.random.gumbel(key, allowed.shape, jnp.float32)
+        chosen = jnp.argmax(allowed.astype(jnp.float32) / options.temperature + noise, axis=-1)
+    else:
+        chosen = jnp.argmax(allowed, axis=-1)
+    logprobs = jax.nn.log_softmax(allowed.astype(jnp.float32), axis=-1)
+    return chosen.astype(jnp.int32), jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0]
+
+
+def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: DecodingOptions, key: jax.Array):
     eot, max_new = options.eot, options.max_new_tokens
     batch, n_prompt = prompt.shape
     xa = model.encoder(mel)  # (B, S, d)
@@ -94,30 +129,32 @@ def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: D
     # Every prompt token and every sampled token but the last is fed once.
     cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
     logits, cache = model.decoder(prompt, xa, cache)
+    no_speech = no_speech_probability(logits, prompt, options)
     tokens = jnp.full((batch, n_prompt + max_new), eot, jnp.int32)
     first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
-    first = jnp.argmax(timestamp_rules(first, tokens[:, n_prompt:], 0, options), axis=-1)
-    tokens = tokens.at[:, :n_prompt].set(prompt).at[:, n_prompt].set(first.astype(jnp.int32))
+    first, scores = choose(timestamp_rules(first, tokens[:, n_prompt:], 0, options), options, key)
+    tokens = tokens.at[:, :n_prompt].set(prompt).at[:, n_prompt].set(first)
 
     def unfinished(state):
-        _, i, _, _, done = state
+        _, i, _, _, done, _ = state
         return (i < max_new) & ~jnp.all(done)
 
     def step(state):
         # The decoder travels in the loop state: NNX transforms inside it (the layer scan) cannot
         # reach a module captured from an outer trace.
-        decoder, i, tokens, cache, done = state
+        decoder, i, tokens, cache, done, scores = state
         last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i - 1, 1, axis=1)  # (B, 1)
         logits, cache = decoder(last, xa, cache)
         allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, n_prompt:], i, options)
-        chosen = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
+        chosen, logprob = choose(allowed, options, jax.random.fold_in(key, i))
+        scores = scores + jnp.where(done, 0.0, logprob)  # up to and including each row's end of text
         chosen = jnp.where(done, eot, chosen)  # finished rows keep receiving end of text
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], n_prompt + i, axis=1)
-        return decoder, i + 1, tokens, cache, done | (chosen == eot)
+        return decoder, i + 1, tokens, cache, done | (chosen == eot), scores
 
-    state = (model.decoder, jnp.ones((), jnp.int32), tokens, cache, first == eot)
-    _, _, tokens, _, _ = nnx.while_loop(unfinished, step, state)
-    return tokens
+    state = (model.decoder, jnp.ones((), jnp.int32), tokens, cache, first == eot, scores)
+    _, _, tokens, _, _, scores = nnx.while_loop(unfinished, step, state)
+    return tokens, scores, no_speech
 
 
 def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):

@@ -65,18 +65,11 @@ def timestamp_setup(tmp_path_factory):
     """A random OpenAI model that samples timestamps as well as text: each timestamp's embedding
     row is 0.8 times the row of one of three tokens the model favours, plus noise, so that the
     timestamps' summed probability often beats the best text token's."""
-    from conftest import random_openai_model, save_openai_model
+    from conftest import favour_timestamps, random_openai_model, save_openai_model
 
     model = random_openai_model(noise=1.0, seed=0)
     mel = np.random.default_rng(0).standard_normal((4, 80, 2 * model.dims.n_audio_ctx)).astype(np.float32)
-    rng = np.random.default_rng(1)
-    begin = tokenizer_for(load_config_of(model)).timestamp_begin
-    with torch.no_grad():
-        table = model.decoder.token_embedding.weight
-        count = table.shape[0] - begin
-        favoured = torch.from_numpy(rng.choice([18979, 4767, 6765], count))
-        noise = torch.from_numpy(rng.standard_normal((count, table.shape[1])).astype(np.float32))
-        table[begin:] = 0.8 * table[favoured] + 0.3 * noise * table.std()
+    favour_timestamps(model, [18979, 4767, 6765], tokenizer_for(load_config_of(model)).timestamp_begin)
     path = save_openai_model(model, tmp_path_factory.mktemp("timestamps") / "random.pt")
     flax_model = load_flax_model(path)
     flax_model.eval()
@@ -219,3 +212,16 @@ def test_decoding_rejects_lengths_beyond_the_context(pair):
             decode(model, mel, [[1, 3]], too_many)
         with pytest.raises(InputError, match="outside the vocabulary"):
             decode(model, mel, [[1, config.n_vocab]], DecodingOptions(eot=2, max_new_tokens=2))
+    # Sampling needs randomness, and only sampling takes it.
+    sampled = DecodingOptions(eot=2, max_new_tokens=2, temperature=0.5)
+    with pytest.raises(InputError, match="random key is needed"):
+        flax_decoding.decode_with_scores(flax_model, mel, [[1, 3]], sampled)
+    with pytest.raises(InputError, match="random key is needed"):
+        flax_decoding.decode_with_scores(flax_model, mel, [[1, 3]], dataclasses.replace(sampled, temperature=0.0),
+                                         jax.random.key(0))  # fmt: skip
+    with pytest.raises(InputError, match="random generator is needed"):
+        torch_decoding.decode_with_scores(torch_model, mel, [[1, 3]], sampled)
+    with pytest.raises(InputError, match="greedy_decode takes the arg-max"):
+        flax_decoding.greedy_decode(flax_model, mel, [[1, 3]], sampled)
+    with pytest.raises(InputError, match="temperature must be >= 0"):
+        DecodingOptions(eot=2, max_new_tokens=2, temperature=-1.0)

@@ -50,7 +50,7 @@ def test_transcripts_match_openai_in_both_frameworks(decoding_checkpoint, audio_
     model, path, _ = decoding_checkpoint
     ckpt = load_checkpoint(path)
     save_checkpoint(tmp_path / "flax", "flax", ckpt.config, ckpt.tensors)
-    common = [*audio_files, "--jsonl", "--batch-size", "4", "--max-new-tokens", "8"]
+    common = [*audio_files, "--jsonl", "--batch-size", "4", "--max-new-tokens", "8", "--mode", "windows"]
 
     # The JAX path runs with torch made unimportable.
     flax_run = run_cli([*common, "--checkpoint", str(tmp_path / "flax")], block_torch=True)
@@ -192,7 +192,7 @@ def test_beam_search_transcripts_match_openai(decoding_checkpoint, capsys):
     import whisper
 
     model, path, _ = decoding_checkpoint
-    argv = [str(SPEECH), "--checkpoint", str(path), "--max-new-tokens", "8", "-f", "json"]
+    argv = [str(SPEECH), "--checkpoint", str(path), "--max-new-tokens", "8", "-f", "json", "--mode", "windows"]
     assert main([*argv, "--beam-size", "5", "--patience", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     windows = mel_windows(load_audio(SPEECH), load_checkpoint(path).config)

@@ -1,4 +1,4 @@
-"""Greedy decoding with the KV cache (mirrors `flax_whisper/decoding.py`).
+"""Greedy decoding, sampling and beam search with the KV cache (mirrors `flax_whisper/decoding.py`).
 
 An eager loop over single-token decoder steps that stops once every row has produced end of
 text. See `whisper_io.decoding` for the algorithm.
@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from torch_ref.model import Whisper
-from whisper_config import check_token_range
+from whisper_config import InputError, check_token_range
 from whisper_io.decoding import BeamSearch, DecodingOptions, check_decoding_length
 
 
@@ -63,7 +63,6 @@ def detect_language(model: Whisper, xa: Tensor, start: Tensor, language_tokens: 
     return candidates[logits[:, 0, candidates].argmax(dim=-1)]
 
 
-@torch.no_grad()
 def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tensor:
     """mel (B, n_mels, frames), prompt (B, P) int -> tokens (B, P + max_new_tokens) int64.
 
@@ -71,7 +70,49 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
     sampled tokens; every position after a row's end of text holds end of text. Call
     `model.eval()` first: decoding in training mode would apply dropout.
     """
+    if options.temperature > 0:
+        raise InputError("greedy_decode takes the arg-max: sample with decode_with_scores and a generator")
+    return decode_with_scores(model, mel, prompt, options)[0]
+
+
+def no_speech_probability(logits: Tensor, prompt: Tensor, options: DecodingOptions) -> Tensor:
+    """logits (B, P, V) of the prompt (B, P) -> the probability of <|nospeech|> after its start
+    token (B,), in float32; NaN without `options.no_speech`."""
+    if options.no_speech is None or options.sot is None:
+        return torch.full(prompt.shape[:1], torch.nan, dtype=torch.float32, device=prompt.device)
+    at = (prompt == options.sot).int().argmax(dim=1)  # (B,) the start token's position
+    start = logits[torch.arange(len(prompt), device=prompt.device), at]  # (B, V)
+    return start.float().softmax(dim=-1)[:, options.no_speech]
+
+
+def gumbel(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+    """Standard Gumbel noise of `shape`, float32: -log(-log(u)) for u uniform in (0, 1)."""
+    tiny = torch.finfo(torch.float32).tiny
+    uniform = torch.rand(shape, generator=generator, dtype=torch.float32).clamp_(min=tiny, max=1.0 - 2**-24)
+    return -torch.log(-torch.log(uniform))
+
+
+def choose(allowed: Tensor, options: DecodingOptions, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Masked logits (B, V) -> (the next token (B,), its log-probability (B,) float32): the
+    arg-max at temperature 0, else a draw from softmax(allowed / temperature) by the Gumbel-max
+    trick (the arg-max after adding standard Gumbel noise drawn from `generator`)."""
+    if options.temperature > 0:
+        noise = gumbel(tuple(allowed.shape), generator).to(allowed.device)
+        chosen = (allowed.float() / options.temperature + noise).argmax(dim=-1)
+    else:
+        chosen = allowed.argmax(dim=-1)
+    logprobs = torch.log_softmax(allowed.float(), dim=-1)
+    return chosen, logprobs.gather(1, chosen[:, None])[:, 0]
+
+
+@torch.no_grad()
+def decode_with_scores(model: Whisper, mel, prompt, options: DecodingOptions, generator: torch.Generator | None = None):
+    """`greedy_decode`, or sampling at `options.temperature` > 0 from `generator`, also returning
+    each row's sum of log-probabilities (B,) float32 and no-speech probability (B,) float32 (NaN
+    without `options.no_speech`); see `whisper_io.decoding`."""
     eot, max_new = options.eot, options.max_new_tokens
+    if (options.temperature > 0) != (generator is not None):
+        raise InputError("a random generator is needed at a temperature above 0, and only there")
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, n_prompt = prompt.shape
@@ -84,9 +125,10 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
     # Every prompt token and every sampled token but the last is fed once.
     cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
     logits, cache = model.decoder(prompt, xa, cache)
+    no_speech = no_speech_probability(logits, prompt, options)
     tokens = torch.full((batch, n_prompt + max_new), eot, dtype=torch.long, device=device)
     first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
-    chosen = timestamp_rules(first, tokens[:, n_prompt:], 0, options).argmax(dim=-1)
+    chosen, scores = choose(timestamp_rules(first, tokens[:, n_prompt:], 0, options), options, generator)
     tokens[:, :n_prompt] = prompt
     tokens[:, n_prompt] = chosen
     done = chosen == eot
@@ -95,11 +137,12 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
             break
         logits, cache = model.decoder(tokens[:, n_prompt + i - 1 : n_prompt + i], xa, cache)
         allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, n_prompt:], i, options)
-        chosen = allowed.argmax(dim=-1)
+        chosen, logprob = choose(allowed, options, generator)
+        scores = scores + torch.where(done, 0.0, logprob)  # up to and including each row's end of text
         chosen = torch.where(done, eot, chosen)  # finished rows keep receiving end of text
         tokens[:, n_prompt + i] = chosen
         done |= chosen == eot
-    return tokens
+    return tokens, scores, no_speech
 
 
 def _rows(cache, rows: Tensor):

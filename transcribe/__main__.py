@@ -12,8 +12,11 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
 from transcribe.outputs import FORMATS, RENDERERS, check_outputs, write_outputs
-from transcribe.pipeline import Transcriber, transcribe_files
+from transcribe.pipeline import MODES, Transcriber, transcribe_files
+from transcribe.sequential import LongFormOptions
 from whisper_config import ConfigError, InputError
 from whisper_io import AudioFileError, TokenizerError
 from whisper_io.decoding import BeamSearch
@@ -21,11 +24,30 @@ from whisper_io.outputs import OutputError
 from whisper_io.tokenizers import TASKS
 
 
+def str_to_bool(value: str) -> bool:
+    """openai-whisper's boolean option values."""
+    choices = {"True": True, "False": False}
+    if value not in choices:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+    return choices[value]
+
+
+def optional_float(value: str) -> float | None:
+    return None if value == "None" else float(value)
+
+
+def temperatures(first: float, increment: float) -> tuple[float, ...]:
+    """openai-whisper's fallback schedule: `first`, then up by `increment` to 1.0."""
+    if increment <= 0:
+        return (first,)
+    return tuple(float(t) for t in np.arange(first, 1.0 + 1e-6, increment))
+
+
 def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Transcribe audio files greedily with a checkpoint of any format `convert` reads "
-        "(flax, torch or Hugging Face directory, OpenAI .pt).",
+        description="Transcribe audio files with a checkpoint of any format `convert` reads (flax, torch or "
+        "Hugging Face directory, OpenAI .pt): greedily by default, as openai-whisper's transcribe() does.",
     )
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, ...; any sample rate)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (flax, torch, Hugging Face) or OpenAI .pt")
@@ -35,12 +57,55 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=TASKS, default="transcribe")
     p.add_argument("--batch-size", type=int, default=8, help="windows decoded together (default 8)")
-    p.add_argument("--max-new-tokens", type=int, help="tokens sampled per window (default: n_text_ctx // 2)")
+    p.add_argument(
+        "--max-new-tokens", type=int, help="tokens sampled per window at most (default: n_text_ctx // 2, as OpenAI)"
+    )
     p.add_argument("--beam-size", type=int, help="beam search with this many beams (default: greedy decoding)")
     p.add_argument("--patience", type=float, default=1.0, help="beam search: stop at beam_size * patience finished")
     p.add_argument(
         "--length-penalty", type=float, help="beam search: rank by ((5 + length) / 6) ** this (default: length)"
     )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        help="sequential: OpenAI transcribe()'s long-form loop (timestamps, previous-text prompts, temperature "
+        "fallback; the default when the vocabulary has timestamps); windows: independent 30 s windows of text",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="sequential: the first temperature (default 0)")
+    p.add_argument(
+        "--temperature-increment-on-fallback",
+        type=float,
+        default=0.2,
+        help="sequential: the temperature steps tried up to 1.0 when a window fails the checks below (default 0.2; "
+        "0: no fallback)",
+    )
+    p.add_argument("--best-of", type=int, help="sequential: candidates sampled above temperature 0 (default 1)")
+    p.add_argument(
+        "--compression-ratio-threshold",
+        type=optional_float,
+        default=2.4,
+        help="sequential: fall back when the text compresses more than this (default 2.4; None: never)",
+    )
+    p.add_argument(
+        "--logprob-threshold",
+        type=optional_float,
+        default=-1.0,
+        help="sequential: fall back when the average log-probability is below this (default -1.0)",
+    )
+    p.add_argument(
+        "--no-speech-threshold",
+        type=optional_float,
+        default=0.6,
+        help="sequential: a window whose no-speech probability is above this and whose average "
+        "log-probability is below --logprob-threshold is silence, skipped (default 0.6)",
+    )
+    p.add_argument(
+        "--condition-on-previous-text",
+        type=str_to_bool,
+        default=True,
+        help="sequential: prompt each window with the text before it (True, the default, or False)",
+    )
+    p.add_argument("--initial-prompt", help="sequential: text to prompt the first window with")  # fmt: skip
     p.add_argument(
         "--output-format",
         "-f",
@@ -62,8 +127,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         cli.error("--patience and --length-penalty need --beam-size")
     try:
         beam = None if args.beam_size is None else BeamSearch(args.beam_size, args.patience, args.length_penalty)
+        long_form = LongFormOptions(
+            temperatures(args.temperature, args.temperature_increment_on_fallback),
+            args.compression_ratio_threshold,
+            args.logprob_threshold,
+            args.no_speech_threshold,
+            args.condition_on_previous_text,
+            args.initial_prompt,
+        )
     except InputError as e:
         cli.error(str(e))
+    if args.best_of is not None and args.best_of < 1:
+        cli.error("--best-of must be at least 1")
     fmt = "json" if args.jsonl else args.output_format
     formats = FORMATS if fmt == "all" or (fmt is None and args.output_dir) else (fmt,) if fmt else ()
     if not args.output_dir and fmt == "all":
@@ -75,8 +150,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         if args.output_dir:
             check_outputs(args.audio, args.output_dir, formats, args.overwrite)
         transcriber = Transcriber.load(
-            args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens, beam
-        )
+            args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens, beam,
+            args.mode, long_form, args.best_of,
+        )  # fmt: skip
+        if transcriber.mode == "windows" and args.mode is None:
+            print(f"notice: the {transcriber.tokenizer.name} vocabulary has no timestamps: --mode windows",
+                  file=sys.stderr)  # fmt: skip
     except (ConfigError, InputError, TokenizerError, OutputError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
-from whisper_config import ConfigError, ModelConfig
-from whisper_io import AudioFileError, decoding_options, text_tokens, tokenizer_for
-from whisper_io.audio_files import stream_audio
-from whisper_io.decoding import BeamSearch, DecodingOptions
+from transcribe.sequential import Decoded, LongFormOptions, compression_ratio, transcribe_sequential
+from whisper_config import ConfigError, InputError, ModelConfig
+from whisper_io import AudioFileError, TokenizerError, decoding_options, text_tokens, tokenizer_for
+from whisper_io.audio_files import load_audio, stream_audio
+from whisper_io.decoding import BeamSearch, DecodingOptions, max_new_tokens_for
 from whisper_io.tokenizers import Tokenizer
 
 
@@ -52,9 +53,17 @@ def file_windows(path: str, config: ModelConfig) -> LogMelWindows:
     return LogMelWindows(lambda: stream_audio(path), config.n_mels, 2 * config.n_audio_ctx)
 
 
+MODES = ("sequential", "windows")
+
+
 @dataclasses.dataclass
 class Transcriber:
-    """A loaded model with its tokenizer and decoding settings; `decode` runs one batch."""
+    """A loaded model with its tokenizer and decoding settings.
+
+    `mode` "sequential" transcribes each file as OpenAI's `transcribe()` does (`transcribe.
+    sequential`: timestamps, previous-text prompts, temperature fallback); "windows" decodes
+    independent 30 s windows of text, shared in fixed-size batches across files, in constant
+    memory however long a file is."""
 
     config: ModelConfig
     tokenizer: Tokenizer
@@ -62,6 +71,14 @@ class Transcriber:
     options: DecodingOptions
     run: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (mel (B, n_mels, F), prompt (B, P)) -> tokens
     batch_size: int
+    # (mel, prompt, options, seed) -> (tokens, sums of log-probabilities, no-speech probabilities)
+    scored: Callable | None = None
+    mode: str = "windows"
+    language: str | None = None
+    task: str = "transcribe"
+    long_form: LongFormOptions = dataclasses.field(default_factory=LongFormOptions)
+    best_of: int | None = None  # candidates sampled per window above temperature 0 (best kept)
+    max_new_tokens: int | None = None  # per window, at most (None: OpenAI's n_text_ctx // 2)
 
     @classmethod
     def load(
@@ -73,26 +90,54 @@ class Transcriber:
         batch_size: int = 8,
         max_new_tokens: int | None = None,
         beam: BeamSearch | None = None,
+        mode: str | None = None,
+        long_form: LongFormOptions | None = None,
+        best_of: int | None = None,
     ) -> Transcriber:
-        """The model of `checkpoint` in `framework`, decoding greedily, or with `beam` search."""
+        """The model of `checkpoint` in `framework`, decoding greedily, or with `beam` search.
+        `mode` None: "sequential" when the vocabulary has timestamp tokens, else "windows"."""
         from convert.checkpoints import load_checkpoint
 
+        if mode not in (None, *MODES):
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if best_of is not None and best_of < 1:
+            raise InputError(f"best_of must be at least 1, got {best_of}")
         ckpt = load_checkpoint(checkpoint)
         config = ckpt.config
         if config.n_mels not in (80, 128):
             raise ConfigError(f"{checkpoint}: n_mels={config.n_mels}; the log-mel frontend computes 80 or 128 bins")
         tokenizer = tokenizer_for(config)
+        mode = mode or ("sequential" if tokenizer.timestamp_begin is not None else "windows")
+        if mode == "sequential":
+            if tokenizer.timestamp_begin is None:
+                raise TokenizerError(f"--mode sequential needs timestamps; the {tokenizer.name} vocabulary has none")
+            if beam is not None:
+                raise InputError("beam search is not yet available in --mode sequential: use --mode windows")
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
             from convert.core import new_flax_model
-            from flax_whisper.decoding import beam_search_decode, greedy_decode
+            from flax_whisper.decoding import beam_search_decode, decode_with_scores, greedy_decode
 
             model = new_flax_model(config, ckpt.tensors)
+
+            def scored(mel, prompts, options, seed):
+                import jax
+
+                key = jax.random.key(seed) if options.temperature > 0 else None
+                return tuple(np.asarray(a) for a in decode_with_scores(model, mel, prompts, options, key))
+
         elif framework == "torch":
+            import torch
+
             from convert.core import new_torch_model
-            from torch_ref.decoding import beam_search_decode, greedy_decode
+            from torch_ref.decoding import beam_search_decode, decode_with_scores, greedy_decode
 
             model = new_torch_model(config, ckpt.tensors)
+
+            def scored(mel, prompts, options, seed):
+                generator = torch.Generator().manual_seed(seed) if options.temperature > 0 else None
+                return tuple(a.numpy() for a in decode_with_scores(model, mel, prompts, options, generator))
+
         else:
             raise ValueError(f"framework must be 'flax' or 'torch', got {framework!r}")
         model.eval()
@@ -102,7 +147,11 @@ class Transcriber:
                 return np.asarray(greedy_decode(model, mel, prompts, options))
             return np.asarray(beam_search_decode(model, mel, prompts, options, beam)[0])
 
-        return cls(config, tokenizer, prompt, options, run, batch_size)
+        long_form = long_form or LongFormOptions()
+        return cls(
+            config, tokenizer, prompt, options, run, batch_size, scored, mode, language, task, long_form, best_of,
+            max_new_tokens,
+        )  # fmt: skip
 
     def decode(self, mel: np.ndarray) -> tuple[list[list[int]], list[int]]:
         """mel (n <= batch_size, n_mels, frames) -> (text tokens of each window, prompt language
@@ -117,15 +166,72 @@ class Transcriber:
         codes = dict(zip(self.tokenizer.language_tokens, self.tokenizer.language_codes, strict=True))
         return codes.get(token)
 
+    def detect_language(self, window: np.ndarray) -> str | None:
+        """The language of one window (n_mels, frames), as the likeliest language token after the
+        start token; None for a vocabulary without languages."""
+        if not self.tokenizer.multilingual:
+            return None
+        prompt, options = decoding_options(self.tokenizer, self.config, None, self.task, max_new_tokens=1)
+        tokens, _, _ = self.scored(window[None], np.asarray([prompt]), options, 0)
+        return self.language_of(int(tokens[0, 1]))
+
+    def window_decoder(self, language: str | None) -> Callable[[np.ndarray, Sequence[int], float], Decoded]:
+        """`transcribe.sequential`'s `decode` for this model: a window with timestamps after the
+        previous tokens, at a temperature (above 0: `best_of` samples, the likeliest per token
+        kept, each call with its own seed)."""
+        calls = iter(range(1, 2**31))
+
+        def decode(window: np.ndarray, previous: Sequence[int], temperature: float) -> Decoded:
+            prompt, options = decoding_options(
+                self.tokenizer, self.config, language, self.task, timestamps=True,
+                temperature=temperature, previous=previous,
+            )  # fmt: skip
+            if self.max_new_tokens is not None:  # as many as asked, as far as the context has room
+                most = min(self.max_new_tokens, max_new_tokens_for(self.config, len(prompt)))
+                options = dataclasses.replace(options, max_new_tokens=most)
+            n = (self.best_of or 1) if temperature > 0 else 1
+            mel = np.repeat(window[None], n, axis=0)
+            tokens, sums, no_speech = self.scored(mel, np.tile(np.asarray(prompt), (n, 1)), options, next(calls))
+            rows = text_tokens(tokens, len(prompt), self.tokenizer.eot)
+            best = int(np.argmax([float(sums[i]) / max(len(row), 1) for i, row in enumerate(rows)])) if n > 1 else 0
+            text = self.tokenizer.decode_all(rows[best]).strip()
+            return Decoded(rows[best], float(sums[best]), float(no_speech[0]), temperature, compression_ratio(text))
+
+        return decode
+
+
+def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False) -> dict:
+    """One file, sequentially (`transcribe.sequential`): its whole log-mel is computed (with a
+    window of silence appended, as OpenAI pads it), its language detected from the first window
+    unless given; `progress` shows a bar of the frames done on stderr. Raises `AudioFileError`
+    for a file that cannot be read."""
+    from flax_whisper.audio import log_mel_spectrogram
+
+    frames = 2 * transcriber.config.n_audio_ctx
+    audio = load_audio(path)
+    mel = np.asarray(log_mel_spectrogram(audio, transcriber.config.n_mels, padding=window_samples(transcriber.config)))
+    language = transcriber.language
+    if language is None and transcriber.tokenizer.multilingual:
+        first = np.zeros((mel.shape[0], frames), np.float32)
+        first[:, : min(frames, mel.shape[1])] = mel[:, :frames]
+        language = transcriber.detect_language(first)
+    decode = transcriber.window_decoder(language)
+    with _progress(mel.shape[1] - frames, "frames", f"transcribing {path}", enabled=progress) as bar:
+        result = transcribe_sequential(mel, frames, decode, transcriber.tokenizer, transcriber.long_form, bar.update)
+    return {**result, "language": language}
+
 
 def transcribe_files(
     paths: Sequence[str], transcriber: Transcriber, on_error: Callable[[AudioFileError], None]
 ) -> dict[str, dict]:
     """{path: result} for every readable file, in `paths` order (a result as the module says).
 
-    Unreadable files go to `on_error` and are left out; the windows of the rest are decoded in
-    shared batches, streamed so that at most a batch of windows is held at a time.
+    Unreadable files go to `on_error` and are left out. In "windows" mode the windows of the rest
+    are decoded in shared batches, streamed so that at most a batch of windows is held at a time;
+    in "sequential" mode each file is transcribed in turn (`transcribe_file`).
     """
+    if transcriber.mode == "sequential":
+        return _transcribe_sequentially(paths, transcriber, on_error)
     files: dict[str, LogMelWindows | None] = {}
     for path in dict.fromkeys(paths):
         try:
@@ -182,7 +288,20 @@ def transcribe_files(
     }
 
 
-def _progress(total: int):
+def _transcribe_sequentially(
+    paths: Sequence[str], transcriber: Transcriber, on_error: Callable[[AudioFileError], None]
+) -> dict[str, dict]:
+    results = {}
+    for path in dict.fromkeys(paths):
+        try:
+            results[path] = transcribe_file(path, transcriber, progress=True)
+        except AudioFileError as e:
+            on_error(e)
+    return results
+
+
+def _progress(total: int, unit: str = "window", desc: str = "transcribing", enabled: bool = True):
+    """A progress bar on stderr (shown on a terminal only)."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="window", desc="transcribing", disable=None, file=sys.stderr)
+    return tqdm(total=total, unit=unit, desc=desc, disable=None if enabled else True, file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Greedy decoding settings shared by `flax_whisper.decoding` and `torch_ref.decoding`.
+"""Decoding settings shared by `flax_whisper.decoding` and `torch_ref.decoding`.
 
 Both frameworks run the same algorithm as OpenAI Whisper's `decode` at temperature 0: feed the
 forced prompt (start of transcript, language, task, and no-timestamps unless timestamps are
@@ -6,6 +6,12 @@ sampled), then repeatedly take the arg-max of the last logits after suppressing
 `suppress_tokens` (and, for the first sampled token only, `blank_tokens`), until every row has
 produced end of text or `max_new_tokens` were sampled. Rows that finished keep receiving end of
 text.
+
+At a temperature above 0 each token is instead drawn from softmax(logits / temperature) of the
+same masked logits (OpenAI's sampling). Alongside the tokens both report each row's sum of the
+log-probabilities (log-softmax of the masked logits) of its sampled tokens up to and including
+its end of text, and the probability of <|nospeech|> after the start token (OpenAI's
+`sum_logprob` and `no_speech_prob`).
 
 With timestamps (`timestamp_begin` set), OpenAI's timestamp rules (`ApplyTimestampRules`) mask
 the logits after those suppressions, from the tokens sampled so far: <|notimestamps|> never;
@@ -18,6 +24,7 @@ probability exceeds that of the likeliest text token, a timestamp is taken.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -40,10 +47,18 @@ class DecodingOptions:
     timestamp_begin: int | None = None
     no_timestamps: int | None = None
     max_initial_timestamp_index: int | None = None
+    # 0: the arg-max; above: a sample from softmax(logits / temperature) (a random key needed).
+    temperature: float = 0.0
+    # The probability of `no_speech` after the prompt's `sot` is reported (OpenAI's no-speech
+    # probability); None reports NaN.
+    sot: int | None = None
+    no_speech: int | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +114,8 @@ def decoding_options(
     max_new_tokens: int | None = None,
     timestamps: bool = False,
     max_initial_timestamp: float | None = 1.0,
+    temperature: float = 0.0,
+    previous: Sequence[int] = (),
 ) -> tuple[tuple[int, ...], DecodingOptions]:
     """(prompt, options) for transcribing with `tokenizer`, as OpenAI's defaults do it.
 
@@ -107,9 +124,17 @@ def decoding_options(
     is kept for a previous-text prompt), which matching `openai-whisper` token for token needs;
     `max_new_tokens_for(config, len(prompt))` is as many as the context holds. `timestamps`
     samples timestamp tokens (the prompt then ends before <|notimestamps|>), the first no later
-    than `max_initial_timestamp` seconds (None: anywhere), as OpenAI's defaults do.
+    than `max_initial_timestamp` seconds (None: anywhere), as OpenAI's defaults do. `previous`
+    tokens (earlier text) go before the start, after <|startofprev|>, at most the last
+    `n_text_ctx // 2 - 1` of them, as OpenAI's `prompt` does; the options then sample at most as
+    many tokens as the context leaves (OpenAI stops at `n_text_ctx + 1` tokens).
     """
     prompt = tokenizer.sot_sequence(language, task)
+    if previous:
+        if tokenizer.sot_prev is None:
+            raise TokenizerError(f"the {tokenizer.name} vocabulary has no <|startofprev|> token")
+        kept = tuple(int(t) for t in previous)[-(config.n_text_ctx // 2 - 1) :]
+        prompt = (tokenizer.sot_prev, *kept, *prompt)
     stamps = {}
     if timestamps:
         if tokenizer.timestamp_begin is None or tokenizer.no_timestamps is None:
@@ -126,12 +151,17 @@ def decoding_options(
     max_new = default if max_new_tokens is None else max_new_tokens
     check_decoding_length(config, len(prompt), max_new)
     detect = language is None and tokenizer.multilingual
+    if detect and previous:
+        raise InputError("a previous-text prompt needs a language: detection reads the token after the start")
     options = DecodingOptions(
         eot=tokenizer.eot,
         max_new_tokens=max_new,
         suppress_tokens=tokenizer.suppress_tokens,
         blank_tokens=tokenizer.blank_tokens,
         language_tokens=tokenizer.language_tokens if detect else (),
+        temperature=float(temperature),
+        sot=tokenizer.sot,
+        no_speech=tokenizer.no_speech,
         **stamps,
     )
     return prompt, options

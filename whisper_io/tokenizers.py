@@ -42,6 +42,8 @@ class Tokenizer:
     language_tokens: tuple[int, ...] = ()
     no_timestamps: int | None = None  # <|notimestamps|>, the last token of a text-only prompt
     timestamp_begin: int | None = None  # <|0.00|>; every id from it on is a timestamp
+    no_speech: int | None = None  # <|nospeech|>, whose probability after the start says "silence"
+    sot_prev: int | None = None  # <|startofprev|>, which opens a previous-text prompt
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -49,6 +51,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         """Text of the ordinary tokens in `ids`; special tokens are skipped."""
         raise NotImplementedError
+
+    def decode_all(self, ids) -> str:
+        """Text of `ids` but timestamps, special tokens written out (what OpenAI's compression
+        ratio check reads)."""
+        return self.decode(ids)
 
     def sot_sequence(self, language: str | None = None, task: str = "transcribe") -> tuple[int, ...]:
         """The forced decoder prompt: start of transcript, then language and task where the
@@ -106,6 +113,7 @@ class WhisperTokenizer(Tokenizer):
         self.vocab_size = self._base.encoding.n_vocab
         self.no_timestamps = self._base.no_timestamps
         self.timestamp_begin = self._base.timestamp_begin
+        self.no_speech = self._base.no_speech
         self.sot_prev, self.transcribe, self.translate = (
             self._base.sot_prev,
             self._base.transcribe,
@@ -128,6 +136,9 @@ class WhisperTokenizer(Tokenizer):
 
     def decode(self, ids) -> str:
         return self._base.encoding.decode([int(i) for i in ids if int(i) < self.eot])
+
+    def decode_all(self, ids) -> str:
+        return self._base.encoding.decode([int(i) for i in ids if int(i) < self.timestamp_begin])
 
     def sot_sequence(self, language: str | None = None, task: str = "transcribe") -> tuple[int, ...]:
         if task not in TASKS:

@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tmp=$(mktemp --suffix .wav)
 espeak-ng -v en-us -s 160 -w "$tmp" "The quick brown fox jumps over the lazy dog. Seven, three, nine."
-sox "$tmp" -r 16000 -c 1 -b 16 speech_16k.wav
+sox "$tmp" -D -r 16000 -c 1 -b 16 speech_16k.wav
 rm -f "$tmp"

@@ -1,0 +1,196 @@
+"""Long-form transcription against OpenAI's own `transcribe()`: over 60 s of espeak-ng speech and
+a random OpenAI-format model that samples timestamp pairs and ends windows early, so windows
+are cut into several segments and `seek` moves by the last timestamp. Both frameworks give
+OpenAI's segments, seeks and temperatures."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import favour_timestamps, openai_dims, random_openai_model, save_openai_model
+
+from transcribe.pipeline import Transcriber, transcribe_file
+from transcribe.sequential import LongFormOptions
+from whisper_io import load_audio
+
+TEXT = (
+    "The north wind and the sun were disputing which was the stronger, when a traveler came along "
+    "wrapped in a warm cloak. They agreed that the one who first succeeded in making the traveler "
+    "take his cloak off should be considered stronger than the other. Then the north wind blew as "
+    "hard as he could, but the more he blew the more closely did the traveler fold his cloak "
+    "around him; and at last the north wind gave up the attempt. Then the sun shined out warmly, "
+    "and immediately the traveler took off his cloak. And so the north wind was obliged to "
+    "confess that the sun was the stronger of the two. Seven, three, nine. The quick brown fox "
+    "jumps over the lazy dog. A journey of a thousand miles begins with a single step. She sells "
+    "sea shells by the sea shore, and the shells she sells are surely sea shells. Peter Piper "
+    "picked a peck of pickled peppers. How much wood would a woodchuck chuck if a woodchuck could "
+    "chuck wood? The rain in Spain stays mainly in the plain."
+)
+KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature")
+
+
+@pytest.fixture(scope="module")
+def long_speech(tmp_path_factory) -> Path:
+    """About 80 s of real synthetic speech (espeak-ng, en-us, 16 kHz mono)."""
+    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
+        pytest.skip("needs espeak-ng and sox (apt-get install espeak-ng sox; .ci/run installs them)")
+    folder = tmp_path_factory.mktemp("speech")
+    subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", "150", "-g", "8", "-w", str(folder / "raw.wav"), TEXT], check=True
+    )
+    # -D: no dither, which sox otherwise adds at random when it writes 16-bit samples
+    sox = ["sox", str(folder / "raw.wav"), "-D", "-r", "16000", "-c", "1", "-b", "16", str(folder / "long.wav")]
+    subprocess.run(sox, check=True)
+    return folder / "long.wav"
+
+
+@pytest.fixture(scope="module")
+def longform_model(tmp_path_factory):
+    """(OpenAI model, its `.pt` path): 30 s windows (1500 positions), one layer each side. Each
+    timestamp's embedding row is 0.8 times that of one of three text tokens the model samples
+    often on speech, plus noise, so timestamps often win OpenAI's timestamp-vs-text rule; end of
+    text gets 1.05 times the row of a token that comes at varied places, so windows end early."""
+    from whisper.tokenizer import get_tokenizer
+
+    model = random_openai_model(1.0, openai_dims(n_audio_ctx=1500, n_text_ctx=448, n_audio_layer=1, n_text_layer=1))
+    tokenizer = get_tokenizer(True, num_languages=99)
+    favour_timestamps(model, [7320, 29736, 11527], tokenizer.timestamp_begin)
+    with torch.no_grad():
+        table = model.decoder.token_embedding.weight
+        table[tokenizer.eot] = 1.05 * table[3797]
+    return model, save_openai_model(model, tmp_path_factory.mktemp("longform") / "random.pt")
+
+
+def openai_transcribe(model, audio: np.ndarray, **options) -> dict:
+    import whisper
+
+    return whisper.transcribe(model, audio, fp16=False, verbose=None, **options)
+
+
+def assert_same_transcription(ours: dict, expected: dict) -> None:
+    assert ours["language"] == expected["language"]
+    assert [{k: s[k] for k in KEYS} for s in ours["segments"]] == [
+        {k: s[k] for k in KEYS} for s in expected["segments"]
+    ]
+    assert ours["text"] == expected["text"]
+    for a, b in zip(ours["segments"], expected["segments"], strict=True):
+        assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], rel=1e-3)
+        assert a["no_speech_prob"] == pytest.approx(b["no_speech_prob"], rel=1e-4, abs=1e-7)
+        assert a["compression_ratio"] == b["compression_ratio"]
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+@pytest.mark.parametrize("language", ["en", None], ids=["english", "detected"])
+def test_sequential_transcription_matches_openai(long_speech, longform_model, framework, language):
+    model, path = longform_model
+    audio = load_audio(long_speech)
+    assert len(audio) / 16000 > 60
+    expected = openai_transcribe(model, audio, language=language, temperature=0.0)
+    transcriber = Transcriber.load(
+        str(path), framework, language, mode="sequential", long_form=LongFormOptions(temperatures=(0.0,))
+    )
+    assert_same_transcription(transcribe_file(str(long_speech), transcriber), expected)
+    if language is None:  # the language detected (not English) is the oracle's; its text is less varied
+        return
+    # Not degenerate: several windows, one cut into several segments, and a seek moved by the last
+    # timestamp rather than by a whole window.
+    seeks = [s["seek"] for s in expected["segments"]]
+    assert len(set(seeks)) >= 3 and len(seeks) > len(set(seeks))
+    assert any(seek % 3000 for seek in seeks)
+    assert sum(bool(s["text"].strip()) for s in expected["segments"]) >= 2
+
+
+@pytest.fixture
+def shared_draws(longform_model, monkeypatch):
+    """The same random draws in OpenAI's sampler and both of ours: the Gumbel noise JAX draws for
+    `flax_whisper.decoding` (decode call k of a file with `jax.random.key(k)`, its step i with
+    `fold_in(key, i)`, the first with the key itself) replaces the noise of `torch_ref.decoding`
+    and OpenAI's `Categorical` (taking the arg-max of logits plus noise, the Gumbel-max trick)."""
+    import jax
+    import jax.numpy as jnp
+    import whisper.decoding
+
+    import torch_ref.decoding
+
+    model, _ = longform_model
+    steps: dict[int, int] = {}
+
+    def noise(seed: int, shape) -> torch.Tensor:
+        step = steps.get(seed, 0)
+        steps[seed] = step + 1
+        key = jax.random.key(seed)
+        return torch.from_numpy(
+            np.asarray(jax.random.gumbel(key if step == 0 else jax.random.fold_in(key, step), shape, jnp.float32))
+        )
+
+    calls = iter(range(1, 2**31))
+    openai_seed = [0]
+    decode = model.decode
+
+    def counted(mel, options):  # transcribe() decodes once per window and temperature, as we do
+        openai_seed[0] = next(calls) + 1000  # apart from our seeds 1, 2, ...
+        return decode(mel, options)
+
+    class Drawn:
+        def __init__(self, logits):
+            self.logits = logits
+
+        def sample(self) -> torch.Tensor:
+            return (self.logits.float() + noise(openai_seed[0] - 1000, tuple(self.logits.shape))).argmax(dim=-1)
+
+    monkeypatch.setattr(model, "decode", counted)
+    monkeypatch.setattr(whisper.decoding, "Categorical", Drawn)
+    monkeypatch.setattr(torch_ref.decoding, "gumbel", lambda shape, generator: noise(generator.initial_seed(), shape))
+    return steps
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_temperature_fallback_matches_openai_with_the_same_draws(long_speech, longform_model, shared_draws, framework):
+    """OpenAI's default schedule (0, 0.2, ..., 1.0) with its thresholds: windows whose greedy text
+    is too repetitive are decoded again by sampling, and the temperature each window ends at, its
+    tokens and the seeks after it are OpenAI's."""
+    model, path = longform_model
+    expected = openai_transcribe(model, load_audio(long_speech), language="en")
+    shared_draws.clear()
+    transcriber = Transcriber.load(str(path), framework, "en", mode="sequential")
+    assert_same_transcription(transcribe_file(str(long_speech), transcriber), expected)
+    # Not degenerate: some windows fell back, to different temperatures, one beyond 0.5 (after
+    # which the next window is decoded without the previous text).
+    temperatures = {s["seek"]: s["temperature"] for s in expected["segments"]}
+    assert len(set(temperatures.values())) >= 2 and max(temperatures.values()) > 0.5
+
+
+def test_the_command_transcribes_long_silent_short_and_empty_files_as_openai_does(
+    long_speech, longform_model, tmp_path, capsys
+):
+    """`python -m transcribe` (sequential, the default for a vocabulary with timestamps): pure
+    silence and a file shorter than 0.1 s get OpenAI's results, an empty file is reported while
+    the others are transcribed, and an unknown language is a usage error before any decoding."""
+    import json
+
+    import soundfile
+
+    from transcribe.__main__ import main
+
+    model, path = longform_model
+    soundfile.write(tmp_path / "silence.wav", np.zeros(16000 * 5, np.float32), 16000)
+    short = load_audio(long_speech)[16000 : 16000 + 800]  # 0.05 s of speech
+    soundfile.write(tmp_path / "short.wav", short, 16000)
+    soundfile.write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000)
+    files = [str(tmp_path / name) for name in ("silence.wav", "short.wav", "empty.wav")] + [str(long_speech)]
+    argv = [*files, "--checkpoint", str(path), "-f", "json", "--language", "en"]
+    assert main([*argv, "--temperature-increment-on-fallback", "0"]) == 1
+    out, err = capsys.readouterr()
+    assert "empty.wav: contains no audio samples" in err and "1 of 4 files could not be read" in err
+    results = {r.pop("path"): r for r in map(json.loads, out.splitlines())}
+    assert list(results) == [files[0], files[1], files[3]]
+    for file, result in results.items():
+        expected = openai_transcribe(model, load_audio(file), language="en", temperature=0.0)
+        assert_same_transcription(result, expected)
+    assert main([*argv, "--language", "xx"]) == 2
+    assert "error:" in capsys.readouterr().err
