@@ -7,6 +7,7 @@ exits as soon as every row has produced end of text. See `whisper_io.decoding` f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -75,25 +76,48 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> jax.
     return decode_with_scores(model, mel, prompt, options)[0]
 
 
-def decode_with_scores(model: Whisper, mel, prompt, options: DecodingOptions, key: jax.Array | None = None):
+def decode_with_scores(
+    model: Whisper,
+    mel,
+    prompt,
+    options: DecodingOptions,
+    key: jax.Array | None = None,
+    prompt_length: int | None = None,
+):
     """`greedy_decode`, or sampling at `options.temperature` > 0 with the random `key`, also
     returning each row's sum of log-probabilities (B,) float32 and no-speech probability (B,)
-    float32 (NaN without `options.no_speech`); see `whisper_io.decoding`."""
+    float32 (NaN without `options.no_speech`); see `whisper_io.decoding`.
+
+    With `prompt_length`, only the first `prompt_length` columns of `prompt` are its tokens (the
+    rest is padding, any ids) and `options.max_new_tokens` is a most, cut to the room the context
+    leaves after them (OpenAI stops at `n_text_ctx + 1` tokens): prompts of different lengths
+    padded to one width share one compiled program. The samples follow the real tokens; the
+    result is (B, P + max_new_tokens) as without."""
     prompt = np.asarray(prompt, np.int32)
-    check_decoding_length(model.config, prompt.shape[1], options.max_new_tokens)
+    real = prompt.shape[1] if prompt_length is None else int(prompt_length)
+    if prompt_length is None:
+        check_decoding_length(model.config, real, options.max_new_tokens)
+    elif not 1 <= real <= prompt.shape[1] <= model.config.n_text_ctx:
+        raise InputError(
+            f"prompt_length {real} must be within the prompt's {prompt.shape[1]} columns, which the "
+            f"context (n_text_ctx={model.config.n_text_ctx}) must hold"
+        )
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     if (options.temperature > 0) != (key is not None):
         raise InputError("a random key is needed at a temperature above 0, and only there")
     key = jax.random.key(0) if key is None else key  # unused at temperature 0
+    # The temperature is traced (every value above 0 shares a program); options say only whether to sample.
+    temperature = jnp.float32(options.temperature)
+    options = dataclasses.replace(options, temperature=float(options.temperature > 0))
     graphdef, state = nnx.split(model)
-    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options, key)
+    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options, key, jnp.int32(real), temperature)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions, key):
+def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions, key, real, temperature):
     """A pure jit over the split model: it returns the tokens and scores only (an `nnx.jit` would
     also hand back the model's state, a copy of every weight per call)."""
-    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options, key)
+    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options, key, real, temperature)
 
 
 def no_speech_probability(logits: jax.Array, prompt: jax.Array, options: DecodingOptions) -> jax.Array:
@@ -106,50 +130,64 @@ def no_speech_probability(logits: jax.Array, prompt: jax.Array, options: Decodin
     return jax.nn.softmax(start.astype(jnp.float32), axis=-1)[:, options.no_speech]
 
 
-def choose(allowed: jax.Array, options: DecodingOptions, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+def choose(allowed: jax.Array, options: DecodingOptions, key: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
     """Masked logits (B, V) -> (the next token (B,) int32, its log-probability (B,) float32): the
     arg-max at temperature 0, else a draw from softmax(allowed / temperature) by the Gumbel-max
-    trick (the arg-max after adding standard Gumbel noise drawn with `key`)."""
+    trick (the arg-max after adding standard Gumbel noise drawn with `key`). `temperature` may be
+    traced; `options.temperature` > 0 says whether to sample."""
     if options.temperature > 0:
         noise = jax.random.gumbel(key, allowed.shape, jnp.float32)
-        chosen = jnp.argmax(allowed.astype(jnp.float32) / options.temperature + noise, axis=-1)
+        chosen = jnp.argmax(allowed.astype(jnp.float32) / temperature + noise, axis=-1)
     else:
         chosen = jnp.argmax(allowed, axis=-1)
     logprobs = jax.nn.log_softmax(allowed.astype(jnp.float32), axis=-1)
     return chosen.astype(jnp.int32), jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0]
 
 
-def _greedy_decode(model: Whisper, mel: jax.Array, prompt: jax.Array, options: DecodingOptions, key: jax.Array):
+def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, real, temperature):
+    """`real` (traced): the prompt's tokens are its first `real` columns; samples start there.
+    `temperature` (traced) divides the logits when `options.temperature` says to sample."""
     eot, max_new = options.eot, options.max_new_tokens
-    batch, n_prompt = prompt.shape
+    batch, width = prompt.shape
+    n_ctx = model.config.n_text_ctx
+    limit = jnp.minimum(max_new, n_ctx - real + 1)  # samples at most (== max_new unpadded)
     xa = model.encoder(mel)  # (B, S, d)
     if options.language_tokens:
         prompt = prompt.at[:, 1].set(detect_language(model, xa, prompt[:, :1], options.language_tokens))
+    columns = jnp.arange(width)
+    prompt = jnp.where(columns < real, prompt, eot)  # padding: end of text (never attended)
 
-    # Every prompt token and every sampled token but the last is fed once.
-    cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
-    logits, cache = model.decoder(prompt, xa, cache)
+    # Every prompt token and every sampled token but the last is fed once; padding after the
+    # prompt is overwritten by the samples before any query reaches it (causal attention).
+    cache = model.decoder.init_cache(xa, min(width + max_new - 1, n_ctx))
+    logits, cache = model.decoder(prompt, xa, cache, valid=jnp.broadcast_to(columns < real, prompt.shape))
+    cache = {**cache, "offset": real}
     no_speech = no_speech_probability(logits, prompt, options)
-    tokens = jnp.full((batch, n_prompt + max_new), eot, jnp.int32)
-    first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
-    first, scores = choose(timestamp_rules(first, tokens[:, n_prompt:], 0, options), options, key)
-    tokens = tokens.at[:, :n_prompt].set(prompt).at[:, n_prompt].set(first)
+    last = jax.lax.dynamic_slice_in_dim(logits, real - 1, 1, axis=1)[:, 0]  # (B, V): the last real token
+    tokens = jnp.full((batch, width + max_new), eot, jnp.int32).at[:, :width].set(prompt)
+
+    def sampled(tokens):
+        return jax.lax.dynamic_slice_in_dim(tokens, real, max_new, axis=1)  # (B, max_new)
+
+    first = suppress(suppress(last, options.suppress_tokens), options.blank_tokens)
+    first, scores = choose(timestamp_rules(first, sampled(tokens), 0, options), options, key, temperature)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, first[:, None], real, axis=1)
 
     def unfinished(state):
         _, i, _, _, done, _ = state
-        return (i < max_new) & ~jnp.all(done)
+        return (i < limit) & ~jnp.all(done)
 
     def step(state):
         # The decoder travels in the loop state: NNX transforms inside it (the layer scan) cannot
         # reach a module captured from an outer trace.
         decoder, i, tokens, cache, done, scores = state
-        last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i - 1, 1, axis=1)  # (B, 1)
+        last = jax.lax.dynamic_slice_in_dim(tokens, real + i - 1, 1, axis=1)  # (B, 1)
         logits, cache = decoder(last, xa, cache)
-        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, n_prompt:], i, options)
-        chosen, logprob = choose(allowed, options, jax.random.fold_in(key, i))
+        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), sampled(tokens), i, options)
+        chosen, logprob = choose(allowed, options, jax.random.fold_in(key, i), temperature)
         scores = scores + jnp.where(done, 0.0, logprob)  # up to and including each row's end of text
         chosen = jnp.where(done, eot, chosen)  # finished rows keep receiving end of text
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], n_prompt + i, axis=1)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], real + i, axis=1)
         return decoder, i + 1, tokens, cache, done | (chosen == eot), scores
 
     state = (model.decoder, jnp.ones((), jnp.int32), tokens, cache, first == eot, scores)

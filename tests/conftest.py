@@ -6,6 +6,7 @@ default to TF32 and TPUs to bf16 passes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 # Tests compile many tiny programs; XLA's CPU backend spends most of that time in LLVM
@@ -238,3 +239,19 @@ class _NoTorch:
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, _NoTorch())
 """
+
+
+@contextlib.contextmanager
+def counting_compiles():
+    """A list with one entry per XLA compilation made while the block runs."""
+    compiles: list[float] = []
+
+    def count(event: str, duration: float, **_) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)

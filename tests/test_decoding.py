@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_LEN, openai_greedy
+from conftest import SAMPLE_LEN, counting_compiles, openai_greedy
 
 import flax_whisper.decoding as flax_decoding
 import torch_ref.decoding as torch_decoding
@@ -165,22 +165,13 @@ def test_flax_decoding_compiles_once_per_shape(decoding_setup, search):
     else:
         decode = flax_decoding.greedy_decode
     decode(flax_model, mel[:2], prompts, options)  # compiles
-    compiles = []
-
-    def count(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
+    with counting_compiles() as compiles:
         second = decode(flax_model, mel[2:], prompts, options)
         jax.block_until_ready(second)
         assert compiles == [], f"{len(compiles)} compilations for a batch of an already compiled shape"
         shorter = dataclasses.replace(options, max_new_tokens=3)
         decode(flax_model, mel[2:], prompts, shorter)
         assert len(compiles) >= 1  # the listener does see compilations
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
 
 
 def test_decoding_parity_on_every_variant(variant_pair):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import favour_timestamps, openai_dims, random_openai_model, save_openai_model
+from conftest import counting_compiles, favour_timestamps, openai_dims, random_openai_model, save_openai_model
 
 from transcribe.pipeline import Transcriber, transcribe_file
 from transcribe.sequential import LongFormOptions
@@ -194,3 +194,26 @@ def test_the_command_transcribes_long_silent_short_and_empty_files_as_openai_doe
         assert_same_transcription(result, expected)
     assert main([*argv, "--language", "xx"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_second_file_of_as_many_windows_compiles_nothing(long_speech, longform_model, tmp_path):
+    """Every window runs one decoding program however long its previous-text prompt (prompts are
+    padded to the longest, the temperature is traced), and the log-mel of a file is computed on
+    its audio padded to whole windows: a second, shorter file of as many 30 s windows (70 s of the
+    speech reversed, against 85 s) compiles nothing at all."""
+    import soundfile
+
+    _, path = longform_model
+    transcriber = Transcriber.load(str(path), "flax", "en", mode="sequential")
+    first = transcribe_file(str(long_speech), transcriber)
+    assert len({s["seek"] for s in first["segments"]}) >= 3
+    assert {s["temperature"] for s in first["segments"]} > {0.0}  # greedy and sampled windows
+    audio = load_audio(long_speech)
+    soundfile.write(tmp_path / "other.wav", audio[::-1][: 16000 * 70].copy(), 16000)
+    with counting_compiles() as compiles:
+        second = transcribe_file(str(tmp_path / "other.wav"), transcriber)
+        assert compiles == [], f"{len(compiles)} compilations for a file of as many windows"
+        assert len({s["seek"] for s in second["segments"]}) >= 2
+        soundfile.write(tmp_path / "longer.wav", np.concatenate([audio, audio[: 16000 * 10]]), 16000)
+        transcribe_file(str(tmp_path / "longer.wav"), transcriber)  # 4 windows: a new log-mel shape
+        assert compiles  # the listener does see compilations

@@ -92,13 +92,15 @@ def gumbel(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
     return -torch.log(-torch.log(uniform))
 
 
-def choose(allowed: Tensor, options: DecodingOptions, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def choose(
+    allowed: Tensor, options: DecodingOptions, generator: torch.Generator | None, temperature: float
+) -> tuple[Tensor, Tensor]:
     """Masked logits (B, V) -> (the next token (B,), its log-probability (B,) float32): the
     arg-max at temperature 0, else a draw from softmax(allowed / temperature) by the Gumbel-max
     trick (the arg-max after adding standard Gumbel noise drawn from `generator`)."""
     if options.temperature > 0:
         noise = gumbel(tuple(allowed.shape), generator).to(allowed.device)
-        chosen = (allowed.float() / options.temperature + noise).argmax(dim=-1)
+        chosen = (allowed.float() / temperature + noise).argmax(dim=-1)
     else:
         chosen = allowed.argmax(dim=-1)
     logprobs = torch.log_softmax(allowed.float(), dim=-1)
@@ -106,41 +108,61 @@ def choose(allowed: Tensor, options: DecodingOptions, generator: torch.Generator
 
 
 @torch.no_grad()
-def decode_with_scores(model: Whisper, mel, prompt, options: DecodingOptions, generator: torch.Generator | None = None):
+def decode_with_scores(
+    model: Whisper,
+    mel,
+    prompt,
+    options: DecodingOptions,
+    generator: torch.Generator | None = None,
+    prompt_length: int | None = None,
+):
     """`greedy_decode`, or sampling at `options.temperature` > 0 from `generator`, also returning
     each row's sum of log-probabilities (B,) float32 and no-speech probability (B,) float32 (NaN
-    without `options.no_speech`); see `whisper_io.decoding`."""
+    without `options.no_speech`); see `whisper_io.decoding`. With `prompt_length`, only the first
+    `prompt_length` columns of `prompt` are its tokens and `options.max_new_tokens` is a most, cut
+    to the room the context leaves (as in `flax_whisper.decoding.decode_with_scores`)."""
     eot, max_new = options.eot, options.max_new_tokens
     if (options.temperature > 0) != (generator is not None):
         raise InputError("a random generator is needed at a temperature above 0, and only there")
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
-    batch, n_prompt = prompt.shape
-    check_decoding_length(model.config, n_prompt, max_new)
+    batch, width = prompt.shape
+    n_ctx = model.config.n_text_ctx
+    real = width if prompt_length is None else int(prompt_length)
+    if prompt_length is None:
+        check_decoding_length(model.config, real, max_new)
+    elif not 1 <= real <= width <= n_ctx:
+        raise InputError(
+            f"prompt_length {real} must be within the prompt's {width} columns, which the "
+            f"context (n_text_ctx={n_ctx}) must hold"
+        )
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
+    limit = min(max_new, n_ctx - real + 1)
     xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
 
     # Every prompt token and every sampled token but the last is fed once.
-    cache = model.decoder.init_cache(xa, n_prompt + max_new - 1)
-    logits, cache = model.decoder(prompt, xa, cache)
-    no_speech = no_speech_probability(logits, prompt, options)
-    tokens = torch.full((batch, n_prompt + max_new), eot, dtype=torch.long, device=device)
+    cache = model.decoder.init_cache(xa, real + limit - 1)
+    logits, cache = model.decoder(prompt[:, :real], xa, cache)
+    no_speech = no_speech_probability(logits, prompt[:, :real], options)
+    tokens = torch.full((batch, width + max_new), eot, dtype=torch.long, device=device)
     first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
-    chosen, scores = choose(timestamp_rules(first, tokens[:, n_prompt:], 0, options), options, generator)
-    tokens[:, :n_prompt] = prompt
-    tokens[:, n_prompt] = chosen
+    chosen, scores = choose(
+        timestamp_rules(first, tokens[:, real:], 0, options), options, generator, options.temperature
+    )
+    tokens[:, :real] = prompt[:, :real]
+    tokens[:, real] = chosen
     done = chosen == eot
-    for i in range(1, max_new):
+    for i in range(1, limit):
         if bool(done.all()):
             break
-        logits, cache = model.decoder(tokens[:, n_prompt + i - 1 : n_prompt + i], xa, cache)
-        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, n_prompt:], i, options)
-        chosen, logprob = choose(allowed, options, generator)
+        logits, cache = model.decoder(tokens[:, real + i - 1 : real + i], xa, cache)
+        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, real:], i, options)
+        chosen, logprob = choose(allowed, options, generator, options.temperature)
         scores = scores + torch.where(done, 0.0, logprob)  # up to and including each row's end of text
         chosen = torch.where(done, eot, chosen)  # finished rows keep receiving end of text
-        tokens[:, n_prompt + i] = chosen
+        tokens[:, real + i] = chosen
         done |= chosen == eot
     return tokens, scores, no_speech
 

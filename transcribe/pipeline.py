@@ -29,7 +29,7 @@ from transcribe.sequential import Decoded, LongFormOptions, compression_ratio, t
 from whisper_config import ConfigError, InputError, ModelConfig
 from whisper_io import AudioFileError, TokenizerError, decoding_options, text_tokens, tokenizer_for
 from whisper_io.audio_files import load_audio, stream_audio
-from whisper_io.decoding import BeamSearch, DecodingOptions, max_new_tokens_for
+from whisper_io.decoding import BeamSearch, DecodingOptions
 from whisper_io.tokenizers import Tokenizer
 
 
@@ -120,11 +120,12 @@ class Transcriber:
 
             model = new_flax_model(config, ckpt.tensors)
 
-            def scored(mel, prompts, options, seed):
+            def scored(mel, prompts, options, seed, prompt_length=None):
                 import jax
 
                 key = jax.random.key(seed) if options.temperature > 0 else None
-                return tuple(np.asarray(a) for a in decode_with_scores(model, mel, prompts, options, key))
+                decoded = decode_with_scores(model, mel, prompts, options, key, prompt_length)
+                return tuple(np.asarray(a) for a in decoded)
 
         elif framework == "torch":
             import torch
@@ -134,9 +135,10 @@ class Transcriber:
 
             model = new_torch_model(config, ckpt.tensors)
 
-            def scored(mel, prompts, options, seed):
+            def scored(mel, prompts, options, seed, prompt_length=None):
                 generator = torch.Generator().manual_seed(seed) if options.temperature > 0 else None
-                return tuple(a.numpy() for a in decode_with_scores(model, mel, prompts, options, generator))
+                decoded = decode_with_scores(model, mel, prompts, options, generator, prompt_length)
+                return tuple(a.numpy() for a in decoded)
 
         else:
             raise ValueError(f"framework must be 'flax' or 'torch', got {framework!r}")
@@ -178,23 +180,28 @@ class Transcriber:
     def window_decoder(self, language: str | None) -> Callable[[np.ndarray, Sequence[int], float], Decoded]:
         """`transcribe.sequential`'s `decode` for this model: a window with timestamps after the
         previous tokens, at a temperature (above 0: `best_of` samples, the likeliest per token
-        kept, each call with its own seed)."""
+        kept, each call with its own seed). Every prompt is padded to the longest a previous text
+        allows and the temperature is traced, so the whole loop runs two programs (greedy and
+        sampling) per batch size."""
         calls = iter(range(1, 2**31))
+        config, tokenizer = self.config, self.tokenizer
+        base, _ = decoding_options(tokenizer, config, language, self.task, timestamps=True)
+        width = config.n_text_ctx // 2 + len(base)  # <|startofprev|>, n_text_ctx // 2 - 1 tokens, the start
+        most = config.n_text_ctx // 2 if self.max_new_tokens is None else self.max_new_tokens
 
         def decode(window: np.ndarray, previous: Sequence[int], temperature: float) -> Decoded:
             prompt, options = decoding_options(
-                self.tokenizer, self.config, language, self.task, timestamps=True,
-                temperature=temperature, previous=previous,
-            )  # fmt: skip
-            if self.max_new_tokens is not None:  # as many as asked, as far as the context has room
-                most = min(self.max_new_tokens, max_new_tokens_for(self.config, len(prompt)))
-                options = dataclasses.replace(options, max_new_tokens=most)
+                tokenizer, config, language, self.task, timestamps=True, temperature=temperature, previous=previous
+            )
+            options = dataclasses.replace(options, max_new_tokens=most)  # cut to the context's room
             n = (self.best_of or 1) if temperature > 0 else 1
+            padded = np.full((n, width), tokenizer.eot, np.int32)
+            padded[:, : len(prompt)] = prompt
             mel = np.repeat(window[None], n, axis=0)
-            tokens, sums, no_speech = self.scored(mel, np.tile(np.asarray(prompt), (n, 1)), options, next(calls))
-            rows = text_tokens(tokens, len(prompt), self.tokenizer.eot)
+            tokens, sums, no_speech = self.scored(mel, padded, options, next(calls), len(prompt))
+            rows = text_tokens(tokens, len(prompt), tokenizer.eot)
             best = int(np.argmax([float(sums[i]) / max(len(row), 1) for i, row in enumerate(rows)])) if n > 1 else 0
-            text = self.tokenizer.decode_all(rows[best]).strip()
+            text = tokenizer.decode_all(rows[best]).strip()
             return Decoded(rows[best], float(sums[best]), float(no_speech[0]), temperature, compression_ratio(text))
 
         return decode
@@ -207,9 +214,14 @@ def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False)
     for a file that cannot be read."""
     from flax_whisper.audio import log_mel_spectrogram
 
-    frames = 2 * transcriber.config.n_audio_ctx
+    frames, samples = 2 * transcriber.config.n_audio_ctx, window_samples(transcriber.config)
     audio = load_audio(path)
-    mel = np.asarray(log_mel_spectrogram(audio, transcriber.config.n_mels, padding=window_samples(transcriber.config)))
+    # OpenAI's log-mel of the audio with one window of silence appended, computed on the audio
+    # padded to whole windows plus one, so files of as many windows share one program; the frames
+    # beyond OpenAI's are zeros' (the floor), which can set neither the maximum nor a kept frame.
+    padded = np.zeros((-(-len(audio) // samples) + 1) * samples, np.float32)
+    padded[: len(audio)] = audio
+    mel = np.asarray(log_mel_spectrogram(padded, transcriber.config.n_mels))[:, : (len(audio) + samples) // HOP_LENGTH]
     language = transcriber.language
     if language is None and transcriber.tokenizer.multilingual:
         first = np.zeros((mel.shape[0], frames), np.float32)
