@@ -17,7 +17,7 @@ from flax import nnx
 
 from flax_whisper.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, check_decoding_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length
 
 
 def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -94,14 +94,7 @@ def decode_with_scores(
     padded to one width share one compiled program. The samples follow the real tokens; the
     result is (B, P + max_new_tokens) as without."""
     prompt = np.asarray(prompt, np.int32)
-    real = prompt.shape[1] if prompt_length is None else int(prompt_length)
-    if prompt_length is None:
-        check_decoding_length(model.config, real, options.max_new_tokens)
-    elif not 1 <= real <= prompt.shape[1] <= model.config.n_text_ctx:
-        raise InputError(
-            f"prompt_length {real} must be within the prompt's {prompt.shape[1]} columns, which the "
-            f"context (n_text_ctx={model.config.n_text_ctx}) must hold"
-        )
+    real = checked_prompt_length(model.config, prompt.shape[1], options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     if (options.temperature > 0) != (key is not None):
         raise InputError("a random key is needed at a temperature above 0, and only there")
@@ -195,47 +188,60 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
     return tokens, scores, no_speech
 
 
-def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+def beam_search_decode(
+    model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, prompt_length: int | None = None
+):
     """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int32, the
-    chosen candidate of each utterance padded with end of text, and its sum of log-probabilities
-    (B,) float32): OpenAI's beam search (see `whisper_io.decoding.BeamSearch`), one jitted
-    program per (shapes, options, beam). Call `model.eval()` first."""
+    chosen candidate of each utterance padded with end of text, its sum of log-probabilities (B,)
+    float32, and the no-speech probability (B,) float32): OpenAI's beam search (see
+    `whisper_io.decoding.BeamSearch`), one jitted program per (shapes, options, beam);
+    `prompt_length` as for `decode_with_scores`. Call `model.eval()` first."""
     prompt = np.asarray(prompt, np.int32)
-    check_decoding_length(model.config, prompt.shape[1], options.max_new_tokens)
+    real = checked_prompt_length(model.config, prompt.shape[1], options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     graphdef, state = nnx.split(model)
-    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam)
+    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam, jnp.int32(real))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options", "beam"))
-def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, beam: BeamSearch):
-    return _beam_search(nnx.merge(graphdef, state), mel, prompt, options, beam)
+def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, beam: BeamSearch, real):
+    return _beam_search(nnx.merge(graphdef, state), mel, prompt, options, beam, real)
 
 
-def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, real):
     eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
-    batch, n_prompt = prompt.shape
-    length = n_prompt + max_new
+    batch, width = prompt.shape
+    length = width + max_new
+    limit = jnp.minimum(max_new, model.config.n_text_ctx - real + 1)  # steps at most
     xa = model.encoder(mel)  # (B, S, d)
     if options.language_tokens:
         prompt = prompt.at[:, 1].set(detect_language(model, xa, prompt[:, :1], options.language_tokens))
+    columns = jnp.arange(width)
+    prompt = jnp.where(columns < real, prompt, eot)  # padding (see `_greedy_decode`)
     xa = jnp.repeat(xa, k, axis=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
-    tokens = jnp.full((batch * k, length), eot, jnp.int32).at[:, :n_prompt].set(jnp.repeat(prompt, k, axis=0))
+    tokens = jnp.full((batch * k, length), eot, jnp.int32).at[:, :width].set(jnp.repeat(prompt, k, axis=0))
     cache = model.decoder.init_cache(xa, length)
-    logits, cache = model.decoder(tokens[:, :n_prompt], xa, cache)
+    valid = jnp.broadcast_to(columns < real, (batch * k, width))
+    logits, cache = model.decoder(tokens[:, :width], xa, cache, valid=valid)
+    cache = {**cache, "offset": real}
+    no_speech = no_speech_probability(logits[::k], prompt, options)
+
+    def sampled(tokens):
+        return jax.lax.dynamic_slice_in_dim(tokens, real, max_new, axis=-1)  # (..., max_new)
+
     rows = (jnp.arange(batch) * k)[:, None]  # (B, 1): each utterance's first row
     utterance = jnp.arange(batch)[:, None]
     size = max(most, k)  # the candidates an utterance ends with: `most` finished, or k when too few
 
     def unfinished(state):
         _, i, _, _, _, _, _, _, count = state
-        return (i < max_new) & ~jnp.all(count >= most)
+        return (i < limit) & ~jnp.all(count >= most)
 
     def step(state):
         decoder, i, tokens, cache, logits, scores, done, done_scores, count = state
         logits = suppress(logits, options.suppress_tokens)
         logits = jnp.where(i == 0, suppress(logits, options.blank_tokens), logits)
-        logprobs = jax.nn.log_softmax(timestamp_rules(logits, tokens[:, n_prompt:], i, options), axis=-1)
+        logprobs = jax.nn.log_softmax(timestamp_rules(logits, sampled(tokens), i, options), axis=-1)
         top, ids = jax.lax.top_k(logprobs, k + 1)  # (B k, k + 1)
         sums = (scores[:, None] + top).reshape(batch, k * (k + 1))  # beam-major, then rank
         sums = jnp.where((i == 0) & (jnp.arange(k * (k + 1)) >= k + 1), -jnp.inf, sums)  # one prompt, one beam
@@ -260,18 +266,19 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         chosen = jnp.take_along_axis(source, kept, axis=1).reshape(-1)  # (B k,)
         tokens = tokens[chosen]
         tokens = jax.lax.dynamic_update_slice_in_dim(
-            tokens, jnp.take_along_axis(proposed, kept, axis=1).reshape(-1, 1), n_prompt + i, axis=1
+            tokens, jnp.take_along_axis(proposed, kept, axis=1).reshape(-1, 1), real + i, axis=1
         )
         scores = jnp.take_along_axis(sums, kept, axis=1).reshape(-1)
         layers = cache["layers"]
         cache = {**cache, "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen], layers["attn"])}}
-        last = jax.lax.dynamic_slice_in_dim(tokens, n_prompt + i, 1, axis=1)
+        last = jax.lax.dynamic_slice_in_dim(tokens, real + i, 1, axis=1)
         logits, cache = decoder(last, xa, cache)
         return decoder, i + 1, tokens, cache, logits[:, -1], scores, done, done_scores, count
 
     done = jnp.full((batch, size, length), eot, jnp.int32)
     done_scores = jnp.full((batch, size), -jnp.inf, jnp.float32)
-    state = (model.decoder, jnp.zeros((), jnp.int32), tokens, cache, logits[:, -1], jnp.zeros(batch * k),
+    first = jax.lax.dynamic_slice_in_dim(logits, real - 1, 1, axis=1)[:, 0]  # (B k, V): after the last real token
+    state = (model.decoder, jnp.zeros((), jnp.int32), tokens, cache, first, jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
     _, _, tokens, _, _, scores, done, done_scores, count = nnx.while_loop(unfinished, step, state)
 
@@ -284,9 +291,9 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     beam_scores = jnp.take_along_axis(scores.reshape(batch, k), best, axis=1)
     pool_scores = done_scores.at[utterance, fill].set(beam_scores, mode="drop")
     # Rank by the sum over the length penalty; the first best wins.
-    sampled = pool[:, :, n_prompt:] == eot
-    lengths = jnp.where(sampled.any(axis=-1), jnp.argmax(sampled, axis=-1), max_new).astype(jnp.float32)
+    ends = sampled(pool) == eot
+    lengths = jnp.where(ends.any(axis=-1), jnp.argmax(ends, axis=-1), limit).astype(jnp.float32)
     penalty = lengths if beam.length_penalty is None else ((5 + lengths) / 6) ** beam.length_penalty
     pick = jnp.argmax(jnp.where(jnp.isfinite(pool_scores), pool_scores / penalty, -jnp.inf), axis=1)
     chosen = jnp.take_along_axis(pool, pick[:, None, None], axis=1)[:, 0]
-    return chosen, jnp.take_along_axis(pool_scores, pick[:, None], axis=1)[:, 0]
+    return chosen, jnp.take_along_axis(pool_scores, pick[:, None], axis=1)[:, 0], no_speech

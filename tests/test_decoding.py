@@ -140,13 +140,14 @@ def test_beam_search_matches_openai(request, setup, timestamps, patience):
     expected = [whisper.decoding.decode(model, torch.from_numpy(mel[i : i + 1]), oracle)[0] for i in range(len(mel))]
     prompt, options = decoding_options(tokenizer, config, "en", max_new_tokens=sample_len, timestamps=timestamps)
     prompts, beam = np.tile(prompt, (len(mel), 1)), BeamSearch(5, patience)
-    for name, (tokens, sums) in [
+    for name, (tokens, sums, no_speech) in [
         ("flax", flax_decoding.beam_search_decode(flax_model, mel, prompts, options, beam)),
         ("torch", torch_decoding.beam_search_decode(torch_model, mel, prompts, options, beam)),
     ]:
         assert text_tokens(np.asarray(tokens), len(prompt), tokenizer.eot) == [r.tokens for r in expected], name
         oracle_sums = [r.avg_logprob * (len(r.tokens) + 1) for r in expected]
         np.testing.assert_allclose(np.asarray(sums), oracle_sums, rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(np.asarray(no_speech), [r.no_speech_prob for r in expected], rtol=1e-4, atol=1e-7)
     # Not degenerate: the search chose other sequences than greedy decoding for some rows.
     greedy = flax_decoding.greedy_decode(flax_model, mel, prompts, options)
     assert text_tokens(np.asarray(greedy), len(prompt), tokenizer.eot) != [r.tokens for r in expected]

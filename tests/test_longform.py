@@ -217,3 +217,22 @@ def test_a_second_file_of_as_many_windows_compiles_nothing(long_speech, longform
         soundfile.write(tmp_path / "longer.wav", np.concatenate([audio, audio[: 16000 * 10]]), 16000)
         transcribe_file(str(tmp_path / "longer.wav"), transcriber)  # 4 windows: a new log-mel shape
         assert compiles  # the listener does see compilations
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_beam_search_long_form_matches_openai(long_speech, longform_model, framework):
+    """Beam search at temperature 0 (`--beam-size 5 --patience 2`, as `openai-whisper`'s command
+    searches), window after window with previous-text prompts: OpenAI's segments."""
+    from whisper_io.decoding import BeamSearch
+
+    model, path = longform_model
+    expected = openai_transcribe(
+        model, load_audio(long_speech), language="en", temperature=0.0, beam_size=5, patience=2.0
+    )
+    transcriber = Transcriber.load(
+        str(path), framework, "en", beam=BeamSearch(5, 2.0), mode="sequential",
+        long_form=LongFormOptions(temperatures=(0.0,)),
+    )  # fmt: skip
+    assert_same_transcription(transcribe_file(str(long_speech), transcriber), expected)
+    greedy = openai_transcribe(model, load_audio(long_speech), language="en", temperature=0.0)
+    assert [s["tokens"] for s in greedy["segments"]] != [s["tokens"] for s in expected["segments"]]

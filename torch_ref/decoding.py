@@ -12,7 +12,7 @@ from torch import Tensor
 
 from torch_ref.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, check_decoding_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length
 
 
 def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
@@ -127,17 +127,9 @@ def decode_with_scores(
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
-    n_ctx = model.config.n_text_ctx
-    real = width if prompt_length is None else int(prompt_length)
-    if prompt_length is None:
-        check_decoding_length(model.config, real, max_new)
-    elif not 1 <= real <= width <= n_ctx:
-        raise InputError(
-            f"prompt_length {real} must be within the prompt's {width} columns, which the "
-            f"context (n_text_ctx={n_ctx}) must hold"
-        )
+    real = checked_prompt_length(model.config, width, max_new, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
-    limit = min(max_new, n_ctx - real + 1)
+    limit = min(max_new, model.config.n_text_ctx - real + 1)
     xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
@@ -175,26 +167,31 @@ def _rows(cache, rows: Tensor):
 
 
 @torch.no_grad()
-def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch):
+def beam_search_decode(
+    model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, prompt_length: int | None = None
+):
     """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int64, the
-    chosen candidate of each utterance padded with end of text, and its sum of log-probabilities
-    (B,) float32): OpenAI's beam search (see `whisper_io.decoding.BeamSearch`). Call
+    chosen candidate of each utterance padded with end of text, its sum of log-probabilities (B,)
+    float32, and the no-speech probability (B,) float32): OpenAI's beam search (see
+    `whisper_io.decoding.BeamSearch`); `prompt_length` as for `decode_with_scores`. Call
     `model.eval()` first."""
     eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
-    batch, n_prompt = prompt.shape
-    check_decoding_length(model.config, n_prompt, max_new)
+    batch, width = prompt.shape
+    n_prompt = checked_prompt_length(model.config, width, max_new, prompt_length)  # the real tokens
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
-    length = n_prompt + max_new
+    limit = min(max_new, model.config.n_text_ctx - n_prompt + 1)
+    length = width + max_new
     xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
     xa = xa.repeat_interleave(k, dim=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
     tokens = torch.full((batch * k, length), eot, dtype=torch.long, device=device)
-    tokens[:, :n_prompt] = prompt.repeat_interleave(k, dim=0)
+    tokens[:, :n_prompt] = prompt[:, :n_prompt].repeat_interleave(k, dim=0)
     cache = model.decoder.init_cache(xa, length)
     logits, cache = model.decoder(tokens[:, :n_prompt], xa, cache)
+    no_speech = no_speech_probability(logits[::k], prompt[:, :n_prompt], options)
     logits = logits[:, -1]
     rows = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1): each utterance's first row
     scores = torch.zeros(batch * k, device=device)
@@ -203,7 +200,7 @@ def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, be
     done_scores = torch.full((batch, size + 1), -torch.inf, device=device)
     count = torch.zeros(batch, dtype=torch.long, device=device)
     utterance = torch.arange(batch, device=device)[:, None]
-    for i in range(max_new):
+    for i in range(limit):
         logits = suppress(logits, options.suppress_tokens)
         if i == 0:
             logits = suppress(logits, options.blank_tokens)
@@ -246,9 +243,9 @@ def beam_search_decode(model: Whisper, mel, prompt, options: DecodingOptions, be
     done_scores[utterance, fill] = scores.reshape(batch, k).gather(1, best)
     pool, pool_scores = done[:, :size], done_scores[:, :size]
     # Rank by the sum over the length penalty; the first best wins.
-    sampled = pool[:, :, n_prompt:] == eot
-    lengths = torch.where(sampled.any(dim=-1), sampled.int().argmax(dim=-1), max_new).float()
+    sampled = pool[:, :, n_prompt : n_prompt + max_new] == eot
+    lengths = torch.where(sampled.any(dim=-1), sampled.int().argmax(dim=-1), limit).float()
     penalty = lengths if beam.length_penalty is None else ((5 + lengths) / 6) ** beam.length_penalty
     ranked = torch.where(torch.isfinite(pool_scores), pool_scores / penalty, -torch.inf)
     pick = ranked.argmax(dim=1)
-    return pool[torch.arange(batch), pick], pool_scores[torch.arange(batch), pick]
+    return pool[torch.arange(batch), pick], pool_scores[torch.arange(batch), pick], no_speech

@@ -79,6 +79,7 @@ class Transcriber:
     long_form: LongFormOptions = dataclasses.field(default_factory=LongFormOptions)
     best_of: int | None = None  # candidates sampled per window above temperature 0 (best kept)
     max_new_tokens: int | None = None  # per window, at most (None: OpenAI's n_text_ctx // 2)
+    beam: BeamSearch | None = None  # sequential mode: beam search at temperature 0 (None: greedy)
 
     @classmethod
     def load(
@@ -108,11 +109,8 @@ class Transcriber:
             raise ConfigError(f"{checkpoint}: n_mels={config.n_mels}; the log-mel frontend computes 80 or 128 bins")
         tokenizer = tokenizer_for(config)
         mode = mode or ("sequential" if tokenizer.timestamp_begin is not None else "windows")
-        if mode == "sequential":
-            if tokenizer.timestamp_begin is None:
-                raise TokenizerError(f"--mode sequential needs timestamps; the {tokenizer.name} vocabulary has none")
-            if beam is not None:
-                raise InputError("beam search is not yet available in --mode sequential: use --mode windows")
+        if mode == "sequential" and tokenizer.timestamp_begin is None:
+            raise TokenizerError(f"--mode sequential needs timestamps; the {tokenizer.name} vocabulary has none")
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
             from convert.core import new_flax_model
@@ -120,11 +118,14 @@ class Transcriber:
 
             model = new_flax_model(config, ckpt.tensors)
 
-            def scored(mel, prompts, options, seed, prompt_length=None):
+            def scored(mel, prompts, options, seed, prompt_length=None, beam=None):
                 import jax
 
-                key = jax.random.key(seed) if options.temperature > 0 else None
-                decoded = decode_with_scores(model, mel, prompts, options, key, prompt_length)
+                if beam is not None:
+                    decoded = beam_search_decode(model, mel, prompts, options, beam, prompt_length)
+                else:
+                    key = jax.random.key(seed) if options.temperature > 0 else None
+                    decoded = decode_with_scores(model, mel, prompts, options, key, prompt_length)
                 return tuple(np.asarray(a) for a in decoded)
 
         elif framework == "torch":
@@ -135,9 +136,12 @@ class Transcriber:
 
             model = new_torch_model(config, ckpt.tensors)
 
-            def scored(mel, prompts, options, seed, prompt_length=None):
-                generator = torch.Generator().manual_seed(seed) if options.temperature > 0 else None
-                decoded = decode_with_scores(model, mel, prompts, options, generator, prompt_length)
+            def scored(mel, prompts, options, seed, prompt_length=None, beam=None):
+                if beam is not None:
+                    decoded = beam_search_decode(model, mel, prompts, options, beam, prompt_length)
+                else:
+                    generator = torch.Generator().manual_seed(seed) if options.temperature > 0 else None
+                    decoded = decode_with_scores(model, mel, prompts, options, generator, prompt_length)
                 return tuple(a.numpy() for a in decoded)
 
         else:
@@ -152,7 +156,7 @@ class Transcriber:
         long_form = long_form or LongFormOptions()
         return cls(
             config, tokenizer, prompt, options, run, batch_size, scored, mode, language, task, long_form, best_of,
-            max_new_tokens,
+            max_new_tokens, beam,
         )  # fmt: skip
 
     def decode(self, mel: np.ndarray) -> tuple[list[list[int]], list[int]]:
@@ -182,7 +186,7 @@ class Transcriber:
         previous tokens, at a temperature (above 0: `best_of` samples, the likeliest per token
         kept, each call with its own seed). Every prompt is padded to the longest a previous text
         allows and the temperature is traced, so the whole loop runs two programs (greedy and
-        sampling) per batch size."""
+        sampling; beam search instead of greedy with `beam`) per batch size."""
         calls = iter(range(1, 2**31))
         config, tokenizer = self.config, self.tokenizer
         base, _ = decoding_options(tokenizer, config, language, self.task, timestamps=True)
@@ -198,7 +202,8 @@ class Transcriber:
             padded = np.full((n, width), tokenizer.eot, np.int32)
             padded[:, : len(prompt)] = prompt
             mel = np.repeat(window[None], n, axis=0)
-            tokens, sums, no_speech = self.scored(mel, padded, options, next(calls), len(prompt))
+            beam = self.beam if temperature == 0 else None  # OpenAI: beams at 0, best_of samples above
+            tokens, sums, no_speech = self.scored(mel, padded, options, next(calls), len(prompt), beam)
             rows = text_tokens(tokens, len(prompt), tokenizer.eot)
             best = int(np.argmax([float(sums[i]) / max(len(row), 1) for i, row in enumerate(rows)])) if n > 1 else 0
             text = tokenizer.decode_all(rows[best]).strip()

@@ -103,6 +103,22 @@ def check_decoding_length(config: ModelConfig, prompt_length: int, max_new_token
         )
 
 
+def checked_prompt_length(config: ModelConfig, width: int, max_new_tokens: int, prompt_length: int | None) -> int:
+    """How many of a prompt's `width` columns are its tokens: all (None; then `max_new_tokens` must
+    fit after them), or the first `prompt_length` (the rest padding, so that prompts of several
+    lengths share one compiled program; `max_new_tokens` is then a most, cut to the room the
+    context leaves, as OpenAI stops at `n_text_ctx + 1` tokens)."""
+    if prompt_length is None:
+        check_decoding_length(config, width, max_new_tokens)
+        return width
+    if not 1 <= prompt_length <= width <= config.n_text_ctx:
+        raise InputError(
+            f"prompt_length {prompt_length} must be within the prompt's {width} columns, which the "
+            f"context (n_text_ctx={config.n_text_ctx}) must hold"
+        )
+    return int(prompt_length)
+
+
 CHUNK_SECONDS = 30.0  # OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s)
 
 
