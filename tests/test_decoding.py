@@ -217,3 +217,33 @@ def test_decoding_rejects_lengths_beyond_the_context(pair):
         flax_decoding.greedy_decode(flax_model, mel, [[1, 3]], sampled)
     with pytest.raises(InputError, match="temperature must be >= 0"):
         DecodingOptions(eot=2, max_new_tokens=2, temperature=-1.0)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_a_padded_prompt_decodes_as_the_prompt_alone(decoding_setup, search):
+    """A prompt padded to a wider array (`prompt_length` real tokens) gives the tokens and scores
+    of the prompt alone, in both frameworks; with a previous text long enough to leave less room
+    than `max_new_tokens`, decoding stops where the context is full (as OpenAI's loop does)."""
+    _, _, mel, flax_model, torch_model = decoding_setup
+    config = flax_model.config
+    tokenizer = tokenizer_for(config)
+    width = config.n_text_ctx // 2 + 3  # <|startofprev|>, 7 previous tokens, sot, language, task
+    beam = BeamSearch(3) if search == "beam" else None
+    for previous, room in [(list(range(220, 223)), 8), (list(range(220, 240)), 6)]:
+        prompt, options = decoding_options(tokenizer, config, "en", timestamps=True, previous=previous)
+        assert options.max_new_tokens == room  # 16 positions: 8 sampled at most, or what is left
+        padded = np.full((len(mel), width), 50000, np.int32)  # any ids: they are never attended
+        padded[:, : len(prompt)] = prompt
+        most = dataclasses.replace(options, max_new_tokens=8)
+        for module, model in [(flax_decoding, flax_model), (torch_decoding, torch_model)]:
+            if beam is None:
+                alone = module.decode_with_scores(model, mel, np.tile(prompt, (len(mel), 1)), options)
+                padded_run = module.decode_with_scores(model, mel, padded, most, prompt_length=len(prompt))
+            else:
+                alone = module.beam_search_decode(model, mel, np.tile(prompt, (len(mel), 1)), options, beam)
+                padded_run = module.beam_search_decode(model, mel, padded, most, beam, prompt_length=len(prompt))
+            assert text_tokens(np.asarray(padded_run[0]), len(prompt), tokenizer.eot) == text_tokens(
+                np.asarray(alone[0]), len(prompt), tokenizer.eot
+            ), module.__name__
+            np.testing.assert_allclose(np.asarray(padded_run[1]), np.asarray(alone[1]), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(np.asarray(padded_run[2]), np.asarray(alone[2]), rtol=1e-5, atol=1e-8)

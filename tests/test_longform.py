@@ -150,14 +150,19 @@ def shared_draws(longform_model, monkeypatch):
 
 
 @pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_temperature_fallback_matches_openai_with_the_same_draws(long_speech, longform_model, shared_draws, framework):
+@pytest.mark.parametrize("best_of", [None, pytest.param(3, marks=pytest.mark.slow)], ids=["one", "best_of_3"])
+def test_temperature_fallback_matches_openai_with_the_same_draws(
+    long_speech, longform_model, shared_draws, framework, best_of
+):
     """OpenAI's default schedule (0, 0.2, ..., 1.0) with its thresholds: windows whose greedy text
-    is too repetitive are decoded again by sampling, and the temperature each window ends at, its
-    tokens and the seeks after it are OpenAI's."""
+    is too repetitive are decoded again by sampling (one candidate, or `best_of` with the
+    likeliest per token kept: a minute and more, so `slow`), and the temperature each window ends
+    at, its tokens and the seeks after it are OpenAI's."""
     model, path = longform_model
-    expected = openai_transcribe(model, load_audio(long_speech), language="en")
+    options = {} if best_of is None else {"best_of": best_of}
+    expected = openai_transcribe(model, load_audio(long_speech), language="en", **options)
     shared_draws.clear()
-    transcriber = Transcriber.load(str(path), framework, "en", mode="sequential")
+    transcriber = Transcriber.load(str(path), framework, "en", mode="sequential", best_of=best_of)
     assert_same_transcription(transcribe_file(str(long_speech), transcriber), expected)
     # Not degenerate: some windows fell back, to different temperatures, one beyond 0.5 (after
     # which the next window is decoded without the previous text).

@@ -230,7 +230,7 @@ def beam_search_decode(
         scores = sums.gather(1, kept).reshape(-1)
         for layer in cache["layers"]:
             layer["attn"] = _rows(layer["attn"], chosen)
-        if bool((count >= most).all()):
+        if bool((count >= most).all()) or i == limit - 1:  # done, or the context is full
             break
         logits, cache = model.decoder(tokens[:, n_prompt + i : n_prompt + i + 1], xa, cache)
         logits = logits[:, -1]
