@@ -241,3 +241,22 @@ def test_beam_search_long_form_matches_openai(long_speech, longform_model, frame
     assert_same_transcription(transcribe_file(str(long_speech), transcriber), expected)
     greedy = openai_transcribe(model, load_audio(long_speech), language="en", temperature=0.0)
     assert [s["tokens"] for s in greedy["segments"]] != [s["tokens"] for s in expected["segments"]]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"initial_prompt": "Seven, three, nine. The north wind."}, {"condition_on_previous_text": False}],
+    ids=["initial_prompt", "no_previous_text"],
+)
+def test_prompt_settings_match_openai(long_speech, longform_model, settings):
+    """`--initial-prompt` (the first window's prompt, kept out of the text) and
+    `--condition-on-previous-text False` (every window without the text before it), in flax:
+    OpenAI's segments."""
+    model, path = longform_model
+    expected = openai_transcribe(model, load_audio(long_speech), language="en", temperature=0.0, **settings)
+    options = LongFormOptions(temperatures=(0.0,), **settings)
+    transcriber = Transcriber.load(str(path), "flax", "en", mode="sequential", long_form=options)
+    ours = transcribe_file(str(long_speech), transcriber)
+    assert_same_transcription(ours, expected)
+    plain = openai_transcribe(model, load_audio(long_speech), language="en", temperature=0.0)
+    assert [s["tokens"] for s in plain["segments"]] != [s["tokens"] for s in expected["segments"]]
