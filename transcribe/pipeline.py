@@ -1,19 +1,22 @@
-"""Transcribing files: windows of log-mel, decoded in shared batches, gathered per file.
+"""Transcribing files in one of two modes, with either framework's decoder.
 
-Each file is read (any format libsndfile reads, mixed to mono, resampled to 16 kHz), cut into
-windows of the model's audio context (30 s for Whisper's 1500 positions), turned into log-mel
-features by `flax_whisper.audio`, and decoded greedily with the forced Whisper prompt, in
-`flax_whisper` or `torch_ref`. Files are streamed: a first pass finds each file's loudest frame
-(Whisper's 8-decade floor is set per recording) and its length, a second pass feeds its windows
-to the decoder, so memory does not grow with the length of a recording. Windows of all files
-share fixed-size batches (the last one padded), so decoding compiles once.
+Each file is read (any format libsndfile reads, mixed to mono, resampled to 16 kHz) and turned
+into log-mel features by `flax_whisper.audio`, for `flax_whisper` or `torch_ref`.
 
-A file's result has `openai-whisper`'s shape: `text`, `language` (detected from its first
-window when not given) and `segments`. Each window is one segment for now, its `start` and
-`end` the window's bounds in the recording: there is no timestamp decoding, previous-text prompt
-or seeking as in Whisper's own `transcribe()` yet.
+- "sequential" (`transcribe_file`): OpenAI's `transcribe()` loop (`transcribe.sequential`) over
+  the file's whole log-mel: windows from `seek` decoded with timestamps after the previous text,
+  temperature fallback, no-speech skipping, segments at timestamp pairs. Prompts are padded to
+  one width and the temperature is traced, so a file compiles its programs once, and another
+  file of as many windows compiles nothing.
+- "windows": windows of the model's audio context (30 s for Whisper's 1500 positions) decoded
+  independently with the text-only prompt, each one segment. Files are streamed: a first pass
+  finds each file's loudest frame (Whisper's 8-decade floor is set per recording) and its
+  length, a second pass feeds its windows to the decoder, so memory does not grow with the
+  length of a recording; windows of all files share fixed-size batches (the last one padded).
 
-A file that cannot be read goes to `on_error` with its path; the other files are transcribed.
+A file's result has `openai-whisper`'s shape: `text`, `language` (detected when not given) and
+`segments`. A file that cannot be read goes to `on_error` with its path; the other files are
+transcribed.
 """
 
 from __future__ import annotations
