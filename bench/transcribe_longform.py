@@ -45,7 +45,8 @@ def main() -> None:
     config = ModelConfig.from_preset("whisper", args.size)
     torch.manual_seed(0)
     model = whisper.model.Whisper(whisper.model.ModelDimensions(**config.openai_dims())).eval()
-    folder = Path(tempfile.mkdtemp())
+    workdir = tempfile.TemporaryDirectory()  # the checkpoint and the recording, removed at exit
+    folder = Path(workdir.name)
     checkpoint = folder / "random.pt"
     torch.save({"dims": config.openai_dims(), "model_state_dict": model.state_dict()}, checkpoint)
     speech = soundfile.read(SPEECH, dtype="float32")[0]

@@ -72,17 +72,17 @@ class Transcriber:
     tokenizer: Tokenizer
     prompt: tuple[int, ...]
     options: DecodingOptions
-    run: Callable[[np.ndarray, np.ndarray], np.ndarray]  # (mel (B, n_mels, F), prompt (B, P)) -> tokens
+    # (mel (B, n_mels, F), prompt (B, P), options, seed, prompt_length=None, beam=None) -> (tokens,
+    # sums of log-probabilities, no-speech probabilities), NumPy; the seed draws samples above 0
+    scored: Callable
     batch_size: int
-    # (mel, prompt, options, seed) -> (tokens, sums of log-probabilities, no-speech probabilities)
-    scored: Callable | None = None
     mode: str = "windows"
     language: str | None = None
     task: str = "transcribe"
     long_form: LongFormOptions = dataclasses.field(default_factory=LongFormOptions)
     best_of: int | None = None  # candidates sampled per window above temperature 0 (best kept)
     max_new_tokens: int | None = None  # per window, at most (None: OpenAI's n_text_ctx // 2)
-    beam: BeamSearch | None = None  # sequential mode: beam search at temperature 0 (None: greedy)
+    beam: BeamSearch | None = None  # beam search (sequential mode: at temperature 0); None: greedy
 
     @classmethod
     def load(
@@ -116,50 +116,39 @@ class Transcriber:
             raise TokenizerError(f"--mode sequential needs timestamps; the {tokenizer.name} vocabulary has none")
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
+            import jax
+
+            import flax_whisper.decoding as decoding
             from convert.core import new_flax_model
-            from flax_whisper.decoding import beam_search_decode, decode_with_scores, greedy_decode
 
             model = new_flax_model(config, ckpt.tensors)
-
-            def scored(mel, prompts, options, seed, prompt_length=None, beam=None):
-                import jax
-
-                if beam is not None:
-                    decoded = beam_search_decode(model, mel, prompts, options, beam, prompt_length)
-                else:
-                    key = jax.random.key(seed) if options.temperature > 0 else None
-                    decoded = decode_with_scores(model, mel, prompts, options, key, prompt_length)
-                return tuple(np.asarray(a) for a in decoded)
-
+            randomness = jax.random.key
         elif framework == "torch":
             import torch
 
+            import torch_ref.decoding as decoding
             from convert.core import new_torch_model
-            from torch_ref.decoding import beam_search_decode, decode_with_scores, greedy_decode
 
             model = new_torch_model(config, ckpt.tensors)
 
-            def scored(mel, prompts, options, seed, prompt_length=None, beam=None):
-                if beam is not None:
-                    decoded = beam_search_decode(model, mel, prompts, options, beam, prompt_length)
-                else:
-                    generator = torch.Generator().manual_seed(seed) if options.temperature > 0 else None
-                    decoded = decode_with_scores(model, mel, prompts, options, generator, prompt_length)
-                return tuple(a.numpy() for a in decoded)
+            def randomness(seed: int) -> torch.Generator:
+                return torch.Generator().manual_seed(seed)
 
         else:
             raise ValueError(f"framework must be 'flax' or 'torch', got {framework!r}")
         model.eval()
 
-        def run(mel: np.ndarray, prompts: np.ndarray) -> np.ndarray:
-            if beam is None:
-                return np.asarray(greedy_decode(model, mel, prompts, options))
-            return np.asarray(beam_search_decode(model, mel, prompts, options, beam)[0])
+        def scored(mel, prompts, options, seed, prompt_length=None, beam=None):
+            if beam is not None:
+                decoded = decoding.beam_search_decode(model, mel, prompts, options, beam, prompt_length)
+            else:
+                random = randomness(seed) if options.temperature > 0 else None
+                decoded = decoding.decode_with_scores(model, mel, prompts, options, random, prompt_length)
+            return tuple(np.asarray(a) for a in decoded)
 
-        long_form = long_form or LongFormOptions()
         return cls(
-            config, tokenizer, prompt, options, run, batch_size, scored, mode, language, task, long_form, best_of,
-            max_new_tokens, beam,
+            config, tokenizer, prompt, options, scored, batch_size, mode, language, task,
+            long_form or LongFormOptions(), best_of, max_new_tokens, beam,
         )  # fmt: skip
 
     def decode(self, mel: np.ndarray) -> tuple[list[list[int]], list[int]]:
@@ -168,7 +157,8 @@ class Transcriber:
         n = mel.shape[0]
         batch = np.zeros((self.batch_size, *mel.shape[1:]), np.float32)
         batch[:n] = mel
-        tokens = self.run(batch, np.tile(np.asarray(self.prompt), (self.batch_size, 1)))[:n]
+        prompts = np.tile(np.asarray(self.prompt), (self.batch_size, 1))
+        tokens = self.scored(batch, prompts, self.options, 0, None, self.beam)[0][:n]
         return text_tokens(tokens, len(self.prompt), self.options.eot), tokens[:, 1].tolist()
 
     def language_of(self, token: int) -> str | None:
@@ -231,10 +221,8 @@ def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False)
     padded[: len(audio)] = audio
     mel = np.asarray(log_mel_spectrogram(padded, transcriber.config.n_mels))[:, : (len(audio) + samples) // HOP_LENGTH]
     language = transcriber.language
-    if language is None and transcriber.tokenizer.multilingual:
-        first = np.zeros((mel.shape[0], frames), np.float32)
-        first[:, : min(frames, mel.shape[1])] = mel[:, :frames]
-        language = transcriber.detect_language(first)
+    if language is None and transcriber.tokenizer.multilingual:  # from the first window (mel has one of silence)
+        language = transcriber.detect_language(mel[:, :frames])
     decode = transcriber.window_decoder(language)
     with _progress(mel.shape[1] - frames, "frames", f"transcribing {path}", enabled=progress) as bar:
         result = transcribe_sequential(mel, frames, decode, transcriber.tokenizer, transcriber.long_form, bar.update)
