@@ -1,7 +1,7 @@
 """Encoder forward and greedy decoding: flax_whisper against openai-whisper and Hugging Face, one run.
 
     python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
-        [--repeats 5] [--no-hf]
+        [--repeats 5] [--no-hf] [--no-openai] [--decode-unroll]
 
 On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
 and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
@@ -16,12 +16,14 @@ Prints median times, tokens per second (tokens actually generated, end of text i
 the ratios against flax_whisper, all measured in this run. With random weights end of text is
 rarely chosen, so every framework decodes about `--new-tokens` tokens per window; to compare
 like with like, each rate counts the tokens that framework generated. On a GPU, add
-`--precision bfloat16` (torch: autocast; flax: bf16 compute).
+`--precision bfloat16` (flax and transformers: bfloat16; openai-whisper: its own float16 mode,
+`fp16=True`, since it has no bfloat16 one).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from peers import hf_config
-from timing import median_seconds
+from timing import Results, median_seconds
 
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
 
@@ -56,6 +58,10 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
+    parser.add_argument("--no-openai", action="store_true", help="skip openai-whisper")
+    parser.add_argument(
+        "--decode-unroll", action="store_true", help="also time decoding with the layers unrolled (decode_unroll=True)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -83,7 +89,6 @@ def main() -> None:
     compute = jnp.bfloat16 if bf16 else jnp.float32
     mel_jax = jnp.asarray(mel, compute)
     mel_torch = torch.from_numpy(mel).to(device)
-    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
 
     def sync():
         if device == "cuda":
@@ -93,37 +98,51 @@ def main() -> None:
     print(f"jax {jax.devices()[0].platform}, torch {device}, {torch.get_num_threads()} torch threads")
 
     encode = nnx.jit(lambda m, x: m.encoder(x))
-    results = {}
+    results = Results()
     results["encoder: flax_whisper (jit)"] = median_seconds(
         lambda: jax.block_until_ready(encode(flax_model, mel_jax)), args.repeats
     )
 
+    # openai-whisper's own half precision is float16 (`fp16=True`: the mel is halved and each layer
+    # casts its weights to the input's dtype); it has no bfloat16 mode, and autocast to bfloat16
+    # makes its decoder refuse the encoder's output.
+    mel_openai = mel_torch.half() if bf16 else mel_torch
+
     def openai_encoder():
-        with torch.no_grad(), autocast:
-            openai_model.encoder(mel_torch)
+        with torch.no_grad():
+            openai_model.encoder(mel_openai)
         sync()
 
-    results["encoder: openai-whisper"] = median_seconds(openai_encoder, args.repeats)
+    if not args.no_openai:
+        results["encoder: openai-whisper"] = median_seconds(openai_encoder, args.repeats)
 
     generated = {}
 
-    def flax_decode():
-        tokens = np.asarray(greedy_decode(flax_model, mel_jax, prompts, options))
-        generated["decode: flax_whisper (jit)"] = int(np.sum(tokens[:, len(prompt) :] != -1))
+    def flax_decode(model, name: str):
+        def run():
+            tokens = np.asarray(greedy_decode(model, mel_jax, prompts, options))
+            generated[name] = int(np.sum(tokens[:, len(prompt) :] != -1))
 
-    results["decode: flax_whisper (jit)"] = median_seconds(flax_decode, args.repeats)
+        results[name] = median_seconds(run, args.repeats)
+
+    flax_decode(flax_model, "decode: flax_whisper (jit)")
+    if args.decode_unroll:
+        unrolled = new_flax_model(dataclasses.replace(config, decode_unroll=True), tensors)
+        unrolled.eval()
+        flax_decode(unrolled, "decode: flax_whisper, layers unrolled")
 
     openai_options = whisper.DecodingOptions(
         language="en", without_timestamps=True, fp16=bf16, temperature=0.0, sample_len=args.new_tokens
     )
 
     def openai_decode():
-        with torch.no_grad(), autocast:
-            out = whisper.decoding.decode(openai_model, mel_torch, openai_options)
+        with torch.no_grad():
+            out = whisper.decoding.decode(openai_model, mel_openai, openai_options)
         sync()
         generated["decode: openai-whisper"] = sum(len(r.tokens) + 1 for r in out)  # + end of text
 
-    results["decode: openai-whisper"] = median_seconds(openai_decode, args.repeats)
+    if not args.no_openai:
+        results["decode: openai-whisper"] = median_seconds(openai_decode, args.repeats)
 
     if not args.no_hf:
         try:
@@ -163,7 +182,7 @@ def main() -> None:
             if not name.startswith(kind):
                 continue
             rate = f"{generated[name] / seconds:8.1f} tokens/s" if name in generated else " " * 17
-            print(f"{name:32s} {seconds * 1e3:9.1f} ms  {rate}  flax is {seconds / base:5.2f}x as fast")
+            print(f"{name:38s} {seconds * 1e3:9.1f} ms  {rate}  flax is {seconds / base:5.2f}x as fast")
 
 
 if __name__ == "__main__":

@@ -18,3 +18,13 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
         run()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+class Results(dict):
+    """Measurements by name, each printed as it lands, so a run cut short (a time limit on a
+    lent accelerator) still shows what it measured before the final table."""
+
+    def __setitem__(self, name: str, value) -> None:
+        super().__setitem__(name, value)
+        seconds = value["seconds"] if isinstance(value, dict) else value
+        print(f"  measured {name}: {seconds * 1e3:.1f} ms", flush=True)

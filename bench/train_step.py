@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from flax import nnx
 from peers import hf_config
-from timing import median_seconds
+from timing import Results, median_seconds
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper
@@ -69,6 +69,11 @@ def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels
         jax.block_until_ready(metrics["loss"])
 
     seconds = median_seconds(step, args.steps, warmup=2)
+    if args.profile:  # the first mechanism only: a trace of three more steps
+        with jax.profiler.trace(args.profile):
+            for _ in range(3):
+                step()
+        args.profile = None
     result = {"seconds": seconds, "flops": float(cost.get("flops", 0.0)) if cost else 0.0}
     if memory is not None:
         used = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
@@ -119,7 +124,7 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
         except Exception as e:  # torch.compile needs a working C++ toolchain; report, do not fail
             print(f"torch.compile of {name} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
-    results = {}
+    results = Results()
     if not args.no_hf:
         try:
             from transformers import WhisperForConditionalGeneration
@@ -143,10 +148,11 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
         model.loss_fn = model.loss
         return model
 
-    ref = make_ref()
-    results["torch_ref (eager)"] = timed(ref, ref.loss_fn)
-    del ref
-    compiled(make_ref, "torch_ref", results)
+    if not args.no_torch_ref:
+        ref = make_ref()
+        results["torch_ref (eager)"] = timed(ref, ref.loss_fn)
+        del ref
+        compiled(make_ref, "torch_ref", results)
     if device == "cuda":
         torch.cuda.empty_cache()
     print(f"torch device: {device}, {torch.get_num_threads()} threads")
@@ -164,8 +170,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
+    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the first mechanism's step")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
+    parser.add_argument("--no-torch-ref", action="store_true", help="skip torch_ref (Hugging Face stays)")
     parser.add_argument("--no-torch", action="store_true", help="time flax_whisper only")
     args = parser.parse_args()
 
@@ -181,7 +189,7 @@ def main() -> None:
     print(f"jax devices: {jax.devices()}")
 
     model = Whisper(model_config, rngs=nnx.Rngs(0))
-    results = {}
+    results = Results()
     if not args.no_torch:  # torch first, then its cached memory is released: both share one accelerator
         results.update(time_torch(args, config, model_config, flax_to_torch(model), mel, labels))
     peak = peak_flops(args)

@@ -120,9 +120,11 @@ def run_stack(
     cache: BlockCache | None = None,
     offset=0,
     valid=None,
+    unroll: bool = False,
 ) -> tuple[jax.Array, BlockCache | None]:
     """The stacked blocks in order: x (B, T, d) -> (B, T, d); the cache, when given, holds every
-    layer's cache stacked on a leading axis and comes back updated."""
+    layer's cache stacked on a leading axis and comes back updated. `unroll` (with a cache) lays
+    the layers out one after another in the program instead of looping over them."""
     if cache is None:
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
@@ -135,7 +137,7 @@ def run_stack(
     # which decoding never changes, go in alone, so a step does not copy them.
     read_only = {k: v for k, v in cache.items() if k != "attn"}
 
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), unroll=unroll)
     def layer_with_cache(x: jax.Array, block: ResidualAttentionBlock, attn_cache, rest):
         x, layer_cache = block(x, xa, causal=causal, cache={"attn": attn_cache, **rest}, offset=offset, valid=valid)
         return constrain(x, ACTIVATION), layer_cache["attn"]

@@ -8,7 +8,9 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
   NVIDIA GPUs, for bfloat16/float16 inputs and masks it can express without materialising them
   (causal, a causal left window, valid key lengths in a KV cache);
-- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot;
+- `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot; a
+  band (hybrid's local branch) in blocks of the band instead (`_banded`), so its memory grows
+  with `T * window`, not `T * T`;
 - `chunked`: the same math in query blocks, one batch row at a time (`lax.map`), so the score
   matrix of a block stays in cache; XLA:CPU runs long self-attention several times faster so,
   since it never writes the whole `(B, H, T, S)` matrix to memory;
@@ -120,6 +122,8 @@ def attend(
         return _chunked(q, k, v, mask, float(scale), offset, layout, return_lse)
     if layout == BHSD:
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if how == "xla" and banded_applies(mask, q.shape[1], n_keys, offset):
+        return _banded(q, k, v, mask, float(scale), return_lse)
     return _fused(q, k, v, mask, float(scale), offset, how, return_lse)
 
 
@@ -133,12 +137,12 @@ def _dropping(dropout: nnx.Dropout | None) -> bool:
 
 def cudnn_expressible(q: jax.Array, mask: Mask, offset) -> bool:
     """Can cuDNN's flash kernel compute this without a materialised mask?"""
-    if q.dtype not in (jnp.bfloat16, jnp.float16) or mask.prefix:
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
-    if mask.window is not None and not mask.causal:
-        return False  # cuDNN takes left windows only (with a causal mask)
     if not mask.masks_anything:
-        return True
+        return True  # a prefix of memory slots is only more keys when nothing is masked
+    if mask.prefix or (mask.window is not None and not mask.causal):
+        return False  # cuDNN takes left windows only (with a causal mask), and no unmasked prefix
     if _static_zero(offset):  # training, or a prompt written at the start of a cache
         return True
     return q.shape[1] == 1 and mask.window is None  # one cached step: valid key lengths suffice
@@ -171,7 +175,7 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
     """`jax.nn.dot_product_attention`, with the mask in the cheapest form the case allows."""
     t, s = q.shape[1], k.shape[1]
     kwargs: dict = {}
-    if not mask.masks_anything and not mask.prefix:
+    if not mask.masks_anything:
         pass
     elif _static_zero(offset) and not mask.prefix and (mask.causal or how == "xla"):
         # Queries at positions 0 .. T - 1 against keys 0 .. S - 1 (S > T in a fresh cache: the
@@ -188,6 +192,54 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
         y, lse = out
         return y, lse.astype(jnp.float32)
     return out
+
+
+def band_block(mask: Mask) -> int:
+    """Queries per block of `_banded`: at least the window, and at least 64 for the matmuls' sake."""
+    return max(mask.window or 0, 64)
+
+
+def banded_applies(mask: Mask, n_queries: int, n_keys: int, offset) -> bool:
+    """Self-attention over a band (training, an encoder) where blocks of the band are fewer keys
+    than the whole sequence: `_banded` then never materialises the `(B, H, T, T)` scores."""
+    if mask.window is None or mask.prefix or not _static_zero(offset) or n_queries != n_keys:
+        return False
+    return 3 * band_block(mask) < n_keys
+
+
+def _banded(q, k, v, mask: Mask, scale: float, return_lse: bool):
+    """Attention within a band of `mask.window` positions (causal or not), q, k, v (B, T, H, dh),
+    queries and keys at positions 0 .. T - 1 -> (B, T, H, dh) [and the float32 lse (B, T, H)].
+
+    Queries go in blocks of `c = band_block(mask)`; block `i` sees keys `i c - c .. i c + 2c - 1`
+    (three key blocks, which hold every key within `window <= c` of its queries), so the scores
+    are `(B, T / c, H, c, 3c)` rather than `(B, H, T, T)`. The same float32 logits and softmax as
+    `_einsum`; autodiff gives the backward.
+    """
+    b, t, h, dh = q.shape
+    c = band_block(mask)
+    n = -(-t // c)
+    qb = jnp.pad(q, ((0, 0), (0, n * c - t), (0, 0), (0, 0))).reshape(b, n, c, h, dh)
+
+    def key_blocks(x):  # (B, T, H, dh) -> (B, n, 3c, H, dh)
+        padded = jnp.pad(x, ((0, 0), (c, n * c - t + c), (0, 0), (0, 0))).reshape(b, n + 2, c, h, dh)
+        return jnp.concatenate([padded[:, :-2], padded[:, 1:-1], padded[:, 2:]], axis=2)
+
+    kb, vb = key_blocks(k), key_blocks(v)
+    logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kb, preferred_element_type=jnp.float32) * scale
+    query = jnp.arange(n)[:, None, None] * c + jnp.arange(c)[None, :, None]  # (n, c, 1)
+    key = jnp.arange(n)[:, None, None] * c - c + jnp.arange(3 * c)[None, None, :]  # (n, 1, 3c)
+    ok = (jnp.abs(query - key) <= mask.window) & (key >= 0) & (key < t)
+    if mask.causal:
+        ok &= key <= query
+    ok |= query >= t  # padding rows see their whole block, so none is empty
+    logits = jnp.where(ok[None, :, None], logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # (B, n, H, c)
+    weights = jnp.exp(logits - lse[..., None])
+    y = jnp.einsum("bnhqk,bnkhd->bnqhd", weights.astype(v.dtype), vb).reshape(b, n * c, h, dh)[:, :t]
+    if return_lse:
+        return y, jnp.swapaxes(lse, 2, 3).reshape(b, n * c, h)[:, :t]
+    return y
 
 
 def _scores(q, k, scale: float, layout: str) -> jax.Array:

@@ -120,7 +120,9 @@ class TextDecoder(nnx.Module):
             x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
         x = constrain(self.dropout(x.astype(xa.dtype)), ACTIVATION)
         layers = None if cache is None else cache["layers"]
-        x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid)
+        x, layers = run_stack(
+            self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid, unroll=self.config.decode_unroll
+        )
         x = self.ln(x)
         logits = constrain(self.token_embedding.attend(x), LOGITS)  # (B, T, padded_vocab) float32
         if not padded_vocab:

@@ -139,7 +139,8 @@ def test_auto_chooses_by_backend_size_and_dropout():
     assert fk.cudnn_expressible(half, fk.Mask(causal=True, window=3), 0)
     one = jnp.zeros((1, 1, 2, 4), jnp.bfloat16)
     assert fk.cudnn_expressible(one, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
-    assert not fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)
+    assert fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)  # memory slots with nothing masked: more keys
+    assert not fk.cudnn_expressible(half, fk.Mask(causal=True, prefix=2), 0)
     assert fk.kv_layout() == "bhsd"  # heads-major keys on a CPU
 
 
@@ -153,3 +154,27 @@ def test_heads_major_keys_give_the_same_attention(implementation, monkeypatch):
                            layout="bhsd", implementation=implementation, return_lse=True)  # fmt: skip
     np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
     np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+
+
+@pytest.mark.parametrize("block", [3, 4])
+@pytest.mark.parametrize("mask", [dict(window=3), dict(window=2), dict(causal=True, window=3)], ids=str)
+def test_a_band_in_blocks_computes_the_mask_and_its_gradient(block, mask, monkeypatch):
+    """`xla` takes a band self-attention in blocks of the band (`_banded`): 23 positions in blocks of
+    3 or 4 (a padded last one), forward, log-sum-exp and gradients as the materialised softmax."""
+    monkeypatch.setattr(fk, "band_block", lambda m: max(m.window, block))
+    spec = fk.Mask(**mask)
+    assert fk.banded_applies(spec, 23, 23, 0) and not fk.banded_applies(spec, 1, 23, jnp.int32(4))
+    q, k, v = inputs(23, 23, seed=5)
+    expected, lse = reference(q, k, v, **mask)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    y, got_lse = fk.attend(*args, spec, scale=0.5, implementation="xla", return_lse=True)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+
+    def loss(implementation):
+        return lambda *a: jnp.sum(jnp.sin(fk.attend(*a, spec, scale=0.5, implementation=implementation)))
+
+    banded = jax.grad(loss("xla"), argnums=(0, 1, 2))(*args)
+    dense = jax.grad(loss("einsum"), argnums=(0, 1, 2))(*args)
+    for got, want in zip(banded, dense, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)

@@ -47,6 +47,28 @@ def test_flax_incremental_equals_full(variant_pair, variant):
     assert_close(np.concatenate(steps, 1), full, 1e-5)
 
 
+@pytest.mark.parametrize("preset", ["whisper", "integrated"])
+def test_unrolled_decoder_layers_decode_as_the_scan(preset):
+    """`decode_unroll=True` lays the cached decoder's layers out one by one: the same logits and
+    cache (integrated: dynamic convolution, hybrid and memory caches)."""
+    mel, tokens = random_batch(tiny_config(preset), 2, 30, sum(CHUNKS), seed=6)
+    decode = nnx.jit(lambda model, tokens, xa, cache: model.decoder(tokens, xa, cache))
+    results = []
+    for unroll in (False, True):
+        _, f = make_pair(tiny_config(preset, decode_unroll=unroll), seed=3)
+        xa = f.encoder(mel)
+        cache, start, steps = f.decoder.init_cache(xa), 0, []
+        for n in CHUNKS:
+            logits, cache = decode(f, tokens[:, start : start + n], xa, cache)
+            steps.append(logits)
+            start += n
+        results.append((np.concatenate(steps, 1), cache))
+    (scanned, scan_cache), (unrolled, unrolled_cache) = results
+    assert_close(unrolled, scanned, 1e-5)
+    for a, b in zip(jax.tree.leaves(unrolled_cache), jax.tree.leaves(scan_cache), strict=True):
+        assert_close(a, b, 1e-5)
+
+
 @pytest.mark.parametrize("preset", ["whisper", "rotary_learned_sinusoidal"])
 def test_flax_jitted_decode_step_compiles_once(preset):
     config = tiny_config(preset)

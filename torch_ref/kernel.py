@@ -79,7 +79,7 @@ def attend(
     t, s = q.shape[1], k.shape[1]
     causal_only = mask.causal and mask.window is None and not mask.prefix and offset == 0
     attn_mask = None
-    if (mask.masks_anything or mask.prefix) and not causal_only:
+    if mask.masks_anything and not causal_only:  # a prefix alone is only more keys
         attn_mask = allowed(mask, t, s, offset, q.device)
     y = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, is_causal=causal_only, scale=scale

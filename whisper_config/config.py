@@ -48,6 +48,7 @@ SWITCHES = (
     "learned_temperature",
     "memory_update",
     "gradient_checkpointing",
+    "decode_unroll",
 )
 
 # Settings that change how a model trains, not what it computes once trained.
@@ -56,7 +57,7 @@ TRAINING_ONLY = ("dropout", "attention_dropout")
 METADATA = ("alignment_heads",)
 # Settings of how the computation runs, not what it computes (up to rounding): a checkpoint does
 # not depend on them, and a resumed run may change them.
-EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing", "remat_policy")
+EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing", "remat_policy", "decode_unroll")
 
 # OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
 _EN = 51864
@@ -169,6 +170,9 @@ class ModelConfig:
     # How attention runs (flax_whisper/kernel.py): auto, cudnn, xla, chunked or einsum; torch_ref
     # uses scaled_dot_product_attention for all but einsum.
     attention_implementation: str = "auto"
+    # flax: run the decoder's layers unrolled, not under `nnx.scan`, when a KV cache is given (a
+    # decoding step): no loop over layers inside the loop over tokens; longer compiles.
+    decode_unroll: bool = False
     # Teacher forcing: the token fed before the first label. None picks OpenAI's
     # <|startoftranscript|> for OpenAI vocabularies (see `start_token_id`).
     decoder_start_token_id: int | None = None
