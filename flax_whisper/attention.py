@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.kernel import BHSD, Mask, attend, kv_layout, seq_axis, to_layout
+from flax_whisper.kernel import BHSD, Mask, attend, kv_layout, scores, seq_axis, to_layout
 from flax_whisper.layers import Linear
 from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -104,6 +104,11 @@ class MultiHeadAttention(nnx.Module):
             q, k, v, cache = self.project_self(x, cache, offset)
             y = self.attend(q, k, v, Mask(causal=causal, window=self.window), offset=offset)
         return self.out(merge_heads(y)), cache
+
+    def cross_scores(self, x: jax.Array, xa: jax.Array) -> jax.Array:
+        """x (B, T, d), xa (B, S, d) -> cross-attention's scaled float32 scores (B, H, T, S) before
+        the softmax: what word alignment reads (OpenAI's `qk`)."""
+        return scores(self.queries(x), self.keys_values(xa)[0], self.attention_scale(), kv_layout())
 
     def attention_scale(self) -> float | jax.Array:
         return self.scale if self.temperature is None else self.temperature[...]

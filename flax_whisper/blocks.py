@@ -80,19 +80,24 @@ class ResidualAttentionBlock(nnx.Module):
         cache: BlockCache | None = None,
         offset=0,
         valid=None,
-    ) -> tuple[jax.Array, BlockCache | None]:
-        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
+        keep_scores: bool = False,
+    ):
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache; with `keep_scores`, also
+        cross-attention's scores (B, H, T, S) (`MultiHeadAttention.cross_scores`)."""
         attn_cache = None if cache is None else cache["attn"]
         y, attn_cache = self.attn(self.attn_ln(x), causal=causal, cache=attn_cache, offset=offset, valid=valid)
         x = x + y
+        cross_scores = None
         if self.cross_attn is not None:
             cross_cache = None if cache is None else cache["cross_attn"]
-            y, _ = self.cross_attn(self.cross_attn_ln(x), xa, cache=cross_cache)
+            h = self.cross_attn_ln(x)
+            y, _ = self.cross_attn(h, xa, cache=cross_cache)
+            cross_scores = self.cross_attn.cross_scores(h, xa) if keep_scores else None
             x = x + y
         x = x + self.mlp(self.mlp_ln(x))
         if cache is not None:
             cache = {**cache, "attn": attn_cache}
-        return x, cache
+        return (x, cache, cross_scores) if keep_scores else (x, cache)
 
 
 def stack(n: int, make: Callable[[nnx.Rngs], ResidualAttentionBlock], rngs: nnx.Rngs) -> ResidualAttentionBlock:
@@ -144,6 +149,20 @@ def run_stack(
 
     x, attn = layer_with_cache(x, blocks, cache["attn"], read_only)
     return x, {**cache, "attn": attn}
+
+
+def run_stack_with_cross_scores(
+    blocks: ResidualAttentionBlock, x: jax.Array, xa: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The decoder's stacked blocks (causal, no cache): x (B, T, d), xa (B, S, d) -> (B, T, d)
+    and every layer's cross-attention scores (L, B, H, T, S), for word alignment."""
+
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def layer_scores(x: jax.Array, block: ResidualAttentionBlock):
+        x, _, cross_scores = block._forward(x, xa, causal=True, keep_scores=True)
+        return x, cross_scores
+
+    return layer_scores(x, blocks)
 
 
 def layer(blocks: ResidualAttentionBlock, index: int) -> ResidualAttentionBlock:

@@ -242,7 +242,7 @@ def _banded(q, k, v, mask: Mask, scale: float, return_lse: bool):
     return y
 
 
-def _scores(q, k, scale: float, layout: str) -> jax.Array:
+def scores(q, k, scale: float | jax.Array, layout: str) -> jax.Array:
     """q (..., T, H, dh), k (..., S, H, dh) or (..., H, S, dh) -> float32 scores (..., H, T, S)."""
     keys = "...hsd" if layout == BHSD else "...shd"
     return jnp.einsum(f"...thd,{keys}->...hts", q, k, preferred_element_type=jnp.float32) * scale
@@ -256,7 +256,7 @@ def _mix(weights, v, layout: str) -> jax.Array:
 
 def _einsum(q, k, v, mask: Mask, scale: float, offset, layout: str, dropout, return_lse: bool):
     """The materialised softmax: scores (B, H, T, S) in float32, dropout on the weights."""
-    logits = _scores(q, k, scale, layout)
+    logits = scores(q, k, scale, layout)
     if mask.masks_anything:
         logits = jnp.where(allowed(mask, q.shape[1], logits.shape[-1], offset), logits, -jnp.inf)
     weights = jax.nn.softmax(logits, axis=-1)
@@ -295,7 +295,7 @@ class _FlashSpec:
 
     def logits(self, qc, kb, first, offset) -> jax.Array:
         """qc (c, H, dh), kb (H, S, dh) -> masked float32 scores (H, c, S) of queries first .. first + c."""
-        logits = _scores(qc, kb, self.scale, BHSD)
+        logits = scores(qc, kb, self.scale, BHSD)
         if self.mask.masks_anything:
             padding = (first + jnp.arange(self.chunk) >= self.queries)[:, None]  # rows past T see all
             ok = allowed(self.mask, self.chunk, logits.shape[-1], offset, first) | padding

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, stack
+from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, run_stack_with_cross_scores, stack
 from flax_whisper.layers import Conv1d, Embedding, constrain, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
@@ -114,19 +114,12 @@ class TextDecoder(nnx.Module):
         capacity = None if cache is None else self.blocks.attn.cache_capacity(cache["layers"]["attn"])
         if capacity is not None:
             check_cache_offset(self.config, start, length, capacity)
-        x = self.token_embedding(tokens)  # (B, T, d)
-        if self.positional_embedding is not None:
-            table = self.positional_embedding[...]
-            x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
-        x = constrain(self.dropout(x.astype(xa.dtype)), ACTIVATION)
+        x = self.embed(tokens, offset, length, xa.dtype)
         layers = None if cache is None else cache["layers"]
         x, layers = run_stack(
             self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid, unroll=self.config.decode_unroll
         )
-        x = self.ln(x)
-        logits = constrain(self.token_embedding.attend(x), LOGITS)  # (B, T, padded_vocab) float32
-        if not padded_vocab:
-            logits = logits[..., : self.config.n_vocab]
+        logits = self.unembed(x, padded_vocab)
         if is_traced(offset):
             # A jitted loop cannot raise: a step past the cache's capacity (or the context) would
             # clamp its writes onto the last slot, so its logits are NaN instead of quietly wrong.
@@ -135,6 +128,26 @@ class TextDecoder(nnx.Module):
         if cache is not None:
             cache = {"offset": offset + length, "layers": layers}
         return logits, cache
+
+    def embed(self, tokens: jax.Array, offset, length: int, dtype) -> jax.Array:
+        """tokens (B, T) after `offset` earlier ones -> the first block's input (B, T, d)."""
+        x = self.token_embedding(tokens)  # (B, T, d)
+        if self.positional_embedding is not None:
+            table = self.positional_embedding[...]
+            x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
+        return constrain(self.dropout(x.astype(dtype)), ACTIVATION)
+
+    def unembed(self, x: jax.Array, padded_vocab: bool = False) -> jax.Array:
+        """The last block's output (B, T, d) -> float32 logits (B, T, n_vocab or padded_vocab)."""
+        logits = constrain(self.token_embedding.attend(self.ln(x)), LOGITS)  # (B, T, padded_vocab) float32
+        return logits if padded_vocab else logits[..., : self.config.n_vocab]
+
+    def cross_attention_scores(self, tokens: jax.Array, xa: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """tokens (B, T), xa (B, S, d) -> logits (B, T, n_vocab) and every layer's cross-attention
+        scores before the softmax (L, B, H, T, S) float32: what word alignment reads."""
+        length = check_tokens_shape(self.config, tokens.shape, 0)
+        x, cross_scores = run_stack_with_cross_scores(self.blocks, self.embed(tokens, 0, length, xa.dtype), xa)
+        return self.unembed(x), cross_scores
 
     def init_cache(self, xa: jax.Array, max_length: int | None = None) -> DecoderCache:
         """An empty cache for decoding up to `max_length` (default n_text_ctx) tokens after `xa`.

@@ -49,12 +49,12 @@ def long_speech(tmp_path_factory) -> Path:
     return folder / "long.wav"
 
 
-@pytest.fixture(scope="module")
-def longform_model(tmp_path_factory):
-    """(OpenAI model, its `.pt` path): 30 s windows (1500 positions), one layer each side. Each
-    timestamp's embedding row is 0.8 times that of one of three text tokens the model samples
-    often on speech, plus noise, so timestamps often win OpenAI's timestamp-vs-text rule; end of
-    text gets 1.05 times the row of a token that comes at varied places, so windows end early."""
+def longform_openai_model(query_scale: float = 1.0):
+    """An OpenAI model of 30 s windows (1500 positions), one layer each side. Each timestamp's
+    embedding row is 0.8 times that of one of three text tokens the model samples often on
+    speech, plus noise, so timestamps often win OpenAI's timestamp-vs-text rule; end of text gets
+    1.05 times the row of a token that comes at varied places, so windows end early. The
+    cross-attention queries are scaled by `query_scale`."""
     from whisper.tokenizer import get_tokenizer
 
     model = random_openai_model(1.0, openai_dims(n_audio_ctx=1500, n_text_ctx=448, n_audio_layer=1, n_text_layer=1))
@@ -63,6 +63,16 @@ def longform_model(tmp_path_factory):
     with torch.no_grad():
         table = model.decoder.token_embedding.weight
         table[tokenizer.eot] = 1.05 * table[3797]
+        query = model.decoder.blocks[0].cross_attn.query
+        query.weight.mul_(query_scale)
+        query.bias.mul_(query_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def longform_model(tmp_path_factory):
+    """(OpenAI model, its `.pt` path): `longform_openai_model()`."""
+    model = longform_openai_model()
     return model, save_openai_model(model, tmp_path_factory.mktemp("longform") / "random.pt")
 
 
@@ -260,3 +270,52 @@ def test_prompt_settings_match_openai(long_speech, longform_model, settings):
     assert_same_transcription(ours, expected)
     plain = openai_transcribe(model, load_audio(long_speech), language="en", temperature=0.0)
     assert [s["tokens"] for s in plain["segments"]] != [s["tokens"] for s in expected["segments"]]
+
+
+def assert_same_words(ours: dict, expected: dict) -> None:
+    """The same segments and words, each word's start and end within 20 ms of OpenAI's."""
+    assert [(s["seek"], s["text"], s["tokens"]) for s in ours["segments"]] == [
+        (s["seek"], s["text"], s["tokens"]) for s in expected["segments"]
+    ]
+    for a, b in zip(ours["segments"], expected["segments"], strict=True):
+        assert [w["word"] for w in a["words"]] == [w["word"] for w in b["words"]]
+        for mine, theirs in zip(a["words"], b["words"], strict=True):
+            assert abs(mine["start"] - theirs["start"]) <= 0.02 + 1e-9, (mine, theirs)
+            assert abs(mine["end"] - theirs["end"]) <= 0.02 + 1e-9, (mine, theirs)
+            assert mine["probability"] == pytest.approx(theirs["probability"], rel=1e-3, abs=1e-6)
+        assert a["start"] == pytest.approx(b["start"], abs=0.02 + 1e-9)
+        assert a["end"] == pytest.approx(b["end"], abs=0.02 + 1e-9)
+
+
+@pytest.fixture(scope="module")
+def word_model(tmp_path_factory):
+    """`longform_model` with its cross-attention queries scaled down to a quarter, so that the
+    attention of a token is spread over many frames: the random model's own scores put each
+    token's weight on one frame, and OpenAI's alignment then finds no path (every word at -0.02 s)."""
+    model = longform_openai_model(query_scale=0.25)
+    return model, save_openai_model(model, tmp_path_factory.mktemp("words") / "random.pt")
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_word_timestamps_match_openai(long_speech, word_model, framework, capsys):
+    """`--word-timestamps True` (`word_timestamps=True`): words from the cross-attention of the
+    alignment heads (here every head of the one decoder layer, OpenAI's rule for a model without
+    them), dynamic time warping, punctuation merged, boundaries fitted, and each window's seek
+    moved to its last word's end; through the command, its JSON output."""
+    import json
+
+    from transcribe.__main__ import main
+
+    model, path = word_model
+    audio = load_audio(long_speech)
+    expected = openai_transcribe(model, audio, language="en", temperature=0.0, word_timestamps=True)
+    argv = [str(long_speech), "--checkpoint", str(path), "--framework", framework, "-f", "json", "--language", "en"]
+    assert main([*argv, "--temperature-increment-on-fallback", "0", "--word-timestamps", "True"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert_same_words(ours, expected)
+    # Not degenerate: words spread over the recording, and seeks moved to a word's end. (A random
+    # model's alignment puts many words at a window's edges; tests/test_timing.py checks the
+    # warping on structured matrices.)
+    words = [w for s in expected["segments"] for w in s["words"]]
+    assert len(words) >= 20 and len({w["start"] for w in words}) >= 5
+    assert any(s["seek"] % 3000 for s in expected["segments"])

@@ -28,6 +28,23 @@ def test_logits_and_loss(variant_pair, variant):
     assert abs(float(loss_f) - loss_t) <= 1e-5 * max(1.0, abs(loss_t))
 
 
+def test_cross_attention_scores(variant_pair, variant):
+    """Word alignment's read of every layer's cross-attention: the same logits as the forward pass
+    and the same float32 scores (L, B, H, T, S) in both frameworks (OpenAI's own scores are
+    checked through word timestamps in tests/test_longform.py)."""
+    t, f = variant_pair
+    mel, tokens = random_batch(variant, 2, 30, 9, seed=4)
+    with torch.no_grad():
+        xa_t = t.encoder(torch.from_numpy(mel))
+        logits_t, scores_t = t.decoder.cross_attention_scores(torch.from_numpy(tokens), xa_t)
+        full_t = t(torch.from_numpy(mel), torch.from_numpy(tokens))
+    logits_f, scores_f = nnx.jit(lambda m, x, y: m.decoder.cross_attention_scores(y, m.encoder(x)))(f, mel, tokens)
+    assert scores_t.shape == (variant.n_text_layer, 2, variant.n_text_head, 9, 15)
+    assert_close(logits_t.numpy(), full_t.numpy(), 1e-6, "torch logits")
+    assert_close(logits_f, logits_t.numpy(), 1e-4, "logits")
+    assert_close(scores_f, scores_t.numpy(), 1e-4, "scores")
+
+
 def test_larger_model_logits():
     config = tiny_config(n_audio_state=64, n_text_state=64, n_audio_layer=3, n_text_layer=3, n_vocab=500)
     t, f = make_pair(config, seed=3)

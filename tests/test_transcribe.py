@@ -205,3 +205,6 @@ def test_beam_search_transcripts_match_openai(decoding_checkpoint, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--patience", "2"])
     assert "--patience and --length-penalty need --beam-size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--word-timestamps", "True"])
+    assert "--word-timestamps needs --mode sequential" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from torch_ref.kernel import Mask, attend
+from torch_ref.kernel import Mask, attend, scores
 from torch_ref.layers import Linear
 from torch_ref.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -90,6 +90,11 @@ class MultiHeadAttention(nn.Module):
             q, k, v, cache = self.project_self(x, cache, offset)
             y = self.attend(q, k, v, Mask(causal=causal, window=self.window), offset=offset)
         return self.out(merge_heads(y)), cache
+
+    def cross_scores(self, x: Tensor, xa: Tensor) -> Tensor:
+        """x (B, T, d), xa (B, S, d) -> cross-attention's scaled float32 scores (B, H, T, S) before
+        the softmax: what word alignment reads (OpenAI's `qk`)."""
+        return scores(self.queries(x), self.keys_values(xa)[0], self.attention_scale())
 
     def attention_scale(self) -> float | Tensor:
         return self.scale if self.temperature is None else self.temperature

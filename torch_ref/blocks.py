@@ -110,16 +110,21 @@ class ResidualAttentionBlock(nn.Module):
         cache: BlockCache | None = None,
         offset: int = 0,
         valid: Tensor | None = None,
-    ) -> tuple[Tensor, BlockCache | None]:
-        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache."""
+        keep_scores: bool = False,
+    ):
+        """x (B, T, d), xa (B, S, d) or None -> (B, T, d), updated cache; with `keep_scores`, also
+        cross-attention's scores (B, H, T, S) (`MultiHeadAttention.cross_scores`)."""
         attn_cache = None if cache is None else cache["attn"]
         y, attn_cache = self.attn(self.attn_ln(x), causal=causal, cache=attn_cache, offset=offset, valid=valid)
         x = x + y
+        cross_scores = None
         if self.cross_attn is not None:
             cross_cache = None if cache is None else cache["cross_attn"]
-            y, _ = self.cross_attn(self.cross_attn_ln(x), xa, cache=cross_cache)
+            h = self.cross_attn_ln(x)
+            y, _ = self.cross_attn(h, xa, cache=cross_cache)
+            cross_scores = self.cross_attn.cross_scores(h, xa) if keep_scores else None
             x = x + y
         x = x + self.mlp(self.mlp_ln(x))
         if cache is not None:
             cache = {**cache, "attn": attn_cache}
-        return x, cache
+        return (x, cache, cross_scores) if keep_scores else (x, cache)

@@ -87,9 +87,14 @@ def attend(
     return y.transpose(1, 2)
 
 
+def scores(q: Tensor, k: Tensor, scale: float | Tensor) -> Tensor:
+    """q (B, T, H, dh), k (B, S, H, dh) -> float32 scores (B, H, T, S)."""
+    return torch.einsum("bthd,bshd->bhts", q, k).float() * scale
+
+
 def _einsum(q, k, v, mask: Mask, scale: float, offset: int, dropout, return_lse: bool):
     """The materialised softmax: scores (B, H, T, S) in float32, dropout on the weights."""
-    logits = torch.einsum("bthd,bshd->bhts", q, k).float() * scale
+    logits = scores(q, k, scale)
     if mask.masks_anything:
         logits = logits.masked_fill(~allowed(mask, q.shape[1], k.shape[1], offset, q.device), float("-inf"))
     weights = torch.softmax(logits, dim=-1)

@@ -93,21 +93,38 @@ class TextDecoder(nn.Module):
         capacity = None if cache is None else self.blocks[0].attn.cache_capacity(cache["layers"][0]["attn"])
         if capacity is not None:
             check_cache_offset(self.config, offset, length, capacity)
-        x = self.token_embedding(tokens)  # (B, T, d)
-        if self.positional_embedding is not None:
-            x = x + lookup_positions(self.positional_embedding, offset, length, "tokens", self.normalize_positions)
-        x = self.dropout(x.to(xa.dtype))
+        x = self.embed(tokens, offset, length, xa.dtype)
         layer_caches = [None] * len(self.blocks) if cache is None else cache["layers"]
         new_caches = []
         for block, layer_cache in zip(self.blocks, layer_caches, strict=True):
             x, layer_cache = block(x, xa, causal=True, cache=layer_cache, offset=offset, valid=valid)
             new_caches.append(layer_cache)
-        x = self.ln(x)
-        # Tied output in float32 (contract 5): upcast before the matmul, whatever the precision.
-        logits = x.float() @ self.token_embedding.weight.float().T  # (B, T, n_vocab)
+        logits = self.unembed(x)
         if cache is not None:
             cache = {"offset": offset + length, "layers": new_caches}
         return logits, cache
+
+    def embed(self, tokens: Tensor, offset: int, length: int, dtype: torch.dtype) -> Tensor:
+        """tokens (B, T) after `offset` earlier ones -> the first block's input (B, T, d)."""
+        x = self.token_embedding(tokens)  # (B, T, d)
+        if self.positional_embedding is not None:
+            x = x + lookup_positions(self.positional_embedding, offset, length, "tokens", self.normalize_positions)
+        return self.dropout(x.to(dtype))
+
+    def unembed(self, x: Tensor) -> Tensor:
+        """The last block's output (B, T, d) -> float32 logits (B, T, n_vocab)."""
+        # Tied output in float32 (contract 5): upcast before the matmul, whatever the precision.
+        return self.ln(x).float() @ self.token_embedding.weight.float().T
+
+    def cross_attention_scores(self, tokens: Tensor, xa: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens (B, T), xa (B, S, d) -> logits (B, T, n_vocab) and every layer's cross-attention
+        scores before the softmax (L, B, H, T, S) float32: what word alignment reads."""
+        x = self.embed(tokens, 0, check_tokens_shape(self.config, tokens.shape, 0), xa.dtype)
+        layer_scores = []
+        for block in self.blocks:
+            x, _, cross_scores = block._forward(x, xa, causal=True, keep_scores=True)
+            layer_scores.append(cross_scores)
+        return self.unembed(x), torch.stack(layer_scores)
 
     def init_cache(self, xa: Tensor, max_length: int | None = None) -> DecoderCache:
         """An empty cache for decoding up to `max_length` (default n_text_ctx) tokens after `xa`.

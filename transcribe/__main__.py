@@ -17,6 +17,7 @@ import numpy as np
 from transcribe.outputs import FORMATS, RENDERERS, check_outputs, write_outputs
 from transcribe.pipeline import MODES, Transcriber, transcribe_files
 from transcribe.sequential import LongFormOptions
+from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from whisper_config import ConfigError, InputError
 from whisper_io import AudioFileError, TokenizerError
 from whisper_io.decoding import BeamSearch
@@ -107,6 +108,22 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
     )
     p.add_argument("--initial-prompt", help="sequential: text to prompt the first window with")  # fmt: skip
     p.add_argument(
+        "--word-timestamps",
+        type=str_to_bool,
+        default=False,
+        help="sequential: word-level timestamps from cross-attention (True or False, the default)",
+    )
+    p.add_argument(
+        "--prepend-punctuations",
+        default=PREPEND_PUNCTUATIONS,
+        help="with --word-timestamps: these join the following word",
+    )
+    p.add_argument(
+        "--append-punctuations",
+        default=APPEND_PUNCTUATIONS,
+        help="with --word-timestamps: these join the previous word",
+    )
+    p.add_argument(
         "--output-format",
         "-f",
         choices=(*FORMATS, "all"),
@@ -134,9 +151,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
             args.no_speech_threshold,
             args.condition_on_previous_text,
             args.initial_prompt,
+            args.word_timestamps,
+            args.prepend_punctuations,
+            args.append_punctuations,
         )
     except InputError as e:
         cli.error(str(e))
+    if args.mode == "windows" and args.word_timestamps:
+        cli.error("--word-timestamps needs --mode sequential")
     if args.best_of is not None and args.best_of < 1:
         cli.error("--best-of must be at least 1")
     fmt = "json" if args.jsonl else args.output_format

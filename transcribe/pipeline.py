@@ -29,6 +29,7 @@ import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
 from transcribe.sequential import Decoded, LongFormOptions, compression_ratio, transcribe_sequential
+from transcribe.timing import add_word_timestamps, alignment_heads
 from whisper_config import ConfigError, InputError, ModelConfig
 from whisper_io import AudioFileError, TokenizerError, decoding_options, text_tokens, tokenizer_for
 from whisper_io.audio_files import load_audio, stream_audio
@@ -83,6 +84,9 @@ class Transcriber:
     best_of: int | None = None  # candidates sampled per window above temperature 0 (best kept)
     max_new_tokens: int | None = None  # per window, at most (None: OpenAI's n_text_ctx // 2)
     beam: BeamSearch | None = None  # beam search (sequential mode: at temperature 0); None: greedy
+    # (window (n_mels, F), tokens) -> (logits (T, n_vocab), alignment heads' cross-attention scores
+    # (heads, T, F / 2)), NumPy: what word timestamps read (`transcribe.timing`)
+    alignment_scores: Callable | None = None
 
     @classmethod
     def load(
@@ -114,15 +118,22 @@ class Transcriber:
         mode = mode or ("sequential" if tokenizer.timestamp_begin is not None else "windows")
         if mode == "sequential" and tokenizer.timestamp_begin is None:
             raise TokenizerError(f"--mode sequential needs timestamps; the {tokenizer.name} vocabulary has none")
+        if mode == "windows" and long_form is not None and long_form.word_timestamps:
+            raise InputError("word timestamps need --mode sequential")
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
             import jax
+            from flax import nnx
 
             import flax_whisper.decoding as decoding
             from convert.core import new_flax_model
 
             model = new_flax_model(config, ckpt.tensors)
             randomness = jax.random.key
+
+            @nnx.jit
+            def cross_scores(model, mel, tokens):
+                return model.decoder.cross_attention_scores(tokens, model.encoder(mel))
         elif framework == "torch":
             import torch
 
@@ -133,6 +144,11 @@ class Transcriber:
 
             def randomness(seed: int) -> torch.Generator:
                 return torch.Generator().manual_seed(seed)
+
+            @torch.no_grad()
+            def cross_scores(model, mel, tokens):
+                xa = model.encoder(torch.from_numpy(mel))
+                return model.decoder.cross_attention_scores(torch.from_numpy(tokens), xa)
 
         else:
             raise ValueError(f"framework must be 'flax' or 'torch', got {framework!r}")
@@ -146,9 +162,17 @@ class Transcriber:
                 decoded = decoding.decode_with_scores(model, mel, prompts, options, random, prompt_length)
             return tuple(np.asarray(a) for a in decoded)
 
+        layers, heads = np.asarray(alignment_heads(config)).T
+
+        def alignment_scores(window: np.ndarray, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+            padded = np.full((1, config.n_text_ctx), tokenizer.eot, np.int64)  # one program for every window
+            padded[0, : len(tokens)] = tokens
+            logits, qk = cross_scores(model, window[None].astype(np.float32), padded)
+            return np.asarray(logits)[0, : len(tokens)], np.asarray(qk)[layers, 0, heads, : len(tokens)]
+
         return cls(
             config, tokenizer, prompt, options, scored, batch_size, mode, language, task,
-            long_form or LongFormOptions(), best_of, max_new_tokens, beam,
+            long_form or LongFormOptions(), best_of, max_new_tokens, beam, alignment_scores,
         )  # fmt: skip
 
     def decode(self, mel: np.ndarray) -> tuple[list[list[int]], list[int]]:
@@ -224,8 +248,16 @@ def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False)
     if language is None and transcriber.tokenizer.multilingual:  # from the first window (mel has one of silence)
         language = transcriber.detect_language(mel[:, :frames])
     decode = transcriber.window_decoder(language)
+    options = transcriber.long_form
+
+    def align(segments: list[dict], window: np.ndarray, num_frames: int, last_speech: float) -> None:
+        add_word_timestamps(
+            segments, transcriber.alignment_scores, transcriber.tokenizer, language, transcriber.task, window,
+            num_frames, last_speech, options.prepend_punctuations, options.append_punctuations,
+        )  # fmt: skip
+
     with _progress(mel.shape[1] - frames, "frames", f"transcribing {path}", enabled=progress) as bar:
-        result = transcribe_sequential(mel, frames, decode, transcriber.tokenizer, transcriber.long_form, bar.update)
+        result = transcribe_sequential(mel, frames, decode, transcriber.tokenizer, options, bar.update, align)
     return {**result, "language": language}
 
 

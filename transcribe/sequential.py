@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE
+from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, last_word_end
 from whisper_config import InputError
 from whisper_io.tokenizers import Tokenizer
 
@@ -40,6 +41,9 @@ class LongFormOptions:
     no_speech_threshold: float | None = 0.6
     condition_on_previous_text: bool = True
     initial_prompt: str | None = None
+    word_timestamps: bool = False
+    prepend_punctuations: str = PREPEND_PUNCTUATIONS
+    append_punctuations: str = APPEND_PUNCTUATIONS
 
     def __post_init__(self):
         if not self.temperatures or any(not t >= 0 for t in self.temperatures):
@@ -92,10 +96,14 @@ def transcribe_sequential(
     tokenizer: Tokenizer,
     options: LongFormOptions | None = None,
     on_progress: Callable[[int], None] | None = None,
+    align: Callable[[list[dict], np.ndarray, int, float], None] | None = None,
 ) -> dict:
     """mel (n_mels, content frames + `frames`): a recording's log-mel with `frames` of padding
     (one window of 30 s silence) -> {"text", "segments"} as OpenAI's `transcribe()` returns them.
-    `on_progress(frames)` is told how far `seek` moved after each window."""
+    `on_progress(frames)` is told how far `seek` moved after each window. With
+    `options.word_timestamps`, `align(segments, window, frames, last speech end)` gives one
+    window's segments their `words` (`transcribe.timing.add_word_timestamps`), and `seek` moves
+    to the end of the last word unless the window ended in a lone timestamp."""
     options = options or LongFormOptions()
     begin = tokenizer.timestamp_begin
     if begin is None:
@@ -105,7 +113,9 @@ def transcribe_sequential(
     precision = stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
     initial = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
     all_tokens, segments = list(initial), []
-    prompt_since, seek = 0, 0
+    prompt_since, seek, last_speech = 0, 0, 0.0
+    if options.word_timestamps and align is None:
+        raise InputError("word timestamps need an aligner (the model's cross-attention scores)")
 
     def decode_with_fallback(window: np.ndarray, previous: list[int]) -> Decoded:
         for temperature in options.temperatures:
@@ -150,9 +160,18 @@ def transcribe_sequential(
             window_segments.append(_segment(seek, offset, offset + duration, tokens, result, tokenizer))
             seek += size
 
+        if options.word_timestamps:
+            align(window_segments, window, size, last_speech)
+            end = last_word_end(window_segments)
+            if not single_ending and end is not None and end > offset:
+                seek = round(end * SAMPLE_RATE / HOP_LENGTH)
+            if end is not None:
+                last_speech = end
         for s in window_segments:  # an instantaneous or empty segment keeps its times only
             if s["start"] == s["end"] or not s["text"].strip():
                 s["text"], s["tokens"] = "", []
+                if options.word_timestamps:
+                    s["words"] = []
         segments.extend({"id": i, **s} for i, s in enumerate(window_segments, start=len(segments)))
         all_tokens.extend(t for s in window_segments for t in s["tokens"])
         if not options.condition_on_previous_text or result.temperature > 0.5:

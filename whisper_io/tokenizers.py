@@ -67,6 +67,10 @@ class Tokenizer:
         """Ids never sampled (Whisper's default `suppress_tokens="-1"` set)."""
         raise NotImplementedError
 
+    def split_to_word_tokens(self, ids: list[int], language: str | None = None) -> tuple[list[str], list[list[int]]]:
+        """`ids` cut into words, each with its tokens (what word timestamps are given to)."""
+        raise TokenizerError(f"the {self.name} vocabulary has no word splitting (word timestamps need Whisper's)")
+
     @property
     def blank_tokens(self) -> tuple[int, ...]:
         """Ids not sampled as the first text token: a lone space and end of text."""
@@ -149,6 +153,12 @@ class WhisperTokenizer(Tokenizer):
             return tuple(self._base.sot_sequence_including_notimestamps)
         # Without a language the "en" slot is a placeholder that language detection overwrites.
         return tuple(self._get(language or "en", task).sot_sequence_including_notimestamps)
+
+    def split_to_word_tokens(self, ids: list[int], language: str | None = None) -> tuple[list[str], list[list[int]]]:
+        """OpenAI's split: at spaces and punctuation, or at every whole unicode character for
+        languages written without spaces (zh, ja, th, lo, my, yue)."""
+        tokenizer = self._get(language, None) if self._is_multilingual else self._base
+        return tokenizer.split_to_word_tokens([int(i) for i in ids])
 
     @property
     def suppress_tokens(self) -> tuple[int, ...]:
