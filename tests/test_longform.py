@@ -253,15 +253,24 @@ def test_beam_search_long_form_matches_openai(long_speech, longform_model, frame
     assert [s["tokens"] for s in greedy["segments"]] != [s["tokens"] for s in expected["segments"]]
 
 
+PROMPT = "Seven, three, nine. The north wind."
+
+
 @pytest.mark.parametrize(
     "settings",
-    [{"initial_prompt": "Seven, three, nine. The north wind."}, {"condition_on_previous_text": False}],
-    ids=["initial_prompt", "no_previous_text"],
+    [
+        {"initial_prompt": PROMPT},
+        {"condition_on_previous_text": False},
+        {"initial_prompt": PROMPT, "carry_initial_prompt": True},
+        {"clip_timestamps": (5.0, 40.0, 50.0)},
+    ],
+    ids=["initial_prompt", "no_previous_text", "carried_prompt", "clips"],
 )
 def test_prompt_settings_match_openai(long_speech, longform_model, settings):
-    """`--initial-prompt` (the first window's prompt, kept out of the text) and
-    `--condition-on-previous-text False` (every window without the text before it), in flax:
-    OpenAI's segments."""
+    """`--initial-prompt` (the first window's prompt, kept out of the text),
+    `--condition-on-previous-text False` (every window without the text before it),
+    `--carry-initial-prompt True` (the initial prompt before every window's previous text) and
+    `--clip-timestamps 5,40,50` (5 s to 40 s, then 50 s to the end), in flax: OpenAI's segments."""
     model, path = longform_model
     expected = openai_transcribe(model, load_audio(long_speech), language="en", temperature=0.0, **settings)
     options = LongFormOptions(temperatures=(0.0,), **settings)
@@ -319,3 +328,25 @@ def test_word_timestamps_match_openai(long_speech, word_model, framework, capsys
     words = [w for s in expected["segments"] for w in s["words"]]
     assert len(words) >= 20 and len({w["start"] for w in words}) >= 5
     assert any(s["seek"] % 3000 for s in expected["segments"])
+
+
+def test_hallucination_silence_threshold_matches_openai(long_speech, word_model, capsys):
+    """`--hallucination-silence-threshold 1` with word timestamps: windows whose words look
+    hallucinated (improbable, too short or too long) after a silence are skipped or cut there, as
+    OpenAI's `transcribe()` does; here it changes where windows start."""
+    import json
+
+    from transcribe.__main__ import main
+
+    model, path = word_model
+    audio = load_audio(long_speech)
+    settings = dict(language="en", temperature=0.0, word_timestamps=True)
+    expected = openai_transcribe(model, audio, hallucination_silence_threshold=1.0, **settings)
+    argv = [str(long_speech), "--checkpoint", str(path), "-f", "json", "--language", "en", "--word-timestamps", "True"]
+    assert main([*argv, "--temperature-increment-on-fallback", "0", "--hallucination-silence-threshold", "1"]) == 0
+    assert_same_words(json.loads(capsys.readouterr().out), expected)
+    plain = openai_transcribe(model, audio, **settings)
+    assert [s["seek"] for s in plain["segments"]] != [s["seek"] for s in expected["segments"]]
+    with pytest.raises(SystemExit):
+        main([str(long_speech), "--checkpoint", str(path), "--hallucination-silence-threshold", "1"])
+    assert "needs --word-timestamps True" in capsys.readouterr().err

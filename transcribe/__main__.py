@@ -114,6 +114,23 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
         help="sequential: word-level timestamps from cross-attention (True or False, the default)",
     )
     p.add_argument(
+        "--carry-initial-prompt",
+        type=str_to_bool,
+        default=False,
+        help="sequential: start every window's prompt with --initial-prompt (True or False, the default)",
+    )
+    p.add_argument(
+        "--clip-timestamps",
+        default="0",
+        help="sequential: comma-separated start,end,start,end,... seconds of the parts to transcribe; "
+        "a missing last end is the end of the file (default 0: all of it)",
+    )
+    p.add_argument(
+        "--hallucination-silence-threshold",
+        type=optional_float,
+        help="with --word-timestamps: skip silences longer than this many seconds around a likely hallucination",
+    )
+    p.add_argument(
         "--prepend-punctuations",
         default=PREPEND_PUNCTUATIONS,
         help="with --word-timestamps: these join the following word",
@@ -142,6 +159,12 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         cli.error("--batch-size must be at least 1")
     if args.beam_size is None and (args.patience != 1.0 or args.length_penalty is not None):
         cli.error("--patience and --length-penalty need --beam-size")
+    if args.hallucination_silence_threshold is not None and not args.word_timestamps:
+        cli.error("--hallucination-silence-threshold needs --word-timestamps True")
+    try:
+        clips = tuple(float(t) for t in args.clip_timestamps.split(",") if t.strip())
+    except ValueError:
+        cli.error(f"--clip-timestamps takes comma-separated seconds, got {args.clip_timestamps!r}")
     try:
         beam = None if args.beam_size is None else BeamSearch(args.beam_size, args.patience, args.length_penalty)
         long_form = LongFormOptions(
@@ -154,6 +177,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
             args.word_timestamps,
             args.prepend_punctuations,
             args.append_punctuations,
+            clips,
+            args.carry_initial_prompt,
+            args.hallucination_silence_threshold,
         )
     except InputError as e:
         cli.error(str(e))

@@ -257,7 +257,9 @@ def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False)
         )  # fmt: skip
 
     with _progress(mel.shape[1] - frames, "frames", f"transcribing {path}", enabled=progress) as bar:
-        result = transcribe_sequential(mel, frames, decode, transcriber.tokenizer, options, bar.update, align)
+        result = transcribe_sequential(
+            mel, frames, decode, transcriber.tokenizer, options, bar.update, align, transcriber.config.n_text_ctx
+        )
     return {**result, "language": language}
 
 

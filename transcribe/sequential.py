@@ -9,7 +9,10 @@ window's tokens are cut into segments at consecutive timestamp pairs and `seek` 
 last timestamp, or past the window when it ends in a lone timestamp or has none. A window that
 is silence (no-speech probability above the threshold and a low average log-probability) is
 skipped. After a window decoded above temperature 0.5 (or always, without
-`condition_on_previous_text`) the prompt starts afresh.
+`condition_on_previous_text`) the prompt starts afresh. `clip_timestamps` limits the loop to
+parts of the recording; `carry_initial_prompt` starts every prompt with the initial one; with
+word timestamps, `seek` moves to the last word's end, and `hallucination_silence_threshold`
+skips silences around words that look hallucinated.
 
 `decode(window, previous, temperature)` is the one framework-specific part: it decodes one
 window (n_mels, frames) after the `previous` tokens and returns a `Decoded`.
@@ -44,10 +47,20 @@ class LongFormOptions:
     word_timestamps: bool = False
     prepend_punctuations: str = PREPEND_PUNCTUATIONS
     append_punctuations: str = APPEND_PUNCTUATIONS
+    # Seconds: start, end, start, end, ... of the parts to transcribe (an odd count ends at the
+    # end of the file).
+    clip_timestamps: tuple[float, ...] = (0.0,)
+    carry_initial_prompt: bool = False  # the initial prompt starts every window's prompt
+    # With word timestamps: skip silences longer than this (seconds) around likely hallucinations.
+    hallucination_silence_threshold: float | None = None
 
     def __post_init__(self):
         if not self.temperatures or any(not t >= 0 for t in self.temperatures):
             raise InputError(f"temperatures must be a non-empty list of values >= 0, got {self.temperatures}")
+        if any(not 0 <= t < float("inf") for t in self.clip_timestamps):
+            raise InputError(f"clip timestamps must be seconds >= 0, got {self.clip_timestamps}")
+        if self.hallucination_silence_threshold is not None and not self.word_timestamps:
+            raise InputError("the hallucination silence threshold needs word timestamps")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,25 +110,31 @@ def transcribe_sequential(
     options: LongFormOptions | None = None,
     on_progress: Callable[[int], None] | None = None,
     align: Callable[[list[dict], np.ndarray, int, float], None] | None = None,
+    text_context: int = 448,
 ) -> dict:
     """mel (n_mels, content frames + `frames`): a recording's log-mel with `frames` of padding
     (one window of 30 s silence) -> {"text", "segments"} as OpenAI's `transcribe()` returns them.
     `on_progress(frames)` is told how far `seek` moved after each window. With
     `options.word_timestamps`, `align(segments, window, frames, last speech end)` gives one
     window's segments their `words` (`transcribe.timing.add_word_timestamps`), and `seek` moves
-    to the end of the last word unless the window ended in a lone timestamp."""
+    to the end of the last word unless the window ended in a lone timestamp. `text_context` is
+    the decoder's `n_text_ctx` (how much previous text a prompt holds)."""
     options = options or LongFormOptions()
     begin = tokenizer.timestamp_begin
     if begin is None:
         raise InputError(f"long-form transcription needs timestamps; the {tokenizer.name} vocabulary has none")
+    if options.word_timestamps and align is None:
+        raise InputError("word timestamps need an aligner (the model's cross-attention scores)")
     content = mel.shape[-1] - frames
     stride = 2  # mel frames per encoder position, so per timestamp step
     precision = stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
+    per_second = SAMPLE_RATE // HOP_LENGTH  # mel frames per second: 100
     initial = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
+    remaining = text_context // 2 - 1 - len(initial)  # of the previous text, with a carried initial prompt
     all_tokens, segments = list(initial), []
-    prompt_since, seek, last_speech = 0, 0, 0.0
-    if options.word_timestamps and align is None:
-        raise InputError("word timestamps need an aligner (the model's cross-attention scores)")
+    prompt_since, last_speech = 0, 0.0
+    clips = seek_clips(options.clip_timestamps, content)
+    clip, seek = 0, clips[0][0]
 
     def decode_with_fallback(window: np.ndarray, previous: list[int]) -> Decoded:
         for temperature in options.temperatures:
@@ -124,12 +143,23 @@ def transcribe_sequential(
                 break
         return result
 
-    while seek < content:
+    while clip < len(clips):
+        clip_start, clip_end = clips[clip]
+        seek = max(seek, clip_start)
+        if seek >= clip_end:
+            clip += 1
+            if clip < len(clips):
+                seek = clips[clip][0]
+            continue
         offset = seek * HOP_LENGTH / SAMPLE_RATE
-        size = min(frames, content - seek)
+        size = min(frames, content - seek, clip_end - seek)
         window = np.zeros((mel.shape[0], frames), np.float32)  # OpenAI pads a short window with zeros
         window[:, :size] = mel[:, seek : seek + size]
-        result = decode_with_fallback(window, all_tokens[prompt_since:])
+        if options.carry_initial_prompt:
+            previous = initial + all_tokens[max(len(initial), prompt_since) :][-remaining:]
+        else:
+            previous = all_tokens[prompt_since:]
+        result = decode_with_fallback(window, previous)
         if is_silence(result, options):
             seek += size
             if on_progress:
@@ -164,9 +194,18 @@ def transcribe_sequential(
             align(window_segments, window, size, last_speech)
             end = last_word_end(window_segments)
             if not single_ending and end is not None and end > offset:
-                seek = round(end * SAMPLE_RATE / HOP_LENGTH)
+                seek = round(end * per_second)
+            threshold = options.hallucination_silence_threshold
+            if threshold is not None:
+                seek, skip = _hallucination_seek(
+                    window_segments, threshold, seek, previous_seek, frames, size, content, last_speech, single_ending
+                )
+                if skip:
+                    continue
+            end = last_word_end(window_segments)
             if end is not None:
                 last_speech = end
+
         for s in window_segments:  # an instantaneous or empty segment keeps its times only
             if s["start"] == s["end"] or not s["text"].strip():
                 s["text"], s["tokens"] = "", []
@@ -180,6 +219,75 @@ def transcribe_sequential(
             on_progress(min(content, seek) - previous_seek)
 
     return {"text": tokenizer.decode_all(all_tokens[len(initial) :]), "segments": segments}
+
+
+def seek_clips(clip_timestamps: Sequence[float], content: int) -> list[tuple[int, int]]:
+    """(start, end) mel frames of the parts to transcribe: the seconds in pairs, an odd last one
+    running to the end of the `content` frames (OpenAI's `clip_timestamps`)."""
+    points = [round(t * (SAMPLE_RATE // HOP_LENGTH)) for t in clip_timestamps] or [0]
+    if len(points) % 2:
+        points.append(content)
+    return list(zip(points[::2], points[1::2], strict=True))
+
+
+PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
+
+
+def _word_anomaly(word: dict) -> float:
+    """How unlike a real word: improbable, very short or very long (OpenAI's score)."""
+    duration = word["end"] - word["start"]
+    score = 1.0 if word.get("probability", 0.0) < 0.15 else 0.0
+    if duration < 0.133:
+        score += (0.133 - duration) * 15
+    if duration > 2.0:
+        score += duration - 2.0
+    return score
+
+
+def _is_anomaly(segment: dict | None) -> bool:
+    if segment is None or not segment["words"]:
+        return False
+    words = [w for w in segment["words"] if w["word"] not in PUNCTUATION][:8]
+    score = sum(_word_anomaly(w) for w in words)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+def _hallucination_seek(
+    segments: list[dict], threshold: float, seek: int, previous_seek: int, frames: int, size: int, content: int,
+    last_speech: float, single_ending: bool,
+) -> tuple[int, bool]:  # fmt: skip
+    """OpenAI's `hallucination_silence_threshold`: the next seek, and whether the window is
+    dropped (its first words are a likely hallucination after a silence). A likely hallucination
+    between silences later in the window cuts `segments` there, and the next window starts at it."""
+    to_seconds, per_second = HOP_LENGTH / SAMPLE_RATE, SAMPLE_RATE // HOP_LENGTH
+    offset, window_end = previous_seek * to_seconds, (previous_seek + frames) * to_seconds
+    if not single_ending:
+        end = last_word_end(segments)
+        if end is not None and end > offset:
+            seek = round(end * per_second) if window_end - end > threshold else previous_seek + size
+    first = next((s for s in segments if s["words"]), None)
+    if _is_anomaly(first) and first["start"] - offset > threshold:
+        return previous_seek + round((first["start"] - offset) * per_second), True
+    last_end = last_speech
+    for i, segment in enumerate(segments):
+        if not segment["words"]:
+            continue
+        if _is_anomaly(segment):
+            following = next((s for s in segments[i + 1 :] if s["words"]), None)
+            next_start = following["words"][0]["start"] if following else offset + size * to_seconds
+            start = segment["start"]
+            silence_before = start - last_end > threshold or start < threshold or start - offset < 2.0
+            silence_after = (
+                next_start - segment["end"] > threshold or _is_anomaly(following) or window_end - segment["end"] < 2.0
+            )
+            if silence_before and silence_after:
+                seek = round(max(offset + 1, segment["start"]) * per_second)
+                if content * to_seconds - segment["end"] < threshold:
+                    seek = content
+                del segments[i:]
+                break
+        last_end = segment["end"]
+    return seek, False
 
 
 def _segment(seek: int, start: float, end: float, ids: list[int], result: Decoded, tokenizer: Tokenizer) -> dict:
