@@ -5,68 +5,16 @@ OpenAI's segments, seeks and temperatures."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from conftest import counting_compiles, favour_timestamps, openai_dims, random_openai_model, save_openai_model
+from conftest import counting_compiles, longform_openai_model, save_openai_model
 
 from transcribe.pipeline import Transcriber, transcribe_file
 from transcribe.sequential import LongFormOptions
 from whisper_io import load_audio
 
-TEXT = (
-    "The north wind and the sun were disputing which was the stronger, when a traveler came along "
-    "wrapped in a warm cloak. They agreed that the one who first succeeded in making the traveler "
-    "take his cloak off should be considered stronger than the other. Then the north wind blew as "
-    "hard as he could, but the more he blew the more closely did the traveler fold his cloak "
-    "around him; and at last the north wind gave up the attempt. Then the sun shined out warmly, "
-    "and immediately the traveler took off his cloak. And so the north wind was obliged to "
-    "confess that the sun was the stronger of the two. Seven, three, nine. The quick brown fox "
-    "jumps over the lazy dog. A journey of a thousand miles begins with a single step. She sells "
-    "sea shells by the sea shore, and the shells she sells are surely sea shells. Peter Piper "
-    "picked a peck of pickled peppers. How much wood would a woodchuck chuck if a woodchuck could "
-    "chuck wood? The rain in Spain stays mainly in the plain."
-)
 KEYS = ("id", "seek", "start", "end", "text", "tokens", "temperature")
-
-
-@pytest.fixture(scope="module")
-def long_speech(tmp_path_factory) -> Path:
-    """About 80 s of real synthetic speech (espeak-ng, en-us, 16 kHz mono)."""
-    if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-        pytest.skip("needs espeak-ng and sox (apt-get install espeak-ng sox; .ci/run installs them)")
-    folder = tmp_path_factory.mktemp("speech")
-    subprocess.run(
-        ["espeak-ng", "-v", "en-us", "-s", "150", "-g", "8", "-w", str(folder / "raw.wav"), TEXT], check=True
-    )
-    # -D: no dither, which sox otherwise adds at random when it writes 16-bit samples
-    sox = ["sox", str(folder / "raw.wav"), "-D", "-r", "16000", "-c", "1", "-b", "16", str(folder / "long.wav")]
-    subprocess.run(sox, check=True)
-    return folder / "long.wav"
-
-
-def longform_openai_model(query_scale: float = 1.0):
-    """An OpenAI model of 30 s windows (1500 positions), one layer each side. Each timestamp's
-    embedding row is 0.8 times that of one of three text tokens the model samples often on
-    speech, plus noise, so timestamps often win OpenAI's timestamp-vs-text rule; end of text gets
-    1.05 times the row of a token that comes at varied places, so windows end early. The
-    cross-attention queries are scaled by `query_scale`."""
-    from whisper.tokenizer import get_tokenizer
-
-    model = random_openai_model(1.0, openai_dims(n_audio_ctx=1500, n_text_ctx=448, n_audio_layer=1, n_text_layer=1))
-    tokenizer = get_tokenizer(True, num_languages=99)
-    favour_timestamps(model, [7320, 29736, 11527], tokenizer.timestamp_begin)
-    with torch.no_grad():
-        table = model.decoder.token_embedding.weight
-        table[tokenizer.eot] = 1.05 * table[3797]
-        query = model.decoder.blocks[0].cross_attn.query
-        query.weight.mul_(query_scale)
-        query.bias.mul_(query_scale)
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 
+from transcribe.chunked import DEFAULT_OVERLAP
 from transcribe.outputs import FORMATS, RENDERERS, check_outputs, write_outputs
 from transcribe.pipeline import MODES, Transcriber, transcribe_files
 from transcribe.sequential import LongFormOptions
@@ -70,7 +71,15 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
         "--mode",
         choices=MODES,
         help="sequential: OpenAI transcribe()'s long-form loop (timestamps, previous-text prompts, temperature "
-        "fallback; the default when the vocabulary has timestamps); windows: independent 30 s windows of text",
+        "fallback; the default when the vocabulary has timestamps); chunked: overlapping windows of all files "
+        "decoded in shared batches and stitched by timestamps (throughput); windows: independent 30 s windows "
+        "of text",
+    )
+    p.add_argument(
+        "--chunk-overlap",
+        type=float,
+        default=DEFAULT_OVERLAP,
+        help=f"chunked: seconds of audio each window sees on either side of its own part (default {DEFAULT_OVERLAP:g})",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="sequential: the first temperature (default 0)")
     p.add_argument(
@@ -183,8 +192,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         )
     except InputError as e:
         cli.error(str(e))
-    if args.mode == "windows" and args.word_timestamps:
+    if args.mode in ("windows", "chunked") and args.word_timestamps:
         cli.error("--word-timestamps needs --mode sequential")
+    if args.chunk_overlap < 0:
+        cli.error("--chunk-overlap must be at least 0")
     if args.best_of is not None and args.best_of < 1:
         cli.error("--best-of must be at least 1")
     fmt = "json" if args.jsonl else args.output_format
@@ -199,7 +210,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
             check_outputs(args.audio, args.output_dir, formats, args.overwrite)
         transcriber = Transcriber.load(
             args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens, beam,
-            args.mode, long_form, args.best_of,
+            args.mode, long_form, args.best_of, args.chunk_overlap,
         )  # fmt: skip
         if transcriber.mode == "windows" and args.mode is None:
             print(f"notice: the {transcriber.tokenizer.name} vocabulary has no timestamps: --mode windows",

@@ -8,6 +8,9 @@ into log-mel features by `flax_whisper.audio`, for `flax_whisper` or `torch_ref`
   temperature fallback, no-speech skipping, segments at timestamp pairs. Prompts are padded to
   one width and the temperature is traced, so a file compiles its programs once, and another
   file of as many windows compiles nothing.
+- "chunked" (`transcribe.chunked`): overlapping windows of every file, decoded with timestamps in
+  batches shared across files and stitched by timestamps: throughput, without previous-text
+  prompts or fallback.
 - "windows": windows of the model's audio context (30 s for Whisper's 1500 positions) decoded
   independently with the text-only prompt, each one segment. Files are streamed: a first pass
   finds each file's loudest frame (Whisper's 8-decade floor is set per recording) and its
@@ -28,6 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
+from transcribe.chunked import DEFAULT_OVERLAP, chunk_windows, transcribe_chunked
 from transcribe.sequential import Decoded, LongFormOptions, compression_ratio, transcribe_sequential
 from transcribe.timing import add_word_timestamps, alignment_heads
 from whisper_config import ConfigError, InputError, ModelConfig
@@ -57,7 +61,7 @@ def file_windows(path: str, config: ModelConfig) -> LogMelWindows:
     return LogMelWindows(lambda: stream_audio(path), config.n_mels, 2 * config.n_audio_ctx)
 
 
-MODES = ("sequential", "windows")
+MODES = ("sequential", "chunked", "windows")
 
 
 @dataclasses.dataclass
@@ -87,6 +91,7 @@ class Transcriber:
     # (window (n_mels, F), tokens) -> (logits (T, n_vocab), alignment heads' cross-attention scores
     # (heads, T, F / 2)), NumPy: what word timestamps read (`transcribe.timing`)
     alignment_scores: Callable | None = None
+    chunk_overlap: float = DEFAULT_OVERLAP  # chunked mode: seconds of audio on each side of a window's own part
 
     @classmethod
     def load(
@@ -101,6 +106,7 @@ class Transcriber:
         mode: str | None = None,
         long_form: LongFormOptions | None = None,
         best_of: int | None = None,
+        chunk_overlap: float = DEFAULT_OVERLAP,
     ) -> Transcriber:
         """The model of `checkpoint` in `framework`, decoding greedily, or with `beam` search.
         `mode` None: "sequential" when the vocabulary has timestamp tokens, else "windows"."""
@@ -112,13 +118,15 @@ class Transcriber:
             raise InputError(f"best_of must be at least 1, got {best_of}")
         ckpt = load_checkpoint(checkpoint)
         config = ckpt.config
+        if mode == "chunked" and not 0 <= 2 * chunk_overlap < window_samples(config) / SAMPLE_RATE:
+            raise InputError(f"a chunk overlap of {chunk_overlap} s on each side leaves nothing of a window")
         if config.n_mels not in (80, 128):
             raise ConfigError(f"{checkpoint}: n_mels={config.n_mels}; the log-mel frontend computes 80 or 128 bins")
         tokenizer = tokenizer_for(config)
         mode = mode or ("sequential" if tokenizer.timestamp_begin is not None else "windows")
-        if mode == "sequential" and tokenizer.timestamp_begin is None:
-            raise TokenizerError(f"--mode sequential needs timestamps; the {tokenizer.name} vocabulary has none")
-        if mode == "windows" and long_form is not None and long_form.word_timestamps:
+        if mode in ("sequential", "chunked") and tokenizer.timestamp_begin is None:
+            raise TokenizerError(f"--mode {mode} needs timestamps; the {tokenizer.name} vocabulary has none")
+        if mode != "sequential" and long_form is not None and long_form.word_timestamps:
             raise InputError("word timestamps need --mode sequential")
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
@@ -172,7 +180,7 @@ class Transcriber:
 
         return cls(
             config, tokenizer, prompt, options, scored, batch_size, mode, language, task,
-            long_form or LongFormOptions(), best_of, max_new_tokens, beam, alignment_scores,
+            long_form or LongFormOptions(), best_of, max_new_tokens, beam, alignment_scores, chunk_overlap,
         )  # fmt: skip
 
     def decode(self, mel: np.ndarray) -> tuple[list[list[int]], list[int]]:
@@ -197,6 +205,33 @@ class Transcriber:
         prompt, options = decoding_options(self.tokenizer, self.config, None, self.task, max_new_tokens=1)
         tokens, _, _ = self.scored(window[None], np.asarray([prompt]), options, 0)
         return self.language_of(int(tokens[0, 1]))
+
+    def file_language(self, mel: np.ndarray) -> str | None:
+        """The given language, else the one detected from the first window of a file's log-mel
+        (which has a window of silence appended, so it always has one)."""
+        if self.language is not None or not self.tokenizer.multilingual:
+            return self.language
+        return self.detect_language(mel[:, : 2 * self.config.n_audio_ctx])
+
+    def chunk_decoder(self, language: str | None) -> Callable[[list[np.ndarray]], list[Decoded]]:
+        """`transcribe.chunked`'s `decode_batch` for this model: up to `batch_size` windows with
+        timestamps after the text-only prompt (greedy, or beam search with `beam`), padded to a
+        full batch so that every call runs one program."""
+        config, tokenizer = self.config, self.tokenizer
+        prompt, options = decoding_options(tokenizer, config, language, self.task, timestamps=True)
+        most = config.n_text_ctx // 2 if self.max_new_tokens is None else self.max_new_tokens
+        options = dataclasses.replace(options, max_new_tokens=most)
+        prompts = np.tile(np.asarray(prompt), (self.batch_size, 1))
+
+        def decode(windows: list[np.ndarray]) -> list[Decoded]:
+            batch = np.zeros((self.batch_size, config.n_mels, 2 * config.n_audio_ctx), np.float32)
+            batch[: len(windows)] = windows
+            tokens, sums, no_speech = self.scored(batch, prompts, options, 0, None, self.beam)
+            rows = text_tokens(tokens[: len(windows)], len(prompt), tokenizer.eot)
+            ratios = [compression_ratio(tokenizer.decode_all(row).strip()) for row in rows]
+            return [Decoded(row, float(sums[i]), float(no_speech[i]), 0.0, ratios[i]) for i, row in enumerate(rows)]
+
+        return decode
 
     def window_decoder(self, language: str | None) -> Callable[[np.ndarray, Sequence[int], float], Decoded]:
         """`transcribe.sequential`'s `decode` for this model: a window with timestamps after the
@@ -229,24 +264,30 @@ class Transcriber:
         return decode
 
 
+def file_mel(path: str, config: ModelConfig) -> np.ndarray:
+    """A file's whole log-mel with one window of silence appended, as OpenAI's `transcribe()`
+    pads it: (n_mels, frames of audio + 2 * n_audio_ctx). Raises `AudioFileError` for a file that
+    cannot be read."""
+    from flax_whisper.audio import log_mel_spectrogram
+
+    samples = window_samples(config)
+    audio = load_audio(path)
+    # Computed on the audio padded to whole windows plus one, so files of as many windows share
+    # one program; the frames beyond OpenAI's are zeros' (the floor), which can set neither the
+    # maximum nor a kept frame.
+    padded = np.zeros((-(-len(audio) // samples) + 1) * samples, np.float32)
+    padded[: len(audio)] = audio
+    return np.asarray(log_mel_spectrogram(padded, config.n_mels))[:, : (len(audio) + samples) // HOP_LENGTH]
+
+
 def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False) -> dict:
     """One file, sequentially (`transcribe.sequential`): its whole log-mel is computed (with a
     window of silence appended, as OpenAI pads it), its language detected from the first window
     unless given; `progress` shows a bar of the frames done on stderr. Raises `AudioFileError`
     for a file that cannot be read."""
-    from flax_whisper.audio import log_mel_spectrogram
-
-    frames, samples = 2 * transcriber.config.n_audio_ctx, window_samples(transcriber.config)
-    audio = load_audio(path)
-    # OpenAI's log-mel of the audio with one window of silence appended, computed on the audio
-    # padded to whole windows plus one, so files of as many windows share one program; the frames
-    # beyond OpenAI's are zeros' (the floor), which can set neither the maximum nor a kept frame.
-    padded = np.zeros((-(-len(audio) // samples) + 1) * samples, np.float32)
-    padded[: len(audio)] = audio
-    mel = np.asarray(log_mel_spectrogram(padded, transcriber.config.n_mels))[:, : (len(audio) + samples) // HOP_LENGTH]
-    language = transcriber.language
-    if language is None and transcriber.tokenizer.multilingual:  # from the first window (mel has one of silence)
-        language = transcriber.detect_language(mel[:, :frames])
+    frames = 2 * transcriber.config.n_audio_ctx
+    mel = file_mel(path, transcriber.config)
+    language = transcriber.file_language(mel)
     decode = transcriber.window_decoder(language)
     options = transcriber.long_form
 
@@ -270,16 +311,16 @@ def transcribe_files(
 
     Unreadable files go to `on_error` and are left out. In "windows" mode the windows of the rest
     are decoded in shared batches, streamed so that at most a batch of windows is held at a time;
+    in "chunked" mode the overlapping windows of all files share batches (`transcribe.chunked`);
     in "sequential" mode each file is transcribed in turn (`transcribe_file`).
     """
     if transcriber.mode == "sequential":
         return _transcribe_sequentially(paths, transcriber, on_error)
-    files: dict[str, LogMelWindows | None] = {}
-    for path in dict.fromkeys(paths):
-        try:
-            files[path] = file_windows(path, transcriber.config)
-        except AudioFileError as e:
-            on_error(e)
+    if transcriber.mode == "chunked":
+        return _transcribe_chunked(paths, transcriber, on_error)
+    files: dict[str, LogMelWindows | None] = _each_readable(
+        paths, lambda path: file_windows(path, transcriber.config), on_error
+    )
 
     segments: dict[str, list[dict]] = {}
     languages: dict[str, str | None] = {}
@@ -333,10 +374,39 @@ def transcribe_files(
 def _transcribe_sequentially(
     paths: Sequence[str], transcriber: Transcriber, on_error: Callable[[AudioFileError], None]
 ) -> dict[str, dict]:
+    return _each_readable(paths, lambda path: transcribe_file(path, transcriber, progress=True), on_error)
+
+
+def _transcribe_chunked(
+    paths: Sequence[str], transcriber: Transcriber, on_error: Callable[[AudioFileError], None]
+) -> dict[str, dict]:
+    """Every readable file's windows, in shared batches (files of one language at a time)."""
+    frames = 2 * transcriber.config.n_audio_ctx
+    mels = _each_readable(paths, lambda path: file_mel(path, transcriber.config), on_error)
+    languages = {path: transcriber.file_language(mel) for path, mel in mels.items()}
+    results = {}
+    overlap = transcriber.chunk_overlap
+    per_second = SAMPLE_RATE // HOP_LENGTH
+    total = sum(len(chunk_windows(m.shape[-1] - frames, frames, round(overlap * per_second))) for m in mels.values())
+    with _progress(total) as bar:
+        for language in dict.fromkeys(languages.values()):
+            group = [path for path in mels if languages[path] == language]
+            decoded = transcribe_chunked(
+                [mels[path] for path in group], frames, overlap, transcriber.chunk_decoder(language),
+                transcriber.batch_size, transcriber.tokenizer, transcriber.long_form, bar.update,
+            )  # fmt: skip
+            for path, result in zip(group, decoded, strict=True):
+                results[path] = {**result, "language": language}
+    return {path: results[path] for path in mels}
+
+
+def _each_readable(paths: Sequence[str], read: Callable[[str], object], on_error) -> dict:
+    """{path: read(path)} for each distinct path, in order; a file that cannot be read
+    (`AudioFileError`) goes to `on_error` and is left out."""
     results = {}
     for path in dict.fromkeys(paths):
         try:
-            results[path] = transcribe_file(path, transcriber, progress=True)
+            results[path] = read(path)
         except AudioFileError as e:
             on_error(e)
     return results

@@ -126,8 +126,6 @@ def transcribe_sequential(
     if options.word_timestamps and align is None:
         raise InputError("word timestamps need an aligner (the model's cross-attention scores)")
     content = mel.shape[-1] - frames
-    stride = 2  # mel frames per encoder position, so per timestamp step
-    precision = stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
     per_second = SAMPLE_RATE // HOP_LENGTH  # mel frames per second: 100
     initial = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
     remaining = text_context // 2 - 1 - len(initial)  # of the previous text, with a carried initial prompt
@@ -167,28 +165,9 @@ def transcribe_sequential(
             continue
 
         previous_seek = seek
-        tokens = result.tokens
-        stamps = [t >= begin for t in tokens]
-        single_ending = stamps[-2:] == [False, True]
-        cuts = [i + 1 for i in range(len(tokens) - 1) if stamps[i] and stamps[i + 1]]
-        window_segments = []
-        if cuts:
-            if single_ending:
-                cuts.append(len(tokens))
-            last = 0
-            for cut in cuts:
-                ids = tokens[last:cut]
-                start, end = (ids[0] - begin) * precision, (ids[-1] - begin) * precision
-                window_segments.append(_segment(seek, offset + start, offset + end, ids, result, tokenizer))
-                last = cut
-            seek += size if single_ending else (tokens[last - 1] - begin) * stride
-        else:
-            duration = size * HOP_LENGTH / SAMPLE_RATE
-            times = [t for t in tokens if t >= begin]
-            if times and times[-1] != begin:
-                duration = (times[-1] - begin) * precision
-            window_segments.append(_segment(seek, offset, offset + duration, tokens, result, tokenizer))
-            seek += size
+        pieces, consumed, single_ending = cut_segments(result.tokens, begin, size)
+        window_segments = [_segment(seek, offset + a, offset + b, ids, result, tokenizer) for a, b, ids in pieces]
+        seek += consumed
 
         if options.word_timestamps:
             align(window_segments, window, size, last_speech)
@@ -219,6 +198,32 @@ def transcribe_sequential(
             on_progress(min(content, seek) - previous_seek)
 
     return {"text": tokenizer.decode_all(all_tokens[len(initial) :]), "segments": segments}
+
+
+def cut_segments(tokens: list[int], begin: int, size: int) -> tuple[list[tuple[float, float, list[int]]], int, bool]:
+    """One window's tokens (`size` mel frames of audio) -> its segments (start and end seconds
+    from the window's start, tokens), the frames they consume, and whether the window ended in a
+    lone timestamp. Segments end at consecutive timestamps; without a pair the window is one
+    segment, up to its last timestamp if it has one."""
+    stride = 2  # mel frames per encoder position, so per timestamp step
+    precision = stride * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp step: 0.02
+    stamps = [t >= begin for t in tokens]
+    single_ending = stamps[-2:] == [False, True]
+    cuts = [i + 1 for i in range(len(tokens) - 1) if stamps[i] and stamps[i + 1]]
+    if not cuts:
+        duration = size * HOP_LENGTH / SAMPLE_RATE
+        times = [t for t in tokens if t >= begin]
+        if times and times[-1] != begin:
+            duration = (times[-1] - begin) * precision
+        return [(0.0, duration, list(tokens))], size, single_ending
+    if single_ending:
+        cuts.append(len(tokens))
+    pieces, last = [], 0
+    for cut in cuts:
+        ids = list(tokens[last:cut])
+        pieces.append(((ids[0] - begin) * precision, (ids[-1] - begin) * precision, ids))
+        last = cut
+    return pieces, size if single_ending else (tokens[last - 1] - begin) * stride, single_ending
 
 
 def seek_clips(clip_timestamps: Sequence[float], content: int) -> list[tuple[int, int]]:

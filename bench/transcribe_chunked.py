@@ -1,0 +1,106 @@
+"""Chunked mode against sequential mode on a batch of files: speed, and how far the texts differ.
+
+    python bench/transcribe_chunked.py [--size tiny] [--files 8] [--minutes 1] [--batch-size 8]
+    python bench/transcribe_chunked.py --checkpoint CKPT --audio a.wav b.flac ... [--language en]
+
+`flax_whisper` transcribes the files with `--mode sequential` (OpenAI's `transcribe()` loop, one
+window at a time per file) and with `--mode chunked` (overlapping windows of all files in
+shared batches, stitched by timestamps), greedily at temperature 0, each mode twice (the first
+run compiles). Prints seconds of the second run, the real-time factor, chunked over sequential,
+and the word error rate of the chunked text against the sequential text (jiwer), per file and
+over all files.
+
+Without `--checkpoint`, a random OpenAI-format model of `--size` dimensions (OpenAI's own
+initialisation, seed 0) and `--files` recordings of `--minutes` of real speech (the test suite's
+espeak-ng recording, repeated, each file starting elsewhere in it). A random model's text says
+nothing about the audio, so its error rate only shows that the modes decode different windows:
+run it on a trained checkpoint and real recordings for the number that matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+
+SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
+
+
+def random_setup(args, folder: Path) -> tuple[str, list[str]]:
+    """A random model's checkpoint and `--files` recordings in `folder`."""
+    import soundfile
+    import torch
+    import whisper
+
+    from whisper_config import ModelConfig
+
+    config = ModelConfig.from_preset("whisper", args.size)
+    torch.manual_seed(0)
+    model = whisper.model.Whisper(whisper.model.ModelDimensions(**config.openai_dims())).eval()
+    checkpoint = folder / "random.pt"
+    torch.save({"dims": config.openai_dims(), "model_state_dict": model.state_dict()}, checkpoint)
+    speech = soundfile.read(SPEECH, dtype="float32")[0]
+    samples = int(args.minutes * 60 * 16000)
+    paths = []
+    for i in range(args.files):
+        audio = np.tile(np.roll(speech, i * 7919), samples // len(speech) + 1)[:samples]
+        soundfile.write(folder / f"speech{i}.wav", audio, 16000)
+        paths.append(str(folder / f"speech{i}.wav"))
+    return str(checkpoint), paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="tiny")
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=8, help="chunked mode: windows decoded together")
+    parser.add_argument("--checkpoint", help="a trained checkpoint (any format convert reads)")
+    parser.add_argument("--audio", nargs="+", help="with --checkpoint: the recordings")
+    parser.add_argument("--language", default="en")
+    args = parser.parse_args()
+    if bool(args.checkpoint) != bool(args.audio):
+        parser.error("--checkpoint and --audio go together")
+
+    import jiwer
+
+    from transcribe.pipeline import Transcriber, transcribe_files
+    from transcribe.sequential import LongFormOptions
+    from whisper_io import load_audio
+
+    workdir = tempfile.TemporaryDirectory()  # the random checkpoint and recordings, removed at exit
+    checkpoint, paths = (args.checkpoint, args.audio) if args.checkpoint else random_setup(args, Path(workdir.name))
+    seconds = sum(len(load_audio(p)) for p in paths) / 16000
+    options = LongFormOptions(temperatures=(0.0,))
+    print(f"{len(paths)} files, {seconds:.0f} s of audio, greedy at temperature 0, chunked batch {args.batch_size}")
+
+    results = {}
+    for mode, batch in (("sequential", 1), ("chunked", args.batch_size)):
+        transcriber = Transcriber.load(
+            checkpoint, "flax", args.language, batch_size=batch, mode=mode, long_form=options
+        )
+        for attempt in ("first", "second"):
+            started = time.perf_counter()
+            texts = transcribe_files(paths, transcriber, print)
+            results[(mode, attempt)] = (time.perf_counter() - started, texts)
+
+    sequential, chunked = results[("sequential", "second")], results[("chunked", "second")]
+    print(f"{'':28s} {'seconds':>8s} {'x real time':>12s}")
+    for (mode, attempt), (elapsed, _) in results.items():
+        print(f"{mode + ' (' + attempt + ' run)':28s} {elapsed:8.2f} {seconds / elapsed:12.1f}")
+    print(f"chunked is {sequential[0] / chunked[0]:.2f}x as fast as sequential (second runs)")
+    reference = [sequential[1][p]["text"].strip() or "-" for p in paths]
+    hypothesis = [chunked[1][p]["text"].strip() or "-" for p in paths]
+    for path, ref, hyp in zip(paths, reference, hypothesis, strict=True):
+        print(f"  {Path(path).name}: WER of chunked against sequential {jiwer.wer(ref, hyp):.1%}")
+    print(f"WER of chunked against sequential, all files: {jiwer.wer(reference, hypothesis):.1%}")
+
+
+if __name__ == "__main__":
+    main()
