@@ -208,3 +208,61 @@ def test_beam_search_transcripts_match_openai(decoding_checkpoint, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--word-timestamps", "True"])
     assert "--word-timestamps needs --mode sequential" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*argv, "--max-line-width", "20"])
+    assert "--max-line-width needs --word-timestamps True" in capsys.readouterr().err
+
+
+def words_of(text: str, start: float, step: float) -> list[dict]:
+    """Words of `text`, one every `step` seconds from `start`."""
+    return [
+        {"word": f" {w}", "start": round(start + i * step, 2), "end": round(start + (i + 1) * step - 0.05, 2),
+         "probability": 0.9}
+        for i, w in enumerate(text.split())
+    ]  # fmt: skip
+
+
+LONG = "This is a much longer segment that will need breaking into several short lines."
+WORDS_RESULT = {
+    "text": "",
+    "language": "en",
+    "segments": [
+        {"id": 0, "seek": 0, "start": 0.0, "end": 2.5, "text": " Hello there, general Kenobi.",
+         "words": words_of("Hello there, general Kenobi.", 0.0, 0.6)},
+        {"id": 1, "seek": 0, "start": 2.5, "end": 2.5, "text": "", "words": []},
+        {"id": 2, "seek": 3000, "start": 7.0, "end": 11.0, "text": " " + LONG, "words": words_of(LONG, 7.0, 0.3)},
+        {"id": 3, "seek": 3000, "start": 16.0, "end": 16.5, "text": " Done.", "words": words_of("Done.", 16.0, 0.5)},
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["vtt", "srt"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"highlight_words": True},
+        {"max_line_width": 20},
+        {"max_line_width": 20, "max_line_count": 2},
+        {"max_words_per_line": 3},
+        {"max_line_width": 16, "max_line_count": 1, "highlight_words": True},
+    ],
+    ids=str,
+)
+def test_subtitles_of_word_timestamps_are_openai_whisper_s(fmt, options, tmp_path):
+    """A result with words: cues laid out from the words (per segment, or by line width, line
+    count and words per line, a long pause breaking a cue; each word underlined in turn with
+    highlighting), byte for byte what `openai-whisper`'s writers produce with the same options."""
+    from whisper.utils import get_writer
+
+    from transcribe.outputs import RENDERERS, SubtitleOptions, write_outputs
+
+    (tmp_path / "openai").mkdir()
+    get_writer(fmt, str(tmp_path / "openai"))(WORDS_RESULT, "talk.wav", options)
+    (ours,) = write_outputs(WORDS_RESULT, "talk.wav", tmp_path / "ours", (fmt,), SubtitleOptions(**options))
+    expected = (tmp_path / "openai" / f"talk.{fmt}").read_text()
+    assert ours.read_text() == expected
+    segments = [{k: v for k, v in s.items() if k != "words"} for s in WORDS_RESULT["segments"]]
+    no_words = {**WORDS_RESULT, "segments": segments}
+    assert RENDERERS[fmt](no_words, None) != expected  # the words decide the cues
+    assert ("<u>" in expected) == bool(options.get("highlight_words"))

@@ -9,13 +9,14 @@ command does, refusing to replace an existing file unless `--overwrite`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 import numpy as np
 
 from transcribe.chunked import DEFAULT_OVERLAP
-from transcribe.outputs import FORMATS, RENDERERS, check_outputs, write_outputs
+from transcribe.outputs import FORMATS, RENDERERS, SubtitleOptions, check_outputs, write_outputs
 from transcribe.pipeline import MODES, Transcriber, transcribe_files
 from transcribe.sequential import LongFormOptions
 from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
@@ -140,6 +141,19 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
         help="with --word-timestamps: skip silences longer than this many seconds around a likely hallucination",
     )
     p.add_argument(
+        "--highlight-words",
+        type=str_to_bool,
+        default=False,
+        help="with --word-timestamps: underline each word as it is spoken in srt and vtt (True or False)",
+    )
+    p.add_argument("--max-line-width", type=int, help="with --word-timestamps: characters in a subtitle line, at most")
+    p.add_argument(
+        "--max-line-count", type=int, help="with --word-timestamps and --max-line-width: lines in a subtitle"
+    )
+    p.add_argument(
+        "--max-words-per-line", type=int, help="with --word-timestamps, without --max-line-width: words in a line"
+    )
+    p.add_argument(
         "--prepend-punctuations",
         default=PREPEND_PUNCTUATIONS,
         help="with --word-timestamps: these join the following word",
@@ -168,8 +182,20 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
         cli.error("--batch-size must be at least 1")
     if args.beam_size is None and (args.patience != 1.0 or args.length_penalty is not None):
         cli.error("--patience and --length-penalty need --beam-size")
-    if args.hallucination_silence_threshold is not None and not args.word_timestamps:
-        cli.error("--hallucination-silence-threshold needs --word-timestamps True")
+    subtitles = SubtitleOptions(args.max_line_width, args.max_line_count, args.highlight_words, args.max_words_per_line)
+    for name, value in (
+        ("--hallucination-silence-threshold", args.hallucination_silence_threshold),
+        *((f"--{k.replace('_', '-')}", v) for k, v in dataclasses.asdict(subtitles).items()),
+    ):
+        if value not in (None, False) and not args.word_timestamps:
+            cli.error(f"{name} needs --word-timestamps True")
+    for name in ("max_line_width", "max_line_count", "max_words_per_line"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            cli.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_line_count and not args.max_line_width:
+        print("notice: --max-line-count has no effect without --max-line-width", file=sys.stderr)
+    if args.max_words_per_line and args.max_line_width:
+        print("notice: --max-words-per-line has no effect with --max-line-width", file=sys.stderr)
     try:
         clips = tuple(float(t) for t in args.clip_timestamps.split(",") if t.strip())
     except ValueError:
@@ -228,14 +254,14 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
     results = transcribe_files(args.audio, transcriber, report)
     for path, result in results.items():
         if args.output_dir:
-            for written in write_outputs(result, path, args.output_dir, formats):
+            for written in write_outputs(result, path, args.output_dir, formats, subtitles):
                 print(f"{path}: {written}", file=sys.stderr)
         elif fmt == "json":
             print(json.dumps({"path": path, **result}, ensure_ascii=False))
         elif fmt in (None, "txt"):
             print(f"{path}: {result['text'].strip()}")
         else:
-            sys.stdout.write(RENDERERS[fmt](result))
+            sys.stdout.write(RENDERERS[fmt](result, subtitles))
     if failed:
         print(f"{len(failed)} of {len(args.audio)} files could not be read", file=sys.stderr)
     return 1 if failed else 0
