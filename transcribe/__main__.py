@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
     for name in ("max_line_width", "max_line_count", "max_words_per_line"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             cli.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.word_timestamps and args.task == "translate":
+        print("notice: word timestamps on translations may not be reliable", file=sys.stderr)
     if args.max_line_count and not args.max_line_width:
         print("notice: --max-line-count has no effect without --max-line-width", file=sys.stderr)
     if args.max_words_per_line and args.max_line_width:
