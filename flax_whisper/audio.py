@@ -23,6 +23,7 @@ HOP_LENGTH = 160
 CHUNK_LENGTH = 30  # seconds per window
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:

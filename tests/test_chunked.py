@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from conftest import counting_compiles, longform_openai_model, save_openai_model
 
 from transcribe.chunked import chunk_windows, stitch
-from transcribe.sequential import Decoded, LongFormOptions
+from transcribe.sequential import Decoded, LongFormOptions, padded_window
 from whisper_io import load_audio
 from whisper_io.tokenizers import WhisperTokenizer
 
@@ -89,9 +88,7 @@ def openai_chunked(model, path: str, config) -> dict:
     options = whisper.DecodingOptions(language="en", without_timestamps=False, fp16=False, sample_len=224)
     decoded = []
     for start, _, _ in windows:
-        window = np.zeros((80, 3000), np.float32)
-        size = min(3000, content - start)
-        window[:, :size] = mel[:, start : start + size]
+        window = padded_window(mel, start, min(3000, content - start), 3000)
         result = whisper.decoding.decode(model, torch.from_numpy(window), options)
         sum_logprob = result.avg_logprob * (len(result.tokens) + 1)  # OpenAI averages over the tokens and the end
         decoded.append(Decoded(result.tokens, sum_logprob, result.no_speech_prob, 0.0, result.compression_ratio))

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE
-from transcribe.sequential import Decoded, LongFormOptions, cut_segments, is_silence
+from flax_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
+from transcribe.sequential import Decoded, LongFormOptions, cut_segments, is_silence, padded_window
 from whisper_io.tokenizers import Tokenizer
 
 DEFAULT_OVERLAP = 5.0  # seconds of audio on each side of a window's own part (a sixth of 30 s)
@@ -40,6 +40,12 @@ def chunk_windows(content: int, frames: int, overlap: int) -> list[tuple[int, in
     ]
 
 
+def windows_of(mel: np.ndarray, frames: int, overlap: float) -> list[tuple[int, int, int]]:
+    """`chunk_windows` of a file's log-mel (n_mels, content frames + `frames` of silence), with
+    `overlap` in seconds."""
+    return chunk_windows(mel.shape[-1] - frames, frames, round(overlap * FRAMES_PER_SECOND))
+
+
 def stitch(
     windows: list[tuple[int, int, int]],
     decoded: list[Decoded],
@@ -51,7 +57,6 @@ def stitch(
     """The windows' segments, each kept by the window that owns its midpoint, in time order ->
     {"text", "segments"} in `transcribe()`'s shape. Silent windows (as the sequential mode
     judges them) and segments without text are left out."""
-    per_second = SAMPLE_RATE // HOP_LENGTH
     segments = []
     for (start, own_from, own_to), result in zip(windows, decoded, strict=True):
         if is_silence(result, options):
@@ -59,7 +64,7 @@ def stitch(
         offset = start * HOP_LENGTH / SAMPLE_RATE
         pieces, _, _ = cut_segments(result.tokens, tokenizer.timestamp_begin, min(frames, content - start))
         for a, b, ids in pieces:
-            middle = start + (a + b) / 2 * per_second
+            middle = start + (a + b) / 2 * FRAMES_PER_SECOND
             owned = own_from <= middle and (middle < own_to or own_to == content)  # the last owns the end
             text = tokenizer.decode(ids)
             if owned and text.strip():
@@ -92,22 +97,14 @@ def transcribe_chunked(
     {"text", "segments"}. `decode_batch(windows)` decodes up to `batch_size` windows (n_mels,
     frames) with timestamps; the windows of all files go to it in order, a batch at a time. As
     in the sequential mode, a window reaching past the end of its file is zero-padded there."""
-    plans = []
-    for mel in mels:
-        content = mel.shape[-1] - frames
-        plans.append(chunk_windows(content, frames, round(overlap * SAMPLE_RATE / HOP_LENGTH)))
+    plans = [windows_of(mel, frames, overlap) for mel in mels]
     jobs = [(f, start) for f, plan in enumerate(plans) for start, _, _ in plan]
     results: dict[tuple[int, int], Decoded] = {}
     pending: list[tuple[int, int]] = []
 
-    def window(f: int, start: int) -> np.ndarray:
-        size = min(frames, mels[f].shape[-1] - frames - start)
-        padded = np.zeros((mels[f].shape[0], frames), np.float32)
-        padded[:, :size] = mels[f][:, start : start + size]
-        return padded
-
     def flush() -> None:
-        windows = [window(f, start) for f, start in pending]
+        windows = [padded_window(mels[f], start, min(frames, mels[f].shape[-1] - frames - start), frames)
+                   for f, start in pending]  # fmt: skip
         for job, result in zip(pending, decode_batch(windows), strict=True):
             results[job] = result
         if on_progress:

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
-from transcribe.chunked import DEFAULT_OVERLAP, chunk_windows, transcribe_chunked
+from transcribe.chunked import DEFAULT_OVERLAP, transcribe_chunked, windows_of
 from transcribe.sequential import Decoded, LongFormOptions, compression_ratio, transcribe_sequential
 from transcribe.timing import add_word_timestamps, alignment_heads
 from whisper_config import ConfigError, InputError, ModelConfig
@@ -206,6 +206,12 @@ class Transcriber:
         tokens, _, _ = self.scored(window[None], np.asarray([prompt]), options, 0)
         return self.language_of(int(tokens[0, 1]))
 
+    @property
+    def window_tokens(self) -> int:
+        """New tokens a long-form window decodes at most: `max_new_tokens`, else OpenAI's
+        `sample_len` of `n_text_ctx // 2` (cut in the program to the context's room)."""
+        return self.config.n_text_ctx // 2 if self.max_new_tokens is None else self.max_new_tokens
+
     def file_language(self, mel: np.ndarray) -> str | None:
         """The given language, else the one detected from the first window of a file's log-mel
         (which has a window of silence appended, so it always has one)."""
@@ -219,8 +225,7 @@ class Transcriber:
         full batch so that every call runs one program."""
         config, tokenizer = self.config, self.tokenizer
         prompt, options = decoding_options(tokenizer, config, language, self.task, timestamps=True)
-        most = config.n_text_ctx // 2 if self.max_new_tokens is None else self.max_new_tokens
-        options = dataclasses.replace(options, max_new_tokens=most)
+        options = dataclasses.replace(options, max_new_tokens=self.window_tokens)
         prompts = np.tile(np.asarray(prompt), (self.batch_size, 1))
 
         def decode(windows: list[np.ndarray]) -> list[Decoded]:
@@ -243,13 +248,12 @@ class Transcriber:
         config, tokenizer = self.config, self.tokenizer
         base, _ = decoding_options(tokenizer, config, language, self.task, timestamps=True)
         width = config.n_text_ctx // 2 + len(base)  # <|startofprev|>, n_text_ctx // 2 - 1 tokens, the start
-        most = config.n_text_ctx // 2 if self.max_new_tokens is None else self.max_new_tokens
 
         def decode(window: np.ndarray, previous: Sequence[int], temperature: float) -> Decoded:
             prompt, options = decoding_options(
                 tokenizer, config, language, self.task, timestamps=True, temperature=temperature, previous=previous
             )
-            options = dataclasses.replace(options, max_new_tokens=most)  # cut to the context's room
+            options = dataclasses.replace(options, max_new_tokens=self.window_tokens)  # cut to the context's room
             n = (self.best_of or 1) if temperature > 0 else 1
             padded = np.full((n, width), tokenizer.eot, np.int32)
             padded[:, : len(prompt)] = prompt
@@ -386,8 +390,7 @@ def _transcribe_chunked(
     languages = {path: transcriber.file_language(mel) for path, mel in mels.items()}
     results = {}
     overlap = transcriber.chunk_overlap
-    per_second = SAMPLE_RATE // HOP_LENGTH
-    total = sum(len(chunk_windows(m.shape[-1] - frames, frames, round(overlap * per_second))) for m in mels.values())
+    total = sum(len(windows_of(mel, frames, overlap)) for mel in mels.values())
     with _progress(total) as bar:
         for language in dict.fromkeys(languages.values()):
             group = [path for path in mels if languages[path] == language]

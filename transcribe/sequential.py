@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE
+from flax_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, last_word_end
 from whisper_config import InputError
 from whisper_io.tokenizers import Tokenizer
@@ -126,7 +126,6 @@ def transcribe_sequential(
     if options.word_timestamps and align is None:
         raise InputError("word timestamps need an aligner (the model's cross-attention scores)")
     content = mel.shape[-1] - frames
-    per_second = SAMPLE_RATE // HOP_LENGTH  # mel frames per second: 100
     initial = tokenizer.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
     remaining = text_context // 2 - 1 - len(initial)  # of the previous text, with a carried initial prompt
     all_tokens, segments = list(initial), []
@@ -151,8 +150,7 @@ def transcribe_sequential(
             continue
         offset = seek * HOP_LENGTH / SAMPLE_RATE
         size = min(frames, content - seek, clip_end - seek)
-        window = np.zeros((mel.shape[0], frames), np.float32)  # OpenAI pads a short window with zeros
-        window[:, :size] = mel[:, seek : seek + size]
+        window = padded_window(mel, seek, size, frames)
         if options.carry_initial_prompt:
             previous = initial + all_tokens[max(len(initial), prompt_since) :][-remaining:]
         else:
@@ -173,7 +171,7 @@ def transcribe_sequential(
             align(window_segments, window, size, last_speech)
             end = last_word_end(window_segments)
             if not single_ending and end is not None and end > offset:
-                seek = round(end * per_second)
+                seek = round(end * FRAMES_PER_SECOND)
             threshold = options.hallucination_silence_threshold
             if threshold is not None:
                 seek, skip = _hallucination_seek(
@@ -198,6 +196,14 @@ def transcribe_sequential(
             on_progress(min(content, seek) - previous_seek)
 
     return {"text": tokenizer.decode_all(all_tokens[len(initial) :]), "segments": segments}
+
+
+def padded_window(mel: np.ndarray, start: int, size: int, frames: int) -> np.ndarray:
+    """`size` mel frames of `mel` (n_mels, F) from `start`, zero-padded to `frames` (as OpenAI
+    pads a short window: zeros, not silence's log-mel)."""
+    window = np.zeros((mel.shape[0], frames), np.float32)
+    window[:, :size] = mel[:, start : start + size]
+    return window
 
 
 def cut_segments(tokens: list[int], begin: int, size: int) -> tuple[list[tuple[float, float, list[int]]], int, bool]:
@@ -229,13 +235,13 @@ def cut_segments(tokens: list[int], begin: int, size: int) -> tuple[list[tuple[f
 def seek_clips(clip_timestamps: Sequence[float], content: int) -> list[tuple[int, int]]:
     """(start, end) mel frames of the parts to transcribe: the seconds in pairs, an odd last one
     running to the end of the `content` frames (OpenAI's `clip_timestamps`)."""
-    points = [round(t * (SAMPLE_RATE // HOP_LENGTH)) for t in clip_timestamps] or [0]
+    points = [round(t * FRAMES_PER_SECOND) for t in clip_timestamps] or [0]
     if len(points) % 2:
         points.append(content)
     return list(zip(points[::2], points[1::2], strict=True))
 
 
-PUNCTUATION = "\"'“¿([{-\"'.。,，!！?？:：”)]}、"
+PUNCTUATION = PREPEND_PUNCTUATIONS + APPEND_PUNCTUATIONS  # what OpenAI leaves out of the anomaly score
 
 
 def _word_anomaly(word: dict) -> float:
@@ -264,7 +270,7 @@ def _hallucination_seek(
     """OpenAI's `hallucination_silence_threshold`: the next seek, and whether the window is
     dropped (its first words are a likely hallucination after a silence). A likely hallucination
     between silences later in the window cuts `segments` there, and the next window starts at it."""
-    to_seconds, per_second = HOP_LENGTH / SAMPLE_RATE, SAMPLE_RATE // HOP_LENGTH
+    to_seconds, per_second = HOP_LENGTH / SAMPLE_RATE, FRAMES_PER_SECOND
     offset, window_end = previous_seek * to_seconds, (previous_seek + frames) * to_seconds
     if not single_ending:
         end = last_word_end(segments)

@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE
+from flax_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from whisper_config import ModelConfig
 from whisper_io.tokenizers import Tokenizer
 
-TOKENS_PER_SECOND = SAMPLE_RATE / (2 * HOP_LENGTH)  # encoder positions per second: 50
+TOKENS_PER_SECOND = FRAMES_PER_SECOND / 2  # encoder positions per second: 50
 MEDIAN_FILTER_WIDTH = 7
 PREPEND_PUNCTUATIONS = "\"'“¿([{-"
 APPEND_PUNCTUATIONS = "\"'.。,，!！?？:：”)]}、"
