@@ -1,6 +1,7 @@
 """Compile time of the training step as the model gets deeper: the layer scan keeps it flat.
 
     python bench/compile_time.py [--depths 4,8,16,32] [--size tiny] [--preset whisper] [--frames 3000]
+                                 [--unroll-layers]
 
 For each depth N, an N + N layer model (the OpenAI size's widths) gets its jitted training step
 (forward, backward, clipping, AdamW) traced and compiled from abstract shapes, nothing run; the
@@ -51,15 +52,19 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=3000)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument(
+        "--unroll-layers", action="store_true", help="the layers unrolled (unroll_layers=True), not scanned"
+    )
     args = parser.parse_args()
+    layers = "unrolled" if args.unroll_layers else "scanned"
     print(f"{args.preset}/{args.size} widths, batch {args.batch}, {args.frames} frames, {args.tokens} tokens, "
-          f"{args.precision}, {jax.devices()[0].platform}")  # fmt: skip
+          f"{args.precision}, {jax.devices()[0].platform}, layers {layers}")  # fmt: skip
     first = None
     for depth in (int(d) for d in args.depths.split(",")):
         config = TrainConfig(
             preset=args.preset,
             size=args.size,
-            model={"n_audio_layer": depth, "n_text_layer": depth},
+            model={"n_audio_layer": depth, "n_text_layer": depth, "unroll_layers": args.unroll_layers},
             precision=args.precision,
         )
         seconds = compile_seconds(config, args.batch, args.frames, args.tokens)

@@ -10,7 +10,8 @@ otherwise), `flax_whisper`'s jitted step; for `mha`, also `WhisperForConditional
 (SDPA attention, eager and `torch.compile`, the same dimensions, its own random weights) and
 `torch_ref` (eager and `torch.compile`) on the same batch and AdamW settings. Prints the median
 step time, samples/s, the speedup of flax_whisper over each, and for flax the model FLOPs
-(XLA's cost analysis of the step), the model FLOPs utilisation where the device's peak is known
+(XLA's cost analysis of the step lowered with its layers unrolled: the analysis counts a loop's
+body once), the model FLOPs utilisation where the device's peak is known
 (`--peak-tflops` or the table below), and the step's memory (XLA's memory analysis of the
 compiled program; torch on GPUs: `max_memory_allocated`). float32 on GPUs: XLA multiplies in TF32
 by default while torch keeps full float32, so compare bfloat16 rows for like with like.
@@ -19,7 +20,9 @@ by default while torch keeps full float32, so compare bfloat16 rows for like wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import itertools
 import os
 import sys
 from pathlib import Path
@@ -54,14 +57,35 @@ def peak_flops(args) -> float | None:
     return next((table[args.precision] * 1e12 for name, table in PEAK_TFLOPS.items() if name in kind), None)
 
 
+def model_flops(config: TrainConfig, mel: np.ndarray, labels: np.ndarray) -> float:
+    """The model FLOPs of one step: XLA's cost analysis of the step lowered (not compiled) for the
+    CPU, whatever the device, with the layers unrolled, no recomputation and XLA's attention: the
+    analysis counts a loop's body once (a scanned step would show one layer's FLOPs), a
+    rematerialised block's twice, and nothing inside a fused kernel (cuDNN's attention); a GPU's
+    client does not analyse unoptimised programs at all."""
+    execution = {
+        "unroll_layers": True,
+        "gradient_checkpointing": False,
+        "remat_policy": "full",
+        "attention_implementation": "xla",
+    }
+    counted = dataclasses.replace(config, model={**config.model, **execution})
+    model = nnx.eval_shape(lambda: Whisper(counted.model_config(), rngs=nnx.Rngs(0)))
+    tx = make_optimizer(counted)
+    step_fn = jax.jit(functools.partial(train_step, graphs=Graphs.of(model), tx=tx, config=counted))
+    batch = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in (("mel", mel), ("labels", labels))}
+    traced = step_fn.trace(jax.eval_shape(lambda: new_state(model, tx)), batch)
+    cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
 def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels: np.ndarray) -> dict:
     tx = make_optimizer(config)
     step_fn = jax.jit(functools.partial(train_step, graphs=Graphs.of(model), tx=tx, config=config), donate_argnums=0)
     batch = {"mel": jax.device_put(mel), "labels": jax.device_put(labels)}
     holder = {"state": new_state(model, tx)}
     compiled = step_fn.lower(holder["state"], batch).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
 
     def step():
@@ -74,7 +98,7 @@ def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels
             for _ in range(3):
                 step()
         args.profile = None
-    result = {"seconds": seconds, "flops": float(cost.get("flops", 0.0)) if cost else 0.0}
+    result = {"seconds": seconds, "flops": model_flops(config, mel, labels)}
     if memory is not None:
         used = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
         result["memory"] = used - memory.alias_size_in_bytes
@@ -171,6 +195,15 @@ def main() -> None:
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the first mechanism's step")
+    parser.add_argument(
+        "--layers",
+        default="scan",
+        choices=("scan", "unrolled", "both"),
+        help="flax: layers under nnx.scan, unrolled (unroll_layers=True), or a row of each",
+    )
+    parser.add_argument(
+        "--remat", action="store_true", help="flax: gradient checkpointing of every block (remat_policy full)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     parser.add_argument("--no-torch-ref", action="store_true", help="skip torch_ref (Hugging Face stays)")
@@ -194,27 +227,42 @@ def main() -> None:
         results.update(time_torch(args, config, model_config, flax_to_torch(model), mel, labels))
     peak = peak_flops(args)
     flax_rows = []
-    for mechanism in args.mechanisms.split(","):
-        overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism}
+    layouts = {"scan": [False], "unrolled": [True], "both": [False, True]}[args.layers]
+    for mechanism, unroll in itertools.product(args.mechanisms.split(","), layouts):
+        overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unroll}
         if mechanism in ("memory", "integrated"):
             overrides["memory_update"] = True
+        if args.remat:
+            overrides["gradient_checkpointing"] = True
         mechanism_config = TrainConfig(**base, warmup_steps=0, model=overrides)
-        name = f"flax_whisper {mechanism} (jit)"
+        how = ", ".join(["jit"] + ["unrolled"] * unroll + ["remat"] * args.remat)
+        name = f"flax_whisper {mechanism} ({how})"
         mechanism_model = Whisper(mechanism_config.model_config(), rngs=nnx.Rngs(0))
-        results[name] = time_flax(args, mechanism_config, mechanism_model, mel, labels)
-        flax_rows.append(name)
+        try:
+            results[name] = time_flax(args, mechanism_config, mechanism_model, mel, labels)
+        except jax.errors.JaxRuntimeError as error:  # report it and go on to the next mechanism
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            print(f"  {name}: out of memory ({str(error).splitlines()[0][:160]})", flush=True)
+        else:
+            flax_rows.append(name)
+        del mechanism_model  # its buffers go before the next mechanism's
+    if not flax_rows:
+        return
 
     reference = results[flax_rows[0]]["seconds"]
-    print(f"{'':34s} {'ms/step':>9s} {'samples/s':>10s} {'flax speedup':>12s} {'memory':>9s} {'MFU':>6s}")
+    width = max(34, *map(len, results))
+    print(f"{'':{width}s} {'ms/step':>9s} {'samples/s':>10s} {'flax speedup':>12s} {'memory':>9s} {'MFU':>6s}")
     for name, row in results.items():
         seconds = row["seconds"]
         memory = f"{row['memory'] / 2**30:7.2f} GB" if "memory" in row else f"{'n/a':>9s}"
         mfu = f"{row['flops'] / seconds / peak:6.1%}" if peak and row.get("flops") else f"{'n/a':>6s}"
         print(
-            f"{name:34s} {seconds * 1e3:9.1f} {args.batch / seconds:10.2f} {seconds / reference:11.2f}x {memory} {mfu}"
+            f"{name:{width}s} {seconds * 1e3:9.1f} {args.batch / seconds:10.2f}",
+            f"{seconds / reference:11.2f}x {memory} {mfu}",
         )
     flops = results[flax_rows[0]]["flops"]
-    print(f"model FLOPs per step (XLA cost analysis of the flax mha step): {flops:.3e}")
+    print(f"model FLOPs per step ({flax_rows[0]}; XLA cost analysis, layers unrolled): {flops:.3e}")
 
 
 if __name__ == "__main__":

@@ -128,11 +128,11 @@ def run_stack(
     unroll: bool = False,
 ) -> tuple[jax.Array, BlockCache | None]:
     """The stacked blocks in order: x (B, T, d) -> (B, T, d); the cache, when given, holds every
-    layer's cache stacked on a leading axis and comes back updated. `unroll` (with a cache) lays
-    the layers out one after another in the program instead of looping over them."""
+    layer's cache stacked on a leading axis and comes back updated. `unroll` lays the layers out
+    one after another in the program instead of looping over them."""
     if cache is None:
 
-        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+        @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=unroll)
         def layer(x: jax.Array, block: ResidualAttentionBlock) -> jax.Array:
             return constrain(block(x, xa, causal=causal, offset=offset, valid=valid)[0], ACTIVATION)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from collections.abc import Callable
 
 import jax
@@ -162,6 +163,30 @@ class GroupRMSNorm(nnx.Module):
         return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+@jax.custom_vjp
+def float32_logits(x: jax.Array, table: jax.Array) -> jax.Array:
+    """x (B, T, d), table (V, d), both in a 16-bit compute dtype -> logits (B, T, V) accumulated
+    and returned in float32. The backward pass rounds the logits' float32 cotangent to the compute
+    dtype before its two matmuls (accumulated in float32), as torch autocast's 16-bit logits do:
+    16-bit matmuls at full rate, not float32 ones over the whole vocabulary."""
+    return jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+
+
+def _float32_logits_forward(x: jax.Array, table: jax.Array):
+    return float32_logits(x, table), (x, table)
+
+
+def _float32_logits_backward(saved, grad: jax.Array):
+    x, table = saved
+    grad = grad.astype(x.dtype)  # (B, T, V)
+    grad_x = jnp.einsum("btv,vd->btd", grad, table, preferred_element_type=jnp.float32)
+    grad_table = jnp.einsum("btv,btd->vd", grad, x, preferred_element_type=jnp.float32)
+    return grad_x.astype(x.dtype), grad_table.astype(table.dtype)
+
+
+float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
+
+
 class Embedding(nnx.Module):
     """Token table `(rows, d)`, normal(0, 0.02) init (std 1 would make tied logits huge). `rows`
     (default `n_vocab`) may exceed the vocabulary (`ModelConfig.padded_vocab`, so the table shards
@@ -182,7 +207,8 @@ class Embedding(nnx.Module):
         """Tied output logits: x (B, T, d) in the compute dtype -> (B, T, rows), accumulated and
         returned in float32 (contract 5) whatever the precision; the padding rows' logits are -inf."""
         table = self.embedding[...].astype(x.dtype)
-        logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+        matmul = functools.partial(jnp.einsum, "btd,vd->btv") if x.dtype == jnp.float32 else float32_logits
+        logits = matmul(x, table)  # (B, T, rows) float32
         if table.shape[0] == self.n_vocab:
             return logits
         return jnp.where(jnp.arange(table.shape[0]) < self.n_vocab, logits, -jnp.inf)

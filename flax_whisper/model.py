@@ -63,7 +63,7 @@ class AudioEncoder(nnx.Module):
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
             x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
-        x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION))
+        x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION), unroll=self.config.unroll_layers)
         return self.ln_post(x)
 
 
@@ -116,9 +116,8 @@ class TextDecoder(nnx.Module):
             check_cache_offset(self.config, start, length, capacity)
         x = self.embed(tokens, offset, length, xa.dtype)
         layers = None if cache is None else cache["layers"]
-        x, layers = run_stack(
-            self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid, unroll=self.config.decode_unroll
-        )
+        unroll = self.config.unroll_layers if cache is None else self.config.decode_unroll
+        x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid, unroll=unroll)
         logits = self.unembed(x, padded_vocab)
         if is_traced(offset):
             # A jitted loop cannot raise: a step past the cache's capacity (or the context) would

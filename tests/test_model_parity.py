@@ -141,7 +141,22 @@ def test_vocabulary_logits_accumulate_in_float32_from_bfloat16():
     xa = jnp.zeros((2, 4, config.n_text_state), jnp.bfloat16)
     tokens = jnp.zeros((2, 3), jnp.int32)
     jaxpr = jax.make_jaxpr(lambda m: m.decoder(tokens, xa)[0])(f)
-    vocab = [e for e in jaxpr.eqns if e.primitive.name == "dot_general" and e.outvars[0].aval.shape == (2, 3, 128)]
+
+    def equations(jaxpr):  # the equations of a jaxpr and of those nested in it (the custom VJP's)
+        for e in jaxpr.eqns:
+            yield e
+            for param in e.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+
+    vocab = [
+        e
+        for e in equations(jaxpr.jaxpr)
+        if e.primitive.name == "dot_general"
+        and e.outvars[0].aval.shape == (2, 3, 128)
+        and e.invars[1].aval.shape == (128, config.n_text_state)  # the (padded) token table
+    ]
     assert len(vocab) == 1
     assert [v.aval.dtype for v in vocab[0].invars] == [jnp.bfloat16, jnp.bfloat16]
     assert vocab[0].outvars[0].aval.dtype == jnp.float32

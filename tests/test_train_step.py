@@ -155,3 +155,58 @@ def test_decay_mask_covers_matrices_only(variant):
         assert "encoder.blocks.attn.memory" in mask and "encoder.blocks.attn.memory" not in decayed
     torch_decayed = {e.torch_key for e in build_plan(variant) if e.trainable and e.flax_key in decayed}
     assert decayed_names(TorchWhisper(variant)) == torch_decayed
+
+
+@pytest.mark.parametrize("preset", ["whisper", "integrated"])
+def test_unrolled_layers_train_as_the_scan(preset):
+    """`unroll_layers=True` lays the encoder's and decoder's layers out one after another (no loop
+    left in the compiled step): the same loss and gradients as the scanned layers (integrated:
+    dynamic convolution, hybrid and memory write-back)."""
+    mel, labels = random_batch(tiny_config(preset), 2, 20, 8, seed=1)
+
+    def gradients(graphdef, state):
+        model = nnx.merge(graphdef, state)
+        return nnx.value_and_grad(lambda m: m.loss(mel, labels))(model)
+
+    results = []
+    for unroll in (False, True):
+        config = tiny_config(preset, unroll_layers=unroll, n_audio_layer=3, n_text_layer=3)
+        graphdef, state = nnx.split(Whisper(config, rngs=nnx.Rngs(0)))
+        grad = jax.jit(functools.partial(gradients, graphdef))
+        assert ("while" in grad.lower(state).compile().as_text()) is not unroll
+        results.append(grad(state))
+    (scan_loss, scan_grads), (loss_value, grads) = results
+    np.testing.assert_allclose(loss_value, scan_loss, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bfloat16_logits_backward_rounds_only_the_cotangent():
+    """The 16-bit vocabulary projection's gradients (cotangent rounded to bfloat16, matmuls
+    accumulated in float32) against float32 autodiff of the same bfloat16 inputs: within bfloat16
+    rounding, and their dtypes are the inputs'."""
+    from flax_whisper.layers import float32_logits
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), jnp.bfloat16)
+    table = jnp.asarray(rng.standard_normal((40, 16)) * 0.1, jnp.bfloat16)
+    weights = jnp.asarray(rng.standard_normal((2, 5, 40)), jnp.float32)
+
+    def objective(logits_fn, x, table):
+        return jnp.sum(jnp.tanh(logits_fn(x, table)) * weights)
+
+    exact = jax.grad(lambda x, t: objective(lambda a, b: jnp.einsum("btd,vd->btv", a, b), x, t), argnums=(0, 1))(
+        x.astype(jnp.float32), table.astype(jnp.float32)
+    )
+    ours = jax.grad(lambda x, t: objective(float32_logits, x, t), argnums=(0, 1))(x, table)
+    np.testing.assert_allclose(
+        float32_logits(x, table),
+        jnp.einsum("btd,vd->btv", *[a.astype(jnp.float32) for a in (x, table)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    for got, want, like in zip(ours, exact, (x, table), strict=True):
+        assert got.dtype == like.dtype == jnp.bfloat16
+        scale = float(jnp.abs(want).max())
+        np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
+        assert float(jnp.abs(got.astype(jnp.float32) - want).max()) > 0  # the cotangent really was rounded

@@ -49,6 +49,7 @@ SWITCHES = (
     "memory_update",
     "gradient_checkpointing",
     "decode_unroll",
+    "unroll_layers",
 )
 
 # Settings that change how a model trains, not what it computes once trained.
@@ -57,7 +58,13 @@ TRAINING_ONLY = ("dropout", "attention_dropout")
 METADATA = ("alignment_heads",)
 # Settings of how the computation runs, not what it computes (up to rounding): a checkpoint does
 # not depend on them, and a resumed run may change them.
-EXECUTION_ONLY = ("attention_implementation", "gradient_checkpointing", "remat_policy", "decode_unroll")
+EXECUTION_ONLY = (
+    "attention_implementation",
+    "gradient_checkpointing",
+    "remat_policy",
+    "decode_unroll",
+    "unroll_layers",
+)
 
 # OpenAI Whisper's released sizes (their `ModelDimensions`), for `ModelConfig.from_size`.
 _EN = 51864
@@ -173,6 +180,10 @@ class ModelConfig:
     # flax: run the decoder's layers unrolled, not under `nnx.scan`, when a KV cache is given (a
     # decoding step): no loop over layers inside the loop over tokens; longer compiles.
     decode_unroll: bool = False
+    # flax: run the layers of a forward without a KV cache (the encoder, training, teacher forcing)
+    # unrolled, not under `nnx.scan`: no per-layer slicing and stacking of what the backward pass
+    # keeps, a faster step on GPUs; compile time grows with depth again.
+    unroll_layers: bool = False
     # Teacher forcing: the token fed before the first label. None picks OpenAI's
     # <|startoftranscript|> for OpenAI vocabularies (see `start_token_id`).
     decoder_start_token_id: int | None = None
