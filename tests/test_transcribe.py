@@ -266,3 +266,25 @@ def test_subtitles_of_word_timestamps_are_openai_whisper_s(fmt, options, tmp_pat
     no_words = {**WORDS_RESULT, "segments": segments}
     assert RENDERERS[fmt](no_words, None) != expected  # the words decide the cues
     assert ("<u>" in expected) == bool(options.get("highlight_words"))
+
+
+@pytest.mark.parametrize("fmt", ["vtt", "srt"])
+@pytest.mark.parametrize("highlight", [False, True])
+def test_a_word_starting_before_zero_starts_its_cue_at_zero(fmt, highlight, tmp_path):
+    """A first word whose start came out at -0.02 s (a degenerate alignment): openai-whisper's
+    writer fails on it; ours writes what openai-whisper writes for the word starting at 0."""
+    from whisper.utils import get_writer
+
+    from transcribe.outputs import SubtitleOptions, write_outputs
+
+    def with_first_start(start: float) -> dict:
+        segments = [dict(s, words=[dict(w) for w in s["words"]]) for s in WORDS_RESULT["segments"]]
+        segments[0]["words"][0]["start"] = start
+        return {**WORDS_RESULT, "segments": segments}
+
+    options = {"highlight_words": highlight}
+    with pytest.raises(AssertionError):
+        get_writer(fmt, str(tmp_path))(with_first_start(-0.02), "negative.wav", options)
+    get_writer(fmt, str(tmp_path))(with_first_start(0.0), "zero.wav", options)
+    (ours,) = write_outputs(with_first_start(-0.02), "talk.wav", tmp_path / "ours", (fmt,), SubtitleOptions(**options))
+    assert ours.read_text() == (tmp_path / f"zero.{fmt}").read_text()

@@ -98,15 +98,22 @@ def _cues(result: dict, always_include_hours: bool, decimal_marker: str, options
         for segment in segments:
             yield stamp(segment["start"]), stamp(segment["end"]), segment["text"].strip().replace("-->", "->")
         return
+
+    def word_stamp(seconds: float) -> str:
+        # A word's start can come out a little below 0 (OpenAI's rule moving a long word's start
+        # back by the longest duration, near a recording's start); openai-whisper's writers fail
+        # there. The cue starts at 0.
+        return stamp(max(seconds, 0.0))
+
     for subtitle in _word_subtitles(segments, options):
-        start, end = stamp(subtitle[0]["start"]), stamp(subtitle[-1]["end"])
+        start, end = word_stamp(subtitle[0]["start"]), word_stamp(subtitle[-1]["end"])
         text = "".join(w["word"] for w in subtitle)
         if not options.highlight_words:
             yield start, end, text
             continue
         last, words = start, [w["word"] for w in subtitle]
         for i, timing in enumerate(subtitle):
-            word_start, word_end = stamp(timing["start"]), stamp(timing["end"])
+            word_start, word_end = word_stamp(timing["start"]), word_stamp(timing["end"])
             if last != word_start:
                 yield last, word_start, text
             underlined = [re.sub(r"^(\s*)(.*)$", r"\1<u>\2</u>", w) if j == i else w for j, w in enumerate(words)]
