@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from flax import nnx
 
 from flax_whisper.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length, prompt_lengths
 
 
 def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -27,16 +28,23 @@ def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
 
 def timestamp_rules(logits: jax.Array, sampled: jax.Array, count, options: DecodingOptions) -> jax.Array:
     """OpenAI's timestamp rules (see `whisper_io.decoding`): logits (B, V) for the token after the
-    first `count` (may be traced) of `sampled` (B, N) -> logits with the forbidden ids at -inf."""
+    first `count` of `sampled` (B, N) -> logits with the forbidden ids at -inf. `count` may be
+    traced, one for every row or one per row (B,)."""
     if options.timestamp_begin is None:
         return logits
     begin, eot = options.timestamp_begin, options.eot
     ids = jnp.arange(logits.shape[-1])
-    last = jnp.take(sampled, jnp.maximum(count - 1, 0), axis=1)  # (B,)
-    penultimate = jnp.take(sampled, jnp.maximum(count - 2, 0), axis=1)
+    count = jnp.broadcast_to(jnp.asarray(count, jnp.int32), sampled.shape[:1])  # (B,)
+
+    top = sampled.shape[1] - 1  # a finished row's count may pass the end; its logits go unused
+
+    def at(index):  # (B,) the sampled token at each row's index
+        return jnp.take_along_axis(sampled, jnp.clip(index, 0, top)[:, None], axis=1)[:, 0]
+
+    last, penultimate = at(count - 1), at(count - 2)
     last_stamp = (count >= 1) & (last >= begin)
     penultimate_stamp = (count < 2) | (penultimate >= begin)
-    seen = jnp.arange(sampled.shape[1]) < count
+    seen = jnp.arange(sampled.shape[1]) < count[:, None]
     latest = jnp.max(jnp.where(seen & (sampled >= begin), sampled, -1), axis=1)  # (B,) -1: none yet
     bound = jnp.where(last_stamp & ~penultimate_stamp, latest, latest + 1)
     forbidden = (
@@ -49,7 +57,7 @@ def timestamp_rules(logits: jax.Array, sampled: jax.Array, count, options: Decod
         late = ids > begin + options.max_initial_timestamp_index
     else:
         late = jnp.zeros_like(ids, bool)
-    forbidden |= (count == 0) & ((ids < begin) | late)  # the first token: an early timestamp
+    forbidden |= (count == 0)[:, None] & ((ids < begin) | late)  # the first token: an early timestamp
     logits = jnp.where(forbidden, -jnp.inf, logits)
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     stamps = jax.nn.logsumexp(logprobs[:, begin:], axis=-1)
@@ -82,7 +90,7 @@ def decode_with_scores(
     prompt,
     options: DecodingOptions,
     key: jax.Array | None = None,
-    prompt_length: int | None = None,
+    prompt_length: int | Sequence[int] | None = None,
 ):
     """`greedy_decode`, or sampling at `options.temperature` > 0 with the random `key`, also
     returning each row's sum of log-probabilities (B,) float32 and no-speech probability (B,)
@@ -92,9 +100,10 @@ def decode_with_scores(
     rest is padding, any ids) and `options.max_new_tokens` is a most, cut to the room the context
     leaves after them (OpenAI stops at `n_text_ctx + 1` tokens): prompts of different lengths
     padded to one width share one compiled program. The samples follow the real tokens; the
-    result is (B, P + max_new_tokens) as without."""
+    result is (B, P + max_new_tokens) as without. `prompt_length` may also give each row's (B,):
+    rows of different lengths decode together, each as it would alone."""
     prompt = np.asarray(prompt, np.int32)
-    real = checked_prompt_length(model.config, prompt.shape[1], options.max_new_tokens, prompt_length)
+    real = prompt_lengths(model.config, prompt.shape, options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     if (options.temperature > 0) != (key is not None):
         raise InputError("a random key is needed at a temperature above 0, and only there")
@@ -103,7 +112,7 @@ def decode_with_scores(
     temperature = jnp.float32(options.temperature)
     options = dataclasses.replace(options, temperature=float(options.temperature > 0))
     graphdef, state = nnx.split(model)
-    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options, key, jnp.int32(real), temperature)
+    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options, key, jnp.asarray(real), temperature)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options"))
@@ -138,52 +147,63 @@ def choose(allowed: jax.Array, options: DecodingOptions, key: jax.Array, tempera
 
 
 def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, real, temperature):
-    """`real` (traced): the prompt's tokens are its first `real` columns; samples start there.
-    `temperature` (traced) divides the logits when `options.temperature` says to sample."""
+    """`real` (B,) (traced): row r's prompt is its first `real[r]` columns; its samples start
+    there. `temperature` (traced) divides the logits when `options.temperature` says to sample.
+
+    Every row's first sample comes from the prompt's one pass. The loop then feeds one column `c`
+    of every row per step, from the shortest prompt's end: a row whose prompt reaches past `c`
+    feeds its prompt token again (its output unused), the others their last sample, so each row's
+    tokens keep the positions they have decoded alone. Rows of one length take the same steps as
+    a single prompt would."""
     eot, max_new = options.eot, options.max_new_tokens
     batch, width = prompt.shape
     n_ctx = model.config.n_text_ctx
-    limit = jnp.minimum(max_new, n_ctx - real + 1)  # samples at most (== max_new unpadded)
+    limit = jnp.minimum(max_new, n_ctx - real + 1)  # (B,) samples at most (== max_new unpadded)
+    low = jnp.min(real)
     xa = model.encoder(mel)  # (B, S, d)
     if options.language_tokens:
         prompt = prompt.at[:, 1].set(detect_language(model, xa, prompt[:, :1], options.language_tokens))
     columns = jnp.arange(width)
-    prompt = jnp.where(columns < real, prompt, eot)  # padding: end of text (never attended)
+    prompt = jnp.where(columns < real[:, None], prompt, eot)  # padding: end of text (never attended)
 
-    # Every prompt token and every sampled token but the last is fed once; padding after the
-    # prompt is overwritten by the samples before any query reaches it (causal attention).
+    # Every prompt token and every sampled token but the last is fed once; padding after a
+    # prompt is overwritten before any query reaches it (causal attention).
     cache = model.decoder.init_cache(xa, min(width + max_new - 1, n_ctx))
-    logits, cache = model.decoder(prompt, xa, cache, valid=jnp.broadcast_to(columns < real, prompt.shape))
-    cache = {**cache, "offset": real}
+    logits, cache = model.decoder(prompt, xa, cache, valid=columns < real[:, None])
+    cache = {**cache, "offset": low}
     no_speech = no_speech_probability(logits, prompt, options)
-    last = jax.lax.dynamic_slice_in_dim(logits, real - 1, 1, axis=1)[:, 0]  # (B, V): the last real token
+    last = jnp.take_along_axis(logits, (real - 1)[:, None, None], axis=1)[:, 0]  # (B, V): each last real token
     tokens = jnp.full((batch, width + max_new), eot, jnp.int32).at[:, :width].set(prompt)
+    rows = jnp.arange(batch)
+    samples = real[:, None] + jnp.arange(max_new)  # (B, max_new): each row's sample columns
 
     def sampled(tokens):
-        return jax.lax.dynamic_slice_in_dim(tokens, real, max_new, axis=1)  # (B, max_new)
+        return jnp.take_along_axis(tokens, samples, axis=1)  # (B, max_new)
 
     first = suppress(suppress(last, options.suppress_tokens), options.blank_tokens)
     first, scores = choose(timestamp_rules(first, sampled(tokens), 0, options), options, key, temperature)
-    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, first[:, None], real, axis=1)
+    tokens = tokens.at[rows, real].set(first)
 
     def unfinished(state):
-        _, i, _, _, done, _ = state
-        return (i < limit) & ~jnp.all(done)
+        _, c, _, _, done, _ = state
+        return jnp.any(~done & (c + 1 - real < limit))
 
     def step(state):
         # The decoder travels in the loop state: NNX transforms inside it (the layer scan) cannot
         # reach a module captured from an outer trace.
-        decoder, i, tokens, cache, done, scores = state
-        last = jax.lax.dynamic_slice_in_dim(tokens, real + i - 1, 1, axis=1)  # (B, 1)
-        logits, cache = decoder(last, xa, cache)
+        decoder, c, tokens, cache, done, scores = state
+        i = c + 1 - real  # (B,) the sample each row's logits give (< 1: still in its prompt)
+        logits, cache = decoder(jax.lax.dynamic_slice_in_dim(tokens, c, 1, axis=1), xa, cache)
         allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), sampled(tokens), i, options)
-        chosen, logprob = choose(allowed, options, jax.random.fold_in(key, i), temperature)
-        scores = scores + jnp.where(done, 0.0, logprob)  # up to and including each row's end of text
-        chosen = jnp.where(done, eot, chosen)  # finished rows keep receiving end of text
-        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], real + i, axis=1)
-        return decoder, i + 1, tokens, cache, done | (chosen == eot), scores
+        chosen, logprob = choose(allowed, options, jax.random.fold_in(key, c + 1 - low), temperature)
+        active = (i >= 1) & (i < limit) & ~done
+        scores = scores + jnp.where(active, logprob, 0.0)  # up to and including each row's end of text
+        column = jax.lax.dynamic_slice_in_dim(tokens, c + 1, 1, axis=1)[:, 0]
+        chosen = jnp.where(active, chosen, jnp.where(i >= 1, eot, column))  # finished rows: end of text
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], c + 1, axis=1)
+        return decoder, c + 1, tokens, cache, done | (active & (chosen == eot)), scores
 
-    state = (model.decoder, jnp.ones((), jnp.int32), tokens, cache, first == eot, scores)
+    state = (model.decoder, low, tokens, cache, first == eot, scores)
     _, _, tokens, _, _, scores = nnx.while_loop(unfinished, step, state)
     return tokens, scores, no_speech
 

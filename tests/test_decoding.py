@@ -247,3 +247,35 @@ def test_a_padded_prompt_decodes_as_the_prompt_alone(decoding_setup, search):
             ), module.__name__
             np.testing.assert_allclose(np.asarray(padded_run[1]), np.asarray(alone[1]), rtol=1e-5, atol=1e-5)
             np.testing.assert_allclose(np.asarray(padded_run[2]), np.asarray(alone[2]), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding_setup, framework):
+    """Rows whose prompts (previous texts of 0, 3 and 20 tokens, timestamps) have different
+    lengths, padded to one width and decoded in one call with a length per row, give each row's
+    tokens, sum log-probability and no-speech probability of that row decoded alone."""
+    _, _, mel, flax_model, torch_model = decoding_setup
+    module, model = (flax_decoding, flax_model) if framework == "flax" else (torch_decoding, torch_model)
+    config = flax_model.config
+    tokenizer = tokenizer_for(config)
+    width = config.n_text_ctx // 2 + 3
+    rows, lengths = [], []
+    for previous in ([], list(range(220, 223)), list(range(220, 240))):
+        prompt, options = decoding_options(tokenizer, config, "en", timestamps=True, previous=previous)
+        padded = np.full(width, tokenizer.eot, np.int32)
+        padded[: len(prompt)] = prompt
+        rows.append(padded)
+        lengths.append(len(prompt))
+    options = dataclasses.replace(options, max_new_tokens=8)
+    batch = np.stack(rows)
+    mels = np.concatenate([mel, mel])[: len(rows)]
+    together = module.decode_with_scores(model, mels, batch, options, prompt_length=lengths)
+    assert len(set(lengths)) == 3
+    for r, n in enumerate(lengths):
+        alone = module.decode_with_scores(model, mels[r : r + 1], batch[r : r + 1], options, prompt_length=n)
+        got = text_tokens(np.asarray(together[0])[r : r + 1], n, tokenizer.eot)
+        assert got == text_tokens(np.asarray(alone[0]), n, tokenizer.eot) and len(got[0]) > 0
+        np.testing.assert_allclose(np.asarray(together[1])[r], np.asarray(alone[1])[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(together[2])[r], np.asarray(alone[2])[0], rtol=1e-5, atol=1e-8)
+    with pytest.raises(InputError, match="one per row"):
+        module.decode_with_scores(model, mels, batch, options, prompt_length=lengths[:2])

@@ -298,3 +298,69 @@ def test_hallucination_silence_threshold_matches_openai(long_speech, word_model,
     with pytest.raises(SystemExit):
         main([str(long_speech), "--checkpoint", str(path), "--hallucination-silence-threshold", "1"])
     assert "needs --word-timestamps True" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_several_files_share_batches_and_each_transcribes_as_alone(long_speech, longform_model, tmp_path, framework):
+    """Sequential mode on three recordings of different lengths (batch size 4): their loops
+    run together, windows at the same temperature decoded in shared batches whose rows have
+    prompts of different lengths, and each file gets the segments it gets transcribed alone."""
+    import soundfile
+
+    from transcribe.pipeline import transcribe_files
+
+    _, path = longform_model
+    audio = load_audio(long_speech)
+    paths = [str(long_speech)]
+    for name, (begin, end) in {"head.wav": (0, 45), "middle.wav": (20, 70)}.items():
+        soundfile.write(tmp_path / name, audio[begin * 16000 : end * 16000], 16000)
+        paths.append(str(tmp_path / name))
+    transcriber = Transcriber.load(
+        str(path), framework, "en", mode="sequential", batch_size=4, long_form=LongFormOptions(temperatures=(0.0,))
+    )
+    alone = {p: transcribe_file(p, transcriber) for p in paths}
+    calls = []
+    scored = transcriber.scored
+
+    def recording(mel, prompts, options, seed, prompt_length=None, beam=None):
+        calls.append(np.unique(prompt_length).size)
+        return scored(mel, prompts, options, seed, prompt_length, beam)
+
+    transcriber.scored = recording
+    together = transcribe_files(paths, transcriber, on_error=pytest.fail)
+    assert list(together) == paths
+    for p in paths:
+        assert_same_transcription(together[p], {**alone[p], "language": "en"})
+        assert together[p]["text"] == alone[p]["text"]
+    windows = sum(len({s["seek"] for s in alone[p]["segments"]}) for p in paths)
+    assert len(calls) < windows  # shared batches, not one call per window
+    assert max(calls) > 1  # rows of different prompt lengths in one batch
+
+
+def test_transcribe_many_batches_requests_of_one_temperature_oldest_first():
+    """The scheduler of several loops: every batch holds requests of one temperature, at most
+    `batch_size` of them, the oldest pending request always among them; each loop is sent the
+    result of its own request and the results come back in the loops' order."""
+    from transcribe.sequential import Decoded, Request, transcribe_many
+
+    def loop(index: int, temperatures: list[float]):
+        got = []
+        for t in temperatures:  # the request's "previous tokens" say whose and which it is
+            decoded = yield Request(np.zeros(1), [index, len(got)], t)
+            assert decoded.tokens == [index, len(got)] and decoded.temperature == t
+            got.append(t)
+        return {"index": index, "temperatures": got}
+
+    plans = [[0.0, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.4], [0.0]]
+    batches = []
+
+    def decode_many(requests):
+        batches.append([r.temperature for r in requests])
+        return [Decoded(list(r.previous), 0.0, 0.0, r.temperature, 1.0) for r in requests]
+
+    results = transcribe_many([loop(i, p) for i, p in enumerate(plans)], decode_many, batch_size=2)
+    assert results == [{"index": i, "temperatures": p} for i, p in enumerate(plans)]
+    assert all(len(set(b)) == 1 and 1 <= len(b) <= 2 for b in batches)
+    assert sum(map(len, batches)) == sum(map(len, plans))
+    assert batches[0] == [0.0, 0.0]  # the first two loops' first requests
+    assert len(batches) < sum(map(len, plans))  # shared

@@ -6,13 +6,15 @@ text. See `whisper_io.decoding` for the algorithm.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from torch_ref.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length, prompt_lengths
 
 
 def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
@@ -23,18 +25,24 @@ def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
     return logits
 
 
-def timestamp_rules(logits: Tensor, sampled: Tensor, count: int, options: DecodingOptions) -> Tensor:
+def timestamp_rules(logits: Tensor, sampled: Tensor, count: int | Tensor, options: DecodingOptions) -> Tensor:
     """OpenAI's timestamp rules (see `whisper_io.decoding`): logits (B, V) for the token after the
-    first `count` of `sampled` (B, N) -> logits with the forbidden ids at -inf."""
+    first `count` of `sampled` (B, N) -> logits with the forbidden ids at -inf. `count` is one for
+    every row or one per row (B,)."""
     if options.timestamp_begin is None:
         return logits
     begin, eot = options.timestamp_begin, options.eot
     ids = torch.arange(logits.shape[-1], device=logits.device)
-    last = sampled[:, max(count - 1, 0)]  # (B,)
-    penultimate = sampled[:, max(count - 2, 0)]
+    count = torch.as_tensor(count, device=sampled.device).expand(sampled.shape[0])  # (B,)
+    top = sampled.shape[1] - 1  # a finished row's count may pass the end; its logits go unused
+
+    def at(index: Tensor) -> Tensor:  # (B,) the sampled token at each row's index
+        return sampled.gather(1, index.clamp(0, top)[:, None])[:, 0]
+
+    last, penultimate = at(count - 1), at(count - 2)
     last_stamp = (last >= begin) & (count >= 1)
     penultimate_stamp = (penultimate >= begin) | (count < 2)
-    seen = torch.arange(sampled.shape[1], device=sampled.device) < count
+    seen = torch.arange(sampled.shape[1], device=sampled.device) < count[:, None]
     latest = torch.where(seen & (sampled >= begin), sampled, -1).amax(dim=1)  # (B,) -1: none yet
     bound = torch.where(last_stamp & ~penultimate_stamp, latest, latest + 1)
     forbidden = (
@@ -47,8 +55,7 @@ def timestamp_rules(logits: Tensor, sampled: Tensor, count: int, options: Decodi
         late = ids > begin + options.max_initial_timestamp_index
     else:
         late = torch.zeros_like(ids, dtype=torch.bool)
-    if count == 0:
-        forbidden |= (ids < begin) | late  # the first token: an early timestamp
+    forbidden |= (count == 0)[:, None] & ((ids < begin) | late)  # the first token: an early timestamp
     logits = logits.masked_fill(forbidden, -torch.inf)
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     stamps = torch.logsumexp(logprobs[:, begin:], dim=-1)
@@ -114,48 +121,66 @@ def decode_with_scores(
     prompt,
     options: DecodingOptions,
     generator: torch.Generator | None = None,
-    prompt_length: int | None = None,
+    prompt_length: int | Sequence[int] | None = None,
 ):
     """`greedy_decode`, or sampling at `options.temperature` > 0 from `generator`, also returning
     each row's sum of log-probabilities (B,) float32 and no-speech probability (B,) float32 (NaN
     without `options.no_speech`); see `whisper_io.decoding`. With `prompt_length`, only the first
     `prompt_length` columns of `prompt` are its tokens and `options.max_new_tokens` is a most, cut
-    to the room the context leaves (as in `flax_whisper.decoding.decode_with_scores`)."""
+    to the room the context leaves; one length per row (B,) decodes rows of different lengths
+    together, each as it would alone (as in `flax_whisper.decoding.decode_with_scores`).
+
+    The prompts go through in one pass (up to the longest), which gives every row its first
+    sample; the loop then feeds one column `c` of every row per step from the shortest prompt's
+    end: a row whose prompt reaches past `c` feeds its prompt token again, the others their last
+    sample."""
     eot, max_new = options.eot, options.max_new_tokens
     if (options.temperature > 0) != (generator is not None):
         raise InputError("a random generator is needed at a temperature above 0, and only there")
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
-    real = checked_prompt_length(model.config, width, max_new, prompt_length)
+    lengths = prompt_lengths(model.config, (batch, width), max_new, prompt_length)
+    real = torch.as_tensor(lengths, dtype=torch.long, device=device)  # (B,)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
-    limit = min(max_new, model.config.n_text_ctx - real + 1)
+    limit = (model.config.n_text_ctx - real + 1).clamp(max=max_new)  # (B,)
+    low, high, end = int(real.min()), int(real.max()), int((real + limit).max())
     xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
+    columns = torch.arange(width, device=device)
+    prompt = torch.where(columns < real[:, None], prompt, eot)  # padding: end of text
 
-    # Every prompt token and every sampled token but the last is fed once.
-    cache = model.decoder.init_cache(xa, real + limit - 1)
-    logits, cache = model.decoder(prompt[:, :real], xa, cache)
-    no_speech = no_speech_probability(logits, prompt[:, :real], options)
+    # Every prompt token and every sampled token but the last is fed once; padding after a
+    # prompt is overwritten before any query reaches it (causal attention).
+    cache = model.decoder.init_cache(xa, end - 1)
+    logits, cache = model.decoder(prompt[:, :high], xa, cache)
+    cache = {**cache, "offset": low}
+    no_speech = no_speech_probability(logits, prompt[:, :high], options)
+    rows = torch.arange(batch, device=device)
     tokens = torch.full((batch, width + max_new), eot, dtype=torch.long, device=device)
-    first = suppress(suppress(logits[:, -1], options.suppress_tokens), options.blank_tokens)
+    tokens[:, :width] = prompt
+    samples = real[:, None] + torch.arange(max_new, device=device)  # (B, max_new): each row's sample columns
+    first = suppress(suppress(logits[rows, real - 1], options.suppress_tokens), options.blank_tokens)
     chosen, scores = choose(
-        timestamp_rules(first, tokens[:, real:], 0, options), options, generator, options.temperature
+        timestamp_rules(first, tokens.gather(1, samples), 0, options), options, generator, options.temperature
     )
-    tokens[:, :real] = prompt[:, :real]
-    tokens[:, real] = chosen
+    tokens[rows, real] = chosen
     done = chosen == eot
-    for i in range(1, limit):
-        if bool(done.all()):
+    for c in range(low, end - 1):
+        i = c + 1 - real  # (B,) the sample each row's logits give (< 1: still in its prompt)
+        if bool((done | (i >= limit)).all()):
             break
-        logits, cache = model.decoder(tokens[:, real + i - 1 : real + i], xa, cache)
-        allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), tokens[:, real:], i, options)
+        logits, cache = model.decoder(tokens[:, c : c + 1], xa, cache)
+        allowed = timestamp_rules(
+            suppress(logits[:, -1], options.suppress_tokens), tokens.gather(1, samples), i, options
+        )
         chosen, logprob = choose(allowed, options, generator, options.temperature)
-        scores = scores + torch.where(done, 0.0, logprob)  # up to and including each row's end of text
-        chosen = torch.where(done, eot, chosen)  # finished rows keep receiving end of text
-        tokens[:, real + i] = chosen
-        done |= chosen == eot
+        active = (i >= 1) & (i < limit) & ~done
+        scores = scores + torch.where(active, logprob, 0.0)  # up to and including each row's end of text
+        chosen = torch.where(active, chosen, torch.where(i >= 1, eot, tokens[:, c + 1]))  # finished: end of text
+        tokens[:, c + 1] = chosen
+        done |= active & (chosen == eot)
     return tokens, scores, no_speech
 
 

@@ -59,7 +59,13 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
         "--language", help="language code, e.g. en (default: detected per file, when the vocabulary has them)"
     )
     p.add_argument("--task", choices=TASKS, default="transcribe")
-    p.add_argument("--batch-size", type=int, default=8, help="windows decoded together (default 8)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="windows decoded together (default 8); sequential mode: the windows several files ask for at once, "
+        "1 for one file after another",
+    )
     p.add_argument(
         "--max-new-tokens", type=int, help="tokens sampled per window at most (default: n_text_ctx // 2, as OpenAI)"
     )

@@ -32,7 +32,15 @@ import numpy as np
 
 from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
 from transcribe.chunked import DEFAULT_OVERLAP, transcribe_chunked, windows_of
-from transcribe.sequential import Decoded, LongFormOptions, compression_ratio, transcribe_sequential
+from transcribe.sequential import (
+    Decoded,
+    LongFormOptions,
+    Request,
+    compression_ratio,
+    sequential_steps,
+    transcribe_many,
+    transcribe_sequential,
+)
 from transcribe.timing import add_word_timestamps, alignment_heads
 from whisper_config import ConfigError, InputError, ModelConfig
 from whisper_io import AudioFileError, TokenizerError, decoding_options, text_tokens, tokenizer_for
@@ -244,28 +252,55 @@ class Transcriber:
         kept, each call with its own seed). Every prompt is padded to the longest a previous text
         allows and the temperature is traced, so the whole loop runs two programs (greedy and
         sampling; beam search instead of greedy with `beam`) per batch size."""
+        many = self.windows_decoder(language)
+        return lambda window, previous, temperature: many([Request(window, list(previous), temperature)])[0]
+
+    def windows_decoder(
+        self, language: str | None, batch_size: int | None = None
+    ) -> Callable[[list[Request]], list[Decoded]]:
+        """`transcribe.sequential.transcribe_many`'s `decode_many`: `window_decoder`'s decoding of
+        several requests at one temperature, in one batch of `batch_size` (default the
+        transcriber's) rows times `best_of`, their prompts of different lengths; beam search (at
+        temperature 0 with `beam`) one by one."""
+        batch_size = batch_size or self.batch_size
         calls = iter(range(1, 2**31))
         config, tokenizer = self.config, self.tokenizer
         base, _ = decoding_options(tokenizer, config, language, self.task, timestamps=True)
         width = config.n_text_ctx // 2 + len(base)  # <|startofprev|>, n_text_ctx // 2 - 1 tokens, the start
 
-        def decode(window: np.ndarray, previous: Sequence[int], temperature: float) -> Decoded:
-            prompt, options = decoding_options(
-                tokenizer, config, language, self.task, timestamps=True, temperature=temperature, previous=previous
-            )
-            options = dataclasses.replace(options, max_new_tokens=self.window_tokens)  # cut to the context's room
-            n = (self.best_of or 1) if temperature > 0 else 1
-            padded = np.full((n, width), tokenizer.eot, np.int32)
-            padded[:, : len(prompt)] = prompt
-            mel = np.repeat(window[None], n, axis=0)
+        def decode_many(requests: list[Request]) -> list[Decoded]:
+            temperature = requests[0].temperature
             beam = self.beam if temperature == 0 else None  # OpenAI: beams at 0, best_of samples above
-            tokens, sums, no_speech = self.scored(mel, padded, options, next(calls), len(prompt), beam)
-            rows = text_tokens(tokens, len(prompt), tokenizer.eot)
-            best = int(np.argmax([float(sums[i]) / max(len(row), 1) for i, row in enumerate(rows)])) if n > 1 else 0
-            text = tokenizer.decode_all(rows[best]).strip()
-            return Decoded(rows[best], float(sums[best]), float(no_speech[0]), temperature, compression_ratio(text))
+            settings = dict(timestamps=True, temperature=temperature)
+            asked = [decoding_options(tokenizer, config, language, self.task, **settings, previous=r.previous)
+                     for r in requests]  # fmt: skip
+            # cut to the context's room: the options then differ only by prompt
+            options = [dataclasses.replace(o, max_new_tokens=self.window_tokens) for _, o in asked]
+            if len(requests) > 1 and (beam is not None or len(set(options)) > 1):
+                return [decoded for r in requests for decoded in decode_many([r])]
+            n = (self.best_of or 1) if temperature > 0 else 1  # rows per request
+            rows = n if len(requests) == 1 else n * max(batch_size, len(requests))  # a fixed batch
+            padded = np.full((rows, width), tokenizer.eot, np.int32)
+            lengths = np.zeros(rows, np.int32)
+            mel = np.zeros((rows, *requests[0].window.shape), np.float32)
+            for row in range(rows):
+                k = min(row // n, len(requests) - 1)  # filler rows repeat the last request
+                prompt = asked[k][0]
+                padded[row, : len(prompt)], lengths[row], mel[row] = prompt, len(prompt), requests[k].window
+            prompt_length = int(lengths[0]) if len(set(lengths.tolist())) == 1 else lengths
+            tokens, sums, no_speech = self.scored(mel, padded, options[0], next(calls), prompt_length, beam)
+            results = []
+            for k in range(len(requests)):
+                size = len(asked[k][0])
+                texts = text_tokens(tokens[k * n : (k + 1) * n], size, tokenizer.eot)
+                scores = [float(sums[k * n + i]) / max(len(row), 1) for i, row in enumerate(texts)]
+                best = int(np.argmax(scores)) if n > 1 else 0
+                text = tokenizer.decode_all(texts[best]).strip()
+                score, silence = float(sums[k * n + best]), float(no_speech[k * n])
+                results.append(Decoded(texts[best], score, silence, temperature, compression_ratio(text)))
+            return results
 
-        return decode
+        return decode_many
 
 
 def file_mel(path: str, config: ModelConfig) -> np.ndarray:
@@ -292,7 +327,17 @@ def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False)
     frames = 2 * transcriber.config.n_audio_ctx
     mel = file_mel(path, transcriber.config)
     language = transcriber.file_language(mel)
-    decode = transcriber.window_decoder(language)
+    options = transcriber.long_form
+    with _progress(mel.shape[1] - frames, "frames", f"transcribing {path}", enabled=progress) as bar:
+        result = transcribe_sequential(
+            mel, frames, transcriber.window_decoder(language), transcriber.tokenizer, options, bar.update,
+            _aligner(transcriber, language), transcriber.config.n_text_ctx,
+        )  # fmt: skip
+    return {**result, "language": language}
+
+
+def _aligner(transcriber: Transcriber, language: str | None) -> Callable[[list[dict], np.ndarray, int, float], None]:
+    """`transcribe.sequential`'s `align` for this model and a file's language."""
     options = transcriber.long_form
 
     def align(segments: list[dict], window: np.ndarray, num_frames: int, last_speech: float) -> None:
@@ -301,11 +346,7 @@ def transcribe_file(path: str, transcriber: Transcriber, progress: bool = False)
             num_frames, last_speech, options.prepend_punctuations, options.append_punctuations,
         )  # fmt: skip
 
-    with _progress(mel.shape[1] - frames, "frames", f"transcribing {path}", enabled=progress) as bar:
-        result = transcribe_sequential(
-            mel, frames, decode, transcriber.tokenizer, options, bar.update, align, transcriber.config.n_text_ctx
-        )
-    return {**result, "language": language}
+    return align
 
 
 def transcribe_files(
@@ -316,7 +357,8 @@ def transcribe_files(
     Unreadable files go to `on_error` and are left out. In "windows" mode the windows of the rest
     are decoded in shared batches, streamed so that at most a batch of windows is held at a time;
     in "chunked" mode the overlapping windows of all files share batches (`transcribe.chunked`);
-    in "sequential" mode each file is transcribed in turn (`transcribe_file`).
+    in "sequential" mode each file's loop runs as `transcribe_file`'s, several files' loops
+    together in shared batches where the model allows (`_transcribe_sequentially`).
     """
     if transcriber.mode == "sequential":
         return _transcribe_sequentially(paths, transcriber, on_error)
@@ -378,7 +420,28 @@ def transcribe_files(
 def _transcribe_sequentially(
     paths: Sequence[str], transcriber: Transcriber, on_error: Callable[[AudioFileError], None]
 ) -> dict[str, dict]:
-    return _each_readable(paths, lambda path: transcribe_file(path, transcriber, progress=True), on_error)
+    """One file after another, or with several files and a batch size above 1, the files of one
+    language run their loops together (`transcribe_many`), their windows at the same temperature
+    decoded in shared batches (each file's result is the one it gets alone, up to rounding)."""
+    if len(paths) < 2 or transcriber.batch_size < 2:
+        return _each_readable(paths, lambda path: transcribe_file(path, transcriber, progress=True), on_error)
+    frames = 2 * transcriber.config.n_audio_ctx
+    mels = _each_readable(paths, lambda path: file_mel(path, transcriber.config), on_error)
+    languages = {path: transcriber.file_language(mel) for path, mel in mels.items()}
+    results = {}
+    with _progress(sum(mel.shape[1] - frames for mel in mels.values()), "frames") as bar:
+        for language in dict.fromkeys(languages.values()):
+            group = [path for path in mels if languages[path] == language]
+            align, context = _aligner(transcriber, language), transcriber.config.n_text_ctx
+            options = transcriber.long_form
+            steps = [
+                sequential_steps(mels[path], frames, transcriber.tokenizer, options, bar.update, align, context)
+                for path in group
+            ]
+            batch_size = min(transcriber.batch_size, len(group))  # no more rows than loops
+            decoded = transcribe_many(steps, transcriber.windows_decoder(language, batch_size), batch_size)
+            results.update({path: {**r, "language": language} for path, r in zip(group, decoded, strict=True)})
+    return {path: results[path] for path in mels}
 
 
 def _transcribe_chunked(

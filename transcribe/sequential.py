@@ -15,14 +15,17 @@ word timestamps, `seek` moves to the last word's end, and `hallucination_silence
 skips silences around words that look hallucinated.
 
 `decode(window, previous, temperature)` is the one framework-specific part: it decodes one
-window (n_mels, frames) after the `previous` tokens and returns a `Decoded`.
+window (n_mels, frames) after the `previous` tokens and returns a `Decoded`. The loop itself
+(`sequential_steps`) asks for one such decoding at a time, so that `transcribe_sequential`
+drives one recording and `transcribe_many` several at once, decoding the windows the recordings
+ask for at the same temperature in shared batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 
@@ -102,6 +105,15 @@ def is_silence(result: Decoded, options: LongFormOptions) -> bool:
     return not (options.logprob_threshold is not None and result.avg_logprob > options.logprob_threshold)
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One decoding the loop asks for: `window` (n_mels, frames) after the `previous` tokens."""
+
+    window: np.ndarray
+    previous: list[int]
+    temperature: float
+
+
 def transcribe_sequential(
     mel: np.ndarray,
     frames: int,
@@ -119,6 +131,54 @@ def transcribe_sequential(
     window's segments their `words` (`transcribe.timing.add_word_timestamps`), and `seek` moves
     to the end of the last word unless the window ended in a lone timestamp. `text_context` is
     the decoder's `n_text_ctx` (how much previous text a prompt holds)."""
+    steps = sequential_steps(mel, frames, tokenizer, options, on_progress, align, text_context)
+    try:
+        request = next(steps)
+        while True:
+            request = steps.send(decode(request.window, request.previous, request.temperature))
+    except StopIteration as finished:
+        return finished.value
+
+
+def transcribe_many(
+    steps: Sequence[Generator[Request, Decoded, dict]],
+    decode_many: Callable[[list[Request]], list[Decoded]],
+    batch_size: int,
+) -> list[dict]:
+    """Several recordings' loops (`sequential_steps`) at once -> their results, in order. Each
+    round, the oldest pending request and up to `batch_size - 1` others at the same temperature
+    go to `decode_many` as one batch; a loop whose window is decoded asks for its next."""
+    pending: dict[int, Request] = {}
+    results: dict[int, dict] = {}
+
+    def advance(index: int, decoded: Decoded | None) -> None:
+        try:
+            pending[index] = next(steps[index]) if decoded is None else steps[index].send(decoded)
+        except StopIteration as finished:
+            results[index] = finished.value
+
+    for index in range(len(steps)):
+        advance(index, None)
+    while pending:
+        temperature = next(iter(pending.values())).temperature
+        chosen = [i for i, r in pending.items() if r.temperature == temperature][:batch_size]
+        requests = [pending.pop(i) for i in chosen]
+        for index, decoded in zip(chosen, decode_many(requests), strict=True):
+            advance(index, decoded)
+    return [results[i] for i in range(len(steps))]
+
+
+def sequential_steps(
+    mel: np.ndarray,
+    frames: int,
+    tokenizer: Tokenizer,
+    options: LongFormOptions | None = None,
+    on_progress: Callable[[int], None] | None = None,
+    align: Callable[[list[dict], np.ndarray, int, float], None] | None = None,
+    text_context: int = 448,
+) -> Generator[Request, Decoded, dict]:
+    """The loop of `transcribe_sequential` (the same arguments but `decode`) as a generator: it
+    yields each `Request`, is sent its `Decoded`, and returns the result."""
     options = options or LongFormOptions()
     begin = tokenizer.timestamp_begin
     if begin is None:
@@ -133,9 +193,9 @@ def transcribe_sequential(
     clips = seek_clips(options.clip_timestamps, content)
     clip, seek = 0, clips[0][0]
 
-    def decode_with_fallback(window: np.ndarray, previous: list[int]) -> Decoded:
+    def decode_with_fallback(window: np.ndarray, previous: list[int]):
         for temperature in options.temperatures:
-            result = decode(window, previous, temperature)
+            result = yield Request(window, previous, temperature)
             if not needs_fallback(result, options):
                 break
         return result
@@ -155,7 +215,7 @@ def transcribe_sequential(
             previous = initial + all_tokens[max(len(initial), prompt_since) :][-remaining:]
         else:
             previous = all_tokens[prompt_since:]
-        result = decode_with_fallback(window, previous)
+        result = yield from decode_with_fallback(window, previous)
         if is_silence(result, options):
             seek += size
             if on_progress:

@@ -119,6 +119,20 @@ def checked_prompt_length(config: ModelConfig, width: int, max_new_tokens: int, 
     return int(prompt_length)
 
 
+def prompt_lengths(config: ModelConfig, shape: tuple[int, int], max_new_tokens: int, prompt_length) -> np.ndarray:
+    """Each row's number of real prompt columns (B,) int32, from `prompt_length`: None (all
+    columns), one for every row, or one per row; each checked as `checked_prompt_length` does."""
+    batch, width = shape
+    if prompt_length is None or np.ndim(prompt_length) == 0:
+        return np.full(batch, checked_prompt_length(config, width, max_new_tokens, prompt_length), np.int32)
+    lengths = np.asarray(prompt_length)
+    if lengths.shape != (batch,) or not np.issubdtype(lengths.dtype, np.integer):
+        raise InputError(f"prompt_length must be one integer or one per row ({batch}), got {lengths.tolist()}")
+    for n in np.unique(lengths):
+        checked_prompt_length(config, width, max_new_tokens, int(n))
+    return lengths.astype(np.int32)
+
+
 CHUNK_SECONDS = 30.0  # OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s)
 
 
