@@ -7,7 +7,9 @@ into log-mel features by `flax_whisper.audio`, for `flax_whisper` or `torch_ref`
   the file's whole log-mel: windows from `seek` decoded with timestamps after the previous text,
   temperature fallback, no-speech skipping, segments at timestamp pairs. Prompts are padded to
   one width and the temperature is traced, so a file compiles its programs once, and another
-  file of as many windows compiles nothing.
+  file of as many windows compiles nothing. Several files run their loops together
+  (`transcribe.sequential.transcribe_many`): the windows they ask for at one temperature are
+  decoded as one batch, each row with its own prompt length.
 - "chunked" (`transcribe.chunked`): overlapping windows of every file, decoded with timestamps in
   batches shared across files and stitched by timestamps: throughput, without previous-text
   prompts or fallback.
