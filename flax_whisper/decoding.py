@@ -18,7 +18,7 @@ from flax import nnx
 
 from flax_whisper.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length, prompt_lengths
+from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths, shared_prompt_length
 
 
 def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -217,7 +217,7 @@ def beam_search_decode(
     `whisper_io.decoding.BeamSearch`), one jitted program per (shapes, options, beam);
     `prompt_length` as for `decode_with_scores`. Call `model.eval()` first."""
     prompt = np.asarray(prompt, np.int32)
-    real = checked_prompt_length(model.config, prompt.shape[1], options.max_new_tokens, prompt_length)
+    real = shared_prompt_length(model.config, prompt.shape, options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     graphdef, state = nnx.split(model)
     return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam, jnp.int32(real))

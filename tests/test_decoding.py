@@ -277,5 +277,7 @@ def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding
         assert got == text_tokens(np.asarray(alone[0]), n, tokenizer.eot) and len(got[0]) > 0
         np.testing.assert_allclose(np.asarray(together[1])[r], np.asarray(alone[1])[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(together[2])[r], np.asarray(alone[2])[0], rtol=1e-5, atol=1e-8)
+    with pytest.raises(InputError, match="beam search takes one prompt length"):
+        module.beam_search_decode(model, mels, batch, options, BeamSearch(2), prompt_length=lengths)
     with pytest.raises(InputError, match="one per row"):
         module.decode_with_scores(model, mels, batch, options, prompt_length=lengths[:2])

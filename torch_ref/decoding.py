@@ -14,7 +14,7 @@ from torch import Tensor
 
 from torch_ref.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, checked_prompt_length, prompt_lengths
+from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths, shared_prompt_length
 
 
 def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
@@ -204,7 +204,7 @@ def beam_search_decode(
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
-    n_prompt = checked_prompt_length(model.config, width, max_new, prompt_length)  # the real tokens
+    n_prompt = shared_prompt_length(model.config, (batch, width), max_new, prompt_length)  # the real tokens
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     limit = min(max_new, model.config.n_text_ctx - n_prompt + 1)
     length = width + max_new

@@ -133,6 +133,15 @@ def prompt_lengths(config: ModelConfig, shape: tuple[int, int], max_new_tokens: 
     return lengths.astype(np.int32)
 
 
+def shared_prompt_length(config: ModelConfig, shape: tuple[int, int], max_new_tokens: int, prompt_length) -> int:
+    """`prompt_lengths` for a decoder that takes one length for every row (beam search): the
+    rows' one length, or an `InputError` when they differ."""
+    lengths = prompt_lengths(config, shape, max_new_tokens, prompt_length)
+    if len(set(lengths.tolist())) > 1:
+        raise InputError(f"beam search takes one prompt length for every row, got {sorted(set(lengths.tolist()))}")
+    return int(lengths[0])
+
+
 CHUNK_SECONDS = 30.0  # OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s)
 
 
