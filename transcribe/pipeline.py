@@ -289,8 +289,7 @@ class Transcriber:
                 k = min(row // n, len(requests) - 1)  # filler rows repeat the last request
                 prompt = asked[k][0]
                 padded[row, : len(prompt)], lengths[row], mel[row] = prompt, len(prompt), requests[k].window
-            prompt_length = int(lengths[0]) if len(set(lengths.tolist())) == 1 else lengths
-            tokens, sums, no_speech = self.scored(mel, padded, options[0], next(calls), prompt_length, beam)
+            tokens, sums, no_speech = self.scored(mel, padded, options[0], next(calls), lengths, beam)
             results = []
             for k in range(len(requests)):
                 size = len(asked[k][0])
@@ -429,21 +428,18 @@ def _transcribe_sequentially(
         return _each_readable(paths, lambda path: transcribe_file(path, transcriber, progress=True), on_error)
     frames = 2 * transcriber.config.n_audio_ctx
     mels = _each_readable(paths, lambda path: file_mel(path, transcriber.config), on_error)
-    languages = {path: transcriber.file_language(mel) for path, mel in mels.items()}
-    results = {}
+    options, context = transcriber.long_form, transcriber.config.n_text_ctx
+
+    def run(language: str | None, group: list[np.ndarray]) -> list[dict]:
+        align = _aligner(transcriber, language)
+        steps = [
+            sequential_steps(mel, frames, transcriber.tokenizer, options, bar.update, align, context) for mel in group
+        ]
+        batch_size = min(transcriber.batch_size, len(group))  # no more rows than loops
+        return transcribe_many(steps, transcriber.windows_decoder(language, batch_size), batch_size)
+
     with _progress(sum(mel.shape[1] - frames for mel in mels.values()), "frames") as bar:
-        for language in dict.fromkeys(languages.values()):
-            group = [path for path in mels if languages[path] == language]
-            align, context = _aligner(transcriber, language), transcriber.config.n_text_ctx
-            options = transcriber.long_form
-            steps = [
-                sequential_steps(mels[path], frames, transcriber.tokenizer, options, bar.update, align, context)
-                for path in group
-            ]
-            batch_size = min(transcriber.batch_size, len(group))  # no more rows than loops
-            decoded = transcribe_many(steps, transcriber.windows_decoder(language, batch_size), batch_size)
-            results.update({path: {**r, "language": language} for path, r in zip(group, decoded, strict=True)})
-    return {path: results[path] for path in mels}
+        return _by_language(mels, transcriber, run)
 
 
 def _transcribe_chunked(
@@ -452,19 +448,30 @@ def _transcribe_chunked(
     """Every readable file's windows, in shared batches (files of one language at a time)."""
     frames = 2 * transcriber.config.n_audio_ctx
     mels = _each_readable(paths, lambda path: file_mel(path, transcriber.config), on_error)
-    languages = {path: transcriber.file_language(mel) for path, mel in mels.items()}
-    results = {}
     overlap = transcriber.chunk_overlap
-    total = sum(len(windows_of(mel, frames, overlap)) for mel in mels.values())
-    with _progress(total) as bar:
-        for language in dict.fromkeys(languages.values()):
-            group = [path for path in mels if languages[path] == language]
-            decoded = transcribe_chunked(
-                [mels[path] for path in group], frames, overlap, transcriber.chunk_decoder(language),
-                transcriber.batch_size, transcriber.tokenizer, transcriber.long_form, bar.update,
-            )  # fmt: skip
-            for path, result in zip(group, decoded, strict=True):
-                results[path] = {**result, "language": language}
+
+    def run(language: str | None, group: list[np.ndarray]) -> list[dict]:
+        return transcribe_chunked(
+            group, frames, overlap, transcriber.chunk_decoder(language), transcriber.batch_size,
+            transcriber.tokenizer, transcriber.long_form, bar.update,
+        )  # fmt: skip
+
+    with _progress(sum(len(windows_of(mel, frames, overlap)) for mel in mels.values())) as bar:
+        return _by_language(mels, transcriber, run)
+
+
+def _by_language(
+    mels: dict[str, np.ndarray], transcriber: Transcriber, run: Callable[[str | None, list[np.ndarray]], list[dict]]
+) -> dict[str, dict]:
+    """{path: result} for the files' whole log-mels `mels`, in order: `run(language, their
+    log-mels)` on the files of each language (detected from a file's first window unless given)."""
+    groups: dict[str | None, list[str]] = {}
+    for path, mel in mels.items():
+        groups.setdefault(transcriber.file_language(mel), []).append(path)
+    results = {}
+    for language, group in groups.items():
+        for path, result in zip(group, run(language, [mels[path] for path in group]), strict=True):
+            results[path] = {**result, "language": language}
     return {path: results[path] for path in mels}
 
 
