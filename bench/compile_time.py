@@ -12,7 +12,6 @@ environment apply (the test suite's fast-compile flags are not set here).
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from pathlib import Path
@@ -20,24 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
-import jax.numpy as jnp
-from flax import nnx
+from steps import abstract_train_step
 
-from flax_whisper import Whisper
 from train.config import TrainConfig
-from train.step import Graphs, make_optimizer, new_state, train_step
 
 
 def compile_seconds(config: TrainConfig, batch: int, frames: int, tokens: int) -> float:
-    model_config = config.model_config()
-    tx = make_optimizer(config)
-    abstract = nnx.eval_shape(lambda: Whisper(model_config, rngs=nnx.Rngs(0)))
-    state = jax.eval_shape(lambda: new_state(Whisper(model_config, rngs=nnx.Rngs(0)), tx))
-    step = jax.jit(functools.partial(train_step, graphs=Graphs.of(abstract), tx=tx, config=config), donate_argnums=0)
-    batch_shapes = {
-        "mel": jax.ShapeDtypeStruct((batch, model_config.n_mels, frames), jnp.float32),
-        "labels": jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
-    }
+    step, state, batch_shapes = abstract_train_step(config, batch, frames, tokens)
     started = time.perf_counter()
     step.lower(state, batch_shapes).compile()
     return time.perf_counter() - started

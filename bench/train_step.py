@@ -35,6 +35,7 @@ import jax
 import numpy as np
 from flax import nnx
 from peers import hf_config
+from steps import abstract_train_step
 from timing import Results, median_seconds
 
 from convert.core import flax_to_torch
@@ -70,12 +71,8 @@ def model_flops(config: TrainConfig, mel: np.ndarray, labels: np.ndarray) -> flo
         "attention_implementation": "xla",
     }
     counted = dataclasses.replace(config, model={**config.model, **execution})
-    model = nnx.eval_shape(lambda: Whisper(counted.model_config(), rngs=nnx.Rngs(0)))
-    tx = make_optimizer(counted)
-    step_fn = jax.jit(functools.partial(train_step, graphs=Graphs.of(model), tx=tx, config=counted))
-    batch = {name: jax.ShapeDtypeStruct(a.shape, a.dtype) for name, a in (("mel", mel), ("labels", labels))}
-    traced = step_fn.trace(jax.eval_shape(lambda: new_state(model, tx)), batch)
-    cost = traced.lower(lowering_platforms=("cpu",)).cost_analysis()
+    step_fn, state, batch = abstract_train_step(counted, mel.shape[0], mel.shape[2], labels.shape[1])
+    cost = step_fn.trace(state, batch).lower(lowering_platforms=("cpu",)).cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
