@@ -1,15 +1,15 @@
 """Chunked mode against sequential mode on a batch of files: speed, and how far the texts differ.
 
-    python bench/transcribe_chunked.py [--size tiny] [--files 8] [--minutes 1] [--batch-size 8]
+    python bench/transcribe_chunked.py [--size tiny] [--files 8] [--minutes 1] [--batch-size 8] [--beam-size 5]
     python bench/transcribe_chunked.py --checkpoint CKPT --audio a.wav b.flac ... [--language en]
 
 `flax_whisper` transcribes the files with `--mode sequential` (OpenAI's `transcribe()` loop, one
 window at a time per file: `--batch-size 1`; then the files' loops together, their windows in
 shared batches of `--batch-size`) and with `--mode chunked` (overlapping windows of all files in
-shared batches, stitched by timestamps), greedily at temperature 0, each twice (the first run
-compiles). Prints seconds of the second run, the real-time factor, each over sequential,
-and the word error rate of the chunked text against the sequential text (jiwer), per file and
-over all files.
+shared batches, stitched by timestamps), at temperature 0, greedily or with `--beam-size` beams
+(patience 1), each twice (the first run compiles). Prints seconds of the second run, the
+real-time factor, each over sequential, and the word error rate of the chunked text against the
+sequential text (jiwer), per file and over all files.
 
 Without `--checkpoint`, a random OpenAI-format model of `--size` dimensions (OpenAI's own
 initialisation, seed 0) and `--files` recordings of `--minutes` of real speech (the test suite's
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained checkpoint (any format convert reads)")
     parser.add_argument("--audio", nargs="+", help="with --checkpoint: the recordings")
     parser.add_argument("--language", default="en")
+    parser.add_argument("--beam-size", type=int, help="beam search with this many beams (default: greedy)")
     args = parser.parse_args()
     if bool(args.checkpoint) != bool(args.audio):
         parser.error("--checkpoint and --audio go together")
@@ -74,19 +75,22 @@ def main() -> None:
     from transcribe.pipeline import Transcriber, transcribe_files
     from transcribe.sequential import LongFormOptions
     from whisper_io import load_audio
+    from whisper_io.decoding import BeamSearch
 
     workdir = tempfile.TemporaryDirectory()  # the random checkpoint and recordings, removed at exit
     checkpoint, paths = (args.checkpoint, args.audio) if args.checkpoint else random_setup(args, Path(workdir.name))
     seconds = sum(len(load_audio(p)) for p in paths) / 16000
     options = LongFormOptions(temperatures=(0.0,))
-    print(f"{len(paths)} files, {seconds:.0f} s of audio, greedy at temperature 0, chunked batch {args.batch_size}")
+    beam = None if args.beam_size is None else BeamSearch(args.beam_size)
+    search = "greedy" if beam is None else f"beam search ({beam.beam_size} beams)"
+    print(f"{len(paths)} files, {seconds:.0f} s of audio, {search} at temperature 0, batch {args.batch_size}")
 
     results = {}
     runs = {"sequential": ("sequential", 1), "sequential, shared": ("sequential", args.batch_size)}
     runs["chunked"] = ("chunked", args.batch_size)
     for name, (mode, batch) in runs.items():
         transcriber = Transcriber.load(
-            checkpoint, "flax", args.language, batch_size=batch, mode=mode, long_form=options
+            checkpoint, "flax", args.language, batch_size=batch, mode=mode, long_form=options, beam=beam
         )
         for attempt in ("first", "second"):
             started = time.perf_counter()

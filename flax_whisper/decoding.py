@@ -18,7 +18,7 @@ from flax import nnx
 
 from flax_whisper.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths, shared_prompt_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths
 
 
 def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -209,18 +209,24 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
 
 
 def beam_search_decode(
-    model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, prompt_length: int | None = None
+    model: Whisper,
+    mel,
+    prompt,
+    options: DecodingOptions,
+    beam: BeamSearch,
+    prompt_length: int | Sequence[int] | None = None,
 ):
     """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int32, the
     chosen candidate of each utterance padded with end of text, its sum of log-probabilities (B,)
     float32, and the no-speech probability (B,) float32): OpenAI's beam search (see
     `whisper_io.decoding.BeamSearch`), one jitted program per (shapes, options, beam);
-    `prompt_length` as for `decode_with_scores`. Call `model.eval()` first."""
+    `prompt_length` as for `decode_with_scores`, one per row too: utterances of different prompt
+    lengths are searched together, each as it would be alone. Call `model.eval()` first."""
     prompt = np.asarray(prompt, np.int32)
-    real = shared_prompt_length(model.config, prompt.shape, options.max_new_tokens, prompt_length)
+    real = prompt_lengths(model.config, prompt.shape, options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     graphdef, state = nnx.split(model)
-    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam, jnp.int32(real))
+    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam, jnp.asarray(real))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "options", "beam"))
@@ -229,42 +235,53 @@ def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, bea
 
 
 def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, real):
+    """`real` (B,) (traced): utterance u's prompt is its first `real[u]` columns.
+
+    The loop writes one column `c` of every utterance per step, from the shortest prompt's end;
+    utterance u is at its step `i = c - real[u]`. One still inside its prompt (i < 0), out of
+    room, or holding its candidates searches nothing: its beams, sums and candidates stay as they
+    are (its rows feed their column again), so each utterance is searched as it would be alone.
+    Every utterance's first logits come from the prompts' one pass."""
     eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
     batch, width = prompt.shape
     length = width + max_new
-    limit = jnp.minimum(max_new, model.config.n_text_ctx - real + 1)  # steps at most
+    limit = jnp.minimum(max_new, model.config.n_text_ctx - real + 1)  # (B,) steps at most
+    low = jnp.min(real)
     xa = model.encoder(mel)  # (B, S, d)
     if options.language_tokens:
         prompt = prompt.at[:, 1].set(detect_language(model, xa, prompt[:, :1], options.language_tokens))
     columns = jnp.arange(width)
-    prompt = jnp.where(columns < real, prompt, eot)  # padding (see `_greedy_decode`)
+    prompt = jnp.where(columns < real[:, None], prompt, eot)  # padding (see `_greedy_decode`)
     xa = jnp.repeat(xa, k, axis=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
+    beam_real = jnp.repeat(real, k)  # (B k,)
     tokens = jnp.full((batch * k, length), eot, jnp.int32).at[:, :width].set(jnp.repeat(prompt, k, axis=0))
     cache = model.decoder.init_cache(xa, length)
-    valid = jnp.broadcast_to(columns < real, (batch * k, width))
-    logits, cache = model.decoder(tokens[:, :width], xa, cache, valid=valid)
-    cache = {**cache, "offset": real}
+    logits, cache = model.decoder(tokens[:, :width], xa, cache, valid=columns < beam_real[:, None])
+    cache = {**cache, "offset": low}
     no_speech = no_speech_probability(logits[::k], prompt, options)
 
-    def sampled(tokens):
-        return jax.lax.dynamic_slice_in_dim(tokens, real, max_new, axis=-1)  # (..., max_new)
+    def sampled(tokens, starts):  # tokens (..., L), starts (...) -> each row's samples (..., max_new)
+        return jnp.take_along_axis(tokens, starts[..., None] + jnp.arange(max_new), axis=-1)
 
     rows = (jnp.arange(batch) * k)[:, None]  # (B, 1): each utterance's first row
     utterance = jnp.arange(batch)[:, None]
     size = max(most, k)  # the candidates an utterance ends with: `most` finished, or k when too few
 
     def unfinished(state):
-        _, i, _, _, _, _, _, _, count = state
-        return (i < limit) & ~jnp.all(count >= most)
+        _, c, _, _, _, _, _, _, count = state
+        return jnp.any((c - real < limit) & (count < most))
 
     def step(state):
-        decoder, i, tokens, cache, logits, scores, done, done_scores, count = state
+        decoder, c, tokens, cache, logits, scores, done, done_scores, count = state
+        i = c - real  # (B,) each utterance's step
+        live = (i >= 0) & (i < limit) & (count < most)  # (B,) the utterances searching now
+        at = jnp.repeat(i, k)[:, None]  # (B k, 1)
         logits = suppress(logits, options.suppress_tokens)
-        logits = jnp.where(i == 0, suppress(logits, options.blank_tokens), logits)
-        logprobs = jax.nn.log_softmax(timestamp_rules(logits, sampled(tokens), i, options), axis=-1)
+        logits = jnp.where(at == 0, suppress(logits, options.blank_tokens), logits)
+        logprobs = jax.nn.log_softmax(timestamp_rules(logits, sampled(tokens, beam_real), at[:, 0], options), axis=-1)
         top, ids = jax.lax.top_k(logprobs, k + 1)  # (B k, k + 1)
         sums = (scores[:, None] + top).reshape(batch, k * (k + 1))  # beam-major, then rank
-        sums = jnp.where((i == 0) & (jnp.arange(k * (k + 1)) >= k + 1), -jnp.inf, sums)  # one prompt, one beam
+        sums = jnp.where((i == 0)[:, None] & (jnp.arange(k * (k + 1)) >= k + 1), -jnp.inf, sums)  # one prompt, one beam
         order = jnp.argsort(-sums, axis=1, stable=True)
         sums = jnp.take_along_axis(sums, order, axis=1)  # (B, C) best first
         proposed = jnp.take_along_axis(ids.reshape(batch, -1), order, axis=1)
@@ -273,7 +290,7 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         others = jnp.cumsum(~ends, axis=1)  # proposals not ending so far, inclusive
         # Finished: ends ranked before the k-th kept proposal; kept: the first k others.
         considered = (others - ~ends) < k
-        finished = ends & considered
+        finished = ends & considered & live[:, None]
         kept = jnp.argsort(~(~ends & (others <= k)), axis=1, stable=True)[:, :k]  # (B, k) positions
         # Candidates finished now go to each utterance's list, best first, while it has room.
         slot = count[:, None] + jnp.cumsum(finished, axis=1) - 1
@@ -282,23 +299,30 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         done = done.at[utterance, slot].set(ended, mode="drop")
         done_scores = done_scores.at[utterance, slot].set(sums, mode="drop")
         count = jnp.minimum(count + finished.sum(axis=1), most)
-        # The kept proposals become the beams: rows gathered (tokens and self-attention caches).
-        chosen = jnp.take_along_axis(source, kept, axis=1).reshape(-1)  # (B k,)
-        tokens = tokens[chosen]
-        tokens = jax.lax.dynamic_update_slice_in_dim(
-            tokens, jnp.take_along_axis(proposed, kept, axis=1).reshape(-1, 1), real + i, axis=1
-        )
-        scores = jnp.take_along_axis(sums, kept, axis=1).reshape(-1)
+        # The kept proposals become the beams: rows gathered (tokens and self-attention caches);
+        # a waiting utterance keeps its rows.
+        chosen = jnp.where(live[:, None], jnp.take_along_axis(source, kept, axis=1), rows + jnp.arange(k))
+        tokens = tokens[chosen.reshape(-1)]
+        column = jax.lax.dynamic_slice_in_dim(tokens, c, 1, axis=1)  # (B k, 1)
+        written = jnp.take_along_axis(proposed, kept, axis=1).reshape(-1, 1)
+        column = jnp.where(jnp.repeat(live, k)[:, None], written, column)
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, column, c, axis=1)
+        scores = jnp.where(live[:, None], jnp.take_along_axis(sums, kept, axis=1), scores.reshape(batch, k))
         layers = cache["layers"]
-        cache = {**cache, "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen], layers["attn"])}}
-        last = jax.lax.dynamic_slice_in_dim(tokens, real + i, 1, axis=1)
-        logits, cache = decoder(last, xa, cache)
-        return decoder, i + 1, tokens, cache, logits[:, -1], scores, done, done_scores, count
+        cache = {
+            **cache,
+            "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen.reshape(-1)], layers["attn"])},
+        }
+        fed, cache = decoder(column, xa, cache)
+        logits = jnp.where(at >= 0, fed[:, -1], logits)  # still before its last prompt token: the first logits
+        return decoder, c + 1, tokens, cache, logits, scores.reshape(-1), done, done_scores, count
 
     done = jnp.full((batch, size, length), eot, jnp.int32)
     done_scores = jnp.full((batch, size), -jnp.inf, jnp.float32)
-    first = jax.lax.dynamic_slice_in_dim(logits, real - 1, 1, axis=1)[:, 0]  # (B k, V): after the last real token
-    state = (model.decoder, jnp.zeros((), jnp.int32), tokens, cache, first, jnp.zeros(batch * k),
+    first = jnp.take_along_axis(logits, (beam_real - 1)[:, None, None], axis=1)[
+        :, 0
+    ]  # (B k, V): after each last real token
+    state = (model.decoder, low, tokens, cache, first, jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
     _, _, tokens, _, _, scores, done, done_scores, count = nnx.while_loop(unfinished, step, state)
 
@@ -311,8 +335,8 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     beam_scores = jnp.take_along_axis(scores.reshape(batch, k), best, axis=1)
     pool_scores = done_scores.at[utterance, fill].set(beam_scores, mode="drop")
     # Rank by the sum over the length penalty; the first best wins.
-    ends = sampled(pool) == eot
-    lengths = jnp.where(ends.any(axis=-1), jnp.argmax(ends, axis=-1), limit).astype(jnp.float32)
+    ends = sampled(pool, real[:, None]) == eot  # (B, size, max_new)
+    lengths = jnp.where(ends.any(axis=-1), jnp.argmax(ends, axis=-1), limit[:, None]).astype(jnp.float32)
     penalty = lengths if beam.length_penalty is None else ((5 + lengths) / 6) ** beam.length_penalty
     pick = jnp.argmax(jnp.where(jnp.isfinite(pool_scores), pool_scores / penalty, -jnp.inf), axis=1)
     chosen = jnp.take_along_axis(pool, pick[:, None, None], axis=1)[:, 0]

@@ -249,13 +249,22 @@ def test_a_padded_prompt_decodes_as_the_prompt_alone(decoding_setup, search):
             np.testing.assert_allclose(np.asarray(padded_run[2]), np.asarray(alone[2]), rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("search", ["greedy", "beam", "beam-patience-0.5"])
 @pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding_setup, framework):
+def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding_setup, framework, search):
     """Rows whose prompts (previous texts of 0, 3 and 20 tokens, timestamps) have different
     lengths, padded to one width and decoded in one call with a length per row, give each row's
-    tokens, sum log-probability and no-speech probability of that row decoded alone."""
+    tokens, sum log-probability and no-speech probability of that row decoded alone: greedy, and
+    beam search (with patience 0.5 an utterance holding its candidates stops while others go on)."""
     _, _, mel, flax_model, torch_model = decoding_setup
     module, model = (flax_decoding, flax_model) if framework == "flax" else (torch_decoding, torch_model)
+    beam = {"greedy": None, "beam": BeamSearch(3), "beam-patience-0.5": BeamSearch(5, 0.5)}[search]
+
+    def decode(mels, prompts, options, prompt_length):
+        if beam is None:
+            return module.decode_with_scores(model, mels, prompts, options, prompt_length=prompt_length)
+        return module.beam_search_decode(model, mels, prompts, options, beam, prompt_length=prompt_length)
+
     config = flax_model.config
     tokenizer = tokenizer_for(config)
     width = config.n_text_ctx // 2 + 3
@@ -269,15 +278,13 @@ def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding
     options = dataclasses.replace(options, max_new_tokens=8)
     batch = np.stack(rows)
     mels = np.concatenate([mel, mel])[: len(rows)]
-    together = module.decode_with_scores(model, mels, batch, options, prompt_length=lengths)
+    together = decode(mels, batch, options, lengths)
     assert len(set(lengths)) == 3
     for r, n in enumerate(lengths):
-        alone = module.decode_with_scores(model, mels[r : r + 1], batch[r : r + 1], options, prompt_length=n)
+        alone = decode(mels[r : r + 1], batch[r : r + 1], options, n)
         got = text_tokens(np.asarray(together[0])[r : r + 1], n, tokenizer.eot)
         assert got == text_tokens(np.asarray(alone[0]), n, tokenizer.eot) and len(got[0]) > 0
         np.testing.assert_allclose(np.asarray(together[1])[r], np.asarray(alone[1])[0], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(together[2])[r], np.asarray(alone[2])[0], rtol=1e-5, atol=1e-8)
-    with pytest.raises(InputError, match="beam search takes one prompt length"):
-        module.beam_search_decode(model, mels, batch, options, BeamSearch(2), prompt_length=lengths)
     with pytest.raises(InputError, match="one per row"):
-        module.decode_with_scores(model, mels, batch, options, prompt_length=lengths[:2])
+        decode(mels, batch, options, lengths[:2])

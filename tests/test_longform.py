@@ -300,14 +300,19 @@ def test_hallucination_silence_threshold_matches_openai(long_speech, word_model,
     assert "needs --word-timestamps True" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("search", ["greedy", "beam"])
 @pytest.mark.parametrize("framework", ["flax", "torch"])
-def test_several_files_share_batches_and_each_transcribes_as_alone(long_speech, longform_model, tmp_path, framework):
-    """Sequential mode on three recordings of different lengths (batch size 4): their loops
-    run together, windows at the same temperature decoded in shared batches whose rows have
-    prompts of different lengths, and each file gets the segments it gets transcribed alone."""
+def test_several_files_share_batches_and_each_transcribes_as_alone(
+    long_speech, longform_model, tmp_path, framework, search
+):
+    """Sequential mode on three recordings of different lengths (batch size 4), greedy and with
+    beam search (5 beams, patience 2): their loops run together, windows at the same
+    temperature decoded in shared batches whose rows have prompts of different lengths, and
+    each file gets the segments it gets transcribed alone."""
     import soundfile
 
     from transcribe.pipeline import transcribe_files
+    from whisper_io.decoding import BeamSearch
 
     _, path = longform_model
     audio = load_audio(long_speech)
@@ -316,13 +321,15 @@ def test_several_files_share_batches_and_each_transcribes_as_alone(long_speech, 
         soundfile.write(tmp_path / name, audio[begin * 16000 : end * 16000], 16000)
         paths.append(str(tmp_path / name))
     transcriber = Transcriber.load(
-        str(path), framework, "en", mode="sequential", batch_size=4, long_form=LongFormOptions(temperatures=(0.0,))
-    )
+        str(path), framework, "en", mode="sequential", batch_size=4, long_form=LongFormOptions(temperatures=(0.0,)),
+        beam=BeamSearch(5, 2.0) if search == "beam" else None,
+    )  # fmt: skip
     alone = {p: transcribe_file(p, transcriber) for p in paths}
     calls = []
     scored = transcriber.scored
 
     def recording(mel, prompts, options, seed, prompt_length=None, beam=None):
+        assert beam == transcriber.beam
         calls.append(np.unique(prompt_length).size)
         return scored(mel, prompts, options, seed, prompt_length, beam)
 

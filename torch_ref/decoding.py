@@ -14,7 +14,7 @@ from torch import Tensor
 
 from torch_ref.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths, shared_prompt_length
+from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths
 
 
 def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
@@ -193,31 +193,47 @@ def _rows(cache, rows: Tensor):
 
 @torch.no_grad()
 def beam_search_decode(
-    model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, prompt_length: int | None = None
+    model: Whisper,
+    mel,
+    prompt,
+    options: DecodingOptions,
+    beam: BeamSearch,
+    prompt_length: int | Sequence[int] | None = None,
 ):
     """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int64, the
     chosen candidate of each utterance padded with end of text, its sum of log-probabilities (B,)
     float32, and the no-speech probability (B,) float32): OpenAI's beam search (see
-    `whisper_io.decoding.BeamSearch`); `prompt_length` as for `decode_with_scores`. Call
-    `model.eval()` first."""
+    `whisper_io.decoding.BeamSearch`); `prompt_length` as for `decode_with_scores`, one per row
+    too, each utterance searched as it would be alone (the loop over columns is the one
+    `flax_whisper.decoding._beam_search` describes). Call `model.eval()` first."""
     eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
     device = next(model.parameters()).device
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
-    n_prompt = shared_prompt_length(model.config, (batch, width), max_new, prompt_length)  # the real tokens
+    lengths = prompt_lengths(model.config, (batch, width), max_new, prompt_length)
+    real = torch.as_tensor(lengths, dtype=torch.long, device=device)  # (B,) the real prompt tokens
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
-    limit = min(max_new, model.config.n_text_ctx - n_prompt + 1)
+    limit = (model.config.n_text_ctx - real + 1).clamp(max=max_new)  # (B,) steps at most
+    low, high, end = int(real.min()), int(real.max()), int((real + limit).max())
     length = width + max_new
     xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
+    prompt = torch.where(torch.arange(width, device=device) < real[:, None], prompt, eot)  # padding: end of text
     xa = xa.repeat_interleave(k, dim=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
+    beam_real = real.repeat_interleave(k)  # (B k,)
     tokens = torch.full((batch * k, length), eot, dtype=torch.long, device=device)
-    tokens[:, :n_prompt] = prompt[:, :n_prompt].repeat_interleave(k, dim=0)
+    tokens[:, :width] = prompt.repeat_interleave(k, dim=0)
     cache = model.decoder.init_cache(xa, length)
-    logits, cache = model.decoder(tokens[:, :n_prompt], xa, cache)
-    no_speech = no_speech_probability(logits[::k], prompt[:, :n_prompt], options)
-    logits = logits[:, -1]
+    logits, cache = model.decoder(tokens[:, :high], xa, cache)
+    cache = {**cache, "offset": low}
+    no_speech = no_speech_probability(logits[::k], prompt[:, :high], options)
+    logits = logits[torch.arange(batch * k, device=device), beam_real - 1]  # (B k, V): after each last real token
+
+    def sampled(tokens: Tensor, starts: Tensor) -> Tensor:  # (..., L), (...) -> each row's samples (..., max_new)
+        index = starts[..., None] + torch.arange(max_new, device=device)
+        return tokens.gather(-1, index.expand(*tokens.shape[:-1], max_new))
+
     rows = (torch.arange(batch, device=device) * k)[:, None]  # (B, 1): each utterance's first row
     scores = torch.zeros(batch * k, device=device)
     size = max(most, k)  # the candidates an utterance ends with: `most` finished, or k when too few
@@ -225,22 +241,24 @@ def beam_search_decode(
     done_scores = torch.full((batch, size + 1), -torch.inf, device=device)
     count = torch.zeros(batch, dtype=torch.long, device=device)
     utterance = torch.arange(batch, device=device)[:, None]
-    for i in range(limit):
+    for c in range(low, end):
+        i = c - real  # (B,) each utterance's step
+        live = (i >= 0) & (i < limit) & (count < most)  # (B,) the utterances searching now
+        at = i.repeat_interleave(k)[:, None]  # (B k, 1)
         logits = suppress(logits, options.suppress_tokens)
-        if i == 0:
-            logits = suppress(logits, options.blank_tokens)
-        logprobs = torch.log_softmax(timestamp_rules(logits, tokens[:, n_prompt:], i, options).float(), dim=-1)
-        top, ids = logprobs.topk(k + 1, dim=-1)  # (B k, k + 1)
+        logits = torch.where(at == 0, suppress(logits, options.blank_tokens), logits)
+        allowed = timestamp_rules(logits, sampled(tokens, beam_real), at[:, 0], options)
+        top, ids = torch.log_softmax(allowed.float(), dim=-1).topk(k + 1, dim=-1)  # (B k, k + 1)
         sums = (scores[:, None] + top).reshape(batch, k * (k + 1))  # beam-major, then rank
-        if i == 0:
-            sums[:, k + 1 :] = -torch.inf  # one prompt, one beam
+        first = (i == 0)[:, None] & (torch.arange(k * (k + 1), device=device) >= k + 1)
+        sums = sums.masked_fill(first, -torch.inf)  # one prompt, one beam
         sums, order = torch.sort(sums, dim=1, descending=True, stable=True)
         proposed = ids.reshape(batch, -1).gather(1, order)
         source = rows + order // (k + 1)  # (B, C) the proposing row
         ends = proposed == eot
         others = torch.cumsum(~ends, dim=1)  # proposals not ending so far, inclusive
         # Finished: ends ranked before the k-th kept proposal; kept: the first k others.
-        finished = ends & ((others - (~ends).long()) < k)
+        finished = ends & ((others - (~ends).long()) < k) & live[:, None]
         kept = torch.sort((~(~ends & (others <= k))).long(), dim=1, stable=True).indices[:, :k]  # (B, k)
         # Candidates finished now go to each utterance's list, best first, while it has room.
         slot = count[:, None] + torch.cumsum(finished, dim=1) - 1
@@ -248,17 +266,20 @@ def beam_search_decode(
         done[utterance, slot] = tokens[source]
         done_scores[utterance, slot] = sums
         count = torch.clamp(count + finished.sum(dim=1), max=most)
-        # The kept proposals become the beams: rows gathered (tokens and self-attention caches).
-        chosen = source.gather(1, kept).reshape(-1)  # (B k,)
+        # The kept proposals become the beams: rows gathered (tokens and self-attention caches);
+        # a waiting utterance keeps its rows.
+        chosen = torch.where(live[:, None], source.gather(1, kept), rows + torch.arange(k, device=device))
+        chosen = chosen.reshape(-1)  # (B k,)
         tokens = tokens[chosen]
-        tokens[:, n_prompt + i] = proposed.gather(1, kept).reshape(-1)
-        scores = sums.gather(1, kept).reshape(-1)
+        written = proposed.gather(1, kept).reshape(-1)
+        tokens[:, c] = torch.where(live.repeat_interleave(k), written, tokens[:, c])
+        scores = torch.where(live[:, None], sums.gather(1, kept), scores.reshape(batch, k)).reshape(-1)
         for layer in cache["layers"]:
             layer["attn"] = _rows(layer["attn"], chosen)
-        if bool((count >= most).all()) or i == limit - 1:  # done, or the context is full
+        if not bool(((c + 1 - real < limit) & (count < most)).any()):  # every utterance done or out of room
             break
-        logits, cache = model.decoder(tokens[:, n_prompt + i : n_prompt + i + 1], xa, cache)
-        logits = logits[:, -1]
+        fed, cache = model.decoder(tokens[:, c : c + 1], xa, cache)
+        logits = torch.where(at >= 0, fed[:, -1], logits)  # still before its last prompt token: the first logits
 
     # Too few finished: the remaining beams, best first, until an utterance has k candidates.
     best = torch.sort(scores.reshape(batch, k), dim=1, descending=True, stable=True).indices  # (B, k)
@@ -268,8 +289,8 @@ def beam_search_decode(
     done_scores[utterance, fill] = scores.reshape(batch, k).gather(1, best)
     pool, pool_scores = done[:, :size], done_scores[:, :size]
     # Rank by the sum over the length penalty; the first best wins.
-    sampled = pool[:, :, n_prompt : n_prompt + max_new] == eot
-    lengths = torch.where(sampled.any(dim=-1), sampled.int().argmax(dim=-1), limit).float()
+    ends = sampled(pool, real[:, None]) == eot  # (B, size, max_new)
+    lengths = torch.where(ends.any(dim=-1), ends.int().argmax(dim=-1), limit[:, None]).float()
     penalty = lengths if beam.length_penalty is None else ((5 + lengths) / 6) ** beam.length_penalty
     ranked = torch.where(torch.isfinite(pool_scores), pool_scores / penalty, -torch.inf)
     pick = ranked.argmax(dim=1)

@@ -262,8 +262,8 @@ class Transcriber:
     ) -> Callable[[list[Request]], list[Decoded]]:
         """`transcribe.sequential.transcribe_many`'s `decode_many`: `window_decoder`'s decoding of
         several requests at one temperature, in one batch of `batch_size` (default the
-        transcriber's) rows times `best_of`, their prompts of different lengths; beam search (at
-        temperature 0 with `beam`) one by one."""
+        transcriber's) rows times `best_of` (or beams: beam search at temperature 0 with `beam`),
+        their prompts of different lengths."""
         batch_size = batch_size or self.batch_size
         calls = iter(range(1, 2**31))
         config, tokenizer = self.config, self.tokenizer
@@ -278,7 +278,7 @@ class Transcriber:
                      for r in requests]  # fmt: skip
             # cut to the context's room: the options then differ only by prompt
             options = [dataclasses.replace(o, max_new_tokens=self.window_tokens) for _, o in asked]
-            if len(requests) > 1 and (beam is not None or len(set(options)) > 1):
+            if len(requests) > 1 and len(set(options)) > 1:
                 return [decoded for r in requests for decoded in decode_many([r])]
             n = (self.best_of or 1) if temperature > 0 else 1  # rows per request
             rows = n if len(requests) == 1 else n * max(batch_size, len(requests))  # a fixed batch

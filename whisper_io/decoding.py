@@ -73,7 +73,12 @@ class BeamSearch:
     ending in end of text are set aside as finished until `beam_size` others have been kept as
     the next beams. At the start all beams are the prompt, so only the first one proposes.
     Utterances with fewer than `beam_size` finished candidates at the end take their remaining
-    beams, best first."""
+    beams, best first.
+
+    In a batch, each utterance is searched as it would be alone, its prompt of its own length:
+    one holding its candidates stops while the others go on. (OpenAI's batched `decode` keeps
+    stepping it, which changes its result only when patience < 1, through the beams it ends
+    with; its `transcribe()` searches one window at a time.)"""
 
     beam_size: int = 5
     patience: float = 1.0
@@ -133,16 +138,11 @@ def prompt_lengths(config: ModelConfig, shape: tuple[int, int], max_new_tokens: 
     return lengths.astype(np.int32)
 
 
-def shared_prompt_length(config: ModelConfig, shape: tuple[int, int], max_new_tokens: int, prompt_length) -> int:
-    """`prompt_lengths` for a decoder that takes one length for every row (beam search): the
-    rows' one length, or an `InputError` when they differ."""
-    lengths = prompt_lengths(config, shape, max_new_tokens, prompt_length)
-    if len(set(lengths.tolist())) > 1:
-        raise InputError(f"beam search takes one prompt length for every row, got {sorted(set(lengths.tolist()))}")
-    return int(lengths[0])
-
-
-CHUNK_SECONDS = 30.0  # OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s)
+# OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s for its models).
+# `max_initial_timestamp` is counted in these steps, as `openai-whisper`'s `decode` counts it;
+# its long-form loop (and `transcribe.sequential`) reads a step as 0.02 s (two mel frames), so
+# for a model whose n_audio_ctx is not 1500 the two disagree, in both projects alike.
+CHUNK_SECONDS = 30.0
 
 
 def decoding_options(
