@@ -187,6 +187,53 @@ def _float32_logits_backward(saved, grad: jax.Array):
 float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
 
 
+LOGITS = ("batch", "length", "vocab_act")  # the logical axes of the output logits
+
+
+def vocab_logits(x: jax.Array, table: jax.Array, n_vocab: int) -> jax.Array:
+    """x (B, T, d), table (rows, d) -> logits (B, T, rows) accumulated and returned in float32,
+    the rows from `n_vocab` on (table padding) at -inf."""
+    logits = constrain(jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32), LOGITS)
+    if table.shape[0] == n_vocab:
+        return logits
+    return jnp.where(jnp.arange(table.shape[0]) < n_vocab, logits, -jnp.inf)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def token_nll(x: jax.Array, table: jax.Array, labels: jax.Array, n_vocab: int) -> jax.Array:
+    """x (B, T, d), table (rows, d), both in the compute dtype, labels (B, T) int (negative:
+    ignored) -> each label's negative log-likelihood under softmax(`vocab_logits`) (B, T)
+    float32, 0 where ignored.
+
+    What the log-softmax of the logits gives, but its backward keeps no (B, T, rows) array from
+    the forward pass: it saves x, the table and each position's log-sum-exp, computes the logits
+    again, and writes their cotangent (softmax - one-hot) in the compute dtype straight away for
+    its two matmuls (accumulated in float32), as `float32_logits` rounds it."""
+    return _token_nll_forward(x, table, labels, n_vocab)[0]
+
+
+def _token_nll_forward(x: jax.Array, table: jax.Array, labels: jax.Array, n_vocab: int):
+    logits = vocab_logits(x, table, n_vocab)  # (B, T, rows) float32
+    lse = jax.nn.logsumexp(logits, axis=-1)  # (B, T)
+    keep = labels >= 0
+    picked = jnp.take_along_axis(logits, jnp.where(keep, labels, 0)[..., None], axis=-1)[..., 0]
+    return jnp.where(keep, lse - picked, 0.0), (x, table, labels, lse)
+
+
+def _token_nll_backward(n_vocab: int, saved, grad: jax.Array):
+    x, table, labels, lse = saved
+    probs = jnp.exp(vocab_logits(x, table, n_vocab) - lse[..., None])  # (B, T, rows); padding rows 0
+    one_hot = jnp.arange(table.shape[0]) == labels[..., None]  # an ignored (negative) label: none
+    scale = jnp.where(labels >= 0, grad, 0.0)[..., None]
+    grad_logits = constrain(((probs - one_hot) * scale).astype(x.dtype), LOGITS)
+    grad_x = jnp.einsum("btv,vd->btd", grad_logits, table, preferred_element_type=jnp.float32)
+    grad_table = jnp.einsum("btv,btd->vd", grad_logits, x, preferred_element_type=jnp.float32)
+    return grad_x.astype(x.dtype), grad_table.astype(table.dtype), None
+
+
+token_nll.defvjp(_token_nll_forward, _token_nll_backward)
+
+
 class Embedding(nnx.Module):
     """Token table `(rows, d)`, normal(0, 0.02) init (std 1 would make tied logits huge). `rows`
     (default `n_vocab`) may exceed the vocabulary (`ModelConfig.padded_vocab`, so the table shards
@@ -212,6 +259,12 @@ class Embedding(nnx.Module):
         if table.shape[0] == self.n_vocab:
             return logits
         return jnp.where(jnp.arange(table.shape[0]) < self.n_vocab, logits, -jnp.inf)
+
+    def nll(self, x: jax.Array, labels: jax.Array) -> jax.Array:
+        """x (B, T, d) in the compute dtype, labels (B, T) (negative: ignored) -> each label's
+        negative log-likelihood under the tied logits (B, T) float32, 0 where ignored: the loss
+        without a (B, T, rows) array kept for the backward pass (`token_nll`)."""
+        return token_nll(x, self.embedding[...].astype(x.dtype), labels, self.n_vocab)
 
 
 class MLP(nnx.Module):

@@ -13,13 +13,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, run_stack_with_cross_scores, stack
-from flax_whisper.layers import Conv1d, Embedding, constrain, gelu, host_offset, is_traced, make_norm
+from flax_whisper.layers import LOGITS, Conv1d, Embedding, constrain, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
 from whisper_config.checks import check_cache_offset, check_dtype, check_same_batch
 
 IGNORE_INDEX = -100
-LOGITS = ("batch", "length", "vocab_act")  # the logical axes of the output logits
 DecoderCache = dict[str, Any]
 
 
@@ -104,8 +103,25 @@ class TextDecoder(nnx.Module):
         decoded, and the returned cache holds them too. `valid` (B, T) marks the real positions
         (the loss passes the ones whose label is not ignored): padding writes no memory state.
         With `padded_vocab`, the logits cover the table's `config.padded_vocab` rows, the padding
-        ids' at -inf: what the loss reads, so a vocabulary-sharded layout is never sliced.
+        ids' at -inf: what evaluation reads, so a vocabulary-sharded layout is never sliced.
         """
+        x, layers, capacity = self.hidden(tokens, xa, cache, valid)
+        offset, length = (0 if cache is None else cache["offset"]), tokens.shape[1]
+        logits = self.unembed(x, padded_vocab)
+        if is_traced(offset):
+            # A jitted loop cannot raise: a step past the cache's capacity (or the context) would
+            # clamp its writes onto the last slot, so its logits are NaN instead of quietly wrong.
+            limit = self.config.n_text_ctx if capacity is None else min(capacity, self.config.n_text_ctx)
+            logits = jnp.where(offset + length > limit, jnp.nan, logits)
+        if cache is not None:
+            cache = {"offset": offset + length, "layers": layers}
+        return logits, cache
+
+    def hidden(
+        self, tokens: jax.Array, xa: jax.Array, cache: DecoderCache | None = None, valid: jax.Array | None = None
+    ) -> tuple[jax.Array, Any, int | None]:
+        """`__call__` up to the last block: (its output (B, T, d), the blocks' updated cache or
+        None, the cache's capacity or None)."""
         offset = 0 if cache is None else cache["offset"]
         start = host_offset(offset)
         length = check_tokens_shape(self.config, tokens.shape, start)
@@ -118,15 +134,15 @@ class TextDecoder(nnx.Module):
         layers = None if cache is None else cache["layers"]
         unroll = self.config.unroll_layers if cache is None else self.config.decode_unroll
         x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid, unroll=unroll)
-        logits = self.unembed(x, padded_vocab)
-        if is_traced(offset):
-            # A jitted loop cannot raise: a step past the cache's capacity (or the context) would
-            # clamp its writes onto the last slot, so its logits are NaN instead of quietly wrong.
-            limit = self.config.n_text_ctx if capacity is None else min(capacity, self.config.n_text_ctx)
-            logits = jnp.where(offset + length > limit, jnp.nan, logits)
-        if cache is not None:
-            cache = {"offset": offset + length, "layers": layers}
-        return logits, cache
+        return x, layers, capacity
+
+    def nll(self, tokens: jax.Array, xa: jax.Array, labels: jax.Array) -> jax.Array:
+        """Teacher forcing: tokens (B, T), xa (B, S, d), labels (B, T) (-100 ignored) -> each
+        label's negative log-likelihood (B, T) float32, 0 where ignored; the positions of ignored
+        labels write no memory state. The log-softmax of `__call__`'s logits, without their
+        (B, T, vocabulary) array kept for the backward pass (`Embedding.nll`)."""
+        x, _, _ = self.hidden(tokens, xa, valid=labels != IGNORE_INDEX)
+        return self.token_embedding.nll(self.ln(x), labels)
 
     def embed(self, tokens: jax.Array, offset, length: int, dtype) -> jax.Array:
         """tokens (B, T) after `offset` earlier ones -> the first block's input (B, T, d)."""
@@ -201,7 +217,8 @@ class Whisper(nnx.Module):
             tokens = shift_right(labels, self.config.start_token_id)
         else:
             check_ids(self.config, tokens)
-        return cross_entropy(self.logits(mel, tokens, valid=labels != IGNORE_INDEX, padded_vocab=True), labels)
+        nll = self.decoder.nll(tokens, self.encoder(mel), labels)  # (B, T)
+        return jnp.sum(nll) / jnp.maximum(jnp.sum(labels != IGNORE_INDEX), 1)
 
 
 def shift_right(labels: jax.Array, start_token_id: int) -> jax.Array:

@@ -300,7 +300,7 @@ def test_hallucination_silence_threshold_matches_openai(long_speech, word_model,
     assert "needs --word-timestamps True" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("search", ["greedy", "beam"])
+@pytest.mark.parametrize("search", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_several_files_share_batches_and_each_transcribes_as_alone(
     long_speech, longform_model, tmp_path, framework, search

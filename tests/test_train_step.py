@@ -210,3 +210,41 @@ def test_bfloat16_logits_backward_rounds_only_the_cotangent():
         scale = float(jnp.abs(want).max())
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale)
         assert float(jnp.abs(got.astype(jnp.float32) - want).max()) > 0  # the cotangent really was rounded
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_token_nll_is_the_log_softmax_and_keeps_no_logits(dtype):
+    """The loss's vocabulary cross-entropy (`token_nll`) against autodiff of the log-softmax of
+    float32 logits, with table padding rows and ignored labels: the values to float32 rounding,
+    the gradients of x and the table too in float32 and within the cotangent's rounding in
+    bfloat16 (their dtypes the inputs'); and what it saves for the backward pass holds no
+    (B, T, rows) array."""
+    from flax_whisper.layers import _token_nll_forward, token_nll
+
+    rng = np.random.default_rng(0)
+    n_vocab, rows = 37, 40
+    x = jnp.asarray(rng.standard_normal((2, 5, 16)), dtype)
+    table = jnp.asarray(rng.standard_normal((rows, 16)) * 0.3, dtype)
+    labels = jnp.asarray(rng.integers(0, n_vocab, (2, 5)), jnp.int32).at[1, 3:].set(-100)
+    weights = jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)
+
+    def reference(x, table):  # float32 inputs
+        logits = jnp.where(jnp.arange(rows) < n_vocab, jnp.einsum("btd,vd->btv", x, table), -jnp.inf)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.maximum(labels, 0)[..., None], axis=-1)[..., 0]
+        return jnp.where(labels >= 0, -picked, 0.0)
+
+    wide = [a.astype(jnp.float32) for a in (x, table)]
+    got = token_nll(x, table, labels, n_vocab)
+    assert got.dtype == jnp.float32 and got.shape == (2, 5)
+    np.testing.assert_allclose(got, reference(*wide), rtol=1e-5, atol=1e-6)
+    assert float(got[1, 3:].max()) == 0.0 and float(got[0].min()) > 0
+    ours = jax.grad(lambda a, b: jnp.sum(token_nll(a, b, labels, n_vocab) * weights), argnums=(0, 1))(x, table)
+    exact = jax.grad(lambda a, b: jnp.sum(reference(a, b) * weights), argnums=(0, 1))(*wide)
+    for grad, want, like in zip(ours, exact, (x, table), strict=True):
+        assert grad.dtype == like.dtype
+        tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == jnp.float32 else dict(atol=2e-2 * float(jnp.abs(want).max()))
+        np.testing.assert_allclose(grad.astype(jnp.float32), want, **tolerance)
+    assert float(jnp.abs(ours[1][n_vocab:].astype(jnp.float32)).max()) == 0.0  # padding rows learn nothing
+    _, saved = _token_nll_forward(x, table, labels, n_vocab)
+    assert [a.shape for a in saved] == [x.shape, table.shape, labels.shape, labels.shape]

@@ -104,6 +104,13 @@ class TextDecoder(nn.Module):
             cache = {"offset": offset + length, "layers": new_caches}
         return logits, cache
 
+    def nll(self, tokens: Tensor, xa: Tensor, labels: Tensor) -> Tensor:
+        """Teacher forcing: tokens (B, T), xa (B, S, d), labels (B, T) (-100 ignored) -> each
+        label's negative log-likelihood (B, T) float32, 0 where ignored; the positions of ignored
+        labels write no memory state (flax's keeps no logits for its backward pass)."""
+        logits, _ = self(tokens, xa, valid=labels != IGNORE_INDEX)
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+
     def embed(self, tokens: Tensor, offset: int, length: int, dtype: torch.dtype) -> Tensor:
         """tokens (B, T) after `offset` earlier ones -> the first block's input (B, T, d)."""
         x = self.token_embedding(tokens)  # (B, T, d)
@@ -176,7 +183,8 @@ class Whisper(nn.Module):
             tokens = shift_right(labels, self.config.start_token_id)
         else:
             check_ids(self.config, tokens)
-        return cross_entropy(self.logits(mel, tokens, valid=labels != IGNORE_INDEX), labels)
+        nll = self.decoder.nll(tokens, self.encoder(mel), labels)  # (B, T)
+        return nll.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def check_ids(config: ModelConfig, ids: Tensor, ignored: int | None = None) -> None:
