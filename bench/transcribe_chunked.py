@@ -2,6 +2,7 @@
 
     python bench/transcribe_chunked.py [--size tiny] [--files 8] [--minutes 1] [--batch-size 8] [--beam-size 5]
     python bench/transcribe_chunked.py --checkpoint CKPT --audio a.wav b.flac ... [--language en]
+    python bench/transcribe_chunked.py --checkpoint CKPT --manifest long.jsonl   # with reference texts
 
 `flax_whisper` transcribes the files with `--mode sequential` (OpenAI's `transcribe()` loop, one
 window at a time per file: `--batch-size 1`; then the files' loops together, their windows in
@@ -15,12 +16,20 @@ Without `--checkpoint`, a random OpenAI-format model of `--size` dimensions (Ope
 initialisation, seed 0) and `--files` recordings of `--minutes` of real speech (the test suite's
 espeak-ng recording, repeated, each file starting elsewhere in it). A random model's text says
 nothing about the audio, so its error rate only shows that the modes decode different windows:
-run it on a trained checkpoint and real recordings for the number that matters.
+run it on a trained checkpoint and real recordings for the number that matters. `--manifest`
+(JSONL rows of "audio", relative to the file, and "text") also prints each mode's word error
+rate against the reference texts (lower case, punctuation removed).
+
+The model `data/longform/` trains has 5 s windows and was never taught previous-text prompts:
+
+    python bench/transcribe_chunked.py --checkpoint runs/longform/model \
+        --manifest data/longform/long.jsonl --chunk-overlap 1 --condition-on-previous-text False
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -65,10 +74,13 @@ def main() -> None:
     parser.add_argument("--checkpoint", help="a trained checkpoint (any format convert reads)")
     parser.add_argument("--audio", nargs="+", help="with --checkpoint: the recordings")
     parser.add_argument("--language", default="en")
+    parser.add_argument("--manifest", help="with --checkpoint: JSONL of recordings and their reference texts")
     parser.add_argument("--beam-size", type=int, help="beam search with this many beams (default: greedy)")
+    parser.add_argument("--chunk-overlap", type=float, default=5.0, help="chunked: seconds seen on each side")
+    parser.add_argument("--condition-on-previous-text", choices=("True", "False"), default="True")
     args = parser.parse_args()
-    if bool(args.checkpoint) != bool(args.audio):
-        parser.error("--checkpoint and --audio go together")
+    if bool(args.checkpoint) != bool(args.audio or args.manifest) or (args.audio and args.manifest):
+        parser.error("--checkpoint goes with --audio or --manifest")
 
     import jiwer
 
@@ -78,9 +90,17 @@ def main() -> None:
     from whisper_io.decoding import BeamSearch
 
     workdir = tempfile.TemporaryDirectory()  # the random checkpoint and recordings, removed at exit
-    checkpoint, paths = (args.checkpoint, args.audio) if args.checkpoint else random_setup(args, Path(workdir.name))
+    references = None
+    if args.manifest:
+        rows = [json.loads(line) for line in Path(args.manifest).read_text().splitlines() if line.strip()]
+        folder = Path(args.manifest).parent
+        paths, references = [str(folder / row["audio"]) for row in rows], [row["text"] for row in rows]
+        checkpoint = args.checkpoint
+    else:
+        checkpoint, paths = (args.checkpoint, args.audio) if args.checkpoint else random_setup(args, Path(workdir.name))
     seconds = sum(len(load_audio(p)) for p in paths) / 16000
-    options = LongFormOptions(temperatures=(0.0,))
+    condition = args.condition_on_previous_text == "True"
+    options = LongFormOptions(temperatures=(0.0,), condition_on_previous_text=condition)
     beam = None if args.beam_size is None else BeamSearch(args.beam_size)
     search = "greedy" if beam is None else f"beam search ({beam.beam_size} beams)"
     print(f"{len(paths)} files, {seconds:.0f} s of audio, {search} at temperature 0, batch {args.batch_size}")
@@ -90,8 +110,9 @@ def main() -> None:
     runs["chunked"] = ("chunked", args.batch_size)
     for name, (mode, batch) in runs.items():
         transcriber = Transcriber.load(
-            checkpoint, "flax", args.language, batch_size=batch, mode=mode, long_form=options, beam=beam
-        )
+            checkpoint, "flax", args.language, batch_size=batch, mode=mode, long_form=options, beam=beam,
+            chunk_overlap=args.chunk_overlap,
+        )  # fmt: skip
         for attempt in ("first", "second"):
             started = time.perf_counter()
             texts = transcribe_files(paths, transcriber, print)
@@ -111,6 +132,16 @@ def main() -> None:
     for path, ref, hyp in zip(paths, reference, hypothesis, strict=True):
         print(f"  {Path(path).name}: WER of chunked against sequential {jiwer.wer(ref, hyp):.1%}")
     print(f"WER of chunked against sequential, all files: {jiwer.wer(reference, hypothesis):.1%}")
+    if references is not None:
+        truth = [normalized(text) for text in references]
+        for name in runs:
+            texts = [normalized(results[(name, "second")][1][p]["text"]) or "-" for p in paths]
+            print(f"WER of {name} against the reference texts: {jiwer.wer(truth, texts):.1%}")
+
+
+def normalized(text: str) -> str:
+    """Lower case, punctuation removed, single spaces."""
+    return " ".join("".join(c if c.isalnum() or c.isspace() else " " for c in text.lower()).split())
 
 
 if __name__ == "__main__":

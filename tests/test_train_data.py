@@ -147,6 +147,32 @@ def test_the_demo_dataset_is_complete():
     assert longest <= 2 * DEMO_MODEL["n_audio_ctx"] * 160 / 16000  # every clip fits the demo model
 
 
+def test_long_form_windows_are_taught_as_the_long_form_loop_reads_them():
+    """`data/longform/make_longform.py`'s labels of a 5 s window: whole utterances as segments,
+    one cut at the start left out, one running past the end as its start alone (then nothing),
+    one barely begun at the end left out; every segment within the window."""
+    import importlib.util
+
+    path = REPO / "data" / "longform" / "make_longform.py"
+    spec = importlib.util.spec_from_file_location("make_longform", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    spans = [(9.0, 10.5, "cut"), (10.7, 11.9, "one two"), (12.3, 13.0, "three"), (14.1, 15.6, "four"), (16, 17, "x")]
+    assert module.window_segments(spans, 10.0) == [
+        {"start": 0.7, "end": 1.9, "text": " one two"},
+        {"start": 2.3, "end": 3.0, "text": " three"},
+        {"start": 4.1, "end": None, "text": ""},
+    ]
+    assert module.window_segments([(1.0, 2.0, "a"), (5.98, 7.0, "late")], 1.0) == [
+        {"start": 0.0, "end": 1.0, "text": " a"}
+    ]
+    import tomllib
+
+    settings = tomllib.loads((path.parent / "train.toml").read_text())
+    assert 2 * settings["model"]["n_audio_ctx"] * 160 / 16000 == module.WINDOW  # the window of the model it trains
+    assert settings["audio_buckets"] == [2 * settings["model"]["n_audio_ctx"]]
+
+
 def test_checkpoints_keep_the_latest_and_the_best(tmp_path):
     import jax.numpy as jnp
 
@@ -373,3 +399,51 @@ def test_processes_read_disjoint_blocks_of_the_same_global_batches(tmp_path):
     evals = [eval_batches(records, features, 8, DataStats(), p, 2) for p in (0, 1)]
     assert [len(b["audio"]) for b in evals[0]] == [4, 4] and evals[0][0]["texts"] == evals[1][0]["texts"]
     assert texts_of(evals[0][0]) + texts_of(evals[1][0]) == evals[0][0]["texts"]
+
+
+def test_segments_are_taught_with_timestamps(tmp_path, capsys):
+    """A manifest row with `segments` gets Whisper's timestamp labels, as `openai-whisper`'s
+    tokenizer reads them back: `<|start|> text <|end|>` per segment, a last segment without an
+    end as its start alone, and no <|notimestamps|>; a row without keeps it. A timestamp past
+    the model's window skips the row, bad segments are errors naming the line, and a vocabulary
+    without timestamp tokens says so."""
+    import whisper.tokenizer
+
+    from whisper_io import tokenizer_for
+
+    config = ModelConfig.from_preset("whisper", **{**DEMO_MODEL, "n_vocab": 51864, "decoder_start_token_id": 50257})
+    featurizer = Featurizer.create(config, tokenizer_for(config))  # a 2.56 s window
+    rows = write_rows(tmp_path, [2.0, 2.0, 1.0, 1.0], ["one two", "three", "four", "five"])
+    rows[0]["segments"] = [{"start": 0.1, "end": 0.8, "text": " one"}, {"start": 1.0, "end": 1.52, "text": " two"}]
+    rows[1]["segments"] = [{"start": 0.2, "end": 0.9, "text": " three"}, {"start": 1.7, "end": None, "text": ""}]
+    rows[3]["segments"] = [{"start": 0.2, "end": 2.6, "text": " five"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = read_records(tmp_path / "m.jsonl", "train")
+    stats = DataStats()
+    labels = [featurizer.load_example(r, stats) for r in records]
+    oracle = whisper.tokenizer.get_tokenizer(multilingual=False)
+    texts = [oracle.decode_with_timestamps(example["labels"].tolist()) for example in labels[:3]]
+    assert texts == [
+        "<|0.10|> one<|0.80|><|1.00|> two<|1.52|><|endoftext|>",
+        "<|0.20|> three<|0.90|><|1.70|><|endoftext|>",
+        "<|notimestamps|>four<|endoftext|>",
+    ]
+    assert labels[3] is None and "2.60 s is beyond the model's window" in capsys.readouterr().err
+    bad = [
+        [{"start": 0.5, "end": 0.2, "text": " x"}],  # ends before it starts
+        [{"start": 0.5, "end": None, "text": " x"}, {"start": 1.0, "end": 1.2, "text": " y"}],  # no end, not last
+        [{"start": 0.5, "end": 0.9, "text": " x"}, {"start": 0.7, "end": 1.2, "text": " y"}],  # out of order
+        [{"start": "0.5", "end": 0.9, "text": " x"}],
+        [{"start": float("nan"), "end": 0.9, "text": " x"}],
+        [{"start": -0.1, "end": 0.9, "text": " x"}],
+        [],
+    ]
+    for segments in bad:
+        (tmp_path / "bad.jsonl").write_text(json.dumps({"audio": "a0.wav", "text": "x", "segments": segments}) + "\n")
+        with pytest.raises(DataError, match=r"bad\.jsonl:1: (segment|'segments')"):
+            read_records(tmp_path / "bad.jsonl", "train")
+    featurizer_bytes = Featurizer.create(CONFIG, ByteTokenizer(CONFIG.n_vocab))
+    with pytest.raises(DataError, match=r"m\.jsonl: row 1 has segments, but the bytes vocabulary has no timestamp"):
+        check_languages(records, featurizer_bytes, "m.jsonl")  # before training starts
+    with pytest.raises(DataError, match="the bytes vocabulary has no timestamp tokens"):
+        featurizer_bytes.labels("x", segments=[(0.1, 0.2, " x")])

@@ -1,7 +1,11 @@
 """Training data: manifests or Hugging Face datasets -> a `grain` pipeline of bucketed batches.
 
 A *record* is `{"audio": source, "text": str}` where the source is a file path, encoded bytes,
-or `{"array", "sampling_rate"}`. Records come from a JSONL/CSV manifest (audio paths relative to
+or `{"array", "sampling_rate"}`; with `"segments"` (a manifest column: a list of `{"start",
+"end", "text"}` in seconds, as `openai-whisper`'s JSON has them) it is taught with timestamps,
+as Whisper is: `<|start|> text <|end|>` per segment, and a last segment whose `end` is null
+(speech that runs past the end of the audio) as its start alone, which tells the long-form loop
+to seek there. Records come from a JSONL/CSV manifest (audio paths relative to
 the manifest) or a `datasets` dataset saved with `save_to_disk`. The pipeline reads and
 tokenises each record (`load_example`), skipping (and counting, by name) the ones whose audio
 cannot be used, in several threads with prefetch, then `collate` pads a batch's audio to the
@@ -17,6 +21,7 @@ import csv
 import dataclasses
 import io
 import json
+import math
 import sys
 import threading
 from collections.abc import Sequence
@@ -30,6 +35,8 @@ from flax_whisper.model import IGNORE_INDEX
 from whisper_config import ModelConfig
 from whisper_io import AudioFileError, Tokenizer, load_audio
 from whisper_io.audio_files import check_finite_samples, resample
+
+TIMESTAMP_STEP = 2 * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp token: one encoder position (0.02)
 
 
 class DataError(ValueError):
@@ -90,6 +97,8 @@ def read_manifest(
                 raise DataError(f"{path}:{number}: {column!r} must be a non-empty string, got {row[column]!r}")
         audio = Path(row[audio_column])
         record = {"audio": str(audio if audio.is_absolute() else path.parent / audio), "text": row[text_column]}
+        if "segments" in row:
+            record["segments"] = _segments(row["segments"], f"{path}:{number}")
         language = row.get(language_column)
         if language not in (None, ""):
             if not isinstance(language, str):
@@ -99,6 +108,39 @@ def read_manifest(
     if not records:
         raise DataError(f"{path}: the manifest is empty")
     return records
+
+
+def _segments(value: Any, where: str) -> list[tuple[float, float | None, str]]:
+    """A manifest row's `segments` -> [(start, end or None, text)], checked: times are seconds,
+    ascending and not negative; only the last segment may have no end (its text is not taught)."""
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: 'segments' must be a non-empty list of {{start, end, text}}, got {value!r}")
+    segments, previous = [], 0.0
+    for i, segment in enumerate(value):
+        start = segment.get("start") if isinstance(segment, dict) else None
+        end = segment.get("end") if isinstance(segment, dict) else None
+        text = segment.get("text", "") if isinstance(segment, dict) else None
+        last = i == len(value) - 1
+        numbers = all(
+            isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t)
+            for t in (start, end)
+            if t is not None
+        )
+        if (
+            not numbers
+            or start is None
+            or not isinstance(text, str)
+            or (end is None and not last)
+            or start < previous
+            or (end is not None and end < start)
+        ):
+            raise DataError(
+                f"{where}: segment {i + 1} must be {{start, end, text}} in seconds, in order, with an end "
+                f"(null only for the last), got {segment!r}"
+            )
+        segments.append((float(start), None if end is None else float(end), text))
+        previous = start if end is None else end
+    return segments
 
 
 class HFRecords(Sequence):
@@ -173,6 +215,11 @@ def check_languages(records: Sequence[dict], featurizer: Featurizer, what: str) 
             )
     for code in sorted({r["language"] for r in records if r.get("language")} if isinstance(records, list) else ()):
         featurizer.prompt(code)  # an unknown code (or one the vocabulary lacks) fails here, naming it
+    timed = isinstance(records, list) and next((i for i, r in enumerate(records, 1) if "segments" in r), None)
+    if timed and featurizer.tokenizer.timestamp_begin is None:
+        raise DataError(
+            f"{what}: row {timed} has segments, but the {featurizer.tokenizer.name} vocabulary has no timestamp tokens"
+        )
 
 
 def decode_audio(source: Any) -> np.ndarray:
@@ -289,13 +336,36 @@ class Featurizer:
         if len(audio) > most:
             stats.skip(str(name), f"{len(audio) / SAMPLE_RATE:.2f} s is longer than the model's {most / SAMPLE_RATE} s")
             return None
-        labels = self.labels(record["text"], stats, record.get("language"))
+        segments = record.get("segments")
+        if segments is not None:
+            late = max(t for start, end, _ in segments for t in (start, end) if t is not None)
+            if late > self.audio_buckets[-1] * HOP_LENGTH / SAMPLE_RATE:
+                stats.skip(str(name), f"a timestamp at {late:.2f} s is beyond the model's window")
+                return None
+        labels = self.labels(record["text"], stats, record.get("language"), segments)
         return {"audio": audio, "labels": labels}
 
-    def labels(self, text: str, stats: DataStats | None = None, language: str | None = None) -> np.ndarray:
+    def labels(
+        self, text: str, stats: DataStats | None = None, language: str | None = None, segments=None
+    ) -> np.ndarray:
         """The decoder's targets: the prompt (in the row's `language`, else the run's) after its
-        start token, the text, end of text. Cut to n_text_ctx (counted) when longer."""
-        ids = [*self.prompt(language)[1:], *self.tokenizer.encode(text), self.tokenizer.eot]
+        start token, the text, end of text. With `segments` [(start, end or None, text)], the
+        prompt without <|notimestamps|> and the segments with their timestamps instead of the
+        text (see the module's docstring). Cut to n_text_ctx (counted) when longer."""
+        prompt = self.prompt(language)
+        if segments is None:
+            body = self.tokenizer.encode(text)
+        else:
+            body = []
+            begin = self.tokenizer.timestamp_begin
+            if begin is None:
+                raise DataError(f"the {self.tokenizer.name} vocabulary has no timestamp tokens for 'segments'")
+            prompt = prompt[:-1] if prompt[-1] == self.tokenizer.no_timestamps else prompt
+            for start, end, words in segments:
+                body.append(begin + round(start / TIMESTAMP_STEP))
+                if end is not None:
+                    body += [*self.tokenizer.encode(words), begin + round(end / TIMESTAMP_STEP)]
+        ids = [*prompt[1:], *body, self.tokenizer.eot]
         if len(ids) > self.config.n_text_ctx:
             ids = ids[: self.config.n_text_ctx]
             if stats is not None:
