@@ -302,26 +302,23 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         # The kept proposals become the beams: rows gathered (tokens and self-attention caches);
         # a waiting utterance keeps its rows.
         chosen = jnp.where(live[:, None], jnp.take_along_axis(source, kept, axis=1), rows + jnp.arange(k))
-        tokens = tokens[chosen.reshape(-1)]
+        chosen = chosen.reshape(-1)  # (B k,)
+        tokens = tokens[chosen]
         column = jax.lax.dynamic_slice_in_dim(tokens, c, 1, axis=1)  # (B k, 1)
         written = jnp.take_along_axis(proposed, kept, axis=1).reshape(-1, 1)
         column = jnp.where(jnp.repeat(live, k)[:, None], written, column)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, column, c, axis=1)
         scores = jnp.where(live[:, None], jnp.take_along_axis(sums, kept, axis=1), scores.reshape(batch, k))
         layers = cache["layers"]
-        cache = {
-            **cache,
-            "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen.reshape(-1)], layers["attn"])},
-        }
+        cache = {**cache, "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen], layers["attn"])}}
         fed, cache = decoder(column, xa, cache)
         logits = jnp.where(at >= 0, fed[:, -1], logits)  # still before its last prompt token: the first logits
         return decoder, c + 1, tokens, cache, logits, scores.reshape(-1), done, done_scores, count
 
     done = jnp.full((batch, size, length), eot, jnp.int32)
     done_scores = jnp.full((batch, size), -jnp.inf, jnp.float32)
-    first = jnp.take_along_axis(logits, (beam_real - 1)[:, None, None], axis=1)[
-        :, 0
-    ]  # (B k, V): after each last real token
+    # (B k, V): the logits after each row's last real token
+    first = jnp.take_along_axis(logits, (beam_real - 1)[:, None, None], axis=1)[:, 0]
     state = (model.decoder, low, tokens, cache, first, jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
     _, _, tokens, _, _, scores, done, done_scores, count = nnx.while_loop(unfinished, step, state)

@@ -190,13 +190,18 @@ float32_logits.defvjp(_float32_logits_forward, _float32_logits_backward)
 LOGITS = ("batch", "length", "vocab_act")  # the logical axes of the output logits
 
 
+def mask_padding_rows(logits: jax.Array, n_vocab: int) -> jax.Array:
+    """logits (..., rows) with the rows from `n_vocab` on (table padding) at -inf."""
+    if logits.shape[-1] == n_vocab:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < n_vocab, logits, -jnp.inf)
+
+
 def vocab_logits(x: jax.Array, table: jax.Array, n_vocab: int) -> jax.Array:
     """x (B, T, d), table (rows, d) -> logits (B, T, rows) accumulated and returned in float32,
     the rows from `n_vocab` on (table padding) at -inf."""
-    logits = constrain(jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32), LOGITS)
-    if table.shape[0] == n_vocab:
-        return logits
-    return jnp.where(jnp.arange(table.shape[0]) < n_vocab, logits, -jnp.inf)
+    logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+    return mask_padding_rows(constrain(logits, LOGITS), n_vocab)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -255,10 +260,7 @@ class Embedding(nnx.Module):
         returned in float32 (contract 5) whatever the precision; the padding rows' logits are -inf."""
         table = self.embedding[...].astype(x.dtype)
         matmul = functools.partial(jnp.einsum, "btd,vd->btv") if x.dtype == jnp.float32 else float32_logits
-        logits = matmul(x, table)  # (B, T, rows) float32
-        if table.shape[0] == self.n_vocab:
-            return logits
-        return jnp.where(jnp.arange(table.shape[0]) < self.n_vocab, logits, -jnp.inf)
+        return mask_padding_rows(matmul(x, table), self.n_vocab)  # (B, T, rows) float32
 
     def nll(self, x: jax.Array, labels: jax.Array) -> jax.Array:
         """x (B, T, d) in the compute dtype, labels (B, T) (negative: ignored) -> each label's

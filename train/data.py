@@ -339,7 +339,7 @@ class Featurizer:
         segments = record.get("segments")
         if segments is not None:
             late = max(t for start, end, _ in segments for t in (start, end) if t is not None)
-            if late > self.audio_buckets[-1] * HOP_LENGTH / SAMPLE_RATE:
+            if late > most / SAMPLE_RATE:
                 stats.skip(str(name), f"a timestamp at {late:.2f} s is beyond the model's window")
                 return None
         labels = self.labels(record["text"], stats, record.get("language"), segments)
