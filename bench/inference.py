@@ -1,7 +1,7 @@
 """Encoder forward and greedy decoding: flax_whisper against openai-whisper and Hugging Face, one run.
 
     python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
-        [--repeats 5] [--no-hf] [--no-openai] [--decode-unroll]
+        [--repeats 5] [--no-hf] [--no-openai] [--decode-unroll] [--check-every 1,8,16] [--attention xla]
 
 On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
 and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
@@ -17,7 +17,10 @@ the ratios against flax_whisper, all measured in this run. With random weights e
 rarely chosen, so every framework decodes about `--new-tokens` tokens per window; to compare
 like with like, each rate counts the tokens that framework generated. On a GPU, add
 `--precision bfloat16` (flax and transformers: bfloat16; openai-whisper: its own float16 mode,
-`fp16=True`, since it has no bfloat16 one).
+`fp16=True`, since it has no bfloat16 one). `--check-every` also times flax decoding that checks
+for every row's end every N steps (the default is the device's: 8 on a GPU, where each check
+waits for the device, 1 elsewhere); `--attention` times it with other attention implementations
+(`attention_implementation`: the default `auto` is cuDNN on a GPU in bfloat16).
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def main() -> None:
     parser.add_argument("--no-openai", action="store_true", help="skip openai-whisper")
     parser.add_argument(
         "--decode-unroll", action="store_true", help="also time decoding with the layers unrolled (decode_unroll=True)"
+    )
+    parser.add_argument(
+        "--check-every",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[],
+        help="comma-separated step counts: also time flax decoding checking for the end every N steps",
+    )
+    parser.add_argument(
+        "--attention",
+        type=lambda text: text.split(","),
+        default=[],
+        help="comma-separated attention implementations (xla, einsum, ...): also time flax decoding with each",
     )
     args = parser.parse_args()
 
@@ -118,14 +133,20 @@ def main() -> None:
 
     generated = {}
 
-    def flax_decode(model, name: str):
+    def flax_decode(model, name: str, every: int | None = None):
         def run():
-            tokens = np.asarray(greedy_decode(model, mel_jax, prompts, options))
+            tokens = np.asarray(greedy_decode(model, mel_jax, prompts, options, check_every=every))
             generated[name] = int(np.sum(tokens[:, len(prompt) :] != -1))
 
         results[name] = median_seconds(run, args.repeats)
 
     flax_decode(flax_model, "decode: flax_whisper (jit)")
+    for every in args.check_every:
+        flax_decode(flax_model, f"decode: flax_whisper, check every {every}", every)
+    for implementation in args.attention:
+        other = new_flax_model(dataclasses.replace(config, attention_implementation=implementation), tensors)
+        other.eval()
+        flax_decode(other, f"decode: flax_whisper, {implementation} attention")
     if args.decode_unroll:
         unrolled = new_flax_model(dataclasses.replace(config, decode_unroll=True), tensors)
         unrolled.eval()

@@ -2,7 +2,10 @@
 
 `greedy_decode` is one jit-compiled program per (batch, frames, prompt length, options): the
 sampling loop is a `lax.while_loop` over single-token decoder steps on a fixed-size cache, which
-exits as soon as every row has produced end of text. See `whisper_io.decoding` for the algorithm.
+exits once every row has produced end of text. It checks that every `check_every` steps (8 on a
+GPU, 1 elsewhere: `whisper_io.decoding.CHECK_EVERY`), running the steps in between as a loop of
+known length, which XLA's GPU runtime queues without waiting for the device. See
+`whisper_io.decoding` for the algorithm.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from flax import nnx
 
 from flax_whisper.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths
+from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths, steps_per_check
 
 
 def suppress(logits: jax.Array, ids: tuple[int, ...]) -> jax.Array:
@@ -72,8 +75,8 @@ def detect_language(model: Whisper, xa: jax.Array, start: jax.Array, language_to
     return jnp.asarray(candidates)[jnp.argmax(logits[:, 0, candidates], axis=-1)]
 
 
-def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> jax.Array:
-    """mel (B, n_mels, frames), prompt (B, P) int -> tokens (B, P + max_new_tokens) int32.
+def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, *, check_every: int | None = None):
+    """mel (B, n_mels, frames), prompt (B, P) int -> tokens (B, P + max_new_tokens) int32 (a jax.Array).
 
     The prompt (with the detected language written in, when detecting) is followed by the
     sampled tokens; every position after a row's end of text holds end of text. Call
@@ -81,7 +84,7 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> jax.
     """
     if options.temperature > 0:
         raise InputError("greedy_decode takes the arg-max: sample with decode_with_scores and a key")
-    return decode_with_scores(model, mel, prompt, options)[0]
+    return decode_with_scores(model, mel, prompt, options, check_every=check_every)[0]
 
 
 def decode_with_scores(
@@ -91,6 +94,8 @@ def decode_with_scores(
     options: DecodingOptions,
     key: jax.Array | None = None,
     prompt_length: int | Sequence[int] | None = None,
+    *,
+    check_every: int | None = None,
 ):
     """`greedy_decode`, or sampling at `options.temperature` > 0 with the random `key`, also
     returning each row's sum of log-probabilities (B,) float32 and no-speech probability (B,)
@@ -101,7 +106,10 @@ def decode_with_scores(
     leaves after them (OpenAI stops at `n_text_ctx + 1` tokens): prompts of different lengths
     padded to one width share one compiled program. The samples follow the real tokens; the
     result is (B, P + max_new_tokens) as without. `prompt_length` may also give each row's (B,):
-    rows of different lengths decode together, each as it would alone."""
+    rows of different lengths decode together, each as it would alone. `check_every`: the steps
+    between checks that every row has finished (None: by the device, see the module docstring);
+    the result does not depend on it."""
+    every = steps_per_check(jax.default_backend(), check_every)
     prompt = np.asarray(prompt, np.int32)
     real = prompt_lengths(model.config, prompt.shape, options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
@@ -112,14 +120,24 @@ def decode_with_scores(
     temperature = jnp.float32(options.temperature)
     options = dataclasses.replace(options, temperature=float(options.temperature > 0))
     graphdef, state = nnx.split(model)
-    return _greedy_decode_jit(graphdef, state, jnp.asarray(mel), prompt, options, key, jnp.asarray(real), temperature)
+    mel = jnp.asarray(mel)
+    return _greedy_decode_jit(graphdef, state, mel, prompt, options, key, jnp.asarray(real), temperature, every)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options"))
-def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions, key, real, temperature):
+def checked_loop(unfinished, step, state, every: int):
+    """`nnx.while_loop(unfinished, step, state)`, testing `unfinished` before every `every`
+    steps only: `step` must leave the result unchanged once `unfinished` is false."""
+    if every > 1:
+        block = functools.partial(nnx.fori_loop, 0, every, lambda _, state: step(state))
+        return nnx.while_loop(unfinished, block, state)
+    return nnx.while_loop(unfinished, step, state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "options", "every"))
+def _greedy_decode_jit(graphdef, state, mel, prompt, options: DecodingOptions, key, real, temperature, every):
     """A pure jit over the split model: it returns the tokens and scores only (an `nnx.jit` would
     also hand back the model's state, a copy of every weight per call)."""
-    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options, key, real, temperature)
+    return _greedy_decode(nnx.merge(graphdef, state), mel, prompt, options, key, real, temperature, every)
 
 
 def no_speech_probability(logits: jax.Array, prompt: jax.Array, options: DecodingOptions) -> jax.Array:
@@ -146,7 +164,7 @@ def choose(allowed: jax.Array, options: DecodingOptions, key: jax.Array, tempera
     return chosen.astype(jnp.int32), jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0]
 
 
-def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, real, temperature):
+def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, real, temperature, every: int = 1):
     """`real` (B,) (traced): row r's prompt is its first `real[r]` columns; its samples start
     there. `temperature` (traced) divides the logits when `options.temperature` says to sample.
 
@@ -154,7 +172,8 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
     of every row per step, from the shortest prompt's end: a row whose prompt reaches past `c`
     feeds its prompt token again (its output unused), the others their last sample, so each row's
     tokens keep the positions they have decoded alone. Rows of one length take the same steps as
-    a single prompt would."""
+    a single prompt would. Steps after every row has finished (`every` > 1) write each row's
+    column back as it is."""
     eot, max_new = options.eot, options.max_new_tokens
     batch, width = prompt.shape
     n_ctx = model.config.n_text_ctx
@@ -199,12 +218,14 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
         active = (i >= 1) & (i < limit) & ~done
         scores = scores + jnp.where(active, logprob, 0.0)  # up to and including each row's end of text
         column = jax.lax.dynamic_slice_in_dim(tokens, c + 1, 1, axis=1)[:, 0]
-        chosen = jnp.where(active, chosen, jnp.where(i >= 1, eot, column))  # finished rows: end of text
+        # Inactive rows keep their column: a prompt token, or the end of text a row holds after
+        # its last sample (or, past the buffer's end, where the index is clamped, that sample).
+        chosen = jnp.where(active, chosen, column)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], c + 1, axis=1)
         return decoder, c + 1, tokens, cache, done | (active & (chosen == eot)), scores
 
     state = (model.decoder, low, tokens, cache, first == eot, scores)
-    _, _, tokens, _, _, scores = nnx.while_loop(unfinished, step, state)
+    _, _, tokens, _, _, scores = checked_loop(unfinished, step, state, every)
     return tokens, scores, no_speech
 
 
@@ -215,26 +236,30 @@ def beam_search_decode(
     options: DecodingOptions,
     beam: BeamSearch,
     prompt_length: int | Sequence[int] | None = None,
+    *,
+    check_every: int | None = None,
 ):
     """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int32, the
     chosen candidate of each utterance padded with end of text, its sum of log-probabilities (B,)
     float32, and the no-speech probability (B,) float32): OpenAI's beam search (see
     `whisper_io.decoding.BeamSearch`), one jitted program per (shapes, options, beam);
     `prompt_length` as for `decode_with_scores`, one per row too: utterances of different prompt
-    lengths are searched together, each as it would be alone. Call `model.eval()` first."""
+    lengths are searched together, each as it would be alone; `check_every` as for
+    `decode_with_scores`. Call `model.eval()` first."""
+    every = steps_per_check(jax.default_backend(), check_every)
     prompt = np.asarray(prompt, np.int32)
     real = prompt_lengths(model.config, prompt.shape, options.max_new_tokens, prompt_length)
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     graphdef, state = nnx.split(model)
-    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam, jnp.asarray(real))
+    return _beam_search_jit(graphdef, state, jnp.asarray(mel), prompt, options, beam, jnp.asarray(real), every)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "options", "beam"))
-def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, beam: BeamSearch, real):
-    return _beam_search(nnx.merge(graphdef, state), mel, prompt, options, beam, real)
+@functools.partial(jax.jit, static_argnames=("graphdef", "options", "beam", "every"))
+def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, beam: BeamSearch, real, every):
+    return _beam_search(nnx.merge(graphdef, state), mel, prompt, options, beam, real, every)
 
 
-def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, real):
+def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, real, every: int = 1):
     """`real` (B,) (traced): utterance u's prompt is its first `real[u]` columns.
 
     The loop writes one column `c` of every utterance per step, from the shortest prompt's end;
@@ -321,7 +346,7 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     first = jnp.take_along_axis(logits, (beam_real - 1)[:, None, None], axis=1)[:, 0]
     state = (model.decoder, low, tokens, cache, first, jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
-    _, _, tokens, _, _, scores, done, done_scores, count = nnx.while_loop(unfinished, step, state)
+    _, _, tokens, _, _, scores, done, done_scores, count = checked_loop(unfinished, step, state, every)
 
     # Too few finished: the remaining beams, best first, until an utterance has k candidates.
     best = jnp.argsort(-scores.reshape(batch, k), axis=1, stable=True)  # (B, k)

@@ -288,3 +288,41 @@ def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding
         np.testing.assert_allclose(np.asarray(together[2])[r], np.asarray(alone[2])[0], rtol=1e-5, atol=1e-8)
     with pytest.raises(InputError, match="one per row"):
         decode(mels, batch, options, lengths[:2])
+
+
+@pytest.mark.parametrize("search", ["greedy", "sampled", "beam-patience-0.5"])
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_checking_for_the_end_every_few_steps_changes_nothing(decoding_setup, framework, search):
+    """Checking that every row has finished only every few steps (a GPU checks every 8) gives
+    the tokens, sums and no-speech probabilities of checking at every step. The rows' prompts
+    differ in length; one fills the prompt array and samples up to its last column, so the steps
+    run after the last check write past the buffer's end (where the index is clamped)."""
+    if framework == "torch" and search == "sampled":
+        pytest.skip("torch checks at every step when sampling (its generator's draws stay the same)")
+    _, _, mel, flax_model, torch_model = decoding_setup
+    module, model = (flax_decoding, flax_model) if framework == "flax" else (torch_decoding, torch_model)
+    beam = BeamSearch(5, 0.5) if search.startswith("beam") else None
+    config = flax_model.config
+    tokenizer = tokenizer_for(config)
+    prompt, options = decoding_options(tokenizer, config, "en", max_new_tokens=6)
+    lengths = [2, len(prompt)]  # the second row's prompt fills the array; the first's is its start
+    prompts, mels = np.tile(prompt, (2, 1)), mel[[0, 2]]  # audio whose full row samples 6 tokens
+    if search == "sampled":
+        options = dataclasses.replace(options, temperature=0.5)
+    steps = len(prompt) + options.max_new_tokens - 1 - min(lengths)  # the loop's steps at most
+    every = next(n for n in (4, 5, 7) if steps % n)  # the last block of steps overshoots
+
+    def decode(every):
+        if beam is not None:
+            return module.beam_search_decode(model, mels, prompts, options, beam, lengths, check_every=every)
+        key = jax.random.key(0) if search == "sampled" else None
+        return module.decode_with_scores(model, mels, prompts, options, key, lengths, check_every=every)
+
+    each, few = decode(1), decode(every)
+    if beam is None:  # (a beam search's own rows run to the end unless enough candidates finished)
+        assert np.asarray(each[0])[-1, -1] != tokenizer.eot  # the full row sampled up to the last column
+    np.testing.assert_array_equal(np.asarray(few[0]), np.asarray(each[0]))
+    np.testing.assert_allclose(np.asarray(few[1]), np.asarray(each[1]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(few[2]), np.asarray(each[2]), rtol=1e-6, atol=1e-9)
+    with pytest.raises(InputError, match="check_every must be a positive integer"):
+        decode(0)

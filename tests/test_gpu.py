@@ -16,6 +16,9 @@ from flax import nnx
 
 import flax_whisper.kernel as fk
 from flax_whisper import greedy_decode
+from flax_whisper.decoding import decode_with_scores
+from whisper_io import decoding_options, tokenizer_for
+from whisper_io.decoding import steps_per_check
 
 pytestmark = pytest.mark.gpu
 
@@ -83,8 +86,6 @@ def test_greedy_decoding_in_bfloat16_picks_a_float32_best_first_token():
     model has near ties, so the two argmaxes may differ; both see the same suppressed tokens)."""
     config = tiny_config(n_vocab=51865, decoder_start_token_id=None)
     _, f = make_pair(config)
-    from whisper_io import decoding_options, tokenizer_for
-
     prompt, options = decoding_options(tokenizer_for(config), config, language="en", max_new_tokens=4)
     mel = np.random.default_rng(0).standard_normal((2, config.n_mels, 32)).astype(np.float32)
     prompts = np.tile(prompt, (2, 1))
@@ -97,3 +98,18 @@ def test_greedy_decoding_in_bfloat16_picks_a_float32_best_first_token():
     assert error < 0.15 * full_logits.std(), "bf16 logits far from float32"
     rows = np.arange(2)
     assert (full_logits[rows, half] >= full_logits[rows, full] - 2 * error).all()
+
+
+def test_gpu_decoding_checks_for_the_end_every_few_steps_with_the_same_tokens():
+    """On a GPU the decoding loop checks that every row has finished every few steps (its runtime
+    waits for the device at each check); the tokens and sums are those of checking every step."""
+    assert steps_per_check(jax.default_backend()) > 1
+    config = tiny_config(n_vocab=51865, decoder_start_token_id=None)
+    _, f = make_pair(config)
+    prompt, options = decoding_options(tokenizer_for(config), config, language="en", max_new_tokens=9)
+    mel = np.random.default_rng(0).standard_normal((3, config.n_mels, 32)).astype(np.float32)
+    prompts, lengths = np.tile(prompt, (3, 1)), [2, 3, len(prompt)]
+    default = decode_with_scores(f, mel, prompts, options, prompt_length=lengths)
+    each = decode_with_scores(f, mel, prompts, options, prompt_length=lengths, check_every=1)
+    np.testing.assert_array_equal(np.asarray(default[0]), np.asarray(each[0]))
+    np.testing.assert_allclose(np.asarray(default[1]), np.asarray(each[1]), rtol=1e-6)

@@ -42,7 +42,10 @@ def torch_step(model, mel, labels):
     }
 
 
-@pytest.mark.parametrize("preset, attention", [("rotary_rotary_sinusoidal", "memory"), ("integrated", "integrated")])
+@pytest.mark.parametrize(
+    "preset, attention",
+    [("rotary_rotary_sinusoidal", "memory"), pytest.param("integrated", "integrated", marks=pytest.mark.slow)],
+)
 def test_memory_state_after_training_steps(preset, attention):
     config = tiny_config(
         preset, encoder_attention=attention, decoder_attention=attention, memory_update=True, n_audio_layer=1

@@ -218,6 +218,7 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.slow  # three training processes, signalled one by one: half a minute on 2 cores
 def test_ctrl_c_and_sigterm_save_and_stop_cleanly_and_a_kill_keeps_the_last_checkpoint(dataset, tmp_path):
     config = tiny_train_config(dataset, tmp_path, steps=10_000, eval_data=None, save_every=2)
     log = tmp_path / "run" / "logs" / "metrics.jsonl"
@@ -467,6 +468,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # two training runs in subprocesses; tests/test_sharding.py keeps the mesh in the main suite
 def test_eight_device_mesh_matches_one_device_and_shards_parameters(dataset, tmp_path, monkeypatch):
     config = tiny_train_config(dataset, tmp_path, eval_data=None)
     from convert import save_checkpoint

@@ -157,7 +157,7 @@ def test_decay_mask_covers_matrices_only(variant):
     assert decayed_names(TorchWhisper(variant)) == torch_decayed
 
 
-@pytest.mark.parametrize("preset", ["whisper", "integrated"])
+@pytest.mark.parametrize("preset", ["whisper", pytest.param("integrated", marks=pytest.mark.slow)])
 def test_unrolled_layers_train_as_the_scan(preset):
     """`unroll_layers=True` lays the encoder's and decoder's layers out one after another (no loop
     left in the compiled step): the same loss and gradients as the scanned layers (integrated:

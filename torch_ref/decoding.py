@@ -1,7 +1,9 @@
 """Greedy decoding, sampling and beam search with the KV cache (mirrors `flax_whisper/decoding.py`).
 
 An eager loop over single-token decoder steps that stops once every row has produced end of
-text. See `whisper_io.decoding` for the algorithm.
+text, checked every `check_every` steps (8 on a CUDA device, 1 elsewhere:
+`whisper_io.decoding.CHECK_EVERY`; reading the flag waits for the device). See
+`whisper_io.decoding` for the algorithm.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from torch import Tensor
 
 from torch_ref.model import Whisper
 from whisper_config import InputError, check_token_range
-from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths
+from whisper_io.decoding import BeamSearch, DecodingOptions, prompt_lengths, steps_per_check
 
 
 def suppress(logits: Tensor, ids: tuple[int, ...]) -> Tensor:
@@ -70,7 +72,7 @@ def detect_language(model: Whisper, xa: Tensor, start: Tensor, language_tokens: 
     return candidates[logits[:, 0, candidates].argmax(dim=-1)]
 
 
-def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tensor:
+def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, *, check_every: int | None = None) -> Tensor:
     """mel (B, n_mels, frames), prompt (B, P) int -> tokens (B, P + max_new_tokens) int64.
 
     The prompt (with the detected language written in, when detecting) is followed by the
@@ -79,7 +81,7 @@ def greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions) -> Tens
     """
     if options.temperature > 0:
         raise InputError("greedy_decode takes the arg-max: sample with decode_with_scores and a generator")
-    return decode_with_scores(model, mel, prompt, options)[0]
+    return decode_with_scores(model, mel, prompt, options, check_every=check_every)[0]
 
 
 def no_speech_probability(logits: Tensor, prompt: Tensor, options: DecodingOptions) -> Tensor:
@@ -122,6 +124,8 @@ def decode_with_scores(
     options: DecodingOptions,
     generator: torch.Generator | None = None,
     prompt_length: int | Sequence[int] | None = None,
+    *,
+    check_every: int | None = None,
 ):
     """`greedy_decode`, or sampling at `options.temperature` > 0 from `generator`, also returning
     each row's sum of log-probabilities (B,) float32 and no-speech probability (B,) float32 (NaN
@@ -133,11 +137,14 @@ def decode_with_scores(
     The prompts go through in one pass (up to the longest), which gives every row its first
     sample; the loop then feeds one column `c` of every row per step from the shortest prompt's
     end: a row whose prompt reaches past `c` feeds its prompt token again, the others their last
-    sample."""
+    sample. `check_every`: the steps between checks that every row has finished (None: by the
+    device); the result does not depend on it. Sampling checks at every step, so that the
+    generator is drawn from exactly as often as the tokens need."""
     eot, max_new = options.eot, options.max_new_tokens
     if (options.temperature > 0) != (generator is not None):
         raise InputError("a random generator is needed at a temperature above 0, and only there")
     device = next(model.parameters()).device
+    every = steps_per_check(device.type, check_every) if generator is None else 1
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
     lengths = prompt_lengths(model.config, (batch, width), max_new, prompt_length)
@@ -169,7 +176,7 @@ def decode_with_scores(
     done = chosen == eot
     for c in range(low, end - 1):
         i = c + 1 - real  # (B,) the sample each row's logits give (< 1: still in its prompt)
-        if bool((done | (i >= limit)).all()):
+        if (c - low) % every == 0 and bool((done | (i >= limit)).all()):
             break
         logits, cache = model.decoder(tokens[:, c : c + 1], xa, cache)
         allowed = timestamp_rules(
@@ -178,7 +185,7 @@ def decode_with_scores(
         chosen, logprob = choose(allowed, options, generator, options.temperature)
         active = (i >= 1) & (i < limit) & ~done
         scores = scores + torch.where(active, logprob, 0.0)  # up to and including each row's end of text
-        chosen = torch.where(active, chosen, torch.where(i >= 1, eot, tokens[:, c + 1]))  # finished: end of text
+        chosen = torch.where(active, chosen, tokens[:, c + 1])  # inactive rows keep their column
         tokens[:, c + 1] = chosen
         done |= active & (chosen == eot)
     return tokens, scores, no_speech
@@ -199,15 +206,19 @@ def beam_search_decode(
     options: DecodingOptions,
     beam: BeamSearch,
     prompt_length: int | Sequence[int] | None = None,
+    *,
+    check_every: int | None = None,
 ):
     """mel (B, n_mels, frames), prompt (B, P) -> (tokens (B, P + max_new_tokens) int64, the
     chosen candidate of each utterance padded with end of text, its sum of log-probabilities (B,)
     float32, and the no-speech probability (B,) float32): OpenAI's beam search (see
     `whisper_io.decoding.BeamSearch`); `prompt_length` as for `decode_with_scores`, one per row
     too, each utterance searched as it would be alone (the loop over columns is the one
-    `flax_whisper.decoding._beam_search` describes). Call `model.eval()` first."""
+    `flax_whisper.decoding._beam_search` describes); `check_every` as for `decode_with_scores`.
+    Call `model.eval()` first."""
     eot, max_new, k, most = options.eot, options.max_new_tokens, beam.beam_size, beam.max_candidates
     device = next(model.parameters()).device
+    every = steps_per_check(device.type, check_every)
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
     lengths = prompt_lengths(model.config, (batch, width), max_new, prompt_length)
@@ -276,7 +287,8 @@ def beam_search_decode(
         scores = torch.where(live[:, None], sums.gather(1, kept), scores.reshape(batch, k)).reshape(-1)
         for layer in cache["layers"]:
             layer["attn"] = _rows(layer["attn"], chosen)
-        if not bool(((c + 1 - real < limit) & (count < most)).any()):  # every utterance done or out of room
+        searching = (c + 1 - real < limit) & (count < most)  # (B,) utterances neither done nor out of room
+        if (c + 1 - low) % every == 0 and not bool(searching.any()):
             break
         fed, cache = model.decoder(tokens[:, c : c + 1], xa, cache)
         logits = torch.where(at >= 0, fed[:, -1], logits)  # still before its last prompt token: the first logits

@@ -138,6 +138,26 @@ def prompt_lengths(config: ModelConfig, shape: tuple[int, int], max_new_tokens: 
     return lengths.astype(np.int32)
 
 
+# Decoding steps between two checks that every row has finished, by the kind of device: a loop
+# whose end is decided by data makes a GPU runtime copy the flag to the host and wait for the
+# device at every check (XLA's while loop with no known trip count, torch's `bool(tensor)`), so
+# the host cannot queue the next step's kernels while the device runs this one. Checking every
+# `n` steps runs `n` steps as a loop of known length in between; steps after every row finished
+# change nothing, and cost at most `n - 1` steps. CPUs and TPUs (whose loops run on the device)
+# gain nothing from it.
+CHECK_EVERY = {"gpu": 8, "cuda": 8}
+
+
+def steps_per_check(device_kind: str, requested: int | None = None) -> int:
+    """Decoding steps between checks for `device_kind` (jax's backend or torch's device type):
+    `requested` when given (a positive integer), else `CHECK_EVERY`'s (1 where absent)."""
+    if requested is None:
+        return CHECK_EVERY.get(device_kind, 1)
+    if isinstance(requested, bool) or not isinstance(requested, int | np.integer) or requested < 1:
+        raise InputError(f"check_every must be a positive integer, got {requested!r}")
+    return int(requested)
+
+
 # OpenAI's window; a timestamp step is CHUNK_SECONDS / n_audio_ctx (0.02 s for its models).
 # `max_initial_timestamp` is counted in these steps, as `openai-whisper`'s `decode` counts it;
 # its long-form loop (and `transcribe.sequential`) reads a step as 0.02 s (two mel frames), so
