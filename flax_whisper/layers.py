@@ -127,11 +127,47 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-        return y.astype(x.dtype)
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+def _normalized(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (..., d) -> (x - mean) / std in float32 (..., d), the mean and 1 / std (..., 1)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
+    return (x32 - mean) * rstd, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """x (..., d) in any dtype, scale and bias (d,) float32 -> LayerNorm(x) in x's dtype, with
+    float32 statistics.
+
+    Its backward pass keeps x (in its own dtype) and two float32 numbers per row, not the
+    float32 (..., d) arrays autodiff would save; it normalises x again and gives the input's
+    gradient in one pass: (g - mean(g) - x̂ mean(g x̂)) / std with g = dy * scale."""
+    return _layer_norm_forward(x, scale, bias, eps)[0]
+
+
+def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
+    normalized, mean, rstd = _normalized(x, eps)
+    return (normalized * scale + bias).astype(x.dtype), (x, scale, mean, rstd)
+
+
+def _layer_norm_backward(eps: float, saved, grad: jax.Array):
+    x, scale, mean, rstd = saved
+    normalized = (x.astype(jnp.float32) - mean) * rstd
+    grad = grad.astype(jnp.float32)
+    rows = tuple(range(grad.ndim - 1))
+    grad_scale, grad_bias = jnp.sum(grad * normalized, axis=rows), jnp.sum(grad, axis=rows)
+    g = grad * scale
+    mean_g = g.mean(-1, keepdims=True)
+    mean_gx = (g * normalized).mean(-1, keepdims=True)
+    grad_x = (g - mean_g - normalized * mean_gx) * rstd
+    return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
 
 
 class RMSNorm(nnx.Module):
@@ -142,9 +178,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps) * self.scale[...]
-        return y.astype(x.dtype)
+        return rms_norm(x, self.scale[...], None, self.eps, 1)
 
 
 class GroupRMSNorm(nnx.Module):
@@ -158,9 +192,45 @@ class GroupRMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., d) -> (..., d)"""
-        x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, -1)  # (..., G, d/G)
-        y = (x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)).reshape(x.shape)
-        return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.bias[...], self.eps, self.groups)
+
+
+def _rms_normalized(x: jax.Array, eps: float, groups: int) -> tuple[jax.Array, jax.Array]:
+    """x (..., d) -> x / rms per channel group in float32 (..., G, d/G), and 1 / rms (..., G, 1)."""
+    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1)
+    rstd = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return x32 * rstd, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def rms_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int) -> jax.Array:
+    """x (..., d) in any dtype, scale (and bias, or None) (d,) float32 -> each of `groups` equal
+    channel groups divided by its root mean square (float32 statistics), `* scale + bias`, in
+    x's dtype. Its backward pass keeps x and one float32 number per row and group, as
+    `layer_norm`'s does: (g - x̂ mean(g x̂)) / rms with g = dy * scale, per group."""
+    return _rms_norm_forward(x, scale, bias, eps, groups)[0]
+
+
+def _rms_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int):
+    normalized, rstd = _rms_normalized(x, eps, groups)
+    y = normalized.reshape(x.shape) * scale
+    y = y if bias is None else y + bias
+    return y.astype(x.dtype), (x, scale, bias, rstd)
+
+
+def _rms_norm_backward(eps: float, groups: int, saved, grad: jax.Array):
+    x, scale, bias, rstd = saved
+    normalized = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1) * rstd  # (..., G, d/G)
+    grad = grad.astype(jnp.float32)
+    rows = tuple(range(grad.ndim - 1))
+    grad_scale = jnp.sum(grad * normalized.reshape(x.shape), axis=rows).astype(scale.dtype)
+    grad_bias = None if bias is None else jnp.sum(grad, axis=rows).astype(bias.dtype)
+    g = (grad * scale).reshape(normalized.shape)
+    grad_x = (g - normalized * (g * normalized).mean(-1, keepdims=True)) * rstd
+    return grad_x.reshape(x.shape).astype(x.dtype), grad_scale, grad_bias
+
+
+rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
 
 
 @jax.custom_vjp

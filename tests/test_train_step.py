@@ -248,3 +248,61 @@ def test_token_nll_is_the_log_softmax_and_keeps_no_logits(dtype):
     assert float(jnp.abs(ours[1][n_vocab:].astype(jnp.float32)).max()) == 0.0  # padding rows learn nothing
     _, saved = _token_nll_forward(x, table, labels, n_vocab)
     assert [a.shape for a in saved] == [x.shape, table.shape, labels.shape, labels.shape]
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "group_rms"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm, dtype):
+    """The norms' custom backward passes (`layer_norm`, `rms_norm`) against autodiff of the
+    textbook formulas computed in float32 (x upcast, the result cast back to x's dtype), with a
+    scale and bias far from 1 and 0: values and the gradients of x, scale and bias to float32
+    rounding (bfloat16 x: its gradient within bfloat16's rounding), dtypes kept; what the
+    forward saves is x in its own dtype and float32 statistics per row (and group)."""
+    from flax_whisper.layers import _layer_norm_forward, _rms_norm_forward, layer_norm, rms_norm
+
+    rng = np.random.default_rng(1)
+    d, groups = 16, {"layernorm": 1, "rmsnorm": 1, "group_rms": 4}[norm]
+    x = jnp.asarray(rng.standard_normal((2, 5, d)) * 3 + 1, dtype)
+    scale = jnp.asarray(rng.standard_normal(d) + 1, jnp.float32)
+    bias = None if norm == "rmsnorm" else jnp.asarray(rng.standard_normal(d), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((2, 5, d)), jnp.float32)
+
+    def reference(x, scale, bias):  # the formulas of the model contract, in float32
+        grouped = x.astype(jnp.float32).reshape(2, 5, groups, d // groups)
+        if norm == "layernorm":
+            centred = grouped - grouped.mean(-1, keepdims=True)
+            y = centred / jnp.sqrt(jnp.mean(centred**2, -1, keepdims=True) + 1e-5)
+        else:
+            y = grouped / jnp.sqrt(jnp.mean(grouped**2, -1, keepdims=True) + 1e-6)
+        y = y.reshape(x.shape) * scale
+        return (y if bias is None else y + bias).astype(x.dtype)
+
+    def ours(x, scale, bias):
+        if norm == "layernorm":
+            return layer_norm(x, scale, bias, 1e-5)
+        return rms_norm(x, scale, bias, 1e-6, groups)
+
+    got = ours(x, scale, bias)
+    assert got.dtype == dtype
+    want = reference(x, scale, bias).astype(jnp.float32)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    else:  # at most one bfloat16 rounding step apart
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=2**-7, atol=0)
+    argnums = (0, 1) if bias is None else (0, 1, 2)
+    mine = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * weights), argnums)(x, scale, bias)
+    exact = jax.grad(lambda *a: jnp.sum(reference(*a).astype(jnp.float32) * weights), argnums)(x, scale, bias)
+    for grad, want, like in zip(mine, exact, (x, scale, bias), strict=False):
+        assert grad.dtype == like.dtype and grad.shape == like.shape
+        if dtype == jnp.float32 or like is not x:
+            np.testing.assert_allclose(grad.astype(jnp.float32), want.astype(jnp.float32), rtol=1e-4, atol=1e-4)
+        else:
+            bound = 1e-2 * float(jnp.abs(want.astype(jnp.float32)).max())
+            np.testing.assert_allclose(grad.astype(jnp.float32), want.astype(jnp.float32), atol=bound)
+    if norm == "layernorm":
+        _, saved = _layer_norm_forward(x, scale, bias, 1e-5)
+    else:
+        _, saved = _rms_norm_forward(x, scale, bias, 1e-6, groups)
+    kept, *rest = jax.tree.leaves(saved)
+    assert kept.dtype == dtype and kept.shape == x.shape  # x itself
+    assert all(a.dtype == jnp.float32 and a.size <= 2 * 5 * max(d, groups) for a in rest)  # scale, bias, statistics
