@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from whisper_config import ModelConfig
@@ -368,6 +369,25 @@ def make_norm(config: ModelConfig, n_state: int) -> nnx.Module:
     return NORMS[config.norm](n_state, config)
 
 
+@jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as torch; `jax.nn.gelu` defaults to the tanh approximation."""
-    return jax.nn.gelu(x, approximate=False)
+    """Exact (erf) GELU, as torch; `jax.nn.gelu` defaults to the tanh approximation.
+
+    Computed in float32 and rounded to x's dtype, as torch computes it in 16-bit runs; its
+    backward pass keeps the input alone (autodiff kept more arrays of the MLP's hidden width)
+    and multiplies by the derivative Phi(x) + x phi(x), in float32 too."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def _gelu_forward(x: jax.Array):
+    return gelu(x), x
+
+
+def _gelu_backward(x: jax.Array, grad: jax.Array):
+    x32 = x.astype(jnp.float32)
+    cdf = 0.5 * (1 + jax.lax.erf(x32 * np.sqrt(0.5)))  # Phi(x)
+    density = jnp.exp(-0.5 * x32 * x32) / np.sqrt(2 * np.pi)  # phi(x)
+    return ((grad.astype(jnp.float32) * (cdf + x32 * density)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_forward, _gelu_backward)

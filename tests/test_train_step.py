@@ -306,3 +306,27 @@ def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm
     kept, *rest = jax.tree.leaves(saved)
     assert kept.dtype == dtype and kept.shape == x.shape  # x itself
     assert all(a.dtype == jnp.float32 and a.size <= 2 * 5 * max(d, groups) for a in rest)  # scale, bias, statistics
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_gelu_backward_is_the_exact_derivative_and_keeps_only_its_input(dtype):
+    """GELU's hand-written backward against autodiff of x * Phi(x) (the normal CDF from erf) in
+    float64 on the same inputs, over the range where the derivative changes sign; the forward is
+    exact GELU; what it saves is the input alone."""
+    from flax_whisper.layers import _gelu_forward, gelu
+
+    x = jnp.asarray(np.linspace(-6, 6, 97), dtype)
+    weights = jnp.asarray(np.random.default_rng(0).standard_normal(97), jnp.float32)
+    wide = np.asarray(x.astype(jnp.float32), np.float64)
+    with jax.enable_x64():
+        exact = jax.grad(lambda a: jnp.sum(a * 0.5 * (1 + jax.scipy.special.erf(a / np.sqrt(2))) * weights))(
+            jnp.asarray(wide)
+        )
+        value = wide * 0.5 * (1 + np.asarray(jax.scipy.special.erf(jnp.asarray(wide) / np.sqrt(2))))
+    got = jax.grad(lambda a: jnp.sum(gelu(a).astype(jnp.float32) * weights))(x)
+    assert got.dtype == dtype
+    rounding = 1e-6 if dtype == jnp.float32 else 2**-8
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), exact, rtol=rounding, atol=rounding * 2)
+    np.testing.assert_allclose(np.asarray(gelu(x).astype(jnp.float32)), value, rtol=rounding * 2, atol=rounding)
+    _, saved = _gelu_forward(x)
+    assert saved.shape == x.shape and saved.dtype == dtype
