@@ -295,34 +295,46 @@ def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding
 def test_checking_for_the_end_every_few_steps_changes_nothing(decoding_setup, framework, search):
     """Checking that every row has finished only every few steps (a GPU checks every 8) gives
     the tokens, sums and no-speech probabilities of checking at every step. The rows' prompts
-    differ in length; one fills the prompt array and samples up to its last column, so the steps
-    run after the last check write past the buffer's end (where the index is clamped)."""
-    if framework == "torch" and search == "sampled":
-        pytest.skip("torch checks at every step when sampling (its generator's draws stay the same)")
+    differ in length. On one audio pair a row fills the prompt array and samples up to its last
+    column, so the steps after the last check write past the buffer's end (where the index is
+    clamped); on the other every row ends early, so steps run after the end. torch checks at
+    every step when sampling: its generator ends in the same state too."""
     _, _, mel, flax_model, torch_model = decoding_setup
     module, model = (flax_decoding, flax_model) if framework == "flax" else (torch_decoding, torch_model)
     beam = BeamSearch(5, 0.5) if search.startswith("beam") else None
-    config = flax_model.config
-    tokenizer = tokenizer_for(config)
-    prompt, options = decoding_options(tokenizer, config, "en", max_new_tokens=6)
-    lengths = [2, len(prompt)]  # the second row's prompt fills the array; the first's is its start
-    prompts, mels = np.tile(prompt, (2, 1)), mel[[0, 2]]  # audio whose full row samples 6 tokens
+    tokenizer = tokenizer_for(flax_model.config)
+    prompt, options = decoding_options(tokenizer, flax_model.config, "en", max_new_tokens=6)
     if search == "sampled":
-        options = dataclasses.replace(options, temperature=0.5)
+        options = dataclasses.replace(options, temperature=1.0)
+    lengths = [2, len(prompt)]  # the second row's prompt fills the array; the first's is its start
+    prompts = np.tile(prompt, (2, 1))
     steps = len(prompt) + options.max_new_tokens - 1 - min(lengths)  # the loop's steps at most
     every = next(n for n in (4, 5, 7) if steps % n)  # the last block of steps overshoots
 
-    def decode(every):
+    def decode(mels, every, generators):
         if beam is not None:
             return module.beam_search_decode(model, mels, prompts, options, beam, lengths, check_every=every)
-        key = jax.random.key(0) if search == "sampled" else None
+        key = None
+        if search == "sampled":
+            key = jax.random.key(0) if framework == "flax" else torch.Generator().manual_seed(0)
+            generators.append(key)
         return module.decode_with_scores(model, mels, prompts, options, key, lengths, check_every=every)
 
-    each, few = decode(1), decode(every)
-    if beam is None:  # (a beam search's own rows run to the end unless enough candidates finished)
-        assert np.asarray(each[0])[-1, -1] != tokenizer.eot  # the full row sampled up to the last column
-    np.testing.assert_array_equal(np.asarray(few[0]), np.asarray(each[0]))
-    np.testing.assert_allclose(np.asarray(few[1]), np.asarray(each[1]), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(few[2]), np.asarray(each[2]), rtol=1e-6, atol=1e-9)
+    new = options.max_new_tokens
+    ends = []  # per pair, each row's samples before its end of text
+    for rows in ([0, 2], [0, 1]):  # audio whose full row samples 6 tokens; audio whose rows end early
+        generators = []
+        each, few = decode(mel[rows], 1, generators), decode(mel[rows], every, generators)
+        np.testing.assert_array_equal(np.asarray(few[0]), np.asarray(each[0]))
+        np.testing.assert_allclose(np.asarray(few[1]), np.asarray(each[1]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(few[2]), np.asarray(each[2]), rtol=1e-6, atol=1e-9)
+        if framework == "torch" and search == "sampled":
+            assert torch.equal(generators[0].get_state(), generators[1].get_state())
+        samples = [
+            [*row[n : n + new], tokenizer.eot] for row, n in zip(np.asarray(each[0]).tolist(), lengths, strict=True)
+        ]
+        ends.append([row.index(tokenizer.eot) for row in samples])
+    if beam is None:  # both cases happen (a beam search's own rows run on unless enough candidates end)
+        assert ends[0][-1] == new and max(ends[1]) < new - 1, ends
     with pytest.raises(InputError, match="check_every must be a positive integer"):
-        decode(0)
+        decode(mel[:2], 0, [])

@@ -144,7 +144,8 @@ def decode_with_scores(
     if (options.temperature > 0) != (generator is not None):
         raise InputError("a random generator is needed at a temperature above 0, and only there")
     device = next(model.parameters()).device
-    every = steps_per_check(device.type, check_every) if generator is None else 1
+    every = steps_per_check(device.type, check_every)
+    every = every if generator is None else 1  # each step draws: check each one
     prompt = torch.as_tensor(np.asarray(prompt), dtype=torch.long, device=device).clone()
     batch, width = prompt.shape
     lengths = prompt_lengths(model.config, (batch, width), max_new, prompt_length)
