@@ -27,12 +27,22 @@ sys.path.insert(0, str(REPO))
 
 SPEECH = REPO / "tests" / "data" / "speech_16k.wav"
 
-# Runs the CLI and reports the process's own peak RSS (ru_maxrss is in KiB on Linux).
+# Runs the CLI and reports the process's own peak RSS: the high-water mark of its own memory
+# (VmHWM, in KiB) where Linux gives it. `ru_maxrss` is kept across fork and exec, so it would count
+# the parent's peak too (a test process that had loaded models reported its own 2.4 GB).
 CHILD = """
 import json, resource, sys
 from transcribe.__main__ import main
+
+def peak_mb():
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
+
 status = main(sys.argv[1:])
-print(json.dumps({"status": status, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"status": status, "peak_rss_mb": peak_mb()}))
 """
 
 
