@@ -120,8 +120,9 @@ def decode_with_scores(
     temperature = jnp.float32(options.temperature)
     options = dataclasses.replace(options, temperature=float(options.temperature > 0))
     graphdef, state = nnx.split(model)
-    mel = jnp.asarray(mel)
-    return _greedy_decode_jit(graphdef, state, mel, prompt, options, key, jnp.asarray(real), temperature, every)
+    return _greedy_decode_jit(
+        graphdef, state, jnp.asarray(mel), prompt, options, key, jnp.asarray(real), temperature, every
+    )
 
 
 def checked_loop(unfinished, step, state, every: int):
@@ -164,7 +165,7 @@ def choose(allowed: jax.Array, options: DecodingOptions, key: jax.Array, tempera
     return chosen.astype(jnp.int32), jnp.take_along_axis(logprobs, chosen[:, None], axis=1)[:, 0]
 
 
-def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, real, temperature, every: int = 1):
+def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, real, temperature, every: int):
     """`real` (B,) (traced): row r's prompt is its first `real[r]` columns; its samples start
     there. `temperature` (traced) divides the logits when `options.temperature` says to sample.
 
@@ -259,7 +260,7 @@ def _beam_search_jit(graphdef, state, mel, prompt, options: DecodingOptions, bea
     return _beam_search(nnx.merge(graphdef, state), mel, prompt, options, beam, real, every)
 
 
-def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, real, every: int = 1):
+def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: BeamSearch, real, every: int):
     """`real` (B,) (traced): utterance u's prompt is its first `real[u]` columns.
 
     The loop writes one column `c` of every utterance per step, from the shortest prompt's end;

@@ -128,47 +128,7 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
-
-
-def _normalized(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """x (..., d) -> (x - mean) / std in float32 (..., d), the mean and 1 / std (..., 1)."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    rstd = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
-    return (x32 - mean) * rstd, mean, rstd
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """x (..., d) in any dtype, scale and bias (d,) float32 -> LayerNorm(x) in x's dtype, with
-    float32 statistics.
-
-    Its backward pass keeps x (in its own dtype) and two float32 numbers per row, not the
-    float32 (..., d) arrays autodiff would save; it normalises x again and gives the input's
-    gradient in one pass: (g - mean(g) - x̂ mean(g x̂)) / std with g = dy * scale."""
-    return _layer_norm_forward(x, scale, bias, eps)[0]
-
-
-def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float):
-    normalized, mean, rstd = _normalized(x, eps)
-    return (normalized * scale + bias).astype(x.dtype), (x, scale, mean, rstd)
-
-
-def _layer_norm_backward(eps: float, saved, grad: jax.Array):
-    x, scale, mean, rstd = saved
-    normalized = (x.astype(jnp.float32) - mean) * rstd
-    grad = grad.astype(jnp.float32)
-    rows = tuple(range(grad.ndim - 1))
-    grad_scale, grad_bias = jnp.sum(grad * normalized, axis=rows), jnp.sum(grad, axis=rows)
-    g = grad * scale
-    mean_g = g.mean(-1, keepdims=True)
-    mean_gx = (g * normalized).mean(-1, keepdims=True)
-    grad_x = (g - mean_g - normalized * mean_gx) * rstd
-    return grad_x.astype(x.dtype), grad_scale.astype(scale.dtype), grad_bias.astype(scale.dtype)
-
-
-layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+        return normalize(x, self.scale[...], self.bias[...], self.eps, 1, True)
 
 
 class RMSNorm(nnx.Module):
@@ -179,7 +139,7 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((n_state,), jnp.float32), axes=(None,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.scale[...], None, self.eps, 1)
+        return normalize(x, self.scale[...], None, self.eps, 1, False)
 
 
 class GroupRMSNorm(nnx.Module):
@@ -193,45 +153,57 @@ class GroupRMSNorm(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., d) -> (..., d)"""
-        return rms_norm(x, self.scale[...], self.bias[...], self.eps, self.groups)
+        return normalize(x, self.scale[...], self.bias[...], self.eps, self.groups, False)
 
 
-def _rms_normalized(x: jax.Array, eps: float, groups: int) -> tuple[jax.Array, jax.Array]:
-    """x (..., d) -> x / rms per channel group in float32 (..., G, d/G), and 1 / rms (..., G, 1)."""
-    x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1)
-    rstd = jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
-    return x32 * rstd, rstd
+def _statistics(x: jax.Array, eps: float, groups: int, center: bool):
+    """x (..., d) -> its `groups` channel groups in float32 (..., G, d/G), each group's mean
+    (..., G, 1; None unless `center`) and 1 / (root mean square about it + eps) (..., G, 1)."""
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1)
+    mean = grouped.mean(-1, keepdims=True) if center else None
+    centered = grouped if mean is None else grouped - mean
+    return grouped, mean, jax.lax.rsqrt(jnp.square(centered).mean(-1, keepdims=True) + eps)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def rms_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int, center: bool):
     """x (..., d) in any dtype, scale (and bias, or None) (d,) float32 -> each of `groups` equal
-    channel groups divided by its root mean square (float32 statistics), `* scale + bias`, in
-    x's dtype. Its backward pass keeps x and one float32 number per row and group, as
-    `layer_norm`'s does: (g - x̂ mean(g x̂)) / rms with g = dy * scale, per group."""
-    return _rms_norm_forward(x, scale, bias, eps, groups)[0]
+    channel groups normalised with float32 statistics, `* scale + bias`, in x's dtype: LayerNorm
+    (one group, `center`: minus the mean, over the standard deviation), RMSNorm and the seeds'
+    group RMS norm (over the root mean square).
+
+    Its backward pass keeps x (in its own dtype) and one or two float32 numbers per row and
+    group, not the float32 (..., d) arrays autodiff would save; it normalises x again and gives
+    the input's gradient in one pass, per group: (g - [mean(g)] - x̂ mean(g x̂)) / std with
+    g = dy * scale (the mean of g only when centred)."""
+    return _normalize_forward(x, scale, bias, eps, groups, center)[0]
 
 
-def _rms_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int):
-    normalized, rstd = _rms_normalized(x, eps, groups)
+def _normalize_forward(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int, center: bool):
+    grouped, mean, rstd = _statistics(x, eps, groups, center)
+    normalized = (grouped if mean is None else grouped - mean) * rstd
     y = normalized.reshape(x.shape) * scale
     y = y if bias is None else y + bias
-    return y.astype(x.dtype), (x, scale, bias, rstd)
+    return y.astype(x.dtype), (x, scale, bias, mean, rstd)
 
 
-def _rms_norm_backward(eps: float, groups: int, saved, grad: jax.Array):
-    x, scale, bias, rstd = saved
-    normalized = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1) * rstd  # (..., G, d/G)
+def _normalize_backward(eps: float, groups: int, center: bool, saved, grad: jax.Array):
+    x, scale, bias, mean, rstd = saved
+    grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, -1)
+    normalized = (grouped if mean is None else grouped - mean) * rstd  # (..., G, d/G)
     grad = grad.astype(jnp.float32)
     rows = tuple(range(grad.ndim - 1))
     grad_scale = jnp.sum(grad * normalized.reshape(x.shape), axis=rows).astype(scale.dtype)
     grad_bias = None if bias is None else jnp.sum(grad, axis=rows).astype(bias.dtype)
     g = (grad * scale).reshape(normalized.shape)
-    grad_x = (g - normalized * (g * normalized).mean(-1, keepdims=True)) * rstd
+    mean_gx = (g * normalized).mean(-1, keepdims=True)
+    if center:
+        g = g - g.mean(-1, keepdims=True)
+    grad_x = (g - normalized * mean_gx) * rstd
     return grad_x.reshape(x.shape).astype(x.dtype), grad_scale, grad_bias
 
 
-rms_norm.defvjp(_rms_norm_forward, _rms_norm_backward)
+normalize.defvjp(_normalize_forward, _normalize_backward)
 
 
 @jax.custom_vjp

@@ -253,12 +253,12 @@ def test_token_nll_is_the_log_softmax_and_keeps_no_logits(dtype):
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "group_rms"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm, dtype):
-    """The norms' custom backward passes (`layer_norm`, `rms_norm`) against autodiff of the
-    textbook formulas computed in float32 (x upcast, the result cast back to x's dtype), with a
-    scale and bias far from 1 and 0: values and the gradients of x, scale and bias to float32
+    """The norms' custom backward pass (`normalize`) against autodiff of the textbook formulas
+    computed in float32 (x upcast, the result cast back to x's dtype), with a scale and bias far
+    from 1 and 0: values and the gradients of x, scale and bias to float32
     rounding (bfloat16 x: its gradient within bfloat16's rounding), dtypes kept; what the
     forward saves is x in its own dtype and float32 statistics per row (and group)."""
-    from flax_whisper.layers import _layer_norm_forward, _rms_norm_forward, layer_norm, rms_norm
+    from flax_whisper.layers import _normalize_forward, normalize
 
     rng = np.random.default_rng(1)
     d, groups = 16, {"layernorm": 1, "rmsnorm": 1, "group_rms": 4}[norm]
@@ -277,10 +277,10 @@ def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm
         y = y.reshape(x.shape) * scale
         return (y if bias is None else y + bias).astype(x.dtype)
 
+    center, eps = norm == "layernorm", 1e-5 if norm == "layernorm" else 1e-6
+
     def ours(x, scale, bias):
-        if norm == "layernorm":
-            return layer_norm(x, scale, bias, 1e-5)
-        return rms_norm(x, scale, bias, 1e-6, groups)
+        return normalize(x, scale, bias, eps, groups, center)
 
     got = ours(x, scale, bias)
     assert got.dtype == dtype
@@ -299,10 +299,7 @@ def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm
         else:
             bound = 1e-2 * float(jnp.abs(want.astype(jnp.float32)).max())
             np.testing.assert_allclose(grad.astype(jnp.float32), want.astype(jnp.float32), atol=bound)
-    if norm == "layernorm":
-        _, saved = _layer_norm_forward(x, scale, bias, 1e-5)
-    else:
-        _, saved = _rms_norm_forward(x, scale, bias, 1e-6, groups)
+    _, saved = _normalize_forward(x, scale, bias, eps, groups, center)
     kept, *rest = jax.tree.leaves(saved)
     assert kept.dtype == dtype and kept.shape == x.shape  # x itself
     assert all(a.dtype == jnp.float32 and a.size <= 2 * 5 * max(d, groups) for a in rest)  # scale, bias, statistics
