@@ -13,6 +13,7 @@ from whisper_config import ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     from convert.rules import ConversionError
+    from train.agreement import StepAgreementError
     from train.checkpointing import CheckpointError
     from train.data import DataError
     from train.loop import Trainer, TrainingError
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         DataError,
         OutputError,
         RunFolderError,
+        StepAgreementError,
         TokenizerError,
         TrainingError,
         OSError,

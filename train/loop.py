@@ -28,9 +28,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flax_whisper import Whisper
 from flax_whisper.decoding import greedy_decode
+from train.agreement import StepAgreement
 from train.checkpointing import BEST_METRIC, Checkpoints
 from train.config import TrainConfig
 from train.data import (
+    IGNORE_INDEX,
     DataError,
     DataStats,
     Featurizer,
@@ -166,6 +168,7 @@ class Trainer:
             out_shardings=self.batch_sharding,
         )
         self.stop_requested: str | None = None  # the name of the signal that asked to stop
+        self.agreement = StepAgreement()
 
     # ------------------------------------------------------------------ pieces
 
@@ -174,26 +177,11 @@ class Trainer:
         return self.graphs.model(self.state, training)
 
     def to_device(self, batch: dict) -> dict:
-        """A host batch onto the mesh; labels are checked here, where values are still known."""
+        """A host batch onto the mesh; labels are checked here, where values are still known. In a
+        run of several processes every process's block must have the same shape (`pad_batch`)."""
         check_labels(batch["labels"], self.model_config.n_vocab)
         arrays = {k: batch[k] for k in ("audio", "labels")}
-        if jax.process_count() > 1:  # each process padded its block to its own buckets: agree on the largest
-            arrays = pad_to_common_shape(arrays)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch_sharding, x), arrays)
-
-    def _agreed_stop(self, metrics) -> str | None:
-        """The signal that asked this run to stop, agreed by every process at the same step (one
-        process's SIGTERM stops them all there, together)."""
-        if jax.process_count() == 1:
-            return self.stop_requested
-        from jax.experimental import multihost_utils
-
-        # The step's own collectives first: on CPUs independent programs may run concurrently, and
-        # collectives of two programs interleaved differently in two processes would be mismatched.
-        jax.block_until_ready(metrics)
-
-        asked = np.asarray(multihost_utils.process_allgather(np.array([self.stop_requested is not None])))
-        return self.stop_requested or ("a signal to another process" if asked.any() else None)
 
     def evaluate(self, batches: list[dict]) -> dict:
         """Eval loss, token accuracy and (with `decode_eval`) greedy CER/WER over `batches`."""
@@ -327,6 +315,12 @@ class Trainer:
         last = config.steps if config.stop_at_step is None else min(config.steps, config.stop_at_step)
         for step in range(start + 1, last + 1):
             batch = next(iterator)
+            # Every process pads its block to the longest block's buckets and learns whether any
+            # process was asked to stop, host to host (the devices keep running the last step).
+            agreed = self.agreement.agree(
+                step, batch["audio"].shape[1], batch["labels"].shape[1], self.stop_requested is not None
+            )
+            batch = pad_batch(batch, agreed.audio, agreed.labels)
             self.state, metrics = self.train_fn(self.state, self.to_device(batch))
             window_steps += 1
             if step == start + 1:  # the first step compiled: time the bar's rate (and ETA) from here
@@ -336,7 +330,10 @@ class Trainer:
                 progress.refresh()
             else:
                 progress.update(1)
-            stop = self._agreed_stop(metrics)
+            if jax.process_count() == 1:
+                stop = self.stop_requested  # with one process a signal during the step counts at once
+            else:
+                stop = (self.stop_requested or "a signal to another process") if agreed.stop else None
             if step % config.log_every == 0 or step == config.steps or stop:
                 values = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start
@@ -360,11 +357,16 @@ class Trainer:
                         f"(max_bad_steps={config.max_bad_steps}); lower the learning rate or check the data"
                     )
             evaluated = None
-            if evals and (step % config.eval_every == 0 or step == config.steps):
+            evaluating = evals and (step % config.eval_every == 0 or step == config.steps)
+            saved = step % config.save_every == 0 or step == last or stop
+            if jax.process_count() > 1 and (evaluating or saved):
+                # Their collectives after the step's: on CPUs programs may run concurrently, and
+                # two programs' collectives interleaved differently in two processes would mismatch.
+                jax.block_until_ready(metrics)
+            if evaluating:
                 evaluated = last_eval = self.evaluate(evals)
                 log.write(step, "eval", evaluated)
                 progress.write(f"step {step}: {_describe(evaluated)}")
-            saved = step % config.save_every == 0 or step == last or stop
             if saved:
                 meta = {"step": step, "skipped_files": dict(stats.skipped), "truncated_transcripts": stats.truncated}
                 scores = {BEST_METRIC: evaluated[BEST_METRIC]} if evaluated else None
@@ -380,18 +382,14 @@ class Trainer:
         return last_eval
 
 
-def pad_to_common_shape(arrays: dict) -> dict:
-    """Every process's block of a batch padded to the same lengths (the largest bucket among them:
-    what one process padding the whole batch would have chosen); audio with silence, labels with
-    the ignore index."""
-    from jax.experimental import multihost_utils
+def pad_batch(batch: dict, audio: int, labels: int) -> dict:
+    """`batch`'s audio padded with silence to `audio` samples and its labels with the ignore index
+    to `labels` positions (what one process padding the whole global batch would have chosen)."""
 
-    from train.data import IGNORE_INDEX
+    def pad(x: np.ndarray, n: int, value) -> np.ndarray:  # (B, L) -> (B, n); no copy when L == n
+        return x if x.shape[1] == n else np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)
 
-    lengths = np.array([arrays["audio"].shape[1], arrays["labels"].shape[1]], np.int64)
-    audio, labels = np.asarray(multihost_utils.process_allgather(lengths)).reshape(-1, 2).max(axis=0)
-    pad = lambda x, n, value: np.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=value)  # noqa: E731
-    return {"audio": pad(arrays["audio"], audio, 0.0), "labels": pad(arrays["labels"], labels, IGNORE_INDEX)}
+    return {**batch, "audio": pad(batch["audio"], audio, 0.0), "labels": pad(batch["labels"], labels, IGNORE_INDEX)}
 
 
 def gather_array(array: jax.Array) -> np.ndarray:
