@@ -16,6 +16,9 @@ from pathlib import Path
 # optimisation passes that do not change float semantics (fast-math stays off). Set before jax is
 # imported, and inherited by the CLI subprocesses the tests start. A user's own XLA_FLAGS win.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+# The CLIs keep compiled programs in ~/.cache by default: tests neither write there nor read
+# programs an earlier session left (tests of the cache give their own directory).
+os.environ["FLAX_WHISPER_COMPILE_CACHE"] = "off"
 
 import jax
 import numpy as np

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,35 @@ def test_the_old_command_name_still_works(decoding_checkpoint):
     done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "is now `python -m transcribe`" in done.stderr and done.stdout.startswith(f"{SPEECH}: ")
+
+
+def test_a_second_run_reads_its_compiled_programs_from_the_cache(decoding_checkpoint, tmp_path):
+    """`--compile-cache DIR`: the first run writes its programs, the next one loads them (JAX
+    logs each hit with JAX_LOG_COMPILES) and prints the same transcript; `off` writes nothing."""
+    _, path, _ = decoding_checkpoint
+    cache = tmp_path / "xla"
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+
+    def run(setting: str) -> subprocess.CompletedProcess:
+        command = ["-m", "transcribe", str(SPEECH), "--checkpoint", str(path), "--language", "en"]
+        done = subprocess.run(
+            [sys.executable, *command, "--compile-cache", setting], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done
+
+    first = run(str(cache))
+    assert "Persistent compilation cache hit" not in first.stderr
+    written = sorted(p.name for p in cache.iterdir())
+    assert written
+    second = run(str(cache))
+    assert "Persistent compilation cache hit" in second.stderr
+    assert second.stdout == first.stdout
+    assert sorted(p.name for p in cache.iterdir()) == written  # nothing compiled anew
+    elsewhere = tmp_path / "not-used"
+    env["FLAX_WHISPER_COMPILE_CACHE"] = str(elsewhere)
+    run("off")
+    assert not elsewhere.exists()
 
 
 def test_model_packages_import_nothing_above_them():

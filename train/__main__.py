@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             return launch(args.processes, sys.argv[1:] if argv is None else argv)
         if args.distributed:
             initialize_distributed()
+        from flax_whisper.compile_cache import use_compile_cache
+
+        use_compile_cache(args.compile_cache)
         result = Trainer(config).run()
     except errors as e:
         print(f"error: {e}", file=sys.stderr)

@@ -303,6 +303,12 @@ def parser() -> argparse.ArgumentParser:
         help="call jax.distributed.initialize() first (multi-host: run the same command on every host)",
     )
     p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep compiled programs in DIR for the next run or resume ('off': none; default: "
+        "$FLAX_WHISPER_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/flax_whisper/xla)",
+    )
+    p.add_argument(
         "--processes",
         type=int,
         metavar="N",

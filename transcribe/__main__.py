@@ -178,6 +178,12 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
     p.add_argument("--output-dir", "-o", help="write DIR/<audio name>.<format> files instead of printing")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     p.add_argument("--jsonl", action="store_true", help="the same as --output-format json")
+    p.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="flax: keep compiled programs in DIR for the next run ('off': none; default: "
+        "$FLAX_WHISPER_COMPILE_CACHE, else $JAX_COMPILATION_CACHE_DIR, else ~/.cache/flax_whisper/xla)",
+    )
     return p
 
 
@@ -242,6 +248,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
     try:
         if args.output_dir:
             check_outputs(args.audio, args.output_dir, formats, args.overwrite)
+        if args.framework == "flax":
+            from flax_whisper.compile_cache import use_compile_cache
+
+            use_compile_cache(args.compile_cache)
         transcriber = Transcriber.load(
             args.checkpoint, args.framework, args.language, args.task, args.batch_size, args.max_new_tokens, beam,
             args.mode, long_form, args.best_of, args.chunk_overlap,
