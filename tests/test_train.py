@@ -103,9 +103,11 @@ def params_of(trainer: Trainer) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def reference_run(dataset, tmp_path_factory):
-    """An uninterrupted 6-step run (checkpoints at 3 and 6), exported to torch."""
+    """An uninterrupted 6-step run (checkpoints at 3 and 6), exported to torch; steps 4 and 5 traced."""
     out = tmp_path_factory.mktemp("reference")
-    config = tiny_train_config(dataset, out, export=("torch", "hf"), export_best=False, decode_eval=True)
+    config = tiny_train_config(
+        dataset, out, export=("torch", "hf"), export_best=False, decode_eval=True, profile_from=4, profile_steps=2
+    )
     trainer = Trainer(config)
     result = trainer.run()
     return trainer, result, out
@@ -125,6 +127,9 @@ def test_run_logs_evaluates_checkpoints_and_exports(reference_run):
     curves = (out / "run" / "logs" / "curves.png").read_bytes()  # the matplotlib summary of the run
     assert curves.startswith(b"\x89PNG") and len(curves) > 10_000
     assert trainer_steps(out) == [3, 6]
+    # The profile: one trace, whose device events include the training step's program.
+    traces = list((out / "run" / "logs" / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and b"jit(train_step)" in traces[0].read_bytes()
 
     # The torch export holds the final weights: torch_ref gives the Flax model's logits.
     from convert import load_torch_model

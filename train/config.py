@@ -108,6 +108,9 @@ class TrainConfig:
     export: tuple[str, ...] = ("flax",)  # formats written at the end: flax -> RUN/model, torch -> RUN/model-torch
     export_best: bool = True  # export the kept checkpoint of lowest eval loss (else the last step)
     progress: bool = True
+    # A jax.profiler trace of `profile_steps` steps from `profile_from` (process 0), for TensorBoard.
+    profile_from: int | None = None
+    profile_steps: int = 3
 
     def __post_init__(self):
         check_field_types(self, ConfigError)
@@ -137,6 +140,8 @@ class TrainConfig:
             (self.eval_batch_size >= 1, "eval_batch_size must be at least 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
             (self.stop_at_step is None or self.stop_at_step >= 1, "stop_at_step must be at least 1 (or unset)"),
+            (self.profile_from is None or self.profile_from >= 1, "profile_from must be at least 1 (or unset)"),
+            (self.profile_steps >= 1, "profile_steps must be at least 1"),
             (
                 min(self.time_masks, self.time_mask_width, self.freq_masks, self.freq_mask_width) >= 0,
                 "SpecAugment settings must be >= 0",
@@ -264,6 +269,9 @@ HELP = {
     "a Hugging Face transformers directory; whisper preset only)",
     "export_best": "export the kept checkpoint of lowest eval loss (--no-export-best: the last step)",
     "progress": "show a progress bar (--no-progress for logs)",
+    "profile_from": "trace --profile-steps steps from this one with jax.profiler into RUN/logs/tensorboard "
+    "(TensorBoard's Profile tab; process 0; step 1 includes compiling)",
+    "profile_steps": "steps traced from --profile-from",
 }
 # Settings of earlier versions, with what replaced them.
 RENAMED = {

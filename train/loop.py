@@ -42,7 +42,7 @@ from train.data import (
     read_records,
     train_batches,
 )
-from train.metrics import MetricsLog, error_rates, plot_curves
+from train.metrics import MetricsLog, StepTrace, error_rates, plot_curves
 from train.run_folder import RunFolder
 from train.sharding import (
     batch_sharding,
@@ -169,6 +169,9 @@ class Trainer:
         )
         self.stop_requested: str | None = None  # the name of the signal that asked to stop
         self.agreement = StepAgreement()
+        self.trace = StepTrace(
+            self.folder.logs / "tensorboard", config.profile_from, config.profile_steps, jax.process_index() == 0
+        )
 
     # ------------------------------------------------------------------ pieces
 
@@ -294,6 +297,7 @@ class Trainer:
             checkpoints.wait()
             final = self.exported_state(checkpoints) if int(self.state.step) == config.steps else None
         finally:
+            self.trace.close()
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
             checkpoints.wait()
@@ -314,6 +318,7 @@ class Trainer:
         metrics = None
         last = config.steps if config.stop_at_step is None else min(config.steps, config.stop_at_step)
         for step in range(start + 1, last + 1):
+            self.trace.start(step)  # with profile_from: the batch's loading is traced too
             batch = next(iterator)
             # Every process pads its block to the longest block's buckets and learns whether any
             # process was asked to stop, host to host (the devices keep running the last step).
@@ -334,6 +339,9 @@ class Trainer:
                 stop = self.stop_requested  # with one process a signal during the step counts at once
             else:
                 stop = (self.stop_requested or "a signal to another process") if agreed.stop else None
+            traced = self.trace.stop(step, metrics, last=step == last or bool(stop))
+            if traced:
+                progress.write(traced)
             if step % config.log_every == 0 or step == config.steps or stop:
                 values = {k: v.item() for k, v in jax.device_get(metrics).items()}
                 elapsed = time.perf_counter() - window_start

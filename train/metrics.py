@@ -53,6 +53,46 @@ class MetricsLog:
             self.board.close()
 
 
+class StepTrace:
+    """A `jax.profiler` trace of the training steps `first` ... `first + count - 1`, written to
+    `directory` (the run's tensorboard/ folder: TensorBoard's Profile tab, or Perfetto, reads
+    it). `start(step)` before a step is dispatched, `stop(step, outputs, last)` after it; the
+    trace ends once the last traced step's `outputs` are computed, or at the run's last step."""
+
+    def __init__(self, directory: str | Path, first: int | None, count: int, enabled: bool = True):
+        self.directory, self.count = Path(directory), count
+        self.first = first if enabled else None
+        self.active = False
+
+    def start(self, step: int) -> None:
+        if step == self.first:
+            import jax
+
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+
+    def stop(self, step: int, outputs=None, last: bool = False) -> str | None:
+        """Ends the trace after its last step (or `last`); what was traced, in words, or None."""
+        if not self.active or not (last or step >= self.first + self.count - 1):
+            return None
+        import jax
+
+        jax.block_until_ready(outputs)
+        jax.profiler.stop_trace()
+        self.active = False
+        steps = f"step {step}" if step == self.first else f"steps {self.first}-{step}"
+        return f"profile of {steps}: {self.directory} (tensorboard --logdir {self.directory}, Profile tab)"
+
+    def close(self) -> None:
+        """Ends a trace the run left open (an error or an interrupt inside the traced steps)."""
+        if self.active:
+            import jax
+
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def read_metrics(path: str | Path, kind: str | None = None) -> list[dict]:
     """The records of a metrics.jsonl file (of one `kind`: "train", "eval", ...)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
