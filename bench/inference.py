@@ -1,7 +1,7 @@
 """Encoder forward and greedy decoding: flax_whisper against openai-whisper and Hugging Face, one run.
 
     python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
-        [--repeats 5] [--no-hf] [--no-openai] [--decode-unroll] [--check-every 1,8,16] [--attention xla]
+        [--repeats 5] [--no-hf] [--no-openai] [--decode-scan] [--check-every 1,8,16] [--attention xla]
 
 On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
 and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     parser.add_argument("--no-openai", action="store_true", help="skip openai-whisper")
     parser.add_argument(
-        "--decode-unroll", action="store_true", help="also time decoding with the layers unrolled (decode_unroll=True)"
+        "--decode-scan", action="store_true", help="also time decoding under the layer scan (decode_unroll=False)"
     )
     parser.add_argument(
         "--check-every",
@@ -147,10 +147,10 @@ def main() -> None:
         other = new_flax_model(dataclasses.replace(config, attention_implementation=implementation), tensors)
         other.eval()
         flax_decode(other, f"decode: flax_whisper, {implementation} attention")
-    if args.decode_unroll:
-        unrolled = new_flax_model(dataclasses.replace(config, decode_unroll=True), tensors)
-        unrolled.eval()
-        flax_decode(unrolled, "decode: flax_whisper, layers unrolled")
+    if args.decode_scan:
+        scanned = new_flax_model(dataclasses.replace(config, decode_unroll=False), tensors)
+        scanned.eval()
+        flax_decode(scanned, "decode: flax_whisper, layer scan")
 
     openai_options = whisper.DecodingOptions(
         language="en", without_timestamps=True, fp16=bf16, temperature=0.0, sample_len=args.new_tokens

@@ -12,7 +12,7 @@ pinned at every block boundary (`constrain`: a no-op outside `sharding_rules`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 from flax import nnx
@@ -129,7 +129,18 @@ def run_stack(
 ) -> tuple[jax.Array, BlockCache | None]:
     """The stacked blocks in order: x (B, T, d) -> (B, T, d); the cache, when given, holds every
     layer's cache stacked on a leading axis and comes back updated. `unroll` lays the layers out
-    one after another in the program instead of looping over them."""
+    one after another in the program instead of looping over them.
+
+    `blocks` may also be a sequence of single blocks (`layers`), with `cache` the tuple of their
+    caches: what decoding with `decode_unroll` runs, whose steps then read each layer's weights
+    and caches where they lie, where a stack slices them out (a copy) at every step."""
+    if isinstance(blocks, Sequence):
+        caches = []
+        for block, layer_cache in zip(blocks, cache, strict=True):
+            x, layer_cache = block(x, xa, causal=causal, cache=layer_cache, offset=offset, valid=valid)
+            x = constrain(x, ACTIVATION)
+            caches.append(layer_cache)
+        return x, tuple(caches)
     if cache is None:
 
         @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, unroll=unroll)
@@ -163,6 +174,11 @@ def run_stack_with_cross_scores(
         return x, cross_scores
 
     return layer_scores(x, blocks)
+
+
+def layers(blocks: ResidualAttentionBlock, count: int) -> list[ResidualAttentionBlock]:
+    """The `count` layers of a stack, each a block of its own (copies of its slices)."""
+    return [layer(blocks, index) for index in range(count)]
 
 
 def layer(blocks: ResidualAttentionBlock, index: int) -> ResidualAttentionBlock:

@@ -125,6 +125,14 @@ def decode_with_scores(
     )
 
 
+def select_rows(layers, rows: jax.Array):
+    """The decoder's block caches (stacked, or a tuple of each layer's) with their self-attention
+    caches' rows taken from `rows` (B,): beam search's reordering. Cross-attention is unchanged."""
+    if isinstance(layers, tuple):
+        return tuple({**layer, "attn": jax.tree.map(lambda x: x[rows], layer["attn"])} for layer in layers)
+    return {**layers, "attn": jax.tree.map(lambda x: x[:, rows], layers["attn"])}
+
+
 def checked_loop(unfinished, step, state, every: int):
     """`nnx.while_loop(unfinished, step, state)`, testing `unfinished` before every `every`
     steps only: `step` must leave the result unchanged once `unfinished` is false."""
@@ -188,8 +196,9 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
 
     # Every prompt token and every sampled token but the last is fed once; padding after a
     # prompt is overwritten before any query reaches it (causal attention).
-    cache = model.decoder.init_cache(xa, min(width + max_new - 1, n_ctx))
-    logits, cache = model.decoder(prompt, xa, cache, valid=columns < real[:, None])
+    layers = model.decoder.layers() if model.config.decode_unroll else None  # copied out of the stack once
+    cache = model.decoder.init_cache(xa, min(width + max_new - 1, n_ctx), layers)
+    logits, cache = model.decoder(prompt, xa, cache, valid=columns < real[:, None], layers=layers)
     cache = {**cache, "offset": low}
     no_speech = no_speech_probability(logits, prompt, options)
     last = jnp.take_along_axis(logits, (real - 1)[:, None, None], axis=1)[:, 0]  # (B, V): each last real token
@@ -211,9 +220,9 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
     def step(state):
         # The decoder travels in the loop state: NNX transforms inside it (the layer scan) cannot
         # reach a module captured from an outer trace.
-        decoder, c, tokens, cache, done, scores = state
+        (decoder, layers), c, tokens, cache, done, scores = state
         i = c + 1 - real  # (B,) the sample each row's logits give (< 1: still in its prompt)
-        logits, cache = decoder(jax.lax.dynamic_slice_in_dim(tokens, c, 1, axis=1), xa, cache)
+        logits, cache = decoder(jax.lax.dynamic_slice_in_dim(tokens, c, 1, axis=1), xa, cache, layers=layers)
         allowed = timestamp_rules(suppress(logits[:, -1], options.suppress_tokens), sampled(tokens), i, options)
         chosen, logprob = choose(allowed, options, jax.random.fold_in(key, c + 1 - low), temperature)
         active = (i >= 1) & (i < limit) & ~done
@@ -223,9 +232,9 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
         # its last sample (or, past the buffer's end, where the index is clamped, that sample).
         chosen = jnp.where(active, chosen, column)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], c + 1, axis=1)
-        return decoder, c + 1, tokens, cache, done | (active & (chosen == eot)), scores
+        return (decoder, layers), c + 1, tokens, cache, done | (active & (chosen == eot)), scores
 
-    state = (model.decoder, low, tokens, cache, first == eot, scores)
+    state = ((model.decoder, layers), low, tokens, cache, first == eot, scores)
     _, _, tokens, _, _, scores = checked_loop(unfinished, step, state, every)
     return tokens, scores, no_speech
 
@@ -281,8 +290,9 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     xa = jnp.repeat(xa, k, axis=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
     beam_real = jnp.repeat(real, k)  # (B k,)
     tokens = jnp.full((batch * k, length), eot, jnp.int32).at[:, :width].set(jnp.repeat(prompt, k, axis=0))
-    cache = model.decoder.init_cache(xa, length)
-    logits, cache = model.decoder(tokens[:, :width], xa, cache, valid=columns < beam_real[:, None])
+    layers = model.decoder.layers() if model.config.decode_unroll else None  # copied out of the stack once
+    cache = model.decoder.init_cache(xa, length, layers)
+    logits, cache = model.decoder(tokens[:, :width], xa, cache, valid=columns < beam_real[:, None], layers=layers)
     cache = {**cache, "offset": low}
     no_speech = no_speech_probability(logits[::k], prompt, options)
 
@@ -298,7 +308,7 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         return jnp.any((c - real < limit) & (count < most))
 
     def step(state):
-        decoder, c, tokens, cache, logits, scores, done, done_scores, count = state
+        (decoder, layers), c, tokens, cache, logits, scores, done, done_scores, count = state
         i = c - real  # (B,) each utterance's step
         live = (i >= 0) & (i < limit) & (count < most)  # (B,) the utterances searching now
         at = jnp.repeat(i, k)[:, None]  # (B k, 1)
@@ -335,17 +345,16 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
         column = jnp.where(jnp.repeat(live, k)[:, None], written, column)
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, column, c, axis=1)
         scores = jnp.where(live[:, None], jnp.take_along_axis(sums, kept, axis=1), scores.reshape(batch, k))
-        layers = cache["layers"]
-        cache = {**cache, "layers": {**layers, "attn": jax.tree.map(lambda x: x[:, chosen], layers["attn"])}}
-        fed, cache = decoder(column, xa, cache)
+        cache = {**cache, "layers": select_rows(cache["layers"], chosen)}
+        fed, cache = decoder(column, xa, cache, layers=layers)
         logits = jnp.where(at >= 0, fed[:, -1], logits)  # still before its last prompt token: the first logits
-        return decoder, c + 1, tokens, cache, logits, scores.reshape(-1), done, done_scores, count
+        return (decoder, layers), c + 1, tokens, cache, logits, scores.reshape(-1), done, done_scores, count
 
     done = jnp.full((batch, size, length), eot, jnp.int32)
     done_scores = jnp.full((batch, size), -jnp.inf, jnp.float32)
     # (B k, V): the logits after each row's last real token
     first = jnp.take_along_axis(logits, (beam_real - 1)[:, None, None], axis=1)[:, 0]
-    state = (model.decoder, low, tokens, cache, first, jnp.zeros(batch * k),
+    state = ((model.decoder, layers), low, tokens, cache, first, jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
     _, _, tokens, _, _, scores, done, done_scores, count = checked_loop(unfinished, step, state, every)
 

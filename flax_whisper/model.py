@@ -6,6 +6,7 @@ NWC for its convolutions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, run_stack_with_cross_scores, stack
+from flax_whisper.blocks import layers as stacked_layers
 from flax_whisper.layers import LOGITS, Conv1d, Embedding, constrain, gelu, host_offset, is_traced, make_norm
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
@@ -96,6 +98,7 @@ class TextDecoder(nnx.Module):
         cache: DecoderCache | None = None,
         valid: jax.Array | None = None,
         padded_vocab: bool = False,
+        layers: Sequence[ResidualAttentionBlock] | None = None,
     ) -> tuple[jax.Array, DecoderCache | None]:
         """tokens (B, T) int, xa (B, S, d) encoder output -> logits (B, T, n_vocab) float32, cache.
 
@@ -104,8 +107,10 @@ class TextDecoder(nnx.Module):
         (the loss passes the ones whose label is not ignored): padding writes no memory state.
         With `padded_vocab`, the logits cover the table's `config.padded_vocab` rows, the padding
         ids' at -inf: what evaluation reads, so a vocabulary-sharded layout is never sliced.
+        With `layers` (from `self.layers()`), they run instead of the stacked blocks, on a cache
+        of their own (`init_cache(xa, length, layers)`).
         """
-        x, layers, capacity = self.hidden(tokens, xa, cache, valid)
+        x, layers, capacity = self.hidden(tokens, xa, cache, valid, layers)
         offset, length = (0 if cache is None else cache["offset"]), tokens.shape[1]
         logits = self.unembed(x, padded_vocab)
         if is_traced(offset):
@@ -118,7 +123,12 @@ class TextDecoder(nnx.Module):
         return logits, cache
 
     def hidden(
-        self, tokens: jax.Array, xa: jax.Array, cache: DecoderCache | None = None, valid: jax.Array | None = None
+        self,
+        tokens: jax.Array,
+        xa: jax.Array,
+        cache: DecoderCache | None = None,
+        valid: jax.Array | None = None,
+        layers: Sequence[ResidualAttentionBlock] | None = None,
     ) -> tuple[jax.Array, Any, int | None]:
         """`__call__` up to the last block: (its output (B, T, d), the blocks' updated cache or
         None, the cache's capacity or None)."""
@@ -127,14 +137,18 @@ class TextDecoder(nnx.Module):
         length = check_tokens_shape(self.config, tokens.shape, start)
         check_dtype("tokens", tokens.dtype, jnp.issubdtype(tokens.dtype, jnp.integer), "integer token ids")
         check_same_batch("tokens", tokens.shape[0], "the encoder output", xa.shape[0])
-        capacity = None if cache is None else self.blocks.attn.cache_capacity(cache["layers"]["attn"])
+        blocks = self.blocks if layers is None else layers
+        capacity = None
+        if cache is not None:
+            first, first_cache = (self.blocks, cache["layers"]) if layers is None else (layers[0], cache["layers"][0])
+            capacity = first.attn.cache_capacity(first_cache["attn"])
         if capacity is not None:
             check_cache_offset(self.config, start, length, capacity)
         x = self.embed(tokens, offset, length, xa.dtype)
-        layers = None if cache is None else cache["layers"]
+        caches = None if cache is None else cache["layers"]
         unroll = self.config.unroll_layers if cache is None else self.config.decode_unroll
-        x, layers = run_stack(self.blocks, x, xa, causal=True, cache=layers, offset=offset, valid=valid, unroll=unroll)
-        return x, layers, capacity
+        x, caches = run_stack(blocks, x, xa, causal=True, cache=caches, offset=offset, valid=valid, unroll=unroll)
+        return x, caches, capacity
 
     def nll(self, tokens: jax.Array, xa: jax.Array, labels: jax.Array) -> jax.Array:
         """Teacher forcing: tokens (B, T), xa (B, S, d), labels (B, T) (-100 ignored) -> each
@@ -164,21 +178,37 @@ class TextDecoder(nnx.Module):
         x, cross_scores = run_stack_with_cross_scores(self.blocks, self.embed(tokens, 0, length, xa.dtype), xa)
         return self.unembed(x), cross_scores
 
-    def init_cache(self, xa: jax.Array, max_length: int | None = None) -> DecoderCache:
-        """An empty cache for decoding up to `max_length` (default n_text_ctx) tokens after `xa`.
+    def layers(self) -> list[ResidualAttentionBlock]:
+        """Each block as a module of its own, its variables copied out of the stack: what
+        decoding with `decode_unroll` runs (made once, before its loop; see `run_stack`)."""
+        return stacked_layers(self.blocks, self.config.n_text_layer)
+
+    def init_cache(
+        self, xa: jax.Array, max_length: int | None = None, layers: Sequence[ResidualAttentionBlock] | None = None
+    ) -> DecoderCache:
+        """An empty cache for decoding up to `max_length` (default n_text_ctx) tokens after `xa`:
+        every layer's stacked on a leading axis, or with `layers` a tuple of theirs.
 
         Cross-attention keys and values of `xa (B, S, d)` are projected here, once per utterance.
         """
         length = self.config.n_text_ctx if max_length is None else max_length
+        if layers is not None:
+            return {"offset": jnp.zeros((), jnp.int32), "layers": tuple(block_cache(b, xa, length) for b in layers)}
 
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def layer_cache(block: ResidualAttentionBlock) -> dict:
-            return {
-                "attn": block.attn.init_cache(xa.shape[0], length, xa.dtype),
-                "cross_attn": block.cross_attn.init_cross_cache(xa),
-            }
+            return block_cache(block, xa, length)
 
         return {"offset": jnp.zeros((), jnp.int32), "layers": layer_cache(self.blocks)}
+
+
+def block_cache(block: ResidualAttentionBlock, xa: jax.Array, length: int) -> dict:
+    """A decoder block's empty cache: its self-attention's for `length` tokens, and the keys and
+    values of `xa (B, S, d)` for its cross-attention."""
+    return {
+        "attn": block.attn.init_cache(xa.shape[0], length, xa.dtype),
+        "cross_attn": block.cross_attn.init_cross_cache(xa),
+    }
 
 
 class Whisper(nnx.Module):

@@ -194,6 +194,34 @@ def test_decoding_parity_on_every_variant(variant_pair):
     assert (ours[:, 3] != eot).all()  # blank tokens are not sampled first
 
 
+@pytest.mark.parametrize("variant", ["whisper", "integrated"])
+def test_decoding_each_layer_on_its_own_equals_the_layer_scan(variant):
+    """`decode_unroll` (each layer's weights and caches copied out of the stack once, the layers
+    one after another) gives the scan's tokens, sums and no-speech probabilities, greedily and
+    with beams (whose reordering of the self-attention caches takes the other layout's path).
+    `integrated` holds dynamic convolution, hybrid and memory caches."""
+    from conftest import VARIANTS, make_pair, tiny_config
+
+    preset, overrides = VARIANTS[variant]
+    config = tiny_config(preset, **overrides)
+    rng = np.random.default_rng(5)
+    mel = rng.standard_normal((2, config.n_mels, 2 * config.n_audio_ctx)).astype(np.float32)
+    prompt = np.tile([config.start_token_id, 5, 7], (2, 1))
+    options = DecodingOptions(3, 6, suppress_tokens=(0, 1))
+    results = []
+    for unroll in (False, True):
+        _, model = make_pair(dataclasses.replace(config, decode_unroll=unroll), seed=11)
+        greedy = flax_decoding.decode_with_scores(model, mel, prompt, options)
+        beams = flax_decoding.beam_search_decode(model, mel, prompt, options, BeamSearch(3, 1.0))
+        results.append([np.asarray(x) for x in (*greedy, *beams)])
+    scanned, unrolled = results
+    for a, b in zip(scanned, unrolled, strict=True):
+        if np.issubdtype(a.dtype, np.integer):
+            np.testing.assert_array_equal(b, a)
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_decoding_rejects_lengths_beyond_the_context(pair):
     torch_model, flax_model = pair
     config = flax_model.config

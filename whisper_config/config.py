@@ -177,9 +177,11 @@ class ModelConfig:
     # How attention runs (flax_whisper/kernel.py): auto, cudnn, xla, chunked or einsum; torch_ref
     # uses scaled_dot_product_attention for all but einsum.
     attention_implementation: str = "auto"
-    # flax: run the decoder's layers unrolled, not under `nnx.scan`, when a KV cache is given (a
-    # decoding step): no loop over layers inside the loop over tokens; longer compiles.
-    decode_unroll: bool = False
+    # flax: decode with each of the decoder's layers on its own (its weights and caches copied out
+    # of the stack once per call, the layers one after another), not under `nnx.scan`, which
+    # slices every layer's weights and caches out of the stacked arrays at every token; the
+    # compile time of a decoding loop grows with depth (False: the scan).
+    decode_unroll: bool = True
     # flax: run the layers of a forward without a KV cache (the encoder, training, teacher forcing)
     # unrolled, not under `nnx.scan`: no per-layer slicing and stacking of what the backward pass
     # keeps, a faster step on GPUs; compile time grows with depth again.
