@@ -77,7 +77,7 @@ def _read_config(directory: Path) -> ModelConfig:
     if not path.is_file():
         raise ConversionError(f"{directory}: missing {CONFIG_FILE}")
     try:
-        return ModelConfig.load(path)
+        return ModelConfig.load(path).portable()  # how it runs is the reader's choice
     except ConfigError as err:
         raise ConversionError(str(err)) from None
 
@@ -239,7 +239,7 @@ def check_output(path, overwrite: bool = False, sources: Sequence[str | os.PathL
 
 def _write_torch(path: Path, config: ModelConfig, tensors) -> None:
     path.mkdir()
-    config.save(path / CONFIG_FILE)
+    config.portable().save(path / CONFIG_FILE)
     write_safetensors(path / TORCH_WEIGHTS, tensors)
 
 
@@ -253,7 +253,7 @@ def _write_flax(path: Path, config: ModelConfig, tensors) -> None:
     cpu = jax.devices("cpu")[0]
     arrays = jax.tree.map(lambda a: jax.device_put(a, cpu), torch_to_flax_arrays(tensors, config))
     path.mkdir()
-    config.save(path / CONFIG_FILE)
+    config.portable().save(path / CONFIG_FILE)
     # Layer stacks in Zarr3 chunks of at most CHUNK_BYTES: a reader placing a stack region by
     # region (`convert.core.place_flax_arrays`) decodes only the chunks it covers. The other
     # arrays are read whole and stay one chunk each.

@@ -140,6 +140,23 @@ def test_checkpoint_formats_round_trip(tmp_path, fmt):
     save_checkpoint(path, fmt, config, tensors, overwrite=True)
 
 
+def test_checkpoints_record_what_a_model_computes_not_how_it_runs(tmp_path):
+    """Execution settings (layer layouts, attention implementation, checkpointing) are the
+    reader's: a checkpoint written under other ones stores and loads the defaults, so a
+    checkpoint of an older default decodes with today's."""
+    config = tiny_config(n_text_layer=1, n_audio_layer=1)
+    running = config.replace(decode_unroll=False, unroll_layers=True, attention_implementation="einsum")
+    tensors = torch_to_numpy(make_pair(config, seed=3)[0])
+    save_checkpoint(tmp_path / "t", "torch", running, tensors)
+    stored = json.loads((tmp_path / "t" / "config.json").read_text())
+    written = (stored["decode_unroll"], stored["unroll_layers"], stored["attention_implementation"])
+    assert written == (True, False, "auto")
+    assert load_checkpoint(tmp_path / "t").config == config
+    # A config.json written before: its execution settings are not taken.
+    (tmp_path / "t" / "config.json").write_text(running.to_json())
+    assert load_checkpoint(tmp_path / "t").config == config
+
+
 def test_loaded_models_agree(tmp_path, config):
     torch_model, flax_model = make_pair(config, seed=4)
     save_checkpoint(tmp_path / "t", "torch", config, torch_to_numpy(torch_model))

@@ -133,6 +133,21 @@ def test_settings_from_defaults_file_and_flags(tmp_path):
         from_args(["--model", "n_layers=3"])[0].model_config()
 
 
+def test_init_from_takes_the_settings_of_how_the_model_runs_and_refuses_others():
+    """With init_from the checkpoint decides the model; `model` still sets how it runs and trains
+    (it used to be ignored whole: a fine-tune asking for gradient checkpointing ran without)."""
+    checkpoint = ModelConfig.from_preset("whisper", "tiny")
+    settings = {"gradient_checkpointing": True, "unroll_layers": True, "dropout": 0.1, "n_text_layer": 4}
+    config = TrainConfig(init_from="ckpt", model=settings)
+    model = config.model_config(checkpoint)
+    assert (model.gradient_checkpointing, model.unroll_layers, model.dropout) == (True, True, 0.1)
+    assert model.replace(gradient_checkpointing=False, unroll_layers=False, dropout=0.0) == checkpoint
+    with pytest.raises(ConfigError, match=r"differs from it in n_text_layer=2 \(the checkpoint's: 4\)"):
+        TrainConfig(init_from="ckpt", model={"n_text_layer": 2, "unroll_layers": True}).model_config(checkpoint)
+    with pytest.raises(ConfigError, match="unknown model field"):
+        TrainConfig(init_from="ckpt", model={"n_layers": 2}).model_config(checkpoint)
+
+
 def test_the_demo_dataset_is_complete():
     """The shipped demo: every manifest row has its FLAC, and no eval transcript is trained on."""
     demo = REPO / "data" / "demo"

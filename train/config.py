@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from whisper_config import PRESETS, SIZES, ConfigError, ModelConfig
-from whisper_config.config import read_text
+from whisper_config.config import EXECUTION_ONLY, TRAINING_ONLY, read_text
 from whisper_config.fields import check_field_types
 
 # The demo model: byte-level vocabulary (256 bytes + end of text + start of transcript), 2.56 s of
@@ -170,8 +170,27 @@ class TrainConfig:
         """The run folder: `run_dir`, else runs/`name`."""
         return Path(self.run_dir) if self.run_dir is not None else Path("runs") / self.name
 
-    def model_config(self) -> ModelConfig:
-        """The model this run trains (ignored with `init_from`, whose checkpoint carries its own)."""
+    def model_config(self, checkpoint: ModelConfig | None = None) -> ModelConfig:
+        """The model this run trains: the preset's, or with `init_from` the `checkpoint`'s, where
+        `model` may set only how it runs and trains (`EXECUTION_ONLY` and `TRAINING_ONLY`: the
+        layer layouts, gradient checkpointing, the attention implementation, dropout); a setting
+        of what it computes that differs from the checkpoint's is an error, never ignored."""
+        if checkpoint is not None:
+            adjustable = EXECUTION_ONLY + TRAINING_ONLY
+            known = {f.name for f in dataclasses.fields(ModelConfig)}
+            unknown = sorted(set(self.model) - known)
+            if unknown:
+                raise ConfigError(f"unknown model field(s): {', '.join(unknown)}")
+            fixed = sorted(k for k, v in self.model.items() if k not in adjustable and getattr(checkpoint, k) != v)
+            if fixed:
+                shown = ", ".join(
+                    f"{k}={self.model[k]!r} (the checkpoint's: {getattr(checkpoint, k)!r})" for k in fixed
+                )
+                raise ConfigError(
+                    f"init_from's checkpoint decides the model; `model` differs from it in {shown}. With init_from, "
+                    f"`model` may set only {', '.join(adjustable)}"
+                )
+            return checkpoint.replace(**{k: v for k, v in self.model.items() if k in adjustable})
         if self.size == "demo":
             return ModelConfig.from_preset(self.preset, **{**DEMO_MODEL, **self.model})
         return ModelConfig.from_preset(self.preset, self.size, **self.model)
@@ -219,7 +238,8 @@ HELP = {
     "size": "model dimensions: demo (the small demo model) or an OpenAI size: tiny, tiny.en, base, base.en, small, "
     "small.en, medium, medium.en, large-v2, large-v3",
     "init_from": "start from this checkpoint (flax/torch/Hugging Face directory or OpenAI .pt) instead of "
-    "preset/size/--model",
+    "preset/size; --model may then set only how it runs and trains (layer layouts, gradient checkpointing, "
+    "attention implementation, dropout)",
     "train_data": "training data: a JSONL/CSV manifest (audio path relative to it, transcript) or a Hugging Face "
     "dataset directory from save_to_disk",
     "eval_data": "evaluation data, the same kinds ('none' for no evaluation)",

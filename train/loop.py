@@ -101,7 +101,7 @@ class Trainer:
             from convert.checkpoints import load_checkpoint
 
             checkpoint = load_checkpoint(config.init_from)
-            self.model_config, initial = checkpoint.config, checkpoint.tensors
+            self.model_config, initial = config.model_config(checkpoint.config), checkpoint.tensors
         else:
             self.model_config = config.model_config()
         if "hf" in config.export:  # found out now, not after the run

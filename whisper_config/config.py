@@ -398,6 +398,14 @@ class ModelConfig:
 
     # ---------------------------------------------------------------- serialisation
 
+    def portable(self) -> ModelConfig:
+        """This config with every setting of how the computation runs (`EXECUTION_ONLY`) at its
+        default: what a checkpoint records. How a model runs is its reader's choice (as
+        `transformers` keeps `attn_implementation` out of config.json), so a checkpoint written
+        under one default keeps none of it when the defaults improve."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name in EXECUTION_ONLY}
+        return self.replace(**defaults)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
