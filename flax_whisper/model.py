@@ -110,7 +110,7 @@ class TextDecoder(nnx.Module):
         With `layers` (from `self.layers()`), they run instead of the stacked blocks, on a cache
         of their own (`init_cache(xa, length, layers)`).
         """
-        x, layers, capacity = self.hidden(tokens, xa, cache, valid, layers)
+        x, caches, capacity = self.hidden(tokens, xa, cache, valid, layers)
         offset, length = (0 if cache is None else cache["offset"]), tokens.shape[1]
         logits = self.unembed(x, padded_vocab)
         if is_traced(offset):
@@ -119,7 +119,7 @@ class TextDecoder(nnx.Module):
             limit = self.config.n_text_ctx if capacity is None else min(capacity, self.config.n_text_ctx)
             logits = jnp.where(offset + length > limit, jnp.nan, logits)
         if cache is not None:
-            cache = {"offset": offset + length, "layers": layers}
+            cache = {"offset": offset + length, "layers": caches}
         return logits, cache
 
     def hidden(
