@@ -194,16 +194,15 @@ def test_decoding_parity_on_every_variant(variant_pair):
     assert (ours[:, 3] != eot).all()  # blank tokens are not sampled first
 
 
-@pytest.mark.parametrize("variant", ["whisper", "integrated"])
-def test_decoding_each_layer_on_its_own_equals_the_layer_scan(variant):
+def test_beam_search_with_each_layer_on_its_own_equals_the_layer_scan():
     """`decode_unroll` (each layer's weights and caches copied out of the stack once, the layers
-    one after another) gives the scan's tokens, sums and no-speech probabilities, greedily and
-    with beams (whose reordering of the self-attention caches takes the other layout's path).
-    `integrated` holds dynamic convolution, hybrid and memory caches."""
-    from conftest import VARIANTS, make_pair, tiny_config
+    one after another) gives the scan's candidates, sums and no-speech probabilities with beams,
+    whose reordering of the self-attention caches takes each layout's own path, on `integrated`
+    (dynamic convolution, hybrid and memory caches). Greedy decoding in the default layout meets
+    torch on every variant (`test_decoding_parity_on_every_variant`)."""
+    from conftest import make_pair, tiny_config
 
-    preset, overrides = VARIANTS[variant]
-    config = tiny_config(preset, **overrides)
+    config = tiny_config("integrated")
     rng = np.random.default_rng(5)
     mel = rng.standard_normal((2, config.n_mels, 2 * config.n_audio_ctx)).astype(np.float32)
     prompt = np.tile([config.start_token_id, 5, 7], (2, 1))
@@ -211,15 +210,11 @@ def test_decoding_each_layer_on_its_own_equals_the_layer_scan(variant):
     results = []
     for unroll in (False, True):
         _, model = make_pair(dataclasses.replace(config, decode_unroll=unroll), seed=11)
-        greedy = flax_decoding.decode_with_scores(model, mel, prompt, options)
-        beams = flax_decoding.beam_search_decode(model, mel, prompt, options, BeamSearch(3, 1.0))
-        results.append([np.asarray(x) for x in (*greedy, *beams)])
-    scanned, unrolled = results
-    for a, b in zip(scanned, unrolled, strict=True):
-        if np.issubdtype(a.dtype, np.integer):
-            np.testing.assert_array_equal(b, a)
-        else:
-            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        results.append(flax_decoding.beam_search_decode(model, mel, prompt, options, BeamSearch(3, 1.0)))
+    (tokens, sums, no_speech), (unrolled_tokens, unrolled_sums, unrolled_no_speech) = results
+    np.testing.assert_array_equal(np.asarray(unrolled_tokens), np.asarray(tokens))
+    np.testing.assert_allclose(np.asarray(unrolled_sums), np.asarray(sums), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(unrolled_no_speech), np.asarray(no_speech), rtol=1e-5)
 
 
 def test_decoding_rejects_lengths_beyond_the_context(pair):
