@@ -12,6 +12,7 @@ pinned at every block boundary (`constrain`: a no-op outside `sharding_rules`).
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Sequence
 
 import jax
@@ -176,9 +177,11 @@ def run_stack_with_cross_scores(
     return layer_scores(x, blocks)
 
 
-def layers(blocks: ResidualAttentionBlock, count: int) -> list[ResidualAttentionBlock]:
-    """The `count` layers of a stack, each a block of its own (copies of its slices)."""
-    return [layer(blocks, index) for index in range(count)]
+def layers(blocks: ResidualAttentionBlock) -> list[ResidualAttentionBlock]:
+    """Every layer of a stack, each a block of its own (copies of its slices), in order."""
+    graph, state = nnx.split(blocks)
+    count = len(jax.tree.leaves(state)[0])  # every variable carries the leading layer axis
+    return [nnx.merge(graph, jax.tree.map(operator.itemgetter(index), state)) for index in range(count)]
 
 
 def layer(blocks: ResidualAttentionBlock, index: int) -> ResidualAttentionBlock:

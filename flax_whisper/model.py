@@ -181,7 +181,7 @@ class TextDecoder(nnx.Module):
     def layers(self) -> list[ResidualAttentionBlock]:
         """Each block as a module of its own, its variables copied out of the stack: what
         decoding with `decode_unroll` runs (made once, before its loop; see `run_stack`)."""
-        return stacked_layers(self.blocks, self.config.n_text_layer)
+        return stacked_layers(self.blocks)
 
     def init_cache(
         self, xa: jax.Array, max_length: int | None = None, layers: Sequence[ResidualAttentionBlock] | None = None

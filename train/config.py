@@ -176,12 +176,11 @@ class TrainConfig:
         layer layouts, gradient checkpointing, the attention implementation, dropout); a setting
         of what it computes that differs from the checkpoint's is an error, never ignored."""
         if checkpoint is not None:
+            requested = ModelConfig.from_dict({**checkpoint.to_dict(), **self.model})  # names and values checked
             adjustable = EXECUTION_ONLY + TRAINING_ONLY
-            known = {f.name for f in dataclasses.fields(ModelConfig)}
-            unknown = sorted(set(self.model) - known)
-            if unknown:
-                raise ConfigError(f"unknown model field(s): {', '.join(unknown)}")
-            fixed = sorted(k for k, v in self.model.items() if k not in adjustable and getattr(checkpoint, k) != v)
+            fixed = [
+                k for k in sorted(self.model) if k not in adjustable and getattr(requested, k) != getattr(checkpoint, k)
+            ]
             if fixed:
                 shown = ", ".join(
                     f"{k}={self.model[k]!r} (the checkpoint's: {getattr(checkpoint, k)!r})" for k in fixed
@@ -190,7 +189,7 @@ class TrainConfig:
                     f"init_from's checkpoint decides the model; `model` differs from it in {shown}. With init_from, "
                     f"`model` may set only {', '.join(adjustable)}"
                 )
-            return checkpoint.replace(**{k: v for k, v in self.model.items() if k in adjustable})
+            return requested
         if self.size == "demo":
             return ModelConfig.from_preset(self.preset, **{**DEMO_MODEL, **self.model})
         return ModelConfig.from_preset(self.preset, self.size, **self.model)
