@@ -293,9 +293,10 @@ class _FlashSpec:
     queries: int
     chunk: int
 
-    def logits(self, qc, kb, first, offset) -> jax.Array:
-        """qc (c, H, dh), kb (H, S, dh) -> masked float32 scores (H, c, S) of queries first .. first + c."""
-        logits = scores(qc, kb, self.scale, BHSD)
+    def logits(self, qc, kb, first, offset, scaled: bool = True) -> jax.Array:
+        """qc (c, H, dh), kb (H, S, dh) -> masked float32 scores (H, c, S) of queries first .. first + c
+        (unscaled with `scaled=False`: the caller multiplies by `scale` in a pass it makes anyway)."""
+        logits = scores(qc, kb, self.scale if scaled else 1.0, BHSD)
         if self.mask.masks_anything:
             padding = (first + jnp.arange(self.chunk) >= self.queries)[:, None]  # rows past T see all
             ok = allowed(self.mask, self.chunk, logits.shape[-1], offset, first) | padding
@@ -316,10 +317,17 @@ def _flash_forward(blocks, k, v, offset, spec: _FlashSpec):
         qb, kb, vb = args  # (n, c, H, dh), (H, S, dh), (H, S, dh)
 
         def block(args):
+            # One exponential per score, scaled inside it; the weights are normalised after the
+            # values are mixed, on (c, H, dh) instead of (H, c, S). Every row sees a key, so its
+            # maximum is finite.
             qc, first = args
-            logits = spec.logits(qc, kb, first, offset)  # (H, c, S)
-            lse = jax.nn.logsumexp(logits, axis=-1)  # (H, c)
-            return _mix(jnp.exp(logits - lse[..., None]), vb, BHSD), lse.T
+            logits = spec.logits(qc, kb, first, offset, scaled=False)  # (H, c, S) unscaled
+            peak = jnp.max(logits, axis=-1)  # (H, c)
+            weights = jnp.exp((logits - peak[..., None]) * spec.scale)  # unnormalised, at most 1
+            total = jnp.sum(weights, axis=-1)  # (H, c)
+            mixed = jnp.einsum("hts,hsd->thd", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            y = (mixed / total.T[..., None]).astype(vb.dtype)
+            return y, (peak * spec.scale + jnp.log(total)).T
 
         return jax.lax.map(block, (qb, jnp.arange(n) * spec.chunk))
 
