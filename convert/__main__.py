@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 
 import numpy as np
 
@@ -148,6 +149,11 @@ def verify_main(argv: list[str]) -> int:
             config = ModelConfig.load(args.config)
             print(f"fresh flax_whisper model from {args.config}, seed {args.seed}")
         tensors = flax_to_torch(Whisper(config, rngs=nnx.Rngs(args.seed)))
+    started = time.perf_counter()
+
+    def progress(step: str) -> None:  # on stderr: stdout holds the report alone
+        print(f"[{time.perf_counter() - started:7.1f} s] {step}", file=sys.stderr, flush=True)
+
     results = verify(
         config,
         tensors,
@@ -157,6 +163,7 @@ def verify_main(argv: list[str]) -> int:
         seed=args.seed,
         atol=args.atol,
         rtol=args.rtol,
+        progress=progress,
     )
     failed = [r.name for r in results if not r.ok]
     print("parity FAILED: " + ", ".join(failed) if failed else "parity ok")

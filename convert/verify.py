@@ -58,8 +58,11 @@ def verify(
     atol: float = 1e-4,
     rtol: float = 1e-5,
     log: Callable[[str], None] = print,
+    progress: Callable[[str], None] | None = None,
 ) -> list[Comparison]:
-    """Run both frameworks on the same weights and input; return (and log) the comparisons."""
+    """Run both frameworks on the same weights and input; return (and log) the comparisons.
+    `progress`, when given, is told each step as it starts (a large-v3 takes minutes)."""
+    progress = progress or (lambda step: None)
     import torch
 
     import torch_ref
@@ -72,7 +75,9 @@ def verify(
 
     # One framework's model in memory at a time (a large-v3 is 6 GB in float32): torch first,
     # its outputs kept, then flax. `tensors` may be read lazily from the checkpoint file.
+    progress("torch_ref: loading the weights")
     torch_model = new_torch_model(config, tensors).eval()
+    progress("torch_ref: encoder and decoder forward")
     with torch.no_grad():
         mel_t, tokens_t = torch.from_numpy(mel), torch.from_numpy(tokens)
         enc_t = torch_model.encoder(mel_t)
@@ -81,8 +86,10 @@ def verify(
     del torch_model
     _release_freed_memory()
 
+    progress("flax_whisper: loading the weights")
     flax_model = new_flax_model(config, tensors)
     flax_model.eval()
+    progress(f"round trip torch->flax->torch of {len(tensors)} tensors")
     # The round trip, tensor by tensor: flax's arrays back to torch layout equal the float32 weights.
     back = flax_to_torch_lazily(flax_model)
     worst, identical = 0.0, True
@@ -91,6 +98,7 @@ def verify(
         worst = max(worst, float(np.max(np.abs(again - original), initial=0.0)))
         identical = identical and np.array_equal(again, original)
     results = [Comparison("round trip torch->flax->torch", worst, worst, identical)]
+    progress("flax_whisper: compiling and running the encoder and decoder forward")
     with jax.default_matmul_precision("highest"):
         enc_f, logits_f, loss_f = _flax_outputs(flax_model, jax.numpy.asarray(mel), jax.numpy.asarray(tokens))
     results += [

@@ -24,6 +24,10 @@ def test_verify_fresh_model_from_config_file(tmp_path):
     for line in ("round trip torch->flax->torch", "encoder output", "logits", "loss", "parity ok"):
         assert line in done.stdout
     assert "mel (2, 8, 32), tokens (2, 7)" in done.stdout
+    # Each step is announced on stderr as it starts, in order, with the time since the start.
+    steps = ["torch_ref: loading", "torch_ref: encoder", "flax_whisper: loading", "round trip", "flax_whisper: compil"]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("[") and " s] " in line]
+    assert [next(i for i, line in enumerate(lines) if step in line) for step in steps] == list(range(len(steps)))
 
 
 def test_verify_checkpoint(tmp_path, capsys):
