@@ -15,9 +15,9 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   matrix of a block stays in cache; XLA:CPU runs long self-attention several times faster so,
   since it never writes the whole `(B, H, T, S)` matrix to memory;
 - `einsum`: the plain materialised softmax, the only path with dropout on the weights;
-- `auto` (default): `cudnn` on a GPU when it applies, else `xla`; on a CPU `chunked` for long
-  inputs and `einsum` for short ones (XLA:CPU runs them faster than the generic fused op);
-  `einsum` whenever attention dropout is active.
+- `auto` (default): `cudnn` on a GPU when it applies, except for one query (a decoding step),
+  else `xla`; on a CPU `chunked` for long inputs and `einsum` for short ones (XLA:CPU runs them
+  faster than the generic fused op); `einsum` whenever attention dropout is active.
 
 Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
 gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
@@ -165,7 +165,10 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
         return implementation
     backend = jax.default_backend()
     if backend == "gpu" and cudnn_expressible(q, mask, offset):
-        return "cudnn"
+        # One query (a decoding step): a call of cuDNN's flash kernel costs tens of microseconds
+        # whatever its size, and a decoding step makes two per layer; XLA's fused dot-softmax-dot
+        # over one query row is a few small kernels.
+        return "xla" if q.shape[1] == 1 else "cudnn"
     if backend == "cpu":  # XLA:CPU runs its own einsums faster than the generic fused op
         return "chunked" if q.shape[2] * q.shape[1] * n_keys >= CHUNKED_MIN_SCORES else "einsum"
     return "xla"

@@ -120,6 +120,24 @@ def test_bfloat16_inputs_keep_float32_scores():
         np.testing.assert_allclose(np.asarray(y, np.float32), expected, atol=0.05)
 
 
+def test_auto_on_a_gpu_takes_xla_for_one_query_and_cudnn_for_more(monkeypatch):
+    """The choice `auto` makes on a GPU (decided without one: only the backend's name is read).
+    A decoding step (one query over a cache) goes to XLA, whose kernels for one query row are
+    small, rather than to cuDNN's flash kernel and its fixed cost per call; longer inputs that
+    cuDNN can express go to cuDNN; float32 and a symmetric band go to XLA."""
+    monkeypatch.setattr(fk.jax, "default_backend", lambda: "gpu")
+    one = jnp.zeros((2, 1, 4, 64), jnp.bfloat16)
+    many = jnp.zeros((2, 128, 4, 64), jnp.bfloat16)
+    causal = fk.Mask(causal=True)
+    assert fk.choose("auto", one, 64, causal, jnp.int32(40), None) == "xla"  # a cached self-attention step
+    assert fk.choose("auto", one, 1500, fk.Mask(), 0, None) == "xla"  # a step's cross-attention
+    assert fk.choose("auto", many, 128, causal, 0, None) == "cudnn"  # training, a prompt
+    assert fk.choose("auto", many, 1500, fk.Mask(), 0, None) == "cudnn"  # the encoder
+    assert fk.choose("auto", many.astype(jnp.float32), 128, causal, 0, None) == "xla"
+    assert fk.choose("auto", many, 128, fk.Mask(window=8), 0, None) == "xla"
+    assert fk.choose("cudnn", one, 64, causal, jnp.int32(40), None) == "cudnn"  # still there when asked for
+
+
 def test_auto_chooses_by_backend_size_and_dropout():
     small = jnp.zeros((1, 8, 2, 4))
     long = jnp.zeros((1, 1024, 4, 4))
