@@ -56,14 +56,17 @@ torch.save({{"dims": config.openai_dims(), "model_state_dict": state}}, {str(pat
 
 def measured(argv: list[str]) -> tuple[float, float, int]:
     """(seconds, peak RSS in GB, exit status) of one command in its own process."""
-    start = time.perf_counter()
-    process = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    output = process.stdout.read()
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        print(output[-3000:])
+    # The output goes to a file, not a pipe: nothing reads a pipe until wait4 returns, and a
+    # child writing more than a pipe holds would wait for a reader forever.
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        if process.returncode:
+            log.seek(0)
+            print(log.read()[-3000:])
     return seconds, usage.ru_maxrss / 2**20, process.returncode
 
 
