@@ -251,10 +251,11 @@ def scores(q, k, scale: float | jax.Array, layout: str) -> jax.Array:
     return jnp.einsum(f"...thd,{keys}->...hts", q, k, preferred_element_type=jnp.float32) * scale
 
 
-def _mix(weights, v, layout: str) -> jax.Array:
-    """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh)"""
+def _mix(weights, v, layout: str, accumulate=None) -> jax.Array:
+    """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh) in v's
+    dtype, or in `accumulate` (e.g. float32) when given."""
     values = "...hsd" if layout == BHSD else "...shd"
-    return jnp.einsum(f"...hts,{values}->...thd", weights.astype(v.dtype), v)
+    return jnp.einsum(f"...hts,{values}->...thd", weights.astype(v.dtype), v, preferred_element_type=accumulate)
 
 
 def _einsum(q, k, v, mask: Mask, scale: float, offset, layout: str, dropout, return_lse: bool):
@@ -328,7 +329,7 @@ def _flash_forward(blocks, k, v, offset, spec: _FlashSpec):
             peak = jnp.max(logits, axis=-1)  # (H, c)
             weights = jnp.exp((logits - peak[..., None]) * spec.scale)  # unnormalised, at most 1
             total = jnp.sum(weights, axis=-1)  # (H, c)
-            mixed = jnp.einsum("hts,hsd->thd", weights.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            mixed = _mix(weights, vb, BHSD, jnp.float32)  # (c, H, dh)
             y = (mixed / total.T[..., None]).astype(vb.dtype)
             return y, (peak * spec.scale + jnp.log(total)).T
 
