@@ -11,9 +11,9 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot; a
   band (hybrid's local branch) in blocks of the band instead (`_banded`), so its memory grows
   with `T * window`, not `T * T`;
-- `chunked`: the same math in query blocks, one batch row at a time (`lax.map`), so the score
-  matrix of a block stays in cache; XLA:CPU runs long self-attention several times faster so,
-  since it never writes the whole `(B, H, T, S)` matrix to memory;
+- `chunked`: the same math in query blocks, one head of one batch row at a time (`lax.map`), so
+  the score matrix of a block stays in cache; XLA:CPU runs long attention several times faster
+  so, since it never writes the whole `(B, H, T, S)` matrix to memory;
 - `einsum`: the plain materialised softmax, the only path with dropout on the weights;
 - `auto` (default): `cudnn` on a GPU when it applies, except for one query (a decoding step),
   else `xla`; on a CPU `chunked` for long inputs and `einsum` for short ones (XLA:CPU runs them
@@ -40,10 +40,11 @@ from flax import nnx
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
 BSHD, BHSD = "bshd", "bhsd"  # key/value layouts: sequence-major, heads-major
-# `chunked` processes this many queries at a time; `auto` picks it on a CPU once a batch row's
-# score matrix (H x T x S floats) no longer fits a few MB of cache.
-CHUNK = 256
-CHUNKED_MIN_SCORES = 2**20
+# `chunked` processes at most this many queries of one head at a time; `auto` picks it on a CPU
+# once a batch row's score matrix (H x T x S floats) outgrows the cache (below it the plain
+# einsum is faster: a decoder's 448 x 448 self-attention over 6 heads is, 448 x 1500 is not).
+CHUNK = 512
+CHUNKED_MIN_SCORES = 2**21
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,11 +252,10 @@ def scores(q, k, scale: float | jax.Array, layout: str) -> jax.Array:
     return jnp.einsum(f"...thd,{keys}->...hts", q, k, preferred_element_type=jnp.float32) * scale
 
 
-def _mix(weights, v, layout: str, accumulate=None) -> jax.Array:
-    """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh) in v's
-    dtype, or in `accumulate` (e.g. float32) when given."""
+def _mix(weights, v, layout: str) -> jax.Array:
+    """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh) in v's dtype."""
     values = "...hsd" if layout == BHSD else "...shd"
-    return jnp.einsum(f"...hts,{values}->...thd", weights.astype(v.dtype), v, preferred_element_type=accumulate)
+    return jnp.einsum(f"...hts,{values}->...thd", weights.astype(v.dtype), v)
 
 
 def _einsum(q, k, v, mask: Mask, scale: float, offset, layout: str, dropout, return_lse: bool):
@@ -273,18 +273,26 @@ def _einsum(q, k, v, mask: Mask, scale: float, offset, layout: str, dropout, ret
 
 
 def _chunked(q, k, v, mask: Mask, scale: float, offset, layout: str, return_lse: bool):
-    """Blocks of `CHUNK` queries of one batch row at a time, forward and backward (flash
-    attention's recomputation: the backward pass rebuilds each block's weights from the saved
-    log-sum-exp), so no `(H, T, S)` score matrix is ever written to memory. The same float32
-    math as `_einsum`, without dropout."""
+    """One head of one batch row at a time, in blocks of at most `CHUNK` queries, forward and
+    backward (flash attention's recomputation: the backward pass rebuilds each block's weights
+    from the saved log-sum-exp), so no `(H, T, S)` score matrix is ever written to memory: a
+    block's `(c, S)` scores stay in cache. The same float32 math as `_einsum`, without dropout."""
     b, t, h, dh = q.shape
-    chunk = min(CHUNK, t)
-    n = -(-t // chunk)
-    blocks = jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))).reshape(b, n, chunk, h, dh)
-    if layout != BHSD:  # each batch row's keys heads-major: (B, H, S, dh)
+    n = -(-t // CHUNK)
+    chunk = -(-t // n)  # n blocks of equal size, the last padded by less than n queries
+    rows = jnp.swapaxes(jnp.pad(q, ((0, 0), (0, n * chunk - t), (0, 0), (0, 0))), 1, 2)  # (B, H, n c, dh)
+    if layout != BHSD:
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
-    y, lse = _flash(blocks, k, v, jnp.asarray(offset, jnp.int32), _FlashSpec(mask, scale, t, chunk))
-    y, lse = y.reshape(b, n * chunk, h, dh)[:, :t], lse.reshape(b, n * chunk, h)[:, :t]
+    s = k.shape[2]
+    y, lse = _flash(
+        rows.reshape(b * h, n, chunk, dh),
+        k.reshape(b * h, s, dh),
+        v.reshape(b * h, s, dh),
+        jnp.asarray(offset, jnp.int32),
+        _FlashSpec(mask, scale, t, chunk),
+    )
+    y = jnp.swapaxes(y.reshape(b, h, n * chunk, dh), 1, 2)[:, :t]
+    lse = jnp.swapaxes(lse.reshape(b, h, n * chunk), 1, 2)[:, :t]
     return (y, lse) if return_lse else y
 
 
@@ -297,10 +305,13 @@ class _FlashSpec:
     queries: int
     chunk: int
 
-    def logits(self, qc, kb, first, offset, scaled: bool = True) -> jax.Array:
-        """qc (c, H, dh), kb (H, S, dh) -> masked float32 scores (H, c, S) of queries first .. first + c
-        (unscaled with `scaled=False`: the caller multiplies by `scale` in a pass it makes anyway)."""
-        logits = scores(qc, kb, self.scale if scaled else 1.0, BHSD)
+    def logits(self, qc, kh, first, offset, scaled: bool = True) -> jax.Array:
+        """qc (c, dh), kh (S, dh): one head -> masked float32 scores (c, S) of queries first ..
+        first + c (unscaled with `scaled=False`: the caller multiplies by `scale` in a pass it
+        makes anyway)."""
+        logits = jnp.einsum("td,sd->ts", qc, kh, preferred_element_type=jnp.float32)
+        if scaled:
+            logits = logits * self.scale
         if self.mask.masks_anything:
             padding = (first + jnp.arange(self.chunk) >= self.queries)[:, None]  # rows past T see all
             ok = allowed(self.mask, self.chunk, logits.shape[-1], offset, first) | padding
@@ -310,7 +321,8 @@ class _FlashSpec:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(blocks, k, v, offset, spec: _FlashSpec):
-    """blocks (B, n, c, H, dh), k and v (B, H, S, dh) -> y (B, n, c, H, dh), lse (B, n, c, H) f32."""
+    """blocks (R, n, c, dh), k and v (R, S, dh), one row per (batch row, head) -> y (R, n, c, dh),
+    lse (R, n, c) float32."""
     return _flash_forward(blocks, k, v, offset, spec)[0]
 
 
@@ -318,22 +330,21 @@ def _flash_forward(blocks, k, v, offset, spec: _FlashSpec):
     n = blocks.shape[1]
 
     def row(args):
-        qb, kb, vb = args  # (n, c, H, dh), (H, S, dh), (H, S, dh)
+        qh, kh, vh = args  # (n, c, dh), (S, dh), (S, dh)
 
         def block(args):
             # One exponential per score, scaled inside it; the weights are normalised after the
-            # values are mixed, on (c, H, dh) instead of (H, c, S). Every row sees a key, so its
-            # maximum is finite.
+            # values are mixed, on (c, dh) instead of (c, S). Every row sees a key, so its maximum
+            # is finite.
             qc, first = args
-            logits = spec.logits(qc, kb, first, offset, scaled=False)  # (H, c, S) unscaled
-            peak = jnp.max(logits, axis=-1)  # (H, c)
-            weights = jnp.exp((logits - peak[..., None]) * spec.scale)  # unnormalised, at most 1
-            total = jnp.sum(weights, axis=-1)  # (H, c)
-            mixed = _mix(weights, vb, BHSD, jnp.float32)  # (c, H, dh)
-            y = (mixed / total.T[..., None]).astype(vb.dtype)
-            return y, (peak * spec.scale + jnp.log(total)).T
+            logits = spec.logits(qc, kh, first, offset, scaled=False)  # (c, S) unscaled
+            peak = jnp.max(logits, axis=-1)  # (c,)
+            weights = jnp.exp((logits - peak[:, None]) * spec.scale)  # unnormalised, at most 1
+            total = jnp.sum(weights, axis=-1)  # (c,)
+            mixed = jnp.einsum("ts,sd->td", weights.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+            return (mixed / total[:, None]).astype(vh.dtype), peak * spec.scale + jnp.log(total)
 
-        return jax.lax.map(block, (qb, jnp.arange(n) * spec.chunk))
+        return jax.lax.map(block, (qh, jnp.arange(n) * spec.chunk))
 
     y, lse = jax.lax.map(row, (blocks, k, v))
     return (y, lse), (blocks, k, v, offset, y, lse)
@@ -345,26 +356,27 @@ def _flash_backward(spec: _FlashSpec, residuals, cotangents):
     n = blocks.shape[1]
 
     def row(args):
-        qb, kb, vb, yb, lseb, dyb, dlseb = args  # one batch row: (n, c, H, dh) ... (H, S, dh)
+        qh, kh, vh, yh, lseh, dyh, dlseh = args  # one head of one batch row: (n, c, dh) ... (S, dh)
 
         def block(carry, args):
-            dk, dv = carry  # (H, S, dh) float32
+            dk, dv = carry  # (S, dh) float32
             qc, yc, lsec, dyc, dlsec, first = args
-            logits = spec.logits(qc, kb, first, offset)
-            weights = jnp.exp(logits - lsec.T[..., None])  # (H, c, S)
+            weights = jnp.exp(spec.logits(qc, kh, first, offset) - lsec[:, None])  # (c, S)
             dyc32 = dyc.astype(jnp.float32)
-            dv = dv + jnp.einsum("hts,thd->hsd", weights, dyc32)
-            dweights = jnp.einsum("thd,hsd->hts", dyc32, vb, preferred_element_type=jnp.float32)
-            row_dot = jnp.sum(dyc32 * yc.astype(jnp.float32), axis=-1).T  # (H, c): sum_s P dP
-            dlogits = weights * (dweights - row_dot[..., None] + dlsec.T[..., None]) * spec.scale
-            dq = jnp.einsum("hts,hsd->thd", dlogits, kb, preferred_element_type=jnp.float32)
-            dk = dk + jnp.einsum("hts,thd->hsd", dlogits, qc.astype(jnp.float32))
+            dv = dv + jnp.einsum("ts,td->sd", weights, dyc32)
+            dweights = jnp.einsum("td,sd->ts", dyc32, vh, preferred_element_type=jnp.float32)
+            row_dot = jnp.sum(dyc32 * yc.astype(jnp.float32), axis=-1)  # (c,): sum_s P dP
+            # The gradient of the unscaled scores: `scale` multiplies dq and dk, (c, dh) and
+            # (S, dh), rather than this (c, S) product (where XLA:CPU materialises it).
+            dscores = weights * (dweights - row_dot[:, None] + dlsec[:, None])
+            dq = jnp.einsum("ts,sd->td", dscores, kh, preferred_element_type=jnp.float32) * spec.scale
+            dk = dk + jnp.einsum("ts,td->sd", dscores, qc.astype(jnp.float32))
             return (dk, dv), dq.astype(qc.dtype)
 
-        zeros = jnp.zeros(kb.shape, jnp.float32)
+        zeros = jnp.zeros(kh.shape, jnp.float32)
         firsts = jnp.arange(n) * spec.chunk
-        (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (qb, yb, lseb, dyb, dlseb, firsts))
-        return dq, dk.astype(kb.dtype), dv.astype(vb.dtype)
+        (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (qh, yh, lseh, dyh, dlseh, firsts))
+        return dq, (dk * spec.scale).astype(kh.dtype), dv.astype(vh.dtype)
 
     dq, dk, dv = jax.lax.map(row, (blocks, k, v, y, lse, dy, dlse))
     return dq, dk, dv, None

@@ -196,3 +196,25 @@ def test_a_band_in_blocks_computes_the_mask_and_its_gradient(block, mask, monkey
     dense = jax.grad(loss("einsum"), argnums=(0, 1, 2))(*args)
     for got, want in zip(banded, dense, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MASKS))
+def test_chunked_gradients_are_autodiff_of_the_materialised_softmax(name, monkeypatch):
+    """`chunked` has a hand-written backward (each block's weights rebuilt from the saved
+    log-sum-exp): through the outputs and the log-sum-exp, after a cache offset, in blocks of 3
+    with a padded last one, its gradients are those of `einsum`'s autodiff."""
+    monkeypatch.setattr(fk, "CHUNK", 3)
+    mask = fk.Mask(**MASKS[name])
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in inputs(7, 9 + mask.prefix, seed=6))
+    offset = 2 if mask.causal else 0
+
+    def loss(implementation):
+        def f(q, k, v):
+            y, lse = fk.attend(q, k, v, mask, scale=0.5, offset=offset, implementation=implementation, return_lse=True)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(lse))
+
+        return jax.grad(f, argnums=(0, 1, 2))
+
+    chunked, dense = loss("chunked")(q, k, v), loss("einsum")(q, k, v)
+    for got, want in zip(chunked, dense, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
