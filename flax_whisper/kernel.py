@@ -305,18 +305,19 @@ class _FlashSpec:
     queries: int
     chunk: int
 
-    def logits(self, qc, kh, first, offset, scaled: bool = True) -> jax.Array:
-        """qc (c, dh), kh (S, dh): one head -> masked float32 scores (c, S) of queries first ..
-        first + c (unscaled with `scaled=False`: the caller multiplies by `scale` in a pass it
-        makes anyway)."""
+    def seen(self, first, offset, n_keys: int) -> jax.Array | None:
+        """Which keys the queries first .. first + c see, (c, S) boolean, or None for all."""
+        if not self.mask.masks_anything:
+            return None
+        padding = (first + jnp.arange(self.chunk) >= self.queries)[:, None]  # rows past T see all
+        return allowed(self.mask, self.chunk, n_keys, offset, first) | padding
+
+    def logits(self, qc, kh, first, offset) -> jax.Array:
+        """qc (c, dh), kh (S, dh): one head -> masked, unscaled float32 scores (c, S) of queries
+        first .. first + c (the caller multiplies by `scale` in a pass it makes anyway)."""
         logits = jnp.einsum("td,sd->ts", qc, kh, preferred_element_type=jnp.float32)
-        if scaled:
-            logits = logits * self.scale
-        if self.mask.masks_anything:
-            padding = (first + jnp.arange(self.chunk) >= self.queries)[:, None]  # rows past T see all
-            ok = allowed(self.mask, self.chunk, logits.shape[-1], offset, first) | padding
-            logits = jnp.where(ok, logits, -jnp.inf)
-        return logits
+        ok = self.seen(first, offset, kh.shape[0])
+        return logits if ok is None else jnp.where(ok, logits, -jnp.inf)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -337,7 +338,7 @@ def _flash_forward(blocks, k, v, offset, spec: _FlashSpec):
             # values are mixed, on (c, dh) instead of (c, S). Every row sees a key, so its maximum
             # is finite.
             qc, first = args
-            logits = spec.logits(qc, kh, first, offset, scaled=False)  # (c, S) unscaled
+            logits = spec.logits(qc, kh, first, offset)  # (c, S) unscaled
             peak = jnp.max(logits, axis=-1)  # (c,)
             weights = jnp.exp((logits - peak[:, None]) * spec.scale)  # unnormalised, at most 1
             total = jnp.sum(weights, axis=-1)  # (c,)
@@ -357,26 +358,34 @@ def _flash_backward(spec: _FlashSpec, residuals, cotangents):
 
     def row(args):
         qh, kh, vh, yh, lseh, dyh, dlseh = args  # one head of one batch row: (n, c, dh) ... (S, dh)
+        kt = kh.T.astype(jnp.float32)  # (dh, S), once per row
 
+        # Each block's weights are rebuilt with the keys along the rows, (S, c): every product
+        # is then A B or A B^T, which XLA:CPU's dot reads in place, where the (c, S) layout needs
+        # two A^T B products per block and a transposed copy of a (c, S) matrix for each.
         def block(carry, args):
             dk, dv = carry  # (S, dh) float32
             qc, yc, lsec, dyc, dlsec, first = args
-            weights = jnp.exp(spec.logits(qc, kh, first, offset) - lsec[:, None])  # (c, S)
+            logits = jnp.einsum("sd,td->st", kh, qc, preferred_element_type=jnp.float32) * spec.scale
+            ok = spec.seen(first, offset, kh.shape[0])
+            if ok is not None:
+                logits = jnp.where(ok.T, logits, -jnp.inf)
+            weights = jnp.exp(logits - lsec[None, :])  # (S, c)
             dyc32 = dyc.astype(jnp.float32)
-            dv = dv + jnp.einsum("ts,td->sd", weights, dyc32)
-            dweights = jnp.einsum("td,sd->ts", dyc32, vh, preferred_element_type=jnp.float32)
+            dv = dv + weights @ dyc32
+            dweights = jnp.einsum("sd,td->st", vh, dyc32, preferred_element_type=jnp.float32)
             row_dot = jnp.sum(dyc32 * yc.astype(jnp.float32), axis=-1)  # (c,): sum_s P dP
             # The gradient of the unscaled scores: `scale` multiplies dq and dk, (c, dh) and
-            # (S, dh), rather than this (c, S) product (where XLA:CPU materialises it).
-            dscores = weights * (dweights - row_dot[:, None] + dlsec[:, None])
-            dq = jnp.einsum("ts,sd->td", dscores, kh, preferred_element_type=jnp.float32) * spec.scale
-            dk = dk + jnp.einsum("ts,td->sd", dscores, qc.astype(jnp.float32))
-            return (dk, dv), dq.astype(qc.dtype)
+            # (S, dh), rather than this (S, c) product (where XLA:CPU materialises it).
+            dscores = weights * (dweights - row_dot[None, :] + dlsec[None, :])
+            dk = dk + dscores @ qc.astype(jnp.float32)
+            return (dk, dv), kt @ dscores  # dq^T (dh, c), unscaled
 
         zeros = jnp.zeros(kh.shape, jnp.float32)
         firsts = jnp.arange(n) * spec.chunk
         (dk, dv), dq = jax.lax.scan(block, (zeros, zeros), (qh, yh, lseh, dyh, dlseh, firsts))
-        return dq, (dk * spec.scale).astype(kh.dtype), dv.astype(vh.dtype)
+        dq = jnp.swapaxes(dq, 1, 2) * spec.scale  # (n, c, dh)
+        return dq.astype(qh.dtype), (dk * spec.scale).astype(kh.dtype), dv.astype(vh.dtype)
 
     dq, dk, dv = jax.lax.map(row, (blocks, k, v, y, lse, dy, dlse))
     return dq, dk, dv, None
