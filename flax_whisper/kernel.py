@@ -16,8 +16,9 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   so, since it never writes the whole `(B, H, T, S)` matrix to memory;
 - `einsum`: the plain materialised softmax, the only path with dropout on the weights;
 - `auto` (default): `cudnn` on a GPU when it applies, except for one query (a decoding step),
-  else `xla`; on a CPU `chunked` for long inputs and `einsum` for short ones (XLA:CPU runs them
-  faster than the generic fused op); `einsum` whenever attention dropout is active.
+  else `xla`; on a CPU `xla` for a band narrower than the sequence (`_banded`), else `chunked`
+  for long inputs and `einsum` for short ones (XLA:CPU runs them faster than the generic fused
+  op); `einsum` whenever attention dropout is active.
 
 Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
 gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
@@ -171,6 +172,8 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
         # over one query row is a few small kernels.
         return "xla" if q.shape[1] == 1 else "cudnn"
     if backend == "cpu":  # XLA:CPU runs its own einsums faster than the generic fused op
+        if banded_applies(mask, q.shape[1], n_keys, offset):
+            return "xla"  # a band in blocks of the band (`_banded`): a fraction of the scores
         return "chunked" if q.shape[2] * q.shape[1] * n_keys >= CHUNKED_MIN_SCORES else "einsum"
     return "xla"
 

@@ -144,6 +144,9 @@ def test_auto_chooses_by_backend_size_and_dropout():
     assert fk.choose("auto", small, 8, fk.Mask(), 0, None) == "einsum"  # this machine is a CPU
     assert fk.choose("auto", long, 1024, fk.Mask(), 0, None) == "chunked"
     assert fk.choose("xla", long, 1024, fk.Mask(), 0, None) == "xla"
+    band = fk.Mask(window=64)  # hybrid's local branch over an encoder: blocks of the band
+    assert fk.choose("auto", long, 1024, band, 0, None) == "xla" and fk.banded_applies(band, 1024, 1024, 0)
+    assert fk.choose("auto", long[:, :128], 128, band, 0, None) == "einsum"  # the band spans the sequence
     from flax import nnx
 
     dropping = nnx.Dropout(0.1, rngs=nnx.Rngs(0))
