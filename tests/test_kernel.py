@@ -191,6 +191,9 @@ def test_a_band_in_blocks_computes_the_mask_and_its_gradient(block, mask, monkey
     y, got_lse = fk.attend(*args, spec, scale=0.5, implementation="xla", return_lse=True)
     np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
     np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+    heads_major = [jnp.swapaxes(x, 1, 2) for x in args[1:]]  # the CPU's key layout
+    y = fk.attend(args[0], *heads_major, spec, scale=0.5, layout="bhsd", implementation="xla")
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
 
     def loss(implementation):
         return lambda *a: jnp.sum(jnp.sin(fk.attend(*a, spec, scale=0.5, implementation=implementation)))
