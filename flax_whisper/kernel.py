@@ -16,9 +16,10 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   so, since it never writes the whole `(B, H, T, S)` matrix to memory;
 - `einsum`: the plain materialised softmax, the only path with dropout on the weights;
 - `auto` (default): `cudnn` on a GPU when it applies, except for one query (a decoding step),
-  else `xla`; on a CPU `xla` for a band narrower than the sequence (`_banded`), else `chunked`
-  for long inputs and `einsum` for short ones (XLA:CPU runs them faster than the generic fused
-  op); `einsum` whenever attention dropout is active.
+  else `xla`; on a CPU `xla` for a self-attention band whose three key blocks are fewer keys
+  than the sequence (`banded_applies`: `_banded`), else `chunked` for long inputs and `einsum`
+  for short ones (XLA:CPU runs them faster than the generic fused op); `einsum` whenever
+  attention dropout is active.
 
 Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
 gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
