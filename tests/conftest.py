@@ -19,6 +19,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 # The CLIs keep compiled programs in ~/.cache by default: tests neither write there nor read
 # programs an earlier session left (tests of the cache give their own directory).
 os.environ["FLAX_WHISPER_COMPILE_CACHE"] = "off"
+# Under pytest-xdist each worker gets its share of the cores for torch's (and NumPy's BLAS's)
+# OpenMP threads: with a thread per core in every worker, OpenMP's spinning threads oversubscribe
+# the machine and the torch side of the suite runs about 1.5x slower on 2 cores.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 import jax
 import numpy as np

@@ -47,7 +47,7 @@ def test_flax_incremental_equals_full(variant_pair, variant):
     assert_close(np.concatenate(steps, 1), full, 1e-5)
 
 
-@pytest.mark.parametrize("preset", ["whisper", "integrated"])
+@pytest.mark.parametrize("preset", ["whisper", pytest.param("integrated", marks=pytest.mark.slow)])
 def test_unrolled_decoder_layers_decode_as_the_scan(preset):
     """`decode_unroll=True` lays the cached decoder's layers out one by one: the same logits and
     cache (integrated: dynamic convolution, hybrid and memory caches)."""

@@ -82,7 +82,7 @@ def shared_draws(longform_model, monkeypatch):
         step = steps.get(seed, 0)
         steps[seed] = step + 1
         key = jax.random.key(seed)
-        return torch.from_numpy(
+        return torch.tensor(
             np.asarray(jax.random.gumbel(key if step == 0 else jax.random.fold_in(key, step), shape, jnp.float32))
         )
 

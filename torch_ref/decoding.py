@@ -153,7 +153,7 @@ def decode_with_scores(
     check_token_range(model.config, int(prompt.min()), int(prompt.max()))
     limit = (model.config.n_text_ctx - real + 1).clamp(max=max_new)  # (B,)
     low, high, end = int(real.min()), int(real.max()), int((real + limit).max())
-    xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
+    xa = model.encoder(torch.tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
     columns = torch.arange(width, device=device)
@@ -228,7 +228,7 @@ def beam_search_decode(
     limit = (model.config.n_text_ctx - real + 1).clamp(max=max_new)  # (B,) steps at most
     low, high, end = int(real.min()), int(real.max()), int((real + limit).max())
     length = width + max_new
-    xa = model.encoder(torch.as_tensor(np.asarray(mel), device=device))  # (B, S, d)
+    xa = model.encoder(torch.tensor(np.asarray(mel), device=device))  # (B, S, d)
     if options.language_tokens:
         prompt[:, 1] = detect_language(model, xa, prompt[:, :1], options.language_tokens)
     prompt = torch.where(torch.arange(width, device=device) < real[:, None], prompt, eot)  # padding: end of text

@@ -114,7 +114,10 @@ def find_alignment(
     weights = (weights / weights.sum(-1, keepdims=True)).astype(np.float64)
     # Standardised over tokens in float64: frames where every token's weight is a float32
     # denormal keep a nonzero spread, as torch's float32 std_mean keeps it.
-    weights = (weights - weights.mean(-2, keepdims=True)) / weights.std(-2, keepdims=True)
+    # A frame where every token has the same weight gives 0 / 0 there, as in OpenAI's torch code
+    # (which does not warn about it).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weights = (weights - weights.mean(-2, keepdims=True)) / weights.std(-2, keepdims=True)
     matrix = median_filter(weights, MEDIAN_FILTER_WIDTH).mean(0)[start:-1]
     text_indices, time_indices = dtw(-matrix)
 
