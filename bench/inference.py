@@ -1,7 +1,7 @@
 """Encoder forward and greedy decoding: flax_whisper against openai-whisper and Hugging Face, one run.
 
     python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
-        [--repeats 5] [--no-hf] [--no-openai] [--decode-scan] [--check-every 1,8,16] [--attention xla]
+        [--repeats 5] [--rounds 3] [--no-hf] [--no-openai] [--decode-scan] [--check-every 1,8,16] [--attention xla]
 
 On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
 and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
@@ -20,7 +20,9 @@ like with like, each rate counts the tokens that framework generated. On a GPU, 
 `fp16=True`, since it has no bfloat16 one). `--check-every` also times flax decoding that checks
 for every row's end every N steps (the default is the device's: 8 on a GPU, where each check
 waits for the device, 1 elsewhere); `--attention` times it with other attention implementations
-(`attention_implementation`: the default `auto` is cuDNN on a GPU in bfloat16).
+(`attention_implementation`: the default `auto` is cuDNN on a GPU in bfloat16). `--rounds`
+times every competitor again, in turn, and reports the median of the rounds with the range of
+each ratio over them: on a shared CPU, runs minutes apart differ by more than the gaps measured.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from peers import hf_config
-from timing import Results, median_seconds
+from timing import Results, Rounds
 
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
 
@@ -60,6 +62,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, help="time every competitor again, in turn, this often (default: 3 on a CPU, 1 elsewhere)"
+    )
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     parser.add_argument("--no-openai", action="store_true", help="skip openai-whisper")
     parser.add_argument(
@@ -114,8 +119,9 @@ def main() -> None:
 
     encode = nnx.jit(lambda m, x: m.encoder(x))
     results = Results()
-    results["encoder: flax_whisper (jit)"] = median_seconds(
-        lambda: jax.block_until_ready(encode(flax_model, mel_jax)), args.repeats
+    rounds = Rounds(args.rounds or Rounds.default(jax.devices()[0].platform), args.repeats)
+    results["encoder: flax_whisper (jit)"] = rounds.time(
+        "encoder: flax_whisper (jit)", lambda: jax.block_until_ready(encode(flax_model, mel_jax))
     )
 
     # openai-whisper's own half precision is float16 (`fp16=True`: the mel is halved and each layer
@@ -129,7 +135,7 @@ def main() -> None:
         sync()
 
     if not args.no_openai:
-        results["encoder: openai-whisper"] = median_seconds(openai_encoder, args.repeats)
+        results["encoder: openai-whisper"] = rounds.time("encoder: openai-whisper", openai_encoder)
 
     generated = {}
 
@@ -138,7 +144,7 @@ def main() -> None:
             tokens = np.asarray(greedy_decode(model, mel_jax, prompts, options, check_every=every))
             generated[name] = int(np.sum(tokens[:, len(prompt) :] != -1))
 
-        results[name] = median_seconds(run, args.repeats)
+        results[name] = rounds.time(name, run)
 
     flax_decode(flax_model, "decode: flax_whisper (jit)")
     for every in args.check_every:
@@ -163,7 +169,7 @@ def main() -> None:
         generated["decode: openai-whisper"] = sum(len(r.tokens) + 1 for r in out)  # + end of text
 
     if not args.no_openai:
-        results["decode: openai-whisper"] = median_seconds(openai_decode, args.repeats)
+        results["decode: openai-whisper"] = rounds.time("decode: openai-whisper", openai_decode)
 
     if not args.no_hf:
         try:
@@ -194,16 +200,19 @@ def main() -> None:
                 sync()
                 generated["decode: transformers generate"] = int((out.shape[1] - len(prompt)) * out.shape[0])
 
-            results["encoder: transformers"] = median_seconds(hf_encoder, args.repeats)
-            results["decode: transformers generate"] = median_seconds(hf_decode, args.repeats)
+            results["encoder: transformers"] = rounds.time("encoder: transformers", hf_encoder)
+            results["decode: transformers generate"] = rounds.time("decode: transformers generate", hf_decode)
 
+    rounds.rest(results)
     for kind in ("encoder", "decode"):
-        base = results[f"{kind}: flax_whisper (jit)"]
+        reference = f"{kind}: flax_whisper (jit)"
         for name, seconds in results.items():
             if not name.startswith(kind):
                 continue
             rate = f"{generated[name] / seconds:8.1f} tokens/s" if name in generated else " " * 17
-            print(f"{name:38s} {seconds * 1e3:9.1f} ms  {rate}  flax is {seconds / base:5.2f}x as fast")
+            speedup = f"flax is {seconds / results[reference]:5.2f}x as fast"
+            spread = rounds.ratios(name, reference)
+            print(f"{name:38s} {seconds * 1e3:9.1f} ms  {rate}  {speedup}" + (f" (rounds: {spread})" if spread else ""))
 
 
 if __name__ == "__main__":

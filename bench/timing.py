@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: median wall time of a callable after warm-up calls."""
+"""Shared by the benchmarks: median wall times after warm-up calls, and rounds that time every
+competitor again in turn, so that a shared machine's slow drifts fall on all of them alike."""
 
 from __future__ import annotations
 
@@ -22,9 +23,59 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
 
 class Results(dict):
     """Measurements by name, each printed as it lands, so a run cut short (a time limit on a
-    lent accelerator) still shows what it measured before the final table."""
+    lent accelerator) still shows what it measured before the final table. A value is seconds,
+    or a dict with "seconds" and other figures."""
 
     def __setitem__(self, name: str, value) -> None:
         super().__setitem__(name, value)
-        seconds = value["seconds"] if isinstance(value, dict) else value
-        print(f"  measured {name}: {seconds * 1e3:.1f} ms", flush=True)
+        print(f"  measured {name}: {seconds_of(value) * 1e3:.1f} ms", flush=True)
+
+
+def seconds_of(value) -> float:
+    return value["seconds"] if isinstance(value, dict) else value
+
+
+class Rounds:
+    """Interleaved rounds. `time(name, run, warmup)` is `median_seconds` (round 1) and,
+    when there are more rounds, keeps `run` (and so whatever it holds: one round keeps nothing,
+    for accelerators whose memory the competitors share one after another). `rest(results)` then
+    times every kept `run` again, each in turn, `rounds - 1` times, and sets each result to the
+    median of its rounds' medians."""
+
+    def __init__(self, rounds: int, repeats: int):
+        self.rounds = rounds
+        self.repeats = repeats
+        self.runs: dict[str, Callable[[], object]] = {}
+        self.times: dict[str, list[float]] = {}
+
+    def time(self, name: str, run: Callable[[], object], warmup: int = 1) -> float:
+        seconds = median_seconds(run, self.repeats, warmup)
+        self.times[name] = [seconds]
+        if self.rounds > 1:
+            self.runs[name] = run
+        return seconds
+
+    def rest(self, results: Results) -> None:
+        for number in range(2, self.rounds + 1):
+            print(f"round {number} of {self.rounds}", flush=True)
+            for name, run in self.runs.items():
+                self.times[name].append(median_seconds(run, self.repeats, warmup=0))
+        for name in self.runs:
+            seconds = statistics.median(self.times[name])
+            if isinstance(results[name], dict):
+                dict.__setitem__(results, name, {**results[name], "seconds": seconds})
+            else:
+                dict.__setitem__(results, name, seconds)
+
+    def ratios(self, name: str, reference: str) -> str:
+        """The lowest and highest of `name`'s time over `reference`'s, round by round ("" for one round)."""
+        if len(self.times.get(name, ())) < 2 or len(self.times.get(reference, ())) < 2:
+            return ""
+        ratios = [a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
+        return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+    @staticmethod
+    def default(platform: str) -> int:
+        """Three rounds on a CPU (a shared machine drifts by more than the gaps measured); one on an
+        accelerator, where each competitor's memory is released before the next one runs."""
+        return 3 if platform == "cpu" else 1

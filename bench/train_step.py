@@ -15,6 +15,9 @@ body once), the model FLOPs utilisation where the device's peak is known
 (`--peak-tflops` or the table below), and the step's memory (XLA's memory analysis of the
 compiled program; torch on GPUs: `max_memory_allocated`). float32 on GPUs: XLA multiplies in TF32
 by default while torch keeps full float32, so compare bfloat16 rows for like with like.
+`--rounds` (default 3 on a CPU) times every competitor again, in turn, and reports the median of
+the rounds with the range of each speedup over them: on a shared CPU, runs minutes apart differ
+by more than the gaps measured.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import numpy as np
 from flax import nnx
 from peers import hf_config
 from steps import abstract_train_step
-from timing import Results, median_seconds
+from timing import Results, Rounds
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper
@@ -77,7 +80,9 @@ def model_flops(config: TrainConfig, mel: np.ndarray, labels: np.ndarray) -> flo
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
-def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels: np.ndarray) -> dict:
+def time_flax(
+    args, rounds: Rounds, name: str, config: TrainConfig, model: Whisper, mel: np.ndarray, labels: np.ndarray
+) -> dict:
     tx = make_optimizer(config)
     step_fn = jax.jit(functools.partial(train_step, graphs=Graphs.of(model), tx=tx, config=config), donate_argnums=0)
     batch = {"mel": jax.device_put(mel), "labels": jax.device_put(labels)}
@@ -89,7 +94,7 @@ def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels
         holder["state"], metrics = step_fn(holder["state"], batch)
         jax.block_until_ready(metrics["loss"])
 
-    seconds = median_seconds(step, args.steps, warmup=2)
+    seconds = rounds.time(name, step, warmup=2)
     if args.profile:  # the first mechanism only: a trace of three more steps
         with jax.profiler.trace(args.profile):
             for _ in range(3):
@@ -102,7 +107,9 @@ def time_flax(args, config: TrainConfig, model: Whisper, mel: np.ndarray, labels
     return result
 
 
-def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray, labels: np.ndarray) -> dict:
+def time_torch(
+    args, rounds: Rounds, config: TrainConfig, model_config, initial, mel: np.ndarray, labels: np.ndarray
+) -> dict:
     try:
         import torch
     except ImportError:
@@ -115,7 +122,7 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision == "bfloat16")
     mel_t, labels_t = torch.from_numpy(mel).to(device), torch.from_numpy(labels).long().to(device)
 
-    def timed(module, loss_fn, warmup: int = 2) -> dict:
+    def timed(name: str, module, loss_fn, warmup: int = 2) -> dict:
         optimizer, scheduler = torch_optimizer(module, config)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -131,7 +138,7 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
             if device == "cuda":
                 torch.cuda.synchronize()
 
-        result = {"seconds": median_seconds(step, args.steps, warmup)}
+        result = {"seconds": rounds.time(name, step, warmup)}
         if device == "cuda":
             result["memory"] = torch.cuda.max_memory_allocated()
         return result
@@ -140,8 +147,8 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
         if args.no_compile:
             return
         try:
-            module = make()
-            results[f"{name} (torch.compile)"] = timed(module, torch.compile(module.loss_fn), warmup=3)
+            module, row = make(), f"{name} (torch.compile)"
+            results[row] = timed(row, module, torch.compile(module.loss_fn), warmup=3)
         except Exception as e:  # torch.compile needs a working C++ toolchain; report, do not fail
             print(f"torch.compile of {name} unavailable: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
@@ -160,7 +167,7 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
                 return model
 
             model = make_hf()
-            results["transformers (eager, sdpa)"] = timed(model, model.loss_fn)
+            results["transformers (eager, sdpa)"] = timed("transformers (eager, sdpa)", model, model.loss_fn)
             del model
             compiled(make_hf, "transformers", results)
 
@@ -171,7 +178,7 @@ def time_torch(args, config: TrainConfig, model_config, initial, mel: np.ndarray
 
     if not args.no_torch_ref:
         ref = make_ref()
-        results["torch_ref (eager)"] = timed(ref, ref.loss_fn)
+        results["torch_ref (eager)"] = timed("torch_ref (eager)", ref, ref.loss_fn)
         del ref
         compiled(make_ref, "torch_ref", results)
     if device == "cuda":
@@ -189,6 +196,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="mel frames (default: the model's 2 * n_audio_ctx)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--rounds", type=int, help="time every competitor again, in turn, this often (default: 3 on a CPU, 1 elsewhere)"
+    )
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the first mechanism's step")
@@ -220,8 +230,9 @@ def main() -> None:
 
     model = Whisper(model_config, rngs=nnx.Rngs(0))
     results = Results()
+    rounds = Rounds(args.rounds or Rounds.default(jax.devices()[0].platform), args.steps)
     if not args.no_torch:  # torch first, then its cached memory is released: both share one accelerator
-        results.update(time_torch(args, config, model_config, flax_to_torch(model), mel, labels))
+        results.update(time_torch(args, rounds, config, model_config, flax_to_torch(model), mel, labels))
     peak = peak_flops(args)
     flax_rows = []
     layouts = {"scan": [False], "unrolled": [True], "both": [False, True]}[args.layers]
@@ -236,7 +247,7 @@ def main() -> None:
         name = f"flax_whisper {mechanism} ({how})"
         mechanism_model = Whisper(mechanism_config.model_config(), rngs=nnx.Rngs(0))
         try:
-            results[name] = time_flax(args, mechanism_config, mechanism_model, mel, labels)
+            results[name] = time_flax(args, rounds, name, mechanism_config, mechanism_model, mel, labels)
         except jax.errors.JaxRuntimeError as error:  # report it and go on to the next mechanism
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
@@ -247,16 +258,18 @@ def main() -> None:
     if not flax_rows:
         return
 
+    rounds.rest(results)
     reference = results[flax_rows[0]]["seconds"]
     width = max(34, *map(len, results))
-    print(f"{'':{width}s} {'ms/step':>9s} {'samples/s':>10s} {'flax speedup':>12s} {'memory':>9s} {'MFU':>6s}")
+    header = f"{'ms/step':>9s} {'samples/s':>10s} {'flax speedup':>12s} {'memory':>9s} {'MFU':>6s}"
+    print(f"{'':{width}s} {header}" + ("  speedup, round by round" if rounds.rounds > 1 else ""))
     for name, row in results.items():
         seconds = row["seconds"]
         memory = f"{row['memory'] / 2**30:7.2f} GB" if "memory" in row else f"{'n/a':>9s}"
         mfu = f"{row['flops'] / seconds / peak:6.1%}" if peak and row.get("flops") else f"{'n/a':>6s}"
         print(
             f"{name:{width}s} {seconds * 1e3:9.1f} {args.batch / seconds:10.2f}",
-            f"{seconds / reference:11.2f}x {memory} {mfu}",
+            f"{seconds / reference:11.2f}x {memory} {mfu}  {rounds.ratios(name, flax_rows[0])}",
         )
     flops = results[flax_rows[0]]["flops"]
     print(f"model FLOPs per step ({flax_rows[0]}; XLA cost analysis, layers unrolled): {flops:.3e}")

@@ -194,6 +194,7 @@ def test_decoding_parity_on_every_variant(variant_pair):
     assert (ours[:, 3] != eot).all()  # blank tokens are not sampled first
 
 
+@pytest.mark.slow  # greedy decoding keeps this check in the main suite (tests/test_kv_cache.py)
 def test_beam_search_with_each_layer_on_its_own_equals_the_layer_scan():
     """`decode_unroll` (each layer's weights and caches copied out of the stack once, the layers
     one after another) gives the scan's candidates, sums and no-speech probabilities with beams,

@@ -428,6 +428,8 @@ def test_alignment_heads_travel_through_every_format_that_can_hold_them(hf_dir, 
     one_line_error(convert_cli(broken, tmp_path / "out", ok=False), "generation_config.json", "alignment_heads")
 
 
+# Two commands in subprocesses per vocabulary: the multilingual one is `slow`.
+@pytest.mark.parametrize("hf_dir", ["english", pytest.param("multilingual", marks=pytest.mark.slow)], indirect=True)
 def test_verify_and_transcribe_take_hf_directories(hf_dir, tmp_path):
     _, _, path = hf_dir
     done = convert_cli("verify", path, "--batch", "1")

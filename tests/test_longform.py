@@ -182,7 +182,8 @@ def test_a_second_file_of_as_many_windows_compiles_nothing(long_speech, longform
         assert compiles  # the listener does see compilations
 
 
-@pytest.mark.parametrize("framework", ["flax", "torch"])
+# torch's beam search against OpenAI's stays in the main suite (tests/test_decoding.py, tests/test_transcribe.py)
+@pytest.mark.parametrize("framework", ["flax", pytest.param("torch", marks=pytest.mark.slow)])
 def test_beam_search_long_form_matches_openai(long_speech, longform_model, framework):
     """Beam search at temperature 0 (`--beam-size 5 --patience 2`, as `openai-whisper`'s command
     searches), window after window with previous-text prompts: OpenAI's segments."""

@@ -171,6 +171,7 @@ def test_the_old_command_name_still_works(decoding_checkpoint):
     assert "is now `python -m transcribe`" in done.stderr and done.stdout.startswith(f"{SPEECH}: ")
 
 
+@pytest.mark.slow  # two runs of the command in subprocesses
 def test_a_second_run_reads_its_compiled_programs_from_the_cache(decoding_checkpoint, tmp_path):
     """`--compile-cache DIR`: the first run writes its programs, the next one loads them (JAX
     logs each hit with JAX_LOG_COMPILES) and prints the same transcript; `off` writes nothing."""
