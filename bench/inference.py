@@ -62,9 +62,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument(
-        "--rounds", type=int, help="time every competitor again, in turn, this often (default: 3 on a CPU, 1 elsewhere)"
-    )
+    parser.add_argument("--rounds", type=int, help=Rounds.HELP)
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     parser.add_argument("--no-openai", action="store_true", help="skip openai-whisper")
     parser.add_argument(
@@ -119,7 +117,7 @@ def main() -> None:
 
     encode = nnx.jit(lambda m, x: m.encoder(x))
     results = Results()
-    rounds = Rounds(args.rounds or Rounds.default(jax.devices()[0].platform), args.repeats)
+    rounds = Rounds(args.rounds, args.repeats, jax.devices()[0].platform)
     results["encoder: flax_whisper (jit)"] = rounds.time(
         "encoder: flax_whisper (jit)", lambda: jax.block_until_ready(encode(flax_model, mel_jax))
     )

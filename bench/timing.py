@@ -28,11 +28,8 @@ class Results(dict):
 
     def __setitem__(self, name: str, value) -> None:
         super().__setitem__(name, value)
-        print(f"  measured {name}: {seconds_of(value) * 1e3:.1f} ms", flush=True)
-
-
-def seconds_of(value) -> float:
-    return value["seconds"] if isinstance(value, dict) else value
+        seconds = value["seconds"] if isinstance(value, dict) else value
+        print(f"  measured {name}: {seconds * 1e3:.1f} ms", flush=True)
 
 
 class Rounds:
@@ -40,10 +37,13 @@ class Rounds:
     when there are more rounds, keeps `run` (and so whatever it holds: one round keeps nothing,
     for accelerators whose memory the competitors share one after another). `rest(results)` then
     times every kept `run` again, each in turn, `rounds - 1` times, and sets each result to the
-    median of its rounds' medians."""
+    median of its rounds' medians. `rounds` None: three on a CPU (a shared machine drifts by more
+    than the gaps measured), one on an accelerator."""
 
-    def __init__(self, rounds: int, repeats: int):
-        self.rounds = rounds
+    HELP = "time every competitor again, in turn, this often (default: 3 on a CPU, 1 elsewhere)"
+
+    def __init__(self, rounds: int | None, repeats: int, platform: str):
+        self.rounds = rounds or (3 if platform == "cpu" else 1)
         self.repeats = repeats
         self.runs: dict[str, Callable[[], object]] = {}
         self.times: dict[str, list[float]] = {}
@@ -73,9 +73,3 @@ class Rounds:
             return ""
         ratios = [a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
         return f"{min(ratios):.2f}-{max(ratios):.2f}x"
-
-    @staticmethod
-    def default(platform: str) -> int:
-        """Three rounds on a CPU (a shared machine drifts by more than the gaps measured); one on an
-        accelerator, where each competitor's memory is released before the next one runs."""
-        return 3 if platform == "cpu" else 1

@@ -196,9 +196,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="mel frames (default: the model's 2 * n_audio_ctx)")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument(
-        "--rounds", type=int, help="time every competitor again, in turn, this often (default: 3 on a CPU, 1 elsewhere)"
-    )
+    parser.add_argument("--rounds", type=int, help=Rounds.HELP)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the first mechanism's step")
@@ -230,7 +228,7 @@ def main() -> None:
 
     model = Whisper(model_config, rngs=nnx.Rngs(0))
     results = Results()
-    rounds = Rounds(args.rounds or Rounds.default(jax.devices()[0].platform), args.steps)
+    rounds = Rounds(args.rounds, args.steps, jax.devices()[0].platform)
     if not args.no_torch:  # torch first, then its cached memory is released: both share one accelerator
         results.update(time_torch(args, rounds, config, model_config, flax_to_torch(model), mel, labels))
     peak = peak_flops(args)
