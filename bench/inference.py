@@ -40,6 +40,8 @@ import numpy as np
 from peers import hf_config
 from timing import Results, Rounds
 
+from whisper_io.huge_pages import describe, restart_with_huge_pages
+
 SPEECH = Path(__file__).resolve().parent.parent / "tests" / "data" / "speech_16k.wav"
 
 
@@ -114,6 +116,7 @@ def main() -> None:
 
     print(f"{args.size}: batch {args.batch} x 30 s, {args.new_tokens} new tokens, {args.precision}")
     print(f"jax {jax.devices()[0].platform}, torch {device}, {torch.get_num_threads()} torch threads")
+    print(describe())
 
     encode = nnx.jit(lambda m, x: m.encoder(x))
     results = Results()
@@ -214,4 +217,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as `python -m train` runs: the same memory for every competitor
     main()

@@ -45,6 +45,7 @@ from convert.core import flax_to_torch
 from flax_whisper import Whisper
 from train.config import TrainConfig
 from train.step import Graphs, make_optimizer, new_state, train_step
+from whisper_io.huge_pages import describe, restart_with_huge_pages
 
 # Dense peak TFLOP/s by device kind and compute precision (bf16; float32 means TF32 on GPUs).
 PEAK_TFLOPS = {
@@ -225,6 +226,7 @@ def main() -> None:
     labels = rng.integers(0, model_config.n_vocab, (args.batch, tokens)).astype(np.int32)
     print(f"{args.preset}/{args.size}: batch {args.batch}, {frames} frames, {tokens} tokens, {args.precision}")
     print(f"jax devices: {jax.devices()}")
+    print(describe())
 
     model = Whisper(model_config, rngs=nnx.Rngs(0))
     results = Results()
@@ -274,4 +276,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()  # as `python -m train` runs: the same memory for every competitor
     main()

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from whisper_io import huge_pages
+
 # Tests compile many tiny programs; XLA's CPU backend spends most of that time in LLVM
 # optimisation passes that do not change float semantics (fast-math stays off). Set before jax is
 # imported, and inherited by the CLI subprocesses the tests start. A user's own XLA_FLAGS win.
@@ -19,6 +21,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 # The CLIs keep compiled programs in ~/.cache by default: tests neither write there nor read
 # programs an earlier session left (tests of the cache give their own directory).
 os.environ["FLAX_WHISPER_COMPILE_CACHE"] = "off"
+# The CLIs start themselves again once with glibc's huge-page tunable where it helps
+# (`whisper_io.huge_pages`); the tests' CLI subprocesses inherit it from here and start once.
+if huge_pages.TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+    os.environ["GLIBC_TUNABLES"] = huge_pages.with_tunable(os.environ)["GLIBC_TUNABLES"]
 # Under pytest-xdist each worker gets its share of the cores for torch's (and NumPy's BLAS's)
 # OpenMP threads: with a thread per core in every worker, OpenMP's spinning threads oversubscribe
 # the machine and the torch side of the suite runs about 1.5x slower on 2 cores.

@@ -9,6 +9,7 @@ import threading
 
 from train.config import from_args
 from whisper_config import ConfigError
+from whisper_io.huge_pages import restart_with_huge_pages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,4 +195,5 @@ def wait_for_coordinator(address: str, timeout_s: float) -> None:
 
 
 if __name__ == "__main__":
+    restart_with_huge_pages()
     sys.exit(main())
