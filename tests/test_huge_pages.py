@@ -130,3 +130,11 @@ def test_the_restart_maps_large_allocations_with_far_fewer_page_faults():
     [huge] = run_child(FAULTS)
     assert plain["faults"] >= 16_000  # a 4 KiB page at a time: 16,384 pages
     assert huge["faults"] < plain["faults"] / 8, (huge, plain)
+
+
+def test_the_commands_help_says_how_to_turn_it_off():
+    from train.config import parser as train_parser
+    from transcribe.__main__ import parser as transcribe_parser
+
+    for cli in (train_parser(), transcribe_parser("python -m transcribe")):
+        assert f"{ENVIRONMENT}=off" in " ".join(cli.format_help().split())

@@ -20,6 +20,7 @@ from typing import Any
 from whisper_config import PRESETS, SIZES, ConfigError, ModelConfig
 from whisper_config.config import EXECUTION_ONLY, TRAINING_ONLY, read_text
 from whisper_config.fields import check_field_types
+from whisper_io import huge_pages
 
 # The demo model: byte-level vocabulary (256 bytes + end of text + start of transcript), 2.56 s of
 # audio (the longest demo utterance is 2.2 s), transcripts up to 31 bytes.
@@ -314,6 +315,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m train",
         description="Train a flax_whisper model. With no arguments: the demo (see README). Settings "
         "come from the defaults, then --config FILE (TOML or JSON), then these flags.",
+        epilog=huge_pages.HELP,
     )
     p.add_argument("--config", help="a TOML or JSON file of settings")
     p.add_argument(

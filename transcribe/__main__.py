@@ -21,7 +21,7 @@ from transcribe.pipeline import MODES, Transcriber, transcribe_files
 from transcribe.sequential import LongFormOptions
 from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from whisper_config import ConfigError, InputError
-from whisper_io import AudioFileError, TokenizerError
+from whisper_io import AudioFileError, TokenizerError, huge_pages
 from whisper_io.decoding import BeamSearch
 from whisper_io.huge_pages import restart_with_huge_pages
 from whisper_io.outputs import OutputError
@@ -52,6 +52,7 @@ def parser(prog: str = "python -m transcribe") -> argparse.ArgumentParser:
         prog=prog,
         description="Transcribe audio files with a checkpoint of any format `convert` reads (flax, torch or "
         "Hugging Face directory, OpenAI .pt): greedily by default, as openai-whisper's transcribe() does.",
+        epilog=huge_pages.HELP,
     )
     p.add_argument("audio", nargs="+", help="audio files (WAV, FLAC, OGG, MP3, ...; any sample rate)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (flax, torch, Hugging Face) or OpenAI .pt")

@@ -26,6 +26,12 @@ ENVIRONMENT = "FLAX_WHISPER_HUGE_PAGES"
 TUNABLE = "glibc.malloc.hugetlb"
 MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 OFF = ("off", "0", "false", "no")
+# For the commands' --help.
+HELP = (
+    "Memory: on Linux with glibc 2.35+ and transparent huge pages in 'madvise' mode, the command "
+    f"starts itself again once, in the same process, with GLIBC_TUNABLES={TUNABLE}=1 (far fewer page "
+    f"faults for XLA's working memory: faster CPU steps); {ENVIRONMENT}=off turns this off."
+)
 
 
 def glibc_version() -> tuple[int, int] | None:
