@@ -23,7 +23,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llv
 os.environ["FLAX_WHISPER_COMPILE_CACHE"] = "off"
 # The CLIs start themselves again once with glibc's huge-page tunable where it helps
 # (`whisper_io.huge_pages`); the tests' CLI subprocesses inherit it from here and start once.
-if huge_pages.TUNABLE not in os.environ.get("GLIBC_TUNABLES", ""):
+if not huge_pages.chosen(os.environ):
     os.environ["GLIBC_TUNABLES"] = huge_pages.with_tunable(os.environ)["GLIBC_TUNABLES"]
 # Under pytest-xdist each worker gets its share of the cores for torch's (and NumPy's BLAS's)
 # OpenMP threads: with a thread per core in every worker, OpenMP's spinning threads oversubscribe

@@ -23,7 +23,6 @@ from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS
 from whisper_config import ConfigError, InputError
 from whisper_io import AudioFileError, TokenizerError, huge_pages
 from whisper_io.decoding import BeamSearch
-from whisper_io.huge_pages import restart_with_huge_pages
 from whisper_io.outputs import OutputError
 from whisper_io.tokenizers import TASKS
 
@@ -288,5 +287,5 @@ def main(argv: list[str] | None = None, prog: str = "python -m transcribe") -> i
 
 
 if __name__ == "__main__":
-    restart_with_huge_pages()
+    huge_pages.restart_with_huge_pages()
     sys.exit(main())

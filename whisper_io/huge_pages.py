@@ -54,21 +54,28 @@ def huge_page_mode() -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def tunables(environ: Mapping[str, str]) -> list[str]:
+    """The `name=value` settings of `environ`'s `GLIBC_TUNABLES`, in order."""
+    return [part for part in environ.get("GLIBC_TUNABLES", "").split(":") if part]
+
+
+def chosen(environ: Mapping[str, str]) -> str | None:
+    """The `glibc.malloc.hugetlb=...` setting `environ` already gives glibc, or None."""
+    return next((part for part in reversed(tunables(environ)) if part.startswith(f"{TUNABLE}=")), None)
+
+
 def restart_needed(environ: Mapping[str, str], glibc: tuple[int, int] | None, mode: str | None) -> bool:
     """Whether starting again with `glibc.malloc.hugetlb=1` would give this process huge pages
     it does not get now: only on glibc 2.35+ (which knows the tunable) under the "madvise" mode
     ("always" gives them anyway, "never" not at all), unless turned off or already chosen."""
-    if environ.get(ENVIRONMENT, "").strip().lower() in OFF:
-        return False
-    if TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+    if environ.get(ENVIRONMENT, "").strip().lower() in OFF or chosen(environ):
         return False
     return glibc is not None and glibc >= (2, 35) and mode == "madvise"
 
 
 def with_tunable(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` with `glibc.malloc.hugetlb=1` added to its `GLIBC_TUNABLES` (kept otherwise)."""
-    tunables = [part for part in environ.get("GLIBC_TUNABLES", "").split(":") if part]
-    return {**environ, "GLIBC_TUNABLES": ":".join([*tunables, f"{TUNABLE}=1"])}
+    return {**environ, "GLIBC_TUNABLES": ":".join([*tunables(environ), f"{TUNABLE}=1"])}
 
 
 def restart_with_huge_pages() -> None:
@@ -92,6 +99,6 @@ def restart_with_huge_pages() -> None:
 
 def describe() -> str:
     """One line for a benchmark's header: the kernel's mode and what this process's malloc asks."""
-    chosen = [part for part in os.environ.get("GLIBC_TUNABLES", "").split(":") if part.startswith(f"{TUNABLE}=")]
-    asks = f"malloc with {chosen[-1]}" if chosen else "malloc's default pages"
+    setting = chosen(os.environ)
+    asks = f"malloc with {setting}" if setting else "malloc's default pages"
     return f"memory: transparent huge pages {huge_page_mode() or 'unavailable'} in the kernel, {asks}"
