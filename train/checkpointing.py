@@ -7,6 +7,7 @@ killed mid-save leaves the previous checkpoints intact (the partial one is never
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -20,10 +21,56 @@ from orbax.checkpoint import checkpoint_managers as policies
 from whisper_io.messages import first_line
 
 BEST_METRIC = "eval_loss"
+# How long a failed restore waits for orbax's other reads of that checkpoint to end.
+SETTLE_SECONDS = 120.0
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint of a run can be restored; the message says why for each step."""
+
+
+async def settled(coro):
+    """`coro`, but when it fails, the other tasks of its event loop run to their end before the
+    error is raised, and their errors are read.
+
+    Orbax reads a checkpoint's arrays as concurrent tasks on an event loop of its own, which it
+    closes as soon as the restore fails. The reads still under way were left behind: when they
+    ended or were collected, each printed a traceback ("Task exception was never retrieved",
+    "Event loop is closed", a tensorstore spec of several KB) long after the one-line warning
+    that the checkpoint cannot be read."""
+    try:
+        return await coro
+    except Exception:
+        current, deadline = asyncio.current_task(), time.monotonic() + SETTLE_SECONDS
+        while pending := [t for t in asyncio.all_tasks() if t is not current and not t.done()]:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            done, _ = await asyncio.wait(pending, timeout=left)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # read: asyncio logs the errors no one read
+        raise
+
+
+def _settle_failed_restores() -> None:
+    """Orbax (0.12) runs each synchronous call's coroutine on a fresh event loop through its private
+    `asyncio_utils._run_sync_via_new_loop`: wrap it so that the coroutine goes through `settled`.
+    Successful calls are unchanged. Installed once; an orbax without that function is left as it is."""
+    from orbax.checkpoint._src import asyncio_utils
+
+    run = getattr(asyncio_utils, "_run_sync_via_new_loop", None)
+    if run is None or getattr(run, "settles", False):
+        return
+
+    def run_settled(coro):
+        return run(settled(coro))
+
+    run_settled.settles = True
+    asyncio_utils._run_sync_via_new_loop = run_settled
+
+
+_settle_failed_restores()
 
 
 def _is_key(leaf) -> bool:
