@@ -13,9 +13,10 @@ and the same 30 s windows of real speech (the test suite's espeak-ng recording, 
   (greedy, SDPA, KV cache) on a model of the same dimensions with its own random weights.
 
 Prints median times, tokens per second (tokens actually generated, end of text included) and
-the ratios against flax_whisper, all measured in this run. With random weights end of text is
-rarely chosen, so every framework decodes about `--new-tokens` tokens per window; to compare
-like with like, each rate counts the tokens that framework generated. On a GPU, add
+the ratios against flax_whisper (for decoding, of tokens per second), all measured in this run.
+With random weights end of text is rarely chosen, so every framework decodes about
+`--new-tokens` tokens per window; to compare like with like, each rate counts the tokens that
+framework generated. On a GPU, add
 `--precision bfloat16` (flax and transformers: bfloat16; openai-whisper: its own float16 mode,
 `fp16=True`, since it has no bfloat16 one). `--check-every` also times flax decoding that checks
 for every row's end every N steps (the default is the device's: 8 on a GPU, where each check
@@ -108,7 +109,7 @@ def main() -> None:
     prompts = np.tile(prompt, (args.batch, 1))
     compute = jnp.bfloat16 if bf16 else jnp.float32
     mel_jax = jnp.asarray(mel, compute)
-    mel_torch = torch.from_numpy(mel).to(device)
+    mel_torch = torch.tensor(mel, device=device)  # a copy: `mel` is read-only
 
     def sync():
         if device == "cuda":
@@ -178,6 +179,13 @@ def main() -> None:
         except ImportError:
             print("transformers is not installed: skipping Hugging Face")
         else:
+            from transformers.utils import logging as hf_logging
+
+            # `generate` prints notices on every call about settings chosen on purpose:
+            # max_new_tokens beside the generation config's default max_length, no attention
+            # mask for a batch (none is padded), and generation arguments beside a generation
+            # config (Whisper's `generate` passes them itself). Errors are still shown.
+            hf_logging.set_verbosity_error()
             hf_model = WhisperForConditionalGeneration(hf_config(config)).to(device).eval()
             hf_prompt = torch.tensor(prompts, device=device)
             hf_features = mel_torch.to(torch.bfloat16) if bf16 else mel_torch
@@ -199,7 +207,10 @@ def main() -> None:
                         num_beams=1,
                     )
                 sync()
-                generated["decode: transformers generate"] = int((out.shape[1] - len(prompt)) * out.shape[0])
+                # Whisper's `generate` returns the new tokens alone (transformers 5), or after the
+                # prompt (older versions, or `return_dict_in_generate`): count what follows it.
+                given = out.shape[1] >= len(prompt) and torch.equal(out[:, : len(prompt)], hf_prompt)
+                generated["decode: transformers generate"] = int((out.shape[1] - len(prompt) * given) * out.shape[0])
 
             results["encoder: transformers"] = rounds.time("encoder: transformers", hf_encoder)
             results["decode: transformers generate"] = rounds.time("decode: transformers generate", hf_decode)
@@ -211,8 +222,10 @@ def main() -> None:
             if not name.startswith(kind):
                 continue
             rate = f"{generated[name] / seconds:8.1f} tokens/s" if name in generated else " " * 17
-            speedup = f"flax is {seconds / results[reference]:5.2f}x as fast"
-            spread = rounds.ratios(name, reference)
+            # Decoding compares rates: each framework's own count of tokens over its own time.
+            tokens = generated[reference] / generated[name] if name in generated and reference in generated else 1.0
+            speedup = f"flax is {tokens * seconds / results[reference]:5.2f}x as fast"
+            spread = rounds.ratios(name, reference, tokens)
             print(f"{name:38s} {seconds * 1e3:9.1f} ms  {rate}  {speedup}" + (f" (rounds: {spread})" if spread else ""))
 
 

@@ -67,9 +67,10 @@ class Rounds:
             else:
                 dict.__setitem__(results, name, seconds)
 
-    def ratios(self, name: str, reference: str) -> str:
-        """The lowest and highest of `name`'s time over `reference`'s, round by round ("" for one round)."""
+    def ratios(self, name: str, reference: str, scale: float = 1.0) -> str:
+        """The lowest and highest of `name`'s time over `reference`'s, round by round, times
+        `scale` (a ratio of work done, e.g. of tokens generated) ("" for one round)."""
         if len(self.times.get(name, ())) < 2 or len(self.times.get(reference, ())) < 2:
             return ""
-        ratios = [a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
+        ratios = [scale * a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
         return f"{min(ratios):.2f}-{max(ratios):.2f}x"
