@@ -138,3 +138,17 @@ def test_the_commands_help_says_how_to_turn_it_off():
 
     for cli in (train_parser(), transcribe_parser("python -m transcribe")):
         assert f"{ENVIRONMENT}=off" in " ".join(cli.format_help().split())
+
+
+def test_python_m_train_restarts_before_jax_is_loaded():
+    """What `python -m train` imports before its restart (the package, then its `__main__`
+    module) leaves JAX unloaded, so the restart costs an interpreter start, not JAX's imports; the
+    package's names still import (PEP 562)."""
+    code = """
+        import json, sys
+        import train.__main__
+        before = sorted(m for m in ("jax", "flax", "optax", "torch") if m in sys.modules)
+        from train import TrainConfig, TrainState, decay_mask, make_optimizer, train_step
+        print(json.dumps({"before": before, "after": "jax" in sys.modules, "config": TrainConfig.__module__}))
+    """
+    assert run_child(code) == [{"before": [], "after": True, "config": "train.config"}]
