@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
 
@@ -218,14 +217,14 @@ def test_a_damaged_checkpoint_leaves_no_reads_behind(tmp_path, caplog, monkeypat
     import time
 
     import jax.numpy as jnp
+    from test_train import corrupt
 
     from train.checkpointing import CheckpointError, Checkpoints
 
     checkpoints = Checkpoints(tmp_path / "ck", keep=1, async_save=False)
     state = {f"w{i}": jnp.full(4, float(i)) for i in range(200)}
     checkpoints.save(1, state, {}, {})
-    for path in (tmp_path / "ck" / "1" / "state" / "d").iterdir():  # the arrays; their metadata reads
-        path.write_bytes(os.urandom(max(path.stat().st_size, 16)))
+    corrupt(tmp_path / "ck" / "1" / "state" / "d")  # the arrays; their metadata reads
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     with caplog.at_level(logging.ERROR, logger="asyncio"), pytest.raises(CheckpointError, match="step 1: "):
