@@ -1,7 +1,8 @@
-"""Compile time of the training step as the model gets deeper: the layer scan keeps it flat.
+"""Compile time of the training step as the model gets deeper: the layer scan keeps it flat (the
+default, unroll_layers="auto", unrolls stacks of up to 12 layers a side and scans deeper ones).
 
     python bench/compile_time.py [--depths 4,8,16,32] [--size tiny] [--preset whisper] [--frames 3000]
-                                 [--unroll-layers]
+                                 [--layers auto|scan|unrolled]
 
 For each depth N, an N + N layer model (the OpenAI size's widths) gets its jitted training step
 (forward, backward, clipping, AdamW) traced and compiled from abstract shapes, nothing run; the
@@ -23,6 +24,8 @@ from steps import abstract_train_step
 
 from train.config import TrainConfig
 
+LAYOUTS = {"auto": "auto", "scan": False, "unrolled": True}
+
 
 def compile_seconds(config: TrainConfig, batch: int, frames: int, tokens: int) -> float:
     step, state, batch_shapes = abstract_train_step(config, batch, frames, tokens)
@@ -41,23 +44,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument(
-        "--unroll-layers", action="store_true", help="the layers unrolled (unroll_layers=True), not scanned"
+        "--layers",
+        default="auto",
+        choices=tuple(LAYOUTS),
+        help="unroll_layers: the default (auto: stacks of up to 12 layers unrolled, deeper ones scanned), "
+        "every depth scanned, or every depth unrolled",
     )
     args = parser.parse_args()
-    layers = "unrolled" if args.unroll_layers else "scanned"
     print(f"{args.preset}/{args.size} widths, batch {args.batch}, {args.frames} frames, {args.tokens} tokens, "
-          f"{args.precision}, {jax.devices()[0].platform}, layers {layers}")  # fmt: skip
+          f"{args.precision}, {jax.devices()[0].platform}, layers {args.layers}")  # fmt: skip
     first = None
     for depth in (int(d) for d in args.depths.split(",")):
         config = TrainConfig(
             preset=args.preset,
             size=args.size,
-            model={"n_audio_layer": depth, "n_text_layer": depth, "unroll_layers": args.unroll_layers},
+            model={"n_audio_layer": depth, "n_text_layer": depth, "unroll_layers": LAYOUTS[args.layers]},
             precision=args.precision,
         )
         seconds = compile_seconds(config, args.batch, args.frames, args.tokens)
         first = first or seconds
-        print(f"{depth:3d} + {depth:<3d} layers: compile {seconds:6.1f} s   {seconds / first:4.2f}x the first")
+        how = "unrolled" if config.model_config().unrolls(depth) else "scan"
+        print(f"{depth:3d} + {depth:<3d} layers ({how}): compile {seconds:6.1f} s   {seconds / first:4.2f}x the first")
 
 
 if __name__ == "__main__":

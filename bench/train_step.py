@@ -203,9 +203,10 @@ def main() -> None:
     parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the first mechanism's step")
     parser.add_argument(
         "--layers",
-        default="scan",
-        choices=("scan", "unrolled", "both"),
-        help="flax: layers under nnx.scan, unrolled (unroll_layers=True), or a row of each",
+        default="auto",
+        choices=("auto", "scan", "unrolled", "both"),
+        help="flax: the default layout (auto: up to 12 layers a side unrolled), layers under nnx.scan "
+        "(unroll_layers=False), unrolled (True), or a row of scan and unrolled",
     )
     parser.add_argument(
         "--remat", action="store_true", help="flax: gradient checkpointing of every block (remat_policy full)"
@@ -235,7 +236,7 @@ def main() -> None:
         results.update(time_torch(args, rounds, config, model_config, flax_to_torch(model), mel, labels))
     peak = peak_flops(args)
     flax_rows = []
-    layouts = {"scan": [False], "unrolled": [True], "both": [False, True]}[args.layers]
+    layouts = {"auto": ["auto"], "scan": [False], "unrolled": [True], "both": [False, True]}[args.layers]
     for mechanism, unroll in itertools.product(args.mechanisms.split(","), layouts):
         overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unroll}
         if mechanism in ("memory", "integrated"):
@@ -243,7 +244,10 @@ def main() -> None:
         if args.remat:
             overrides["gradient_checkpointing"] = True
         mechanism_config = TrainConfig(**base, warmup_steps=0, model=overrides)
-        how = ", ".join(["jit"] + ["unrolled"] * unroll + ["remat"] * args.remat)
+        sides = mechanism_config.model_config()
+        unrolled = tuple(sides.unrolls(n) for n in (sides.n_audio_layer, sides.n_text_layer))
+        layout = {(True, True): "unrolled", (False, False): "scan"}.get(unrolled, "encoder or decoder unrolled")
+        how = ", ".join(["jit", layout] + ["remat"] * args.remat)
         name = f"flax_whisper {mechanism} ({how})"
         mechanism_model = Whisper(mechanism_config.model_config(), rngs=nnx.Rngs(0))
         try:

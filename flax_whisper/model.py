@@ -64,7 +64,8 @@ class AudioEncoder(nnx.Module):
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
             x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
-        x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION), unroll=self.config.unroll_layers)
+        unroll = self.config.unrolls(self.config.n_audio_layer)
+        x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION), unroll=unroll)
         return self.ln_post(x)
 
 
@@ -146,7 +147,7 @@ class TextDecoder(nnx.Module):
             check_cache_offset(self.config, start, length, capacity)
         x = self.embed(tokens, offset, length, xa.dtype)
         caches = None if cache is None else cache["layers"]
-        unroll = self.config.unroll_layers if cache is None else self.config.decode_unroll
+        unroll = self.config.unrolls(self.config.n_text_layer) if cache is None else self.config.decode_unroll
         x, caches = run_stack(blocks, x, xa, causal=True, cache=caches, offset=offset, valid=valid, unroll=unroll)
         return x, caches, capacity
 

@@ -100,6 +100,8 @@ def test_frozen():
         (dict(rotary_base=1.0), "rotary_base must be a number > 1"),
         (dict(normalize_positions=True), "neither encoder_positions nor decoder_positions is learned_sinusoidal"),
         (dict(gradient_checkpointing="yes"), "gradient_checkpointing must be true or false"),
+        (dict(unroll_layers="yes"), "unroll_layers must be true, false or 'auto', got 'yes'"),
+        (dict(unroll_layers=1), "unroll_layers must be true or false or a string"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(decoder_start_token_id=51865), "decoder_start_token_id=51865 must be a token id"),
     ],

@@ -150,7 +150,7 @@ def test_checkpoints_record_what_a_model_computes_not_how_it_runs(tmp_path):
     save_checkpoint(tmp_path / "t", "torch", running, tensors)
     stored = json.loads((tmp_path / "t" / "config.json").read_text())
     written = (stored["decode_unroll"], stored["unroll_layers"], stored["attention_implementation"])
-    assert written == (True, False, "auto")
+    assert written == (True, "auto", "auto")
     assert load_checkpoint(tmp_path / "t").config == config
     # A config.json written before: its execution settings are not taken.
     (tmp_path / "t" / "config.json").write_text(running.to_json())

@@ -9,6 +9,7 @@ from flax import nnx
 
 from convert import build_plan
 from torch_ref import Whisper as TorchWhisper
+from whisper_config import PRESETS
 
 
 @nnx.jit
@@ -118,7 +119,10 @@ def test_torch_compile_traces_the_loss_in_one_graph(name):
 BF16_LOSS_RTOL = 2e-3  # README "Precision": bf16 compute vs float32 on the same weights
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+# Every preset in the main suite; the other variants (mechanisms, norms, positions) are `slow`.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[] if n in PRESETS else pytest.mark.slow) for n in sorted(VARIANTS)]
+)
 def test_bfloat16_loss_is_within_the_stated_tolerance_of_float32(name):
     """Every preset and mechanism: the loss computed in bfloat16 (float32 weights cast at use;
     norms, softmax, attention and vocabulary logits in float32) within BF16_LOSS_RTOL of the

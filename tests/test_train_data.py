@@ -141,7 +141,7 @@ def test_init_from_takes_the_settings_of_how_the_model_runs_and_refuses_others()
     config = TrainConfig(init_from="ckpt", model=settings)
     model = config.model_config(checkpoint)
     assert (model.gradient_checkpointing, model.unroll_layers, model.dropout) == (True, True, 0.1)
-    assert model.replace(gradient_checkpointing=False, unroll_layers=False, dropout=0.0) == checkpoint
+    assert model.replace(gradient_checkpointing=False, unroll_layers="auto", dropout=0.0) == checkpoint
     with pytest.raises(ConfigError, match=r"differs from it in n_text_layer=2 \(the checkpoint's: 4\)"):
         TrainConfig(init_from="ckpt", model={"n_text_layer": 2, "unroll_layers": True}).model_config(checkpoint)
     with pytest.raises(ConfigError, match="unknown config field"):

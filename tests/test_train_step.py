@@ -181,6 +181,31 @@ def test_unrolled_layers_train_as_the_scan(preset):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def layer_loops(config) -> list[str]:
+    """How the loss's program runs each stack of layers, in order: "unrolled" or "scan" (the
+    jaxpr's scans of the layers, whose unroll factor is their length when unrolled)."""
+    model = Whisper(config, rngs=nnx.Rngs(0))
+    mel, labels = random_batch(config, 1, 20, 4, seed=0)
+    graphdef, state = nnx.split(model)
+    program = jax.make_jaxpr(lambda state: nnx.merge(graphdef, state).loss(mel, labels))(state)
+    loops = [e.params for e in program.jaxpr.eqns if e.primitive.name == "scan"]
+    return ["unrolled" if loop["unroll"] == loop["length"] > 1 else "scan" for loop in loops]
+
+
+def test_the_automatic_layer_layout_unrolls_shallow_stacks_unless_checkpointing():
+    """`unroll_layers="auto"` (the default) unrolls each side of up to UNROLL_AUTO_LAYERS layers
+    and scans deeper ones or any under gradient checkpointing; True and False decide for both."""
+    from whisper_config.config import UNROLL_AUTO_LAYERS
+
+    deep = UNROLL_AUTO_LAYERS + 1
+    assert layer_loops(tiny_config()) == ["unrolled", "unrolled"]
+    assert layer_loops(tiny_config(n_text_layer=deep)) == ["unrolled", "scan"]
+    assert layer_loops(tiny_config(n_audio_layer=deep)) == ["scan", "unrolled"]
+    assert layer_loops(tiny_config(gradient_checkpointing=True)) == ["scan", "scan"]
+    assert layer_loops(tiny_config(n_text_layer=deep, unroll_layers=True)) == ["unrolled", "unrolled"]
+    assert layer_loops(tiny_config(unroll_layers=False)) == ["scan", "scan"]
+
+
 def test_bfloat16_logits_backward_rounds_only_the_cotangent():
     """The 16-bit vocabulary projection's gradients (cotangent rounded to bfloat16, matmuls
     accumulated in float32) against float32 autodiff of the same bfloat16 inputs: within bfloat16

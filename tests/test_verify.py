@@ -64,7 +64,14 @@ def test_compare_tolerance():
     assert not bad.ok and abs(bad.max_abs - 0.1) < 1e-9 and abs(bad.max_rel - 0.1 / 2.1) < 1e-9
 
 
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+# The plainest and the fullest preset in the main suite, the others `slow` (the parity itself is
+# tested on every variant in tests/test_model_parity.py).
+MAIN_PRESETS = ("whisper", "integrated")
+
+
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=[] if p in MAIN_PRESETS else pytest.mark.slow) for p in sorted(PRESETS)]
+)
 def test_verify_every_preset(preset, tmp_path, capsys):
     tiny_config(preset).save(tmp_path / "config.json")
     assert main(["verify", "--config", str(tmp_path / "config.json"), "--frames", "20"]) == 0
