@@ -17,13 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SAMPLE_RATE = 16000
+from whisper_io.audio_files import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE  # the framing, framework-free
+
 N_FFT = 400
-HOP_LENGTH = 160
-CHUNK_LENGTH = 30  # seconds per window
-N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
-FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
 
 
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:

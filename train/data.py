@@ -30,11 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE
 from flax_whisper.model import IGNORE_INDEX
 from whisper_config import ModelConfig
 from whisper_io import AudioFileError, Tokenizer, load_audio
-from whisper_io.audio_files import check_finite_samples, resample
+from whisper_io.audio_files import HOP_LENGTH, SAMPLE_RATE, check_finite_samples, resample
 
 TIMESTAMP_STEP = 2 * HOP_LENGTH / SAMPLE_RATE  # seconds per timestamp token: one encoder position (0.02)
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flax_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from transcribe.sequential import Decoded, LongFormOptions, cut_segments, is_silence, padded_window
+from whisper_io.audio_files import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from whisper_io.tokenizers import Tokenizer
 
 DEFAULT_OVERLAP = 5.0  # seconds of audio on each side of a window's own part (a sixth of 30 s)

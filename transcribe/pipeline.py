@@ -29,10 +29,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from flax_whisper.audio import HOP_LENGTH, SAMPLE_RATE, LogMelWindows
 from transcribe.chunked import DEFAULT_OVERLAP, transcribe_chunked, windows_of
 from transcribe.sequential import (
     Decoded,
@@ -46,9 +46,13 @@ from transcribe.sequential import (
 from transcribe.timing import add_word_timestamps, alignment_heads
 from whisper_config import ConfigError, InputError, ModelConfig
 from whisper_io import AudioFileError, TokenizerError, decoding_options, text_tokens, tokenizer_for
-from whisper_io.audio_files import load_audio, stream_audio
+from whisper_io.audio_files import HOP_LENGTH, SAMPLE_RATE, load_audio, stream_audio
 from whisper_io.decoding import BeamSearch, DecodingOptions
 from whisper_io.tokenizers import Tokenizer
+
+if TYPE_CHECKING:  # JAX loads when audio first becomes features, not on import (`python -m
+    # transcribe` starts itself again before that: whisper_io.huge_pages)
+    from flax_whisper.audio import LogMelWindows
 
 
 def window_samples(config: ModelConfig) -> int:
@@ -62,12 +66,16 @@ def mel_windows(audio: np.ndarray, config: ModelConfig) -> np.ndarray:
     The audio is zero-padded to whole windows and its spectrogram is taken as one piece, so the
     8-decade floor is set by the loudest frame of the recording, as in Whisper.
     """
+    from flax_whisper.audio import LogMelWindows
+
     return np.stack(list(LogMelWindows(lambda: [audio], config.n_mels, 2 * config.n_audio_ctx)))
 
 
 def file_windows(path: str, config: ModelConfig) -> LogMelWindows:
     """The log-mel windows of an audio file, streamed from disk (see `LogMelWindows`). The first
     pass runs here, so an unreadable file raises `AudioFileError` before any window is used."""
+    from flax_whisper.audio import LogMelWindows
+
     return LogMelWindows(lambda: stream_audio(path), config.n_mels, 2 * config.n_audio_ctx)
 
 

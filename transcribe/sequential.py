@@ -29,9 +29,9 @@ from collections.abc import Callable, Generator, Sequence
 
 import numpy as np
 
-from flax_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from transcribe.timing import APPEND_PUNCTUATIONS, PREPEND_PUNCTUATIONS, last_word_end
 from whisper_config import InputError
+from whisper_io.audio_files import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from whisper_io.tokenizers import Tokenizer
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)

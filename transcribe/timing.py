@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from flax_whisper.audio import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from whisper_config import ModelConfig
+from whisper_io.audio_files import FRAMES_PER_SECOND, HOP_LENGTH, SAMPLE_RATE
 from whisper_io.tokenizers import Tokenizer
 
 TOKENS_PER_SECOND = FRAMES_PER_SECOND / 2  # encoder positions per second: 50

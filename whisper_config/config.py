@@ -54,7 +54,7 @@ SWITCHES = (
 UNROLL_CHOICES = (True, False, "auto")
 # "auto" unrolls a stack of up to this many layers (one side's): the unrolled step is faster (1.31x
 # the scan for `small`, 12 + 12 layers, on an H200; 1.04-1.06x for `tiny` on a 2-core CPU), but its
-# compile time grows with depth (19.3 s against the scan's 3.7 s at 12 + 12 on that CPU).
+# compile time grows with depth (8.6-19.3 s against the scan's 3.7-4.4 s at 12 + 12 on that CPU).
 UNROLL_AUTO_LAYERS = 12
 
 # Settings that change how a model trains, not what it computes once trained.

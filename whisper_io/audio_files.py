@@ -14,7 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
+# Whisper's framing of audio, the same in every framework: 16 kHz samples, a mel frame every 10 ms,
+# windows of 30 s. Here, below the model packages, so that what only counts samples and frames
+# (transcription's seeking and timestamps, the data loader) needs no framework loaded.
 SAMPLE_RATE = 16000
+HOP_LENGTH = 160  # samples a mel frame
+CHUNK_LENGTH = 30  # seconds per window
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in a 30 s window
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a 30 s window
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames a second
 
 
 class AudioFileError(ValueError):
