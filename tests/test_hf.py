@@ -130,6 +130,8 @@ def test_hf_to_flax_to_hf_is_bit_exact_per_tensor(hf_dir, tmp_path):
         assert value.dtype == again[key].dtype and np.array_equal(value, again[key]), key
 
 
+# The vocabulary plays no part here: the multilingual case is `slow`.
+@pytest.mark.parametrize("hf_dir", ["english", pytest.param("multilingual", marks=pytest.mark.slow)], indirect=True)
 def test_half_precision_is_kept_unless_asked(hf_dir, tmp_path):
     """float16 HF weights stay float16 through flax and back; --dtype changes it; a model loaded
     for computing is float32."""
@@ -410,6 +412,8 @@ def test_openai_and_hf_checkpoints_convert_without_torch(hf_dir, tmp_path):
     assert np.array_equal(ours["decoder.blocks.1.mlp.fc1.weight"], reference["decoder.blocks.1.mlp.0.weight"].numpy())
 
 
+# The vocabulary plays no part here: the multilingual case is `slow`.
+@pytest.mark.parametrize("hf_dir", ["english", pytest.param("multilingual", marks=pytest.mark.slow)], indirect=True)
 def test_alignment_heads_travel_through_every_format_that_can_hold_them(hf_dir, tmp_path):
     """The generation config's alignment heads (word timestamps need them) survive HF -> flax ->
     torch -> HF; bad ones are named."""
