@@ -50,8 +50,9 @@ from whisper_io.audio_files import HOP_LENGTH, SAMPLE_RATE, load_audio, stream_a
 from whisper_io.decoding import BeamSearch, DecodingOptions
 from whisper_io.tokenizers import Tokenizer
 
-if TYPE_CHECKING:  # JAX loads when audio first becomes features, not on import (`python -m
-    # transcribe` starts itself again before that: whisper_io.huge_pages)
+# JAX loads when audio first becomes features, not on import: `python -m transcribe` starts itself
+# again before that (whisper_io.huge_pages).
+if TYPE_CHECKING:
     from flax_whisper.audio import LogMelWindows
 
 
