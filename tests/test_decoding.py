@@ -243,7 +243,7 @@ def test_decoding_rejects_lengths_beyond_the_context(pair):
         DecodingOptions(eot=2, max_new_tokens=2, temperature=-1.0)
 
 
-@pytest.mark.parametrize("search", ["greedy", "beam"])
+@pytest.mark.parametrize("search", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])  # beam: 10 s
 def test_a_padded_prompt_decodes_as_the_prompt_alone(decoding_setup, search):
     """A prompt padded to a wider array (`prompt_length` real tokens) gives the tokens and scores
     of the prompt alone, in both frameworks; with a previous text long enough to leave less room

@@ -171,6 +171,8 @@ def test_large_weights_are_written_in_shards_and_read_back(hf_dir, tmp_path):
     assert all(np.array_equal(again.tensors[k], v) for k, v in ckpt.tensors.items())
 
 
+# The multilingual case is `slow`; tests/test_hf.py's logits tests keep that vocabulary in the main suite.
+@pytest.mark.parametrize("hf_dir", ["english", pytest.param("multilingual", marks=pytest.mark.slow)], indirect=True)
 def test_generate_on_real_speech_gives_our_greedy_tokens(hf_dir, tmp_path):
     """`transformers`' `generate()` on an exported directory decodes the ids our greedy decoding
     gives for the same log-mel of real speech."""

@@ -302,7 +302,7 @@ def test_hallucination_silence_threshold_matches_openai(long_speech, word_model,
 
 
 @pytest.mark.parametrize("search", ["greedy", pytest.param("beam", marks=pytest.mark.slow)])
-@pytest.mark.parametrize("framework", ["flax", "torch"])
+@pytest.mark.parametrize("framework", ["flax", pytest.param("torch", marks=pytest.mark.slow)])
 def test_several_files_share_batches_and_each_transcribes_as_alone(
     long_speech, longform_model, tmp_path, framework, search
 ):

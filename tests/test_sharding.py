@@ -104,7 +104,9 @@ from train.step import Graphs, make_optimizer, new_state
 from whisper_config import ModelConfig
 
 fsdp, tensor = int(sys.argv[1]), int(sys.argv[2])
-model_config = ModelConfig.from_preset("whisper", "small")
+# Scanned: the layer layout shards no array differently, and the 12 + 12 step compiles in a third
+# of the time it takes unrolled (the default at this depth).
+model_config = ModelConfig.from_preset("whisper", "small", unroll_layers=False)
 config = TrainConfig(optimizer="adamw", batch_size=8, run_dir="unused")
 mesh = make_mesh(fsdp=fsdp, tensor=tensor)
 tx = make_optimizer(config)
