@@ -17,7 +17,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from whisper_io.audio_files import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE  # the framing, framework-free
+# The framing is defined framework-free in whisper_io and kept importable from here, as
+# openai-whisper's `whisper.audio` has it.
+from whisper_io.audio_files import CHUNK_LENGTH, FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+
+__all__ = [
+    "CHUNK_LENGTH",
+    "FRAMES_PER_SECOND",
+    "HOP_LENGTH",
+    "N_FFT",
+    "N_FRAMES",
+    "N_SAMPLES",
+    "SAMPLE_RATE",
+    "LogMelWindows",
+    "log_mel_spectrogram",
+    "mel_filters",
+    "pad_or_trim",
+]
 
 N_FFT = 400
 

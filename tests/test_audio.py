@@ -12,8 +12,15 @@ import torch
 import whisper.audio
 from conftest import assert_close
 
-from flax_whisper.audio import HOP_LENGTH, N_SAMPLES, LogMelWindows, log_mel_spectrogram, mel_filters, pad_or_trim
-from whisper_io.audio_files import N_FRAMES
+from flax_whisper.audio import (
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    LogMelWindows,
+    log_mel_spectrogram,
+    mel_filters,
+    pad_or_trim,
+)
 
 SPEECH = Path(__file__).parent / "data" / "speech_16k.wav"
 
