@@ -20,11 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
-from steps import abstract_train_step
+from steps import LAYOUTS, abstract_train_step, layout_name
 
 from train.config import TrainConfig
-
-LAYOUTS = {"auto": "auto", "scan": False, "unrolled": True}
 
 
 def compile_seconds(config: TrainConfig, batch: int, frames: int, tokens: int) -> float:
@@ -63,7 +61,7 @@ def main() -> None:
         )
         seconds = compile_seconds(config, args.batch, args.frames, args.tokens)
         first = first or seconds
-        how = "unrolled" if config.model_config().unrolls(depth) else "scan"
+        how = layout_name(config.model_config())
         print(f"{depth:3d} + {depth:<3d} layers ({how}): compile {seconds:6.1f} s   {seconds / first:4.2f}x the first")
 
 

@@ -1,5 +1,6 @@
 """Shared by the benchmarks: the jitted training step of a config, traced from abstract shapes
-(nothing allocated, nothing run), for compile times and FLOP counts."""
+(nothing allocated, nothing run), for compile times and FLOP counts; the layer layouts their
+`--layers` flags name."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ from flax import nnx
 from flax_whisper import Whisper
 from train.config import TrainConfig
 from train.step import Graphs, make_optimizer, new_state, train_step
+from whisper_config import ModelConfig
+
+# `--layers` -> `unroll_layers`: the default (auto: up to 12 layers a side unrolled, deeper
+# stacks scanned), every stack scanned, every stack unrolled.
+LAYOUTS = {"auto": "auto", "scan": False, "unrolled": True}
+
+
+def layout_name(config: ModelConfig) -> str:
+    """How `config` runs its encoder's and decoder's layers: "unrolled", "scan", or which side is unrolled."""
+    encoder, decoder = config.unrolls(config.n_audio_layer), config.unrolls(config.n_text_layer)
+    if encoder == decoder:
+        return "unrolled" if encoder else "scan"
+    return "encoder unrolled" if encoder else "decoder unrolled"
 
 
 def abstract_train_step(config: TrainConfig, batch: int, frames: int, tokens: int):

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 from peers import hf_config
-from steps import abstract_train_step
+from steps import LAYOUTS, abstract_train_step, layout_name
 from timing import Results, Rounds
 
 from convert.core import flax_to_torch
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument(
         "--layers",
         default="auto",
-        choices=("auto", "scan", "unrolled", "both"),
+        choices=(*LAYOUTS, "both"),
         help="flax: the default layout (auto: up to 12 layers a side unrolled), layers under nnx.scan "
         "(unroll_layers=False), unrolled (True), or a row of scan and unrolled",
     )
@@ -236,7 +236,7 @@ def main() -> None:
         results.update(time_torch(args, rounds, config, model_config, flax_to_torch(model), mel, labels))
     peak = peak_flops(args)
     flax_rows = []
-    layouts = {"auto": ["auto"], "scan": [False], "unrolled": [True], "both": [False, True]}[args.layers]
+    layouts = [LAYOUTS["scan"], LAYOUTS["unrolled"]] if args.layers == "both" else [LAYOUTS[args.layers]]
     for mechanism, unroll in itertools.product(args.mechanisms.split(","), layouts):
         overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unroll}
         if mechanism in ("memory", "integrated"):
@@ -244,10 +244,7 @@ def main() -> None:
         if args.remat:
             overrides["gradient_checkpointing"] = True
         mechanism_config = TrainConfig(**base, warmup_steps=0, model=overrides)
-        sides = mechanism_config.model_config()
-        unrolled = tuple(sides.unrolls(n) for n in (sides.n_audio_layer, sides.n_text_layer))
-        layout = {(True, True): "unrolled", (False, False): "scan"}.get(unrolled, "encoder or decoder unrolled")
-        how = ", ".join(["jit", layout] + ["remat"] * args.remat)
+        how = ", ".join(["jit", layout_name(mechanism_config.model_config())] + ["remat"] * args.remat)
         name = f"flax_whisper {mechanism} ({how})"
         mechanism_model = Whisper(mechanism_config.model_config(), rngs=nnx.Rngs(0))
         try:

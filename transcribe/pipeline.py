@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -50,8 +50,8 @@ from whisper_io.audio_files import HOP_LENGTH, SAMPLE_RATE, load_audio, stream_a
 from whisper_io.decoding import BeamSearch, DecodingOptions
 from whisper_io.tokenizers import Tokenizer
 
-# JAX loads when audio first becomes features, not on import: `python -m transcribe` starts itself
-# again before that (whisper_io.huge_pages).
+# JAX loads when audio first becomes features (`_log_mel_windows`), not on import: `python -m
+# transcribe` starts itself again before that (whisper_io.huge_pages).
 if TYPE_CHECKING:
     from flax_whisper.audio import LogMelWindows
 
@@ -67,17 +67,21 @@ def mel_windows(audio: np.ndarray, config: ModelConfig) -> np.ndarray:
     The audio is zero-padded to whole windows and its spectrogram is taken as one piece, so the
     8-decade floor is set by the loudest frame of the recording, as in Whisper.
     """
-    from flax_whisper.audio import LogMelWindows
-
-    return np.stack(list(LogMelWindows(lambda: [audio], config.n_mels, 2 * config.n_audio_ctx)))
+    return np.stack(list(_log_mel_windows(lambda: [audio], config)))
 
 
 def file_windows(path: str, config: ModelConfig) -> LogMelWindows:
     """The log-mel windows of an audio file, streamed from disk (see `LogMelWindows`). The first
     pass runs here, so an unreadable file raises `AudioFileError` before any window is used."""
+    return _log_mel_windows(lambda: stream_audio(path), config)
+
+
+def _log_mel_windows(open_blocks: Callable[[], Iterable[np.ndarray]], config: ModelConfig) -> LogMelWindows:
+    """`LogMelWindows` of the audio `open_blocks` yields, as the model's encoder takes them; JAX is
+    imported here, when audio first becomes features."""
     from flax_whisper.audio import LogMelWindows
 
-    return LogMelWindows(lambda: stream_audio(path), config.n_mels, 2 * config.n_audio_ctx)
+    return LogMelWindows(open_blocks, config.n_mels, 2 * config.n_audio_ctx)
 
 
 MODES = ("sequential", "chunked", "windows")
