@@ -11,7 +11,8 @@ and returned, so a jitted decoding loop can carry it:
 - self-attention: `{"k", "v"}` buffers of fixed capacity `L`, `(B, L, H, dh)` or heads-major
   `(B, H, L, dh)` as `kernel.kv_layout()` says for this machine, written at `offset` (which may
   be traced); the causal mask hides every slot after the current position;
-- cross-attention: `{"k", "v"}` over the `S` encoder positions in the same layout, projected once.
+- cross-attention: `{"k", "v"}` over the `S` encoder positions, projected once, in
+  `kernel.cross_kv_layout()` (on a CPU each head's keys are stored transposed, `(B, H, dh, S)`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.kernel import BHSD, Mask, attend, kv_layout, scores, seq_axis, to_layout
+from flax_whisper.kernel import BHSD, Mask, attend, cross_kv_layout, kv_layout, scores, seq_axis, to_layout
 from flax_whisper.layers import Linear
 from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -98,8 +99,10 @@ class MultiHeadAttention(nnx.Module):
         """
         if xa is not None:
             q = self.queries(x)
-            k, v = (cache["k"], cache["v"]) if cache is not None else self.keys_values(xa)
-            y = self.attend(q, k, v, Mask())
+            if cache is not None:
+                y = self.attend(q, cache["k"], cache["v"], Mask(), layout=cross_kv_layout())
+            else:
+                y = self.attend(q, *self.keys_values(xa), Mask())
         else:
             q, k, v, cache = self.project_self(x, cache, offset)
             y = self.attend(q, k, v, Mask(causal=causal, window=self.window), offset=offset)
@@ -113,8 +116,9 @@ class MultiHeadAttention(nnx.Module):
     def attention_scale(self) -> float | jax.Array:
         return self.scale if self.temperature is None else self.temperature[...]
 
-    def attend(self, q, k, v, mask: Mask, offset=0, return_lse: bool = False):
-        """`kernel.attend` with this module's scale, dropout and implementation."""
+    def attend(self, q, k, v, mask: Mask, offset=0, return_lse: bool = False, layout: str | None = None):
+        """`kernel.attend` with this module's scale, dropout and implementation; k and v in
+        `layout`, by default `kv_layout()`."""
         return attend(
             q,
             k,
@@ -122,7 +126,7 @@ class MultiHeadAttention(nnx.Module):
             mask,
             scale=self.attention_scale(),
             offset=offset,
-            layout=kv_layout(),
+            layout=layout or kv_layout(),
             implementation=self.implementation,
             dropout=self.attention_dropout,
             return_lse=return_lse,
@@ -138,14 +142,16 @@ class MultiHeadAttention(nnx.Module):
             q = q + self.content_bias[...].astype(q.dtype)
         return q
 
-    def keys_values(self, x: jax.Array, positions: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """x (B, S, d) -> k, v in `kv_layout()`: keys rotated at `positions` (self-attention with
-        rotary); unrotated without (cross-attention, memory slots)."""
+    def keys_values(
+        self, x: jax.Array, positions: jax.Array | None = None, layout: str | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """x (B, S, d) -> k, v in `layout` (by default `kv_layout()`): keys rotated at `positions`
+        (self-attention with rotary); unrotated without (cross-attention, memory slots)."""
         k, v = split_heads(self.key(x), self.n_head), split_heads(self.value(x), self.n_head)  # (B, S, H, dh)
         if positions is not None and self.rotary_base is not None:
             k = apply_rotary(k, positions, self.rotary_base)
-        layout = kv_layout()
-        return to_layout(k, layout), to_layout(v, layout)
+        layout = layout or kv_layout()
+        return to_layout(k, layout, keys=True), to_layout(v, layout)
 
     def project_self(self, x: jax.Array, cache: Cache | None, offset, prefix: int = 0):
         """Self-attention q (B, T, H, dh) and k, v (`kv_layout()`, S keys): rotated by position
@@ -172,6 +178,6 @@ class MultiHeadAttention(nnx.Module):
         return cache["k"].shape[seq_axis(kv_layout())]
 
     def init_cross_cache(self, xa: jax.Array) -> Cache:
-        """Cross-attention keys and values of the encoder output: {"k", "v"} in `kv_layout()`."""
-        k, v = self.keys_values(xa)
+        """Cross-attention keys and values of the encoder output: {"k", "v"} in `cross_kv_layout()`."""
+        k, v = self.keys_values(xa, layout=cross_kv_layout())
         return {"k": k, "v": v}

@@ -24,7 +24,11 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
 Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
 gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
 decoding step over a `(B, S, H, dh)` cache spent most of its time transposing it), and `(B, S,
-H, dh)`, the fused GPU kernels' layout, elsewhere.
+H, dh)`, the fused GPU kernels' layout, elsewhere. Cross-attention's cache, projected once and
+only read, is kept in `cross_kv_layout()`: on CPUs `bhds`, each head's keys transposed to `(B,
+H, dh, S)` (values stay `(B, H, S, dh)`), the operand XLA:CPU's dot takes as it is. With the keys
+`(B, H, S, dh)`, every decoding step copied each layer's cross-attention keys into that order
+again (a tenth of a `tiny` model's step at batch 1).
 
 Logits, softmax and the log-sum-exp are float32 whatever the input dtype (model contract section 4). A
 learned temperature (a traced scale) is folded into the queries, since the fused kernels take
@@ -41,7 +45,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
-BSHD, BHSD = "bshd", "bhsd"  # key/value layouts: sequence-major, heads-major
+# Key/value layouts: sequence-major, heads-major, and heads-major with the keys transposed
+# (keys (B, H, dh, S), values (B, H, S, dh): a cross-attention cache on a CPU).
+BSHD, BHSD, BHDS = "bshd", "bhsd", "bhds"
 # `chunked` processes at most this many queries of one head at a time; `auto` picks it on a CPU
 # once a batch row's score matrix (H x T x S floats) outgrows the cache (below it the plain
 # einsum is faster: a decoder's 448 x 448 self-attention over 6 heads is, 448 x 1500 is not).
@@ -71,15 +77,22 @@ def kv_layout() -> str:
     return BHSD if jax.default_backend() == "cpu" else BSHD
 
 
+def cross_kv_layout() -> str:
+    """The layout of cross-attention's keys and values on this machine (see the module docstring)."""
+    return BHDS if jax.default_backend() == "cpu" else BSHD
+
+
 def seq_axis(layout: str) -> int:
-    """The sequence axis of keys and values, counted from the end: a leading layer axis of a
-    stacked cache does not move it."""
-    return -2 if layout == BHSD else -3
+    """The sequence axis of keys (and values, but in `bhds`), counted from the end: a leading layer
+    axis of a stacked cache does not move it."""
+    return {BHSD: -2, BHDS: -1}.get(layout, -3)
 
 
-def to_layout(x: jax.Array, layout: str) -> jax.Array:
-    """Keys or values (B, S, H, dh) -> the given layout."""
-    return jnp.swapaxes(x, 1, 2) if layout == BHSD else x
+def to_layout(x: jax.Array, layout: str, keys: bool = False) -> jax.Array:
+    """Keys (`keys=True`) or values (B, S, H, dh) -> the given layout."""
+    if layout == BHDS and keys:
+        return jnp.transpose(x, (0, 2, 3, 1))
+    return jnp.swapaxes(x, 1, 2) if layout in (BHSD, BHDS) else x
 
 
 def allowed(mask: Mask, n_queries: int, n_keys: int, offset=0, first_query=0) -> jax.Array:
@@ -109,10 +122,11 @@ def attend(
 ):
     """Scaled dot-product attention over heads.
 
-    q (B, T, H, dh), k and v (B, S, H, dh) or, with `layout="bhsd"`, (B, H, S, dh) ->
-    (B, T, H, dh) in q's dtype; with `return_lse`, also the float32 log-sum-exp of each query's
-    scores (B, T, H), from which the weight of any key follows as `exp(score - lse)`. `offset`
-    (an int, or traced in a decoding loop) places the queries after that many cached positions.
+    q (B, T, H, dh), k and v (B, S, H, dh) or, with `layout="bhsd"`, (B, H, S, dh) (with
+    `layout="bhds"`, k (B, H, dh, S) and v (B, H, S, dh)) -> (B, T, H, dh) in q's dtype; with
+    `return_lse`, also the float32 log-sum-exp of each query's scores (B, T, H), from which the
+    weight of any key follows as `exp(score - lse)`. `offset` (an int, or traced in a decoding
+    loop) places the queries after that many cached positions.
     """
     if not isinstance(scale, float | int):  # a learned temperature: fold it into the queries
         q = (q.astype(jnp.float32) * scale).astype(q.dtype)
@@ -121,6 +135,8 @@ def attend(
     how = choose(implementation, q, n_keys, mask, offset, dropout)
     if how == "einsum":
         return _einsum(q, k, v, mask, float(scale), offset, layout, dropout, return_lse)
+    if layout == BHDS:  # the other paths read each head's keys row by row
+        k, layout = jnp.swapaxes(k, -1, -2), BHSD
     if how == "chunked":
         return _chunked(q, k, v, mask, float(scale), offset, layout, return_lse)
     if layout == BHSD:
@@ -251,14 +267,15 @@ def _banded(q, k, v, mask: Mask, scale: float, return_lse: bool):
 
 
 def scores(q, k, scale: float | jax.Array, layout: str) -> jax.Array:
-    """q (..., T, H, dh), k (..., S, H, dh) or (..., H, S, dh) -> float32 scores (..., H, T, S)."""
-    keys = "...hsd" if layout == BHSD else "...shd"
+    """q (..., T, H, dh), k (..., S, H, dh), (..., H, S, dh) or (..., H, dh, S) -> float32 scores
+    (..., H, T, S)."""
+    keys = {BHSD: "...hsd", BHDS: "...hds"}.get(layout, "...shd")
     return jnp.einsum(f"...thd,{keys}->...hts", q, k, preferred_element_type=jnp.float32) * scale
 
 
 def _mix(weights, v, layout: str) -> jax.Array:
     """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh) in v's dtype."""
-    values = "...hsd" if layout == BHSD else "...shd"
+    values = "...hsd" if layout in (BHSD, BHDS) else "...shd"
     return jnp.einsum(f"...hts,{values}->...thd", weights.astype(v.dtype), v)
 
 

@@ -163,16 +163,22 @@ def test_auto_chooses_by_backend_size_and_dropout():
     assert fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)  # memory slots with nothing masked: more keys
     assert not fk.cudnn_expressible(half, fk.Mask(causal=True, prefix=2), 0)
     assert fk.kv_layout() == "bhsd"  # heads-major keys on a CPU
+    assert fk.cross_kv_layout() == "bhds"  # and cross-attention's keys transposed
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bhds"])
 @pytest.mark.parametrize("implementation", ["xla", "chunked", "einsum"])
-def test_heads_major_keys_give_the_same_attention(implementation, monkeypatch):
+def test_heads_major_keys_give_the_same_attention(implementation, layout, monkeypatch):
+    """Keys and values (B, H, S, dh), or (`bhds`, cross-attention's cache on a CPU) keys
+    (B, H, dh, S): every path gives the sequence-major layout's attention."""
     monkeypatch.setattr(fk, "CHUNK", 4)
     q, k, v = inputs(7, 10, seed=4)
     expected, lse = reference(q, k, v, causal=True, prefix=3)
-    heads_major = [jnp.asarray(x.transpose(0, 2, 1, 3), jnp.float32) for x in (k, v)]
+    keys = k.transpose(0, 2, 3, 1) if layout == "bhds" else k.transpose(0, 2, 1, 3)
+    heads_major = [jnp.asarray(x, jnp.float32) for x in (keys, v.transpose(0, 2, 1, 3))]
+    assert [fk.to_layout(jnp.asarray(x), layout, keys=x is k).shape for x in (k, v)] == [a.shape for a in heads_major]
     y, got_lse = fk.attend(jnp.asarray(q, jnp.float32), *heads_major, fk.Mask(causal=True, prefix=3), scale=0.5,
-                           layout="bhsd", implementation=implementation, return_lse=True)  # fmt: skip
+                           layout=layout, implementation=implementation, return_lse=True)  # fmt: skip
     np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
     np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
 

@@ -115,9 +115,11 @@ def test_cache_is_a_pytree(pair, config):
     leaves = jax.tree.leaves(cache)
     layers, heads, width = config.n_text_layer, config.n_text_head, config.n_text_state // config.n_text_head
     assert len(leaves) == 1 + 4  # the offset, and every layer's buffers stacked on a leading axis
-    # Heads-major keys and values on a CPU (kernel.kv_layout): no transposes in a decoding step.
+    # Heads-major keys and values on a CPU (kernel.kv_layout): no transposes in a decoding step;
+    # cross-attention's keys, only read, each head's transposed (kernel.cross_kv_layout).
     assert cache["layers"]["attn"]["k"].shape == (layers, 3, heads, config.n_text_ctx, width)
-    assert cache["layers"]["cross_attn"]["k"].shape == (layers, 3, heads, 4, width)
+    assert cache["layers"]["cross_attn"]["k"].shape == (layers, 3, heads, width, 4)
+    assert cache["layers"]["cross_attn"]["v"].shape == (layers, 3, heads, 4, width)
 
 
 def test_a_jitted_loop_past_the_cache_gives_nan_logits_not_clamped_writes(pair, config):
