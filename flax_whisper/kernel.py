@@ -78,8 +78,9 @@ def kv_layout() -> str:
 
 
 def cross_kv_layout() -> str:
-    """The layout of cross-attention's keys and values on this machine (see the module docstring)."""
-    return BHDS if jax.default_backend() == "cpu" else BSHD
+    """The layout of cross-attention's keys and values on this machine: `kv_layout()`, with each
+    head's keys transposed where that is heads-major (see the module docstring)."""
+    return BHDS if kv_layout() == BHSD else kv_layout()
 
 
 def seq_axis(layout: str) -> int:

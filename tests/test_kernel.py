@@ -176,7 +176,8 @@ def test_heads_major_keys_give_the_same_attention(implementation, layout, monkey
     expected, lse = reference(q, k, v, causal=True, prefix=3)
     keys = k.transpose(0, 2, 3, 1) if layout == "bhds" else k.transpose(0, 2, 1, 3)
     heads_major = [jnp.asarray(x, jnp.float32) for x in (keys, v.transpose(0, 2, 1, 3))]
-    assert [fk.to_layout(jnp.asarray(x), layout, keys=x is k).shape for x in (k, v)] == [a.shape for a in heads_major]
+    for x, stored in zip((k, v), heads_major, strict=True):
+        np.testing.assert_array_equal(fk.to_layout(jnp.asarray(x, jnp.float32), layout, keys=x is k), stored)
     y, got_lse = fk.attend(jnp.asarray(q, jnp.float32), *heads_major, fk.Mask(causal=True, prefix=3), scale=0.5,
                            layout=layout, implementation=implementation, return_lse=True)  # fmt: skip
     np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
