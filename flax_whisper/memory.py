@@ -14,7 +14,7 @@ from flax import nnx
 
 from flax_whisper.attention import Cache, merge_heads
 from flax_whisper.biased import BiasedAttention
-from flax_whisper.kernel import BHSD, Mask, kv_layout, seq_axis
+from flax_whisper.kernel import Mask, kv_layout, scores, seq_axis
 from flax_whisper.layers import Buffer
 from whisper_config import ModelConfig
 
@@ -64,9 +64,8 @@ class AugmentedMemory(BiasedAttention):
     def slot_weights(self, q: jax.Array, slot_k: jax.Array, lse: jax.Array) -> jax.Array:
         """Head-mean attention weight of every query on every slot, from a small separate product:
         q (B, T, H, dh), slot_k (m keys in `kv_layout()`), lse (B, T, H) of the full softmax -> (B, T, m)."""
-        keys = "bhsd" if kv_layout() == BHSD else "bshd"
-        logits = jnp.einsum(f"bthd,{keys}->bths", q, slot_k, preferred_element_type=jnp.float32)
-        return jnp.exp(logits * self.attention_scale() - lse[..., None]).mean(axis=2)
+        logits = scores(q, slot_k, self.attention_scale(), kv_layout())  # (B, H, T, m) float32
+        return jnp.exp(logits - jnp.swapaxes(lse, 1, 2)[..., None]).mean(axis=1)
 
     def written_state(self, slot_weights: jax.Array, y: jax.Array, valid: jax.Array | None = None) -> jax.Array:
         """slot_weights (B, T, m) head-mean, y (B, T, d) the module's output, valid (B, T) or None

@@ -168,6 +168,21 @@ def flax_forward(model, mel, tokens):
     return model(mel, tokens)
 
 
+def use_kv_layout(monkeypatch, layout: str) -> None:
+    """Keep keys, values and KV caches in `layout` (`kernel.BSHD`: GPUs' and TPUs' `(B, S, H,
+    dh)`) on this CPU, for the rest of the test: every flax_whisper module reads `kv_layout()`
+    when tracing, so programs traced afterwards use it."""
+    import sys
+
+    from flax_whisper import kernel
+
+    original = kernel.kv_layout
+    for name, module in list(sys.modules.items()):
+        if name.startswith("flax_whisper") and getattr(module, "kv_layout", None) is original:
+            monkeypatch.setattr(module, "kv_layout", lambda: layout)
+    assert kernel.kv_layout() == layout
+
+
 def random_batch(config: ModelConfig, batch: int, frames: int, n_tokens: int, seed: int = 0):
     rng = np.random.default_rng(seed)
     mel = rng.standard_normal((batch, config.n_mels, frames)).astype(np.float32)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_pair, random_batch, tiny_config
+from conftest import assert_close, make_pair, random_batch, tiny_config, use_kv_layout
 from flax import nnx
 
 from whisper_config import InputError
@@ -67,6 +67,36 @@ def test_unrolled_decoder_layers_decode_as_the_scan(preset):
     assert_close(unrolled, scanned, 1e-5)
     for a, b in zip(jax.tree.leaves(unrolled_cache), jax.tree.leaves(scan_cache), strict=True):
         assert_close(a, b, 1e-5)
+
+
+@pytest.mark.parametrize("preset", ["whisper", "integrated"])
+def test_the_accelerators_cache_layout_decodes_as_this_cpus(preset, monkeypatch):
+    """GPUs and TPUs keep keys, values and caches sequence-major, `(B, S, H, dh)` (`kv_layout()`),
+    cross-attention's keys included: on this CPU, in that layout, incremental decoding gives the
+    logits of the CPU layout's full forward (integrated: memory slots, dynamic convolution and the
+    hybrid band in the cache too)."""
+    config = tiny_config(preset)
+    _, f = make_pair(config, seed=4)
+    mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
+    reference = f(mel, tokens)  # heads-major, this CPU's layout
+
+    use_kv_layout(monkeypatch, "bshd")
+    decode = nnx.jit(lambda model, tokens, xa, cache: model.decoder(tokens, xa, cache))
+    xa = f.encoder(mel)
+    cache, start, steps = f.decoder.init_cache(xa), 0, []
+    heads, width = config.n_text_head, config.n_text_state // config.n_text_head
+    buffers = [
+        (jax.tree_util.keystr(path), leaf.shape)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
+        if path[-1].key in ("k", "v") and leaf.ndim == 5  # (layers, B, S, H, dh)
+    ]
+    assert any("cross_attn" in name for name, _ in buffers) and any("'attn'" in name for name, _ in buffers)
+    assert all(shape[1:] == (2, shape[2], heads, width) for _, shape in buffers), buffers
+    for n in CHUNKS:
+        logits, cache = decode(f, tokens[:, start : start + n], xa, cache)
+        steps.append(logits)
+        start += n
+    assert_close(np.concatenate(steps, 1), reference, 1e-5)
 
 
 @pytest.mark.parametrize("preset", ["whisper", "rotary_learned_sinusoidal"])

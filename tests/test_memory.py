@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_pair, random_batch, tiny_config
+from conftest import assert_close, make_pair, random_batch, tiny_config, use_kv_layout
 from flax import nnx
 
 from convert.core import flax_to_torch
@@ -27,10 +27,12 @@ def memory_states_flax(model) -> dict[str, np.ndarray]:
     return {k: v for k, v in flax_to_torch(model).items() if k.endswith("memory_state")}
 
 
-@nnx.jit
-def flax_step(model, mel, labels):
+def loss_and_grads(model, mel, labels):
     """Loss and gradients in training mode; memory_state is written as a side effect."""
     return nnx.value_and_grad(lambda m: m.loss(mel, labels))(model)
+
+
+flax_step = nnx.jit(loss_and_grads)
 
 
 def torch_step(model, mel, labels):
@@ -43,13 +45,21 @@ def torch_step(model, mel, labels):
 
 
 @pytest.mark.parametrize(
-    "preset, attention",
-    [("rotary_rotary_sinusoidal", "memory"), pytest.param("integrated", "integrated", marks=pytest.mark.slow)],
+    "preset, attention, layout",
+    [
+        ("rotary_rotary_sinusoidal", "memory", "bhsd"),
+        ("rotary_rotary_sinusoidal", "memory", "bshd"),
+        pytest.param("integrated", "integrated", "bhsd", marks=pytest.mark.slow),
+    ],
 )
-def test_memory_state_after_training_steps(preset, attention):
+def test_memory_state_after_training_steps(preset, attention, layout, monkeypatch):
+    """`layout`: keys and values heads-major as on a CPU (`bhsd`), or sequence-major as on GPUs
+    and TPUs (`bshd`), where the slots' weights read the keys in that layout."""
     config = tiny_config(
         preset, encoder_attention=attention, decoder_attention=attention, memory_update=True, n_audio_layer=1
     )
+    use_kv_layout(monkeypatch, layout)
+    flax_step = nnx.jit(loss_and_grads)  # traced in this layout
     t, f = make_pair(config, seed=12)
     t.train()
     f.train()
