@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, run_stack_with_cross_scores, stack
@@ -31,6 +32,7 @@ def check_ids(config: ModelConfig, ids: jax.Array, ignored: int | None = None) -
     decoding on its prompt)."""
     if is_traced(ids):
         return
+    ids = np.asarray(ids)  # on the host: under an outer `jit`, array ops on a constant are traced
     kept = ids if ignored is None else ids[ids != ignored]
     if kept.size:
         check_token_range(config, int(kept.min()), int(kept.max()))

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import random_batch
+from flax import nnx
 
 from whisper_config import InputError
 
@@ -48,6 +49,18 @@ def test_ignored_labels_are_not_token_ids(pair, config):
     labels[:, 2:] = -100
     losses = [float(call()) for call in both(pair, mel, labels, loss=True)]
     assert np.isfinite(losses).all() and abs(losses[0] - losses[1]) < 1e-5
+
+
+def test_labels_closed_over_by_a_jitted_loss_are_checked_on_the_host(pair, config):
+    """Labels a jitted function closes over are concrete: their ids are checked, with the ignored
+    ones left out on the host (not by array ops that an outer `jit` would trace)."""
+    _, f = pair
+    mel, labels = random_batch(config, 2, 20, 4)
+    labels[:, 2:] = -100
+    good, bad = jnp.asarray(labels), jnp.asarray(labels).at[0, 0].set(96)
+    assert float(nnx.jit(lambda m: m.loss(mel, good))(f)) == pytest.approx(float(f.loss(mel, good)), abs=1e-6)
+    with pytest.raises(InputError, match=r"token id 96 is outside the vocabulary"):
+        nnx.jit(lambda m: m.loss(mel, bad))(f)
 
 
 def test_all_labels_ignored_gives_zero_loss(pair, config):

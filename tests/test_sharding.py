@@ -61,14 +61,14 @@ def test_padded_vocabulary_masks_its_rows_and_leaves_the_model_unchanged():
     rng = np.random.default_rng(0)
     mel = jnp.asarray(rng.standard_normal((2, config.n_mels, 2 * config.n_audio_ctx)), jnp.float32)
     labels = jnp.asarray(rng.integers(0, 258, (2, 5)))
-    padded = model.logits(mel, shift_right(labels, config.start_token_id), padded_vocab=True)
-    public = model(mel, shift_right(labels, config.start_token_id))
+    inputs = shift_right(labels, config.start_token_id)
+    padded, public = nnx.jit(lambda m: (m.logits(mel, inputs, padded_vocab=True), m(mel, inputs)))(model)
     assert public.shape == (2, 5, 258) and padded.shape == (2, 5, 384)
     assert np.all(np.isneginf(padded[..., 258:])) and np.array_equal(padded[..., :258], public)
     # The loss over the padded logits is the loss over the true vocabulary, and no gradient
     # reaches the padding rows.
-    np.testing.assert_allclose(model.loss(mel, labels), cross_entropy(public, labels), rtol=1e-6)
-    grads = nnx.grad(lambda m: m.loss(mel, labels))(model)
+    loss, grads = nnx.jit(nnx.value_and_grad(lambda m: m.loss(mel, labels)))(model)
+    np.testing.assert_allclose(loss, cross_entropy(public, labels), rtol=1e-6)
     table_grad = grads["decoder"]["token_embedding"]["embedding"][...]
     assert np.all(np.isfinite(table_grad)) and not np.any(table_grad[258:]) and np.any(table_grad[:258])
 
