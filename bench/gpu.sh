@@ -12,6 +12,9 @@
 #   mechanisms  the training step of every mechanism, unrolled, flax alone
 #   flags       XLA flag candidates, flax alone: CUDA graphs over the decoding loop (command buffers
 #               with WHILE and CONDITIONAL), and dynamic-slice fusion in the scanned training step
+#   profile     flax alone: the longest XLA operations of one decoding call at batch 1 and 32 and of
+#               the training step (traces under TRACE_DIR, default /tmp/gpu-traces: too large to
+#               bring back); a loop-invariant copy shows as a copy or transpose run once per token
 #
 # Each stage writes LOG_DIR/STAGE.log (default LOG_DIR: runs/gpu-bench) and its wall time to
 # LOG_DIR/summary.txt. DEADLINE_S (default 540): a stage that would start after that many seconds
@@ -37,9 +40,10 @@ if [ "${1:-}" = wheels ]; then
   exit 0
 fi
 
-STAGES=${1:-train,decode32,decode1,tests,mechanisms,flags}
+STAGES=${1:-train,decode32,decode1,tests,mechanisms,flags,profile}
 LOG_DIR=${2:-runs/gpu-bench}
 DEADLINE_S=${DEADLINE_S:-540}
+TRACE_DIR=${TRACE_DIR:-/tmp/gpu-traces}
 mkdir -p "$LOG_DIR"
 export PYTHONUNBUFFERED=1
 # The decoder, the training step and the peers share one GPU: JAX takes what it needs, not 75%.
@@ -102,8 +106,16 @@ for s in ${STAGES//,/ }; do
       XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" \
         stage flags $PY bench/train_step.py "${SMALL[@]}" --batch 32 --tokens 448 --mechanisms mha --layers scan --no-torch
       ;;
+    profile)
+      for batch in 1 32; do
+        stage profile $PY bench/inference.py "${SMALL[@]}" --batch $batch --new-tokens 128 --no-hf --no-openai \
+          --repeats 2 --rounds 1 --profile "$TRACE_DIR/decode$batch"
+      done
+      stage profile $PY bench/train_step.py "${SMALL[@]}" --batch 32 --tokens 448 --mechanisms mha --no-torch \
+        --layers unrolled --rounds 1 --profile "$TRACE_DIR/train"
+      ;;
     *)
-      echo "unknown stage '$s' (train, decode32, decode1, tests, mechanisms, flags)" >&2
+      echo "unknown stage '$s' (train, decode32, decode1, tests, mechanisms, flags, profile)" >&2
       exit 2
       ;;
   esac

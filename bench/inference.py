@@ -2,6 +2,7 @@
 
     python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
         [--repeats 5] [--rounds 3] [--no-hf] [--no-openai] [--decode-scan] [--check-every 1,8,16] [--attention xla]
+        [--profile DIR]
 
 On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
 and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
@@ -39,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from peers import hf_config
-from timing import Results, Rounds
+from timing import Results, Rounds, profile
 
 from whisper_io.huge_pages import describe, restart_with_huge_pages
 
@@ -82,6 +83,11 @@ def main() -> None:
         type=lambda text: text.split(","),
         default=[],
         help="comma-separated attention implementations (xla, einsum, ...): also time flax decoding with each",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write a jax.profiler trace of one flax decoding call and print its longest operations",
     )
     args = parser.parse_args()
 
@@ -149,6 +155,8 @@ def main() -> None:
         results[name] = rounds.time(name, run)
 
     flax_decode(flax_model, "decode: flax_whisper (jit)")
+    if args.profile:
+        profile(args.profile, lambda: np.asarray(greedy_decode(flax_model, mel_jax, prompts, options)))
     for every in args.check_every:
         flax_decode(flax_model, f"decode: flax_whisper, check every {every}", every)
     for implementation in args.attention:

@@ -74,3 +74,46 @@ class Rounds:
             return ""
         ratios = [scale * a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
         return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
+# Operations that hold others (their time is their children's): left out of the summary.
+CONTAINERS = ("while", "conditional", "call", "command_buffer")
+
+
+def profile(directory: str, run: Callable[[], object], calls: int = 1, top: int = 25) -> None:
+    """Trace `calls` calls of `run` into `directory` (a jax.profiler trace, for TensorBoard or
+    Perfetto) and print the XLA operations that took the most time: per call, each one's time
+    and count, longest first. A GPU's kernels come from its device planes' "XLA Ops" lines; on a
+    CPU, the host's events that name an HLO operation. A loop-invariant copy that a loop repeats
+    shows up as a `copy` or `transpose` fusion run once per iteration."""
+    import glob
+    import os
+    from collections import Counter
+
+    import jax
+
+    with jax.profiler.trace(directory):
+        for _ in range(calls):
+            run()
+    path = max(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    planes = list(jax.profiler.ProfileData.from_file(path).planes)  # iterable once
+    devices = [plane for plane in planes if plane.name.startswith("/device:")]
+    if devices:
+        events = [ev for plane in devices for line in plane.lines if line.name == "XLA Ops" for ev in line.events]
+    else:
+        events = [
+            ev
+            for plane in planes
+            for line in plane.lines
+            for ev in line.events
+            if any(name == "hlo_op" for name, _ in ev.stats)
+        ]
+    seconds, counts = Counter(), Counter()
+    for ev in events:
+        if not ev.name.startswith(CONTAINERS):
+            seconds[ev.name] += ev.duration_ns / 1e9 / calls
+            counts[ev.name] += 1
+    total = sum(seconds.values())
+    print(f"profile: {path}; {total * 1e3:.1f} ms of XLA operations per call ({'device' if devices else 'host'})")
+    for name, spent in seconds.most_common(top):
+        print(f"  {spent * 1e3:9.2f} ms {counts[name] / calls:7.0f}x  {name}")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 from peers import hf_config
 from steps import LAYOUTS, abstract_train_step, layout_name
-from timing import Results, Rounds
+from timing import Results, Rounds, profile
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper
@@ -97,9 +97,7 @@ def time_flax(
 
     seconds = rounds.time(name, step, warmup=2)
     if args.profile:  # the first mechanism only: a trace of three more steps
-        with jax.profiler.trace(args.profile):
-            for _ in range(3):
-                step()
+        profile(args.profile, step, calls=3)
         args.profile = None
     result = {"seconds": seconds, "flops": model_flops(config, mel, labels)}
     if memory is not None:
@@ -200,7 +198,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help=Rounds.HELP)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
-    parser.add_argument("--profile", metavar="DIR", help="write a jax.profiler trace of the first mechanism's step")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write a jax.profiler trace of the first mechanism's step and print its longest operations",
+    )
     parser.add_argument(
         "--layers",
         default="auto",
