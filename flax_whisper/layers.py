@@ -341,14 +341,22 @@ def make_norm(config: ModelConfig, n_state: int) -> nnx.Module:
     return NORMS[config.norm](n_state, config)
 
 
+def _normal_cdf(x32: jax.Array) -> jax.Array:
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, torch's form. `jax.nn.gelu(approximate=False)` takes
+    erfc instead, whose two branches (a polynomial, and an exponential with a division) XLA
+    evaluates for every element: about 1.4x the time on a CPU for the same float32 result."""
+    return 0.5 * (1 + jax.lax.erf(x32 * np.float32(np.sqrt(0.5))))
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
-    """Exact (erf) GELU, as torch; `jax.nn.gelu` defaults to the tanh approximation.
+    """Exact (erf) GELU, x Phi(x), as torch; `jax.nn.gelu` defaults to the tanh approximation.
 
     Computed in float32 and rounded to x's dtype, as torch computes it in 16-bit runs; its
     backward pass keeps the input alone (autodiff kept more arrays of the MLP's hidden width)
     and multiplies by the derivative Phi(x) + x phi(x), in float32 too."""
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    return (x32 * _normal_cdf(x32)).astype(x.dtype)
 
 
 def _gelu_forward(x: jax.Array):
@@ -357,9 +365,8 @@ def _gelu_forward(x: jax.Array):
 
 def _gelu_backward(x: jax.Array, grad: jax.Array):
     x32 = x.astype(jnp.float32)
-    cdf = 0.5 * (1 + jax.lax.erf(x32 * np.sqrt(0.5)))  # Phi(x)
     density = jnp.exp(-0.5 * x32 * x32) / np.sqrt(2 * np.pi)  # phi(x)
-    return ((grad.astype(jnp.float32) * (cdf + x32 * density)).astype(x.dtype),)
+    return ((grad.astype(jnp.float32) * (_normal_cdf(x32) + x32 * density)).astype(x.dtype),)
 
 
 gelu.defvjp(_gelu_forward, _gelu_backward)
