@@ -273,7 +273,9 @@ def test_a_padded_prompt_decodes_as_the_prompt_alone(decoding_setup, search):
             np.testing.assert_allclose(np.asarray(padded_run[2]), np.asarray(alone[2]), rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("search", ["greedy", "beam", "beam-patience-0.5"])
+@pytest.mark.parametrize(
+    "search", ["greedy", pytest.param("beam", marks=pytest.mark.slow), "beam-patience-0.5"]
+)  # plain beam search on its own budget: patience 0.5, where utterances stop apart, covers it
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding_setup, framework, search):
     """Rows whose prompts (previous texts of 0, 3 and 20 tokens, timestamps) have different
