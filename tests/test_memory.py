@@ -59,7 +59,7 @@ def test_memory_state_after_training_steps(preset, attention, layout, monkeypatc
         preset, encoder_attention=attention, decoder_attention=attention, memory_update=True, n_audio_layer=1
     )
     use_kv_layout(monkeypatch, layout)
-    flax_step = nnx.jit(loss_and_grads)  # traced in this layout
+    step_in_layout = nnx.jit(loss_and_grads)  # traced afresh: the module's flax_step may hold another layout's trace
     t, f = make_pair(config, seed=12)
     t.train()
     f.train()
@@ -68,7 +68,7 @@ def test_memory_state_after_training_steps(preset, attention, layout, monkeypatc
     for step in range(STEPS):
         mel, labels = random_batch(config, 2, 20, 6, seed=step)
         loss_t, _ = torch_step(t, mel, labels)
-        loss_f, _ = flax_step(f, jnp.asarray(mel), jnp.asarray(labels))
+        loss_f, _ = step_in_layout(f, jnp.asarray(mel), jnp.asarray(labels))
         assert abs(float(loss_f) - loss_t) < 1e-5
         ours, reference = memory_states_flax(f), memory_states_torch(t)
         assert ours.keys() == reference.keys()
@@ -82,7 +82,7 @@ def test_memory_state_after_training_steps(preset, attention, layout, monkeypatc
     frozen_t, frozen_f = memory_states_torch(t), memory_states_flax(f)
     mel, labels = random_batch(config, 2, 20, 6, seed=99)
     torch_step(t, mel, labels)
-    flax_step(f, jnp.asarray(mel), jnp.asarray(labels))
+    step_in_layout(f, jnp.asarray(mel), jnp.asarray(labels))
     for key, value in memory_states_torch(t).items():
         assert np.array_equal(value, frozen_t[key])
     for key, value in memory_states_flax(f).items():
