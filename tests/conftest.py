@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 from whisper_io import huge_pages
@@ -18,9 +19,24 @@ from whisper_io import huge_pages
 # optimisation passes that do not change float semantics (fast-math stays off). Set before jax is
 # imported, and inherited by the CLI subprocesses the tests start. A user's own XLA_FLAGS win.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
-# The CLIs keep compiled programs in ~/.cache by default: tests neither write there nor read
-# programs an earlier session left (tests of the cache give their own directory).
-os.environ["FLAX_WHISPER_COMPILE_CACHE"] = "off"
+# Most of the suite's time is XLA compiling, and many tests compile the same programs (a shared
+# checkpoint transcribed by several tests, the CLIs' subprocesses, one tiny model's steps). The
+# session keeps JAX's persistent compilation cache in a temporary directory of its own, made
+# here by the first process (pytest itself, before its xdist workers start and inherit it) and
+# removed by it at the end (`pytest_sessionfinish`): a program compiled by one test or process
+# is read back by the next rather than compiled again (a cache hit is the executable the compile
+# made; JAX keys it by the program, the devices and the compiler's flags). Nothing is read from
+# or written to ~/.cache, where the CLIs keep theirs by default (tests of the cache give their
+# own directory). `counting_compiles` counts a cache hit as a compilation. A directory given
+# in FLAX_WHISPER_TEST_XLA_CACHE is used instead and kept.
+if "FLAX_WHISPER_TEST_XLA_CACHE" not in os.environ:
+    os.environ["FLAX_WHISPER_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="flax-whisper-tests-xla-")
+    os.environ["FLAX_WHISPER_TEST_XLA_CACHE_MADE_BY"] = str(os.getpid())
+os.environ["FLAX_WHISPER_COMPILE_CACHE"] = os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[
+    "FLAX_WHISPER_TEST_XLA_CACHE"
+]
+# Programs that compile faster than this are not worth a file (JAX's default is 1 s).
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.3"
 # The CLIs start themselves again once with glibc's huge-page tunable where it helps
 # (`whisper_io.huge_pages`); the tests' CLI subprocesses inherit it from here and start once.
 if not huge_pages.chosen(os.environ):
@@ -40,6 +56,13 @@ from flax import nnx
 from whisper_config import PRESETS, ModelConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The session's compilation cache (top of this file) goes with the process that made it."""
+    if os.environ.get("FLAX_WHISPER_TEST_XLA_CACHE_MADE_BY") == str(os.getpid()):
+        shutil.rmtree(os.environ["FLAX_WHISPER_TEST_XLA_CACHE"], ignore_errors=True)
+
 
 TINY = dict(
     n_mels=8,
@@ -275,11 +298,13 @@ sys.meta_path.insert(0, _NoTorch())
 
 @contextlib.contextmanager
 def counting_compiles():
-    """A list with one entry per XLA compilation made while the block runs."""
+    """A list with one entry per XLA compilation (or persistent-cache hit) while the block runs."""
     compiles: list[float] = []
 
     def count(event: str, duration: float, **_) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
+        # XLA compiled a program, or it was read back from the session's persistent cache (see
+        # the top of this file): either way jit's own cache missed.
+        if event in ("/jax/core/compile/backend_compile_duration", "/jax/compilation_cache/cache_retrieval_time_sec"):
             compiles.append(duration)
 
     jax.monitoring.register_event_duration_secs_listener(count)

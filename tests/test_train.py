@@ -62,26 +62,6 @@ def write_clips(folder: Path, count: int, seed: int) -> list[dict]:
     return rows
 
 
-@pytest.fixture(scope="module", autouse=True)
-def programs_compiled_once(tmp_path_factory):
-    """Most tests here build Trainers of the same model and settings (they differ in run folders,
-    stopping points and exports, none of which is in a program), and each Trainer jits its steps
-    afresh: JAX's persistent compilation cache, in a directory of this module's own, lets each
-    program compile once per test process instead (a cache hit returns the same executable)."""
-    from jax.experimental.compilation_cache import compilation_cache
-
-    names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    saved = {name: getattr(jax.config, name) for name in names}
-    jax.config.update("jax_enable_compilation_cache", True)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    compilation_cache.reset_cache()
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("data")

@@ -163,12 +163,13 @@ def test_output_files_refuse_to_replace_anything_unless_asked(decoding_checkpoin
     assert capsys.readouterr().out.startswith("WEBVTT\n\n00:00.000 --> ")
 
 
-def test_the_old_command_name_still_works(decoding_checkpoint):
-    _, path, _ = decoding_checkpoint
-    command = ["-m", "flax_whisper.transcribe", str(SPEECH), "--checkpoint", str(path), "--max-new-tokens", "2"]
-    done = subprocess.run([sys.executable, *command], capture_output=True, text=True)
+def test_the_old_command_name_still_works():
+    """The alias runs the command's own `main` under its old name (what `main` does with a file
+    is tested above; `--help` shows the wiring without compiling a model)."""
+    done = subprocess.run([sys.executable, "-m", "flax_whisper.transcribe", "--help"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "is now `python -m transcribe`" in done.stderr and done.stdout.startswith(f"{SPEECH}: ")
+    assert "is now `python -m transcribe`" in done.stderr
+    assert done.stdout.startswith("usage: python -m flax_whisper.transcribe") and "--checkpoint" in done.stdout
 
 
 @pytest.mark.slow  # two runs of the command in subprocesses
