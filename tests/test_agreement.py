@@ -41,6 +41,8 @@ PROCESS = textwrap.dedent(
             out["agreed"].append([agreed.audio, agreed.labels, agreed.stop])
     except StepAgreementError as err:
         out["error"] = str(err)
+    if index == 0:  # it removes each step's entries once every process has read them
+        out["kept"] = sorted(k for k, _ in agreement.client.key_value_dir_get(agreement.prefix + "/"))
     out["device_still_busy"] = not running.is_ready()
     out["busy_result"] = float(running[0, 0])  # waits for it
     print(json.dumps(out), flush=True)
@@ -68,6 +70,8 @@ def test_processes_agree_on_the_longest_block_and_any_stop_without_waiting_for_t
     results = run_pair([first, second])
     expected = [[9600, 16, False], [9600, 32, True], [4800, 64, False]]
     assert [r["agreed"] for r in results] == [expected, expected]
+    # The store holds the last step's entries only: each earlier step's went once both had read them.
+    assert results[0]["kept"] == [f"whisper-train/0/3/{i}" for i in (0, 1)]
     # Each process's device was still running its work after three agreements: nothing waited on it.
     assert [r["device_still_busy"] for r in results] == [True, True]
 

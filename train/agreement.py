@@ -64,8 +64,11 @@ class StepAgreement:
             self.client.key_value_set(f"{key}/{self.process}", f"{audio},{labels},{int(stop)}", allow_overwrite=True)
             self.client.wait_at_barrier(key, self.timeout_ms)
             entries = self.client.key_value_dir_get(f"{key}/")
-            # Every process has read the previous step's entries before it reached this barrier.
-            self.client.key_value_delete(f"{self.prefix}/{step - 1}/{self.process}")
+            # Every process has read the previous step's entries before it reached this barrier:
+            # one process removes them, the whole directory in one call (the coordinator serves
+            # three calls per process and step, and this one).
+            if self.process == 0:
+                self.client.key_value_delete(f"{self.prefix}/{step - 1}")
         except Exception as err:  # jaxlib raises its own runtime error types
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise StepAgreementError(
