@@ -7,6 +7,7 @@ default to TF32 and TPUs to bf16 passes).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -294,6 +295,25 @@ class _NoTorch:
             raise ImportError("torch is blocked in this test")
 sys.meta_path.insert(0, _NoTorch())
 """
+
+
+def convert_cli(*args, ok: bool = True) -> subprocess.CompletedProcess:
+    """`python -m convert ARGS` as its `main` in this process (a subprocess would spend seconds
+    importing and compiling again what this one has): exit status, stdout and stderr. With `ok`,
+    the status must be 0. `tests/test_convert.py` runs the command itself in a subprocess."""
+    from convert.__main__ import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            status = main(argv)
+        except SystemExit as exit_:  # argparse's errors and --help
+            status = exit_.code if isinstance(exit_.code, int) else 1
+    done = subprocess.CompletedProcess(["python", "-m", "convert", *argv], status, out.getvalue(), err.getvalue())
+    if ok:
+        assert done.returncode == 0, done.stderr
+    return done
 
 
 @contextlib.contextmanager

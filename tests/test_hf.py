@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, flax_forward
+from conftest import assert_close, convert_cli, flax_forward
 from safetensors.numpy import load_file
 
 from convert import load_checkpoint, load_flax_model, load_torch_model
@@ -63,13 +63,6 @@ def hf_dir(request, tmp_path_factory):
     path = tmp_path_factory.mktemp(f"hf-{request.param}") / "model"
     model.save_pretrained(path)
     return request.param, model, path
-
-
-def convert_cli(*args, ok: bool = True):
-    done = subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True)
-    if ok:
-        assert done.returncode == 0, done.stderr
-    return done
 
 
 def random_input(vocab: str, seed: int = 0):
@@ -434,17 +427,14 @@ def test_alignment_heads_travel_through_every_format_that_can_hold_them(hf_dir, 
     one_line_error(convert_cli(broken, tmp_path / "out", ok=False), "generation_config.json", "alignment_heads")
 
 
-# Two commands in subprocesses per vocabulary: the multilingual one is `slow`.
+# Two commands per vocabulary: the multilingual one is `slow`.
 @pytest.mark.parametrize("hf_dir", ["english", pytest.param("multilingual", marks=pytest.mark.slow)], indirect=True)
-def test_verify_and_transcribe_take_hf_directories(hf_dir, tmp_path):
+def test_verify_and_transcribe_take_hf_directories(hf_dir, capsys):
+    from transcribe.__main__ import main as transcribe
+
     _, _, path = hf_dir
     done = convert_cli("verify", path, "--batch", "1")
     assert f"checkpoint {path} (hf)" in done.stdout and "parity ok" in done.stdout
     speech = Path(__file__).parent / "data" / "speech_16k.wav"
-    run = subprocess.run(
-        [sys.executable, "-m", "transcribe", str(speech), "--checkpoint", str(path),
-         "--max-new-tokens", "4", "--language", "en"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith(f"{speech}: ")
+    assert transcribe([str(speech), "--checkpoint", str(path), "--max-new-tokens", "4", "--language", "en"]) == 0
+    assert capsys.readouterr().out.startswith(f"{speech}: ")

@@ -5,15 +5,13 @@ A `whisper.model.Whisper` with random weights is saved in OpenAI's `.pt` format,
 """
 
 import dataclasses
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import whisper
 from conftest import OPENAI_DIMS as DIMS
-from conftest import assert_close, flax_forward, random_openai_model, save_openai_model
+from conftest import assert_close, convert_cli, flax_forward, random_openai_model, save_openai_model
 
 from convert import load_checkpoint, load_flax_model, load_torch_model
 
@@ -23,12 +21,6 @@ def openai_checkpoint(tmp_path_factory):
     model = random_openai_model(noise=0.1)
     path = save_openai_model(model, tmp_path_factory.mktemp("openai") / "tiny-random.pt")
     return model, path
-
-
-def convert_cli(*args):
-    done = subprocess.run([sys.executable, "-m", "convert", *map(str, args)], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    return done
 
 
 def test_both_frameworks_reproduce_openai_logits(openai_checkpoint, tmp_path):

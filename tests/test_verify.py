@@ -1,11 +1,8 @@
 """`python -m convert verify`: passes on agreeing models, and fails on a real numerics bug."""
 
-import subprocess
-import sys
-
 import jax
 import pytest
-from conftest import tiny_config
+from conftest import convert_cli, tiny_config
 
 import flax_whisper.layers
 from convert.__main__ import main
@@ -15,12 +12,7 @@ from whisper_config import PRESETS
 
 def test_verify_fresh_model_from_config_file(tmp_path):
     tiny_config().save(tmp_path / "config.json")
-    done = subprocess.run(
-        [sys.executable, "-m", "convert", "verify", "--config", str(tmp_path / "config.json"), "--tokens", "7"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    done = convert_cli("verify", "--config", tmp_path / "config.json", "--tokens", "7")
     for line in ("round trip torch->flax->torch", "encoder output", "logits", "loss", "parity ok"):
         assert line in done.stdout
     assert "mel (2, 8, 32), tokens (2, 7)" in done.stdout
