@@ -1,11 +1,8 @@
 """Warm start: a whisper checkpoint into a model of another preset, reported by name."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
-from conftest import make_pair, tiny_config
+from conftest import convert_cli, make_pair, tiny_config
 
 from convert import load_checkpoint, save_checkpoint
 from convert.core import torch_to_numpy
@@ -58,12 +55,7 @@ def test_unknown_preset(whisper_ckpt):
 def test_cli_warm_start_from_openai_file(tmp_path):
     config = tiny_config(n_vocab=51865, decoder_start_token_id=None)
     save_checkpoint(tmp_path / "tiny.pt", "openai", config, torch_to_numpy(make_pair(config)[0]))
-    done = subprocess.run(
-        [sys.executable, "-m", "convert", str(tmp_path / "tiny.pt"), str(tmp_path / "out"), "--preset", "all_rotary"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
+    done = convert_cli(tmp_path / "tiny.pt", tmp_path / "out", "--preset", "all_rotary")
     assert "copied" in done.stdout and "encoder.positional_embedding: not in the target model" in done.stdout
     result = load_checkpoint(tmp_path / "out")
     assert result.format == "flax" and result.config == config.with_preset("all_rotary")
