@@ -308,8 +308,8 @@ def convert_cli(*args, ok: bool = True) -> subprocess.CompletedProcess:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             status = main(argv)
-        except SystemExit as exit_:  # argparse's errors and --help
-            status = exit_.code if isinstance(exit_.code, int) else 1
+        except SystemExit as exit_:  # argparse's errors and --help; as the interpreter reads its code
+            status = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
     done = subprocess.CompletedProcess(["python", "-m", "convert", *argv], status, out.getvalue(), err.getvalue())
     if ok:
         assert done.returncode == 0, done.stderr
