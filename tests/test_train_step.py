@@ -237,6 +237,45 @@ def test_bfloat16_logits_backward_rounds_only_the_cotangent():
         assert float(jnp.abs(got.astype(jnp.float32) - want).max()) > 0  # the cotangent really was rounded
 
 
+@pytest.mark.parametrize("shape", [(2, 7, 16, 48), (2, 7, 48, 16), (1, 9, 16, 16)], ids=["widens", "narrows", "square"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_cpu_matmul_is_autodiffs_product_and_compiles_no_row_contracting_product(shape, dtype):
+    """`Linear`'s product on a CPU (`_cpu_matmul`): the value and the gradients of x and the kernel
+    against float64 NumPy (`g k^T`, `x^T g`), for layers that widen, narrow and keep the width,
+    dtypes kept; and in float32 the compiled gradient holds no product that contracts its left
+    operand's rows, which XLA:CPU gives to Eigen (autodiff of `x @ kernel` does compile one; XLA:CPU
+    multiplies bfloat16 in float32 with layouts of its own choosing)."""
+    from flax_whisper.layers import _cpu_matmul
+
+    b, t, d_in, d_out = shape
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((b, t, d_in)), dtype)
+    kernel = jnp.asarray(rng.standard_normal((d_in, d_out)) * 0.2, dtype)
+    weights = rng.standard_normal((b, t, d_out))
+
+    def loss(product):
+        return lambda x, k: jnp.sum(product(x, k).astype(jnp.float32) * weights)
+
+    x64, k64 = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, kernel))
+    rounding = dict(rtol=1e-5, atol=1e-5) if dtype == jnp.float32 else dict(rtol=2**-7, atol=2**-7 * d_in)
+    got = _cpu_matmul(x, kernel)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), x64 @ k64, **rounding)
+    grads = jax.grad(loss(_cpu_matmul), argnums=(0, 1))(x, kernel)
+    exact = (weights @ k64.T, x64.reshape(-1, d_in).T @ weights.reshape(-1, d_out))
+    for grad, want, like in zip(grads, exact, (x, kernel), strict=True):
+        assert grad.dtype == like.dtype and grad.shape == like.shape
+        scale = dict(rtol=1e-5, atol=1e-4) if dtype == jnp.float32 else dict(atol=2e-2 * float(np.abs(want).max()))
+        np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), want, **scale)
+
+    def row_contracting(product) -> bool:
+        compiled = jax.jit(jax.grad(loss(product), argnums=1)).lower(x, kernel).compile().as_text()
+        return "lhs_contracting_dims={0}" in compiled
+
+    if dtype == jnp.float32:
+        assert row_contracting(jnp.matmul) and not row_contracting(_cpu_matmul)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_token_nll_is_the_log_softmax_and_keeps_no_logits(dtype):
     """The loss's vocabulary cross-entropy (`token_nll`) against autodiff of the log-softmax of
