@@ -80,12 +80,30 @@ class Rounds:
 CONTAINERS = ("while", "conditional", "call", "command_buffer")
 
 
+def busy_seconds(spans: list[tuple[int, int]]) -> float:
+    """The length of the union of (start, end) intervals in nanoseconds, in seconds: the time at
+    least one of them covers."""
+    covered, end = 0, None
+    for start, stop in sorted(spans):
+        if end is None or start > end:
+            covered, end = covered + stop - start, stop
+        elif stop > end:
+            covered, end = covered + stop - end, stop
+    return covered / 1e9
+
+
 def profile(directory: str, run: Callable[[], object], calls: int = 1, top: int = 25) -> None:
     """Trace `calls` calls of `run` into `directory` (a jax.profiler trace, for TensorBoard or
     Perfetto) and print the XLA operations that took the most time: per call, each one's time
     and count, longest first. A GPU's kernels come from its device planes' "XLA Ops" lines; on a
     CPU, the host's events that name an HLO operation. A loop-invariant copy that a loop repeats
-    shows up as a `copy` or `transpose` fusion run once per iteration."""
+    shows up as a `copy` or `transpose` fusion run once per iteration.
+
+    Then how busy the calls kept the device: their wall time, the time at least one operation
+    ran (the union of the operations' intervals; on a CPU several run at once, one per core, so
+    their times add up to more than the wall), and the rest, when none ran: a GPU waiting for
+    kernel launches or the host, CPU cores waiting on work XLA hands to a library outside its
+    traced operations (Eigen's products and convolutions)."""
     import glob
     import os
     from collections import Counter
@@ -93,8 +111,10 @@ def profile(directory: str, run: Callable[[], object], calls: int = 1, top: int 
     import jax
 
     with jax.profiler.trace(directory):
+        began = time.perf_counter()
         for _ in range(calls):
             run()
+        wall = (time.perf_counter() - began) / calls
     path = max(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
     planes = list(jax.profiler.ProfileData.from_file(path).planes)  # iterable once
     devices = [plane for plane in planes if plane.name.startswith("/device:")]
@@ -108,12 +128,18 @@ def profile(directory: str, run: Callable[[], object], calls: int = 1, top: int 
             for ev in line.events
             if any(name == "hlo_op" for name, _ in ev.stats)
         ]
-    seconds, counts = Counter(), Counter()
+    seconds, counts, spans = Counter(), Counter(), []
     for ev in events:
         if not ev.name.startswith(CONTAINERS):
             seconds[ev.name] += ev.duration_ns / 1e9 / calls
             counts[ev.name] += 1
+            spans.append((ev.start_ns, ev.start_ns + ev.duration_ns))
     total = sum(seconds.values())
+    busy = busy_seconds(spans) / calls
     print(f"profile: {path}; {total * 1e3:.1f} ms of XLA operations per call ({'device' if devices else 'host'})")
+    print(
+        f"  wall {wall * 1e3:.1f} ms a call; some operation running {busy * 1e3:.1f} ms "
+        f"({busy / wall:.0%}); none {max(wall - busy, 0.0) * 1e3:.1f} ms"
+    )
     for name, spent in seconds.most_common(top):
         print(f"  {spent * 1e3:9.2f} ms {counts[name] / calls:7.0f}x  {name}")
