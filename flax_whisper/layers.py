@@ -81,8 +81,8 @@ def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
     The kernel's gradient `x^T g` contracts the rows of both operands. XLA:CPU hands such a
     product (a transposed left operand) to Eigen rather than to YNNPACK, after a transposed copy
-    of the cotangent, and in a training step Eigen's products ran slower and left both cores idle
-    between operations (about 0.3 s of a `tiny` step of 3.6 s on a 2-core CPU). Here the smaller
+    of the cotangent, and in a training step Eigen's products ran slower, with the cores outside
+    XLA's operations for most of 0.3 s of a `tiny` step of 3.6 s on a 2-core CPU. Here the smaller
     operand (`x`, or `g` for a layer that narrows) is transposed explicitly, behind an
     optimisation barrier that keeps XLA from folding the copy back into the product: one
     `(in, N) @ (N, out)` product, or `((out, N) @ (N, in))^T`, both of the form YNNPACK takes."""
