@@ -276,6 +276,30 @@ def test_cpu_matmul_is_autodiffs_product_and_compiles_no_row_contracting_product
         assert row_contracting(jnp.matmul) and not row_contracting(_cpu_matmul)
 
 
+def test_the_cpu_training_step_computes_no_weight_gradient_as_a_row_contracting_product(monkeypatch):
+    """Every `Linear` of the model multiplies through `layers.matmul`: the compiled float32 training
+    step (both stacks, cross-entropy, AdamW) holds no 2-D product that contracts its left operand's
+    rows, the form XLA:CPU leaves to Eigen; with `matmul` replaced by a plain `x @ kernel`, the same
+    step holds one per kernel gradient (an encoder layer's four projections and two MLP layers, a
+    decoder layer's eight projections and two MLP layers)."""
+    import re
+
+    from flax_whisper import layers
+
+    config, model_config = TrainConfig(warmup_steps=0), tiny_config(unroll_layers=True)
+    mel, labels = random_batch(model_config, 2, 32, 8, seed=0)
+    batch = {"mel": jnp.asarray(mel), "labels": jnp.asarray(labels)}
+
+    def row_contracting_products() -> int:
+        state, step = step_function(config, model_config)
+        hlo = step.lower(state, batch).compile().as_text()
+        return len(re.findall(r"= f32\[\d+,\d+\]\S* dot\([^)]*\), lhs_contracting_dims=\{0\}", hlo))
+
+    assert row_contracting_products() == 0
+    monkeypatch.setattr(layers, "matmul", lambda x, kernel: x @ kernel)
+    assert row_contracting_products() == 6 * model_config.n_audio_layer + 10 * model_config.n_text_layer
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_token_nll_is_the_log_softmax_and_keeps_no_logits(dtype):
     """The loss's vocabulary cross-entropy (`token_nll`) against autodiff of the log-softmax of
