@@ -2,7 +2,7 @@
 
     python bench/inference.py [--size tiny.en] [--batch 4] [--new-tokens 64] [--precision float32]
         [--repeats 5] [--rounds 3] [--no-hf] [--no-openai] [--decode-scan] [--check-every 1,8,16] [--attention xla]
-        [--profile DIR]
+        [--profile DIR] [--peak-tflops T]
 
 On the same random weights (an OpenAI-format model converted to flax_whisper through `convert`)
 and the same 30 s windows of real speech (the test suite's espeak-ng recording, repeated):
@@ -14,7 +14,9 @@ and the same 30 s windows of real speech (the test suite's espeak-ng recording, 
   (greedy, SDPA, KV cache) on a model of the same dimensions with its own random weights.
 
 Prints median times, tokens per second (tokens actually generated, end of text included) and
-the ratios against flax_whisper (for decoding, of tokens per second), all measured in this run.
+the ratios against flax_whisper (for decoding, of tokens per second), all measured in this run,
+and each encoder's model FLOPs utilisation (XLA's cost analysis of the encoder; the peak as in
+`bench/train_step.py`: `--peak-tflops`, a known GPU's, or XLA's large product measured here).
 With random weights end of text is rarely chosen, so every framework decodes about
 `--new-tokens` tokens per window; to compare like with like, each rate counts the tokens that
 framework generated. On a GPU, add
@@ -40,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from peers import hf_config
-from timing import Results, Rounds, profile
+from steps import encoder_flops
+from timing import Results, Rounds, peak_flops, profile
 
 from whisper_io.huge_pages import describe, restart_with_huge_pages
 
@@ -88,6 +91,12 @@ def main() -> None:
         "--profile",
         metavar="DIR",
         help="write a jax.profiler trace of one flax decoding call and print its longest operations",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak, for the encoder's MFU (default: known GPUs' dense peak, else XLA's large "
+        "product measured here)",
     )
     args = parser.parse_args()
 
@@ -224,6 +233,8 @@ def main() -> None:
             results["decode: transformers generate"] = rounds.time("decode: transformers generate", hf_decode)
 
     rounds.rest(results)
+    flops = encoder_flops(config, args.batch, mel.shape[2])  # the same model in every framework
+    peak, source = peak_flops(args.precision, args.peak_tflops)
     for kind in ("encoder", "decode"):
         reference = f"{kind}: flax_whisper (jit)"
         for name, seconds in results.items():
@@ -234,7 +245,13 @@ def main() -> None:
             tokens = generated[reference] / generated[name] if name in generated and reference in generated else 1.0
             speedup = f"flax is {tokens * seconds / results[reference]:5.2f}x as fast"
             spread = rounds.ratios(name, reference, tokens)
-            print(f"{name:38s} {seconds * 1e3:9.1f} ms  {rate}  {speedup}" + (f" (rounds: {spread})" if spread else ""))
+            mfu = f"  {flops / seconds / peak:5.1%} MFU" if kind == "encoder" else ""
+            print(
+                f"{name:38s} {seconds * 1e3:9.1f} ms  {rate}  {speedup}"
+                + (f" (rounds: {spread})" if spread else "")
+                + mfu
+            )
+    print(f"encoder: {flops / 1e9:.1f} GFLOP a call (XLA cost analysis); MFU over {peak / 1e12:.3f} TFLOP/s, {source}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """Shared by the benchmarks: the jitted training step of a config, traced from abstract shapes
-(nothing allocated, nothing run), for compile times and FLOP counts; the layer layouts their
-`--layers` flags name."""
+(nothing allocated, nothing run), for compile times and FLOP counts; the model FLOPs of a step
+and of an encoder forward; the layer layouts their `--layers` flags name."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,6 +19,17 @@ from whisper_config import ModelConfig
 # `--layers` -> `unroll_layers`: the default (auto: up to 12 layers a side unrolled, deeper
 # stacks scanned), every stack scanned, every stack unrolled.
 LAYOUTS = {"auto": "auto", "scan": False, "unrolled": True}
+
+# How a model is lowered for counting its FLOPs: XLA's cost analysis counts a loop's body once
+# (a scanned stack would show one layer, the CPU's chunked attention one block of one head), a
+# rematerialised block twice, and nothing inside a fused kernel (cuDNN's attention). So: layers
+# unrolled, no recomputation, XLA's attention.
+COUNTED = {
+    "unroll_layers": True,
+    "gradient_checkpointing": False,
+    "remat_policy": "full",
+    "attention_implementation": "xla",
+}
 
 
 def layout_name(config: ModelConfig) -> str:
@@ -41,3 +53,27 @@ def abstract_train_step(config: TrainConfig, batch: int, frames: int, tokens: in
         "labels": jax.ShapeDtypeStruct((batch, tokens), jnp.int32),
     }
     return step, state, shapes
+
+
+def counted_flops(lowered) -> float:
+    """XLA's cost analysis of a lowered (not compiled) program: its FLOPs (0.0 where there is none)."""
+    cost = lowered.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", 0.0)) if cost else 0.0
+
+
+def step_flops(config: TrainConfig, batch: int, frames: int, tokens: int) -> float:
+    """The model FLOPs of one training step (forward, cross-entropy, backward, optimiser), lowered
+    for the CPU whatever the device (a GPU's client does not analyse unoptimised programs)."""
+    counted = dataclasses.replace(config, model={**config.model, **COUNTED})
+    step, state, shapes = abstract_train_step(counted, batch, frames, tokens)
+    return counted_flops(step.trace(state, shapes).lower(lowering_platforms=("cpu",)))
+
+
+def encoder_flops(config: ModelConfig, batch: int, frames: int) -> float:
+    """The model FLOPs of one encoder forward of a (B, n_mels, frames) mel, lowered likewise."""
+    model = nnx.eval_shape(lambda: Whisper(dataclasses.replace(config, **COUNTED), rngs=nnx.Rngs(0)))
+    graph, state = nnx.split(model)
+    encode = jax.jit(lambda state, mel: nnx.merge(graph, state).encoder(mel))
+    mel = jax.ShapeDtypeStruct((batch, config.n_mels, frames), jnp.float32)
+    return counted_flops(encode.trace(state, mel).lower(lowering_platforms=("cpu",)))

@@ -1,5 +1,6 @@
-"""Shared by the benchmarks: median wall times after warm-up calls, and rounds that time every
-competitor again in turn, so that a shared machine's slow drifts fall on all of them alike."""
+"""Shared by the benchmarks: median wall times after warm-up calls, rounds that time every
+competitor again in turn, so that a shared machine's slow drifts fall on all of them alike, and
+the peak a model FLOPs utilisation is taken of."""
 
 from __future__ import annotations
 
@@ -74,6 +75,52 @@ class Rounds:
             return ""
         ratios = [scale * a / b for a, b in zip(self.times[name], self.times[reference], strict=True)]
         return f"{min(ratios):.2f}-{max(ratios):.2f}x"
+
+
+# Dense peak TFLOP/s by device kind and compute precision (bf16; float32 means TF32 on GPUs).
+PEAK_TFLOPS = {
+    "H100": {"bfloat16": 989.0, "float32": 494.0},
+    "H200": {"bfloat16": 989.0, "float32": 494.0},
+    "A100": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def matmul_rate(precision: str, size: int, repeats: int = 20) -> float:
+    """FLOP/s of XLA's product of two `size x size` matrices in `precision` on the default
+    device: the fastest of `repeats` jitted calls after warm-up, a ceiling (a busy moment of a
+    shared machine only lowers a rate, so the best call is the closest to what the device can do)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(precision))
+    product = jax.jit(lambda x: x @ x)
+    for _ in range(3):
+        jax.block_until_ready(product(a))
+    fastest = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        jax.block_until_ready(product(a))
+        fastest = min(fastest, time.perf_counter() - started)
+    return 2 * size**3 / fastest
+
+
+def peak_flops(precision: str, given_tflops: float | None = None) -> tuple[float, str]:
+    """(FLOP/s, what it is): the peak a model FLOPs utilisation is taken of. `given_tflops`;
+    else a known accelerator's dense peak (`PEAK_TFLOPS`); else, on a CPU (whose clocks and vector
+    units vary by machine) or an unknown device, the rate XLA's own product of two large square
+    matrices reaches here and now: the ceiling the model's products meet on this machine, so
+    the utilisation says how much of the time goes to anything else."""
+    import jax
+
+    if given_tflops:
+        return given_tflops * 1e12, "--peak-tflops"
+    kind = jax.devices()[0].device_kind
+    for name, table in PEAK_TFLOPS.items():
+        if name in kind:
+            return table[precision] * 1e12, f"{name} dense {precision} peak"
+    size = 2048 if jax.default_backend() == "cpu" else 8192
+    rate = matmul_rate(precision, size)
+    return rate, f"XLA's {size} x {size} {precision} product measured on this {kind}"
 
 
 # Operations that hold others (their time is their children's): left out of the summary.

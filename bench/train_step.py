@@ -9,11 +9,13 @@ For each mechanism in `--mechanisms` (self-attention of both sides; the `whisper
 otherwise), `flax_whisper`'s jitted step; for `mha`, also `WhisperForConditionalGeneration`
 (SDPA attention, eager and `torch.compile`, the same dimensions, its own random weights) and
 `torch_ref` (eager and `torch.compile`) on the same batch and AdamW settings. Prints the median
-step time, samples/s, the speedup of flax_whisper over each, and for flax the model FLOPs
-(XLA's cost analysis of the step lowered with its layers unrolled: the analysis counts a loop's
-body once), the model FLOPs utilisation where the device's peak is known
-(`--peak-tflops` or the table below), and the step's memory (XLA's memory analysis of the
-compiled program; torch on GPUs: `max_memory_allocated`). float32 on GPUs: XLA multiplies in TF32
+step time, samples/s, the speedup of flax_whisper over each, the model FLOPs (XLA's cost
+analysis of the step lowered with its layers unrolled: the analysis counts a loop's body once;
+the torch rows run the same model), each row's model FLOPs utilisation, and the step's memory
+(XLA's memory analysis of the compiled program; torch on GPUs: `max_memory_allocated`). The
+utilisation is of `--peak-tflops`, else of a known GPU's dense peak, else (a CPU) of the rate
+XLA's product of two 2048 x 2048 matrices reaches on this machine, measured in the same run:
+what is left above it is time spent outside the model's products. float32 on GPUs: XLA multiplies in TF32
 by default while torch keeps full float32, so compare bfloat16 rows for like with like.
 `--rounds` (default 3 on a CPU) times every competitor again, in turn, and reports the median of
 the rounds with the range of each speedup over them: on a shared CPU, runs minutes apart differ
@@ -23,7 +25,6 @@ by more than the gaps measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import os
@@ -38,47 +39,14 @@ import jax
 import numpy as np
 from flax import nnx
 from peers import hf_config
-from steps import LAYOUTS, abstract_train_step, layout_name
-from timing import Results, Rounds, profile
+from steps import LAYOUTS, layout_name, step_flops
+from timing import Results, Rounds, peak_flops, profile
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper
 from train.config import TrainConfig
 from train.step import Graphs, make_optimizer, new_state, train_step
 from whisper_io.huge_pages import describe, restart_with_huge_pages
-
-# Dense peak TFLOP/s by device kind and compute precision (bf16; float32 means TF32 on GPUs).
-PEAK_TFLOPS = {
-    "H100": {"bfloat16": 989.0, "float32": 494.0},
-    "H200": {"bfloat16": 989.0, "float32": 494.0},
-    "A100": {"bfloat16": 312.0, "float32": 156.0},
-}
-
-
-def peak_flops(args) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    kind = jax.devices()[0].device_kind
-    return next((table[args.precision] * 1e12 for name, table in PEAK_TFLOPS.items() if name in kind), None)
-
-
-def model_flops(config: TrainConfig, mel: np.ndarray, labels: np.ndarray) -> float:
-    """The model FLOPs of one step: XLA's cost analysis of the step lowered (not compiled) for the
-    CPU, whatever the device, with the layers unrolled, no recomputation and XLA's attention: the
-    analysis counts a loop's body once (a scanned step would show one layer's FLOPs), a
-    rematerialised block's twice, and nothing inside a fused kernel (cuDNN's attention); a GPU's
-    client does not analyse unoptimised programs at all."""
-    execution = {
-        "unroll_layers": True,
-        "gradient_checkpointing": False,
-        "remat_policy": "full",
-        "attention_implementation": "xla",
-    }
-    counted = dataclasses.replace(config, model={**config.model, **execution})
-    step_fn, state, batch = abstract_train_step(counted, mel.shape[0], mel.shape[2], labels.shape[1])
-    cost = step_fn.trace(state, batch).lower(lowering_platforms=("cpu",)).cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
 def time_flax(
@@ -99,7 +67,7 @@ def time_flax(
     if args.profile:  # the first mechanism only: a trace of three more steps
         profile(args.profile, step, calls=3)
         args.profile = None
-    result = {"seconds": seconds, "flops": model_flops(config, mel, labels)}
+    result = {"seconds": seconds, "flops": step_flops(config, mel.shape[0], mel.shape[2], labels.shape[1])}
     if memory is not None:
         used = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes
         result["memory"] = used - memory.alias_size_in_bytes
@@ -197,7 +165,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, help=Rounds.HELP)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--peak-tflops", type=float, help="the device's peak, for MFU (default: known GPUs)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the device's peak, for MFU (default: known GPUs' dense peak, else XLA's large product measured here)",
+    )
     parser.add_argument(
         "--profile",
         metavar="DIR",
@@ -235,8 +207,9 @@ def main() -> None:
     results = Results()
     rounds = Rounds(args.rounds, args.steps, jax.devices()[0].platform)
     if not args.no_torch:  # torch first, then its cached memory is released: both share one accelerator
-        results.update(time_torch(args, rounds, config, model_config, flax_to_torch(model), mel, labels))
-    peak = peak_flops(args)
+        peers = time_torch(args, rounds, config, model_config, flax_to_torch(model), mel, labels)
+        flops = step_flops(config, args.batch, frames, tokens) if peers else 0.0  # the same model's
+        results.update({name: {**row, "flops": flops} for name, row in peers.items()})
     flax_rows = []
     layouts = [LAYOUTS["scan"], LAYOUTS["unrolled"]] if args.layers == "both" else [LAYOUTS[args.layers]]
     for mechanism, unroll in itertools.product(args.mechanisms.split(","), layouts):
@@ -262,6 +235,7 @@ def main() -> None:
         return
 
     rounds.rest(results)
+    peak, source = peak_flops(args.precision, args.peak_tflops)
     reference = results[flax_rows[0]]["seconds"]
     width = max(34, *map(len, results))
     header = f"{'ms/step':>9s} {'samples/s':>10s} {'flax speedup':>12s} {'memory':>9s} {'MFU':>6s}"
@@ -269,13 +243,14 @@ def main() -> None:
     for name, row in results.items():
         seconds = row["seconds"]
         memory = f"{row['memory'] / 2**30:7.2f} GB" if "memory" in row else f"{'n/a':>9s}"
-        mfu = f"{row['flops'] / seconds / peak:6.1%}" if peak and row.get("flops") else f"{'n/a':>6s}"
+        mfu = f"{row['flops'] / seconds / peak:6.1%}" if row.get("flops") else f"{'n/a':>6s}"
         print(
             f"{name:{width}s} {seconds * 1e3:9.1f} {args.batch / seconds:10.2f}",
             f"{seconds / reference:11.2f}x {memory} {mfu}  {rounds.ratios(name, flax_rows[0])}",
         )
     flops = results[flax_rows[0]]["flops"]
     print(f"model FLOPs per step ({flax_rows[0]}; XLA cost analysis, layers unrolled): {flops:.3e}")
+    print(f"MFU: a row's model FLOPs per second over {peak / 1e12:.3f} TFLOP/s, {source}")
 
 
 if __name__ == "__main__":
