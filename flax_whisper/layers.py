@@ -75,6 +75,21 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return _cpu_matmul(x, kernel) if jax.default_backend() == "cpu" else x @ kernel
 
 
+def cpu_fusion_fence(x: jax.Array) -> jax.Array:
+    """x unchanged, as a boundary XLA:CPU's YNNPACK fusions do not cross (elsewhere, x itself).
+
+    A float rounded to its own type's exponent and mantissa widths (`reduce_precision`, which
+    YNNPACK's fusions do not take) is itself. The encoder puts it before its final norm: with
+    nothing after the last block but that norm, XLA:CPU fused the block's output projection, MLP
+    and the norm into one library call (from about batch 4 of 1500 positions), slower than the
+    separate products of every other block, and wrote GELU's three constants out as arrays of
+    the MLP's hidden size for it (`jax.lax.optimization_barrier` is gone before that fusion)."""
+    if jax.default_backend() != "cpu":
+        return x
+    info = jnp.finfo(x.dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+
+
 @jax.custom_vjp
 def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x @ kernel` whose kernel gradient transposes the smaller of its two operands first.

@@ -16,7 +16,17 @@ from flax import nnx
 
 from flax_whisper.blocks import ACTIVATION, ResidualAttentionBlock, run_stack, run_stack_with_cross_scores, stack
 from flax_whisper.blocks import layers as stacked_layers
-from flax_whisper.layers import LOGITS, Conv1d, Embedding, constrain, gelu, host_offset, is_traced, make_norm
+from flax_whisper.layers import (
+    LOGITS,
+    Conv1d,
+    Embedding,
+    constrain,
+    cpu_fusion_fence,
+    gelu,
+    host_offset,
+    is_traced,
+    make_norm,
+)
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
 from whisper_config.checks import check_cache_offset, check_dtype, check_same_batch
@@ -68,7 +78,7 @@ class AudioEncoder(nnx.Module):
             x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
         unroll = self.config.unrolls(self.config.n_audio_layer)
         x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION), unroll=unroll)
-        return self.ln_post(x)
+        return self.ln_post(cpu_fusion_fence(x))
 
 
 class TextDecoder(nnx.Module):
