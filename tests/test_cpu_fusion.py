@@ -56,9 +56,9 @@ def compiled_encoder(config: ModelConfig, batch: int) -> str:
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="a fusion XLA:CPU makes")
 def test_the_cpu_encoder_keeps_its_last_blocks_products_apart(monkeypatch):
     """A one-layer `tiny` encoder at batch 4 over 30 s: every product is a fusion of its own (the
-    `tiny` encoder at batch 4 ran 1.08x as fast so, at batch 8 1.17x). Without the fence XLA:CPU
-    fused the block's output projection and both MLP products into one computation, which this
-    checks still happens, so the test would notice a compiler that no longer needs the fence."""
+    README's Speed section has the timings). Without the fence XLA:CPU fuses the block's output
+    projection and both MLP products into one computation; the test checks that this still
+    happens, so a compiler that no longer needs the fence shows up here."""
     config = dataclasses.replace(ModelConfig.from_preset("whisper", "tiny"), n_audio_layer=1)
     assert multi_product_fusions(compiled_encoder(config, batch=4)) == []
     monkeypatch.setattr(flax_model, "cpu_fusion_fence", lambda x: x)
