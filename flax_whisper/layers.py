@@ -79,11 +79,14 @@ def cpu_fusion_fence(x: jax.Array) -> jax.Array:
     """x unchanged, as a boundary XLA:CPU's YNNPACK fusions do not cross (elsewhere, x itself).
 
     A float rounded to its own type's exponent and mantissa widths (`reduce_precision`, which
-    YNNPACK's fusions do not take) is itself. The encoder puts it before its final norm: with
-    nothing after the last block but that norm, XLA:CPU fused the block's output projection, MLP
-    and the norm into one library call (from about batch 4 of 1500 positions), slower than the
-    separate products of every other block, and wrote GELU's three constants out as arrays of
-    the MLP's hidden size for it (`jax.lax.optimization_barrier` is gone before that fusion)."""
+    YNNPACK's fusions do not take) is itself; `jax.lax.optimization_barrier` is gone before those
+    fusions are made. Two places take it, each measured on the `tiny` encoder at batch 4:
+    - before the encoder's final norm: with nothing after the last block but that norm, XLA:CPU
+      fused the block's output projection, MLP and the norm into one library call (from about
+      batch 4 of 1500 positions), slower than the separate products of every other block, and
+      wrote GELU's three constants out as arrays of the MLP's hidden size for it;
+    - before the MLP's first product: fused with the norm before it, that product ran at about
+      166 GFLOP/s where the second, alone, ran at 197; the norm in a pass of its own costs less."""
     if jax.default_backend() != "cpu":
         return x
     info = jnp.finfo(x.dtype)
@@ -375,7 +378,7 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (B, T, d) -> (B, T, d)"""
-        h = self.fc1(x)  # (B, T, 4d)
+        h = self.fc1(cpu_fusion_fence(x))  # (B, T, 4d)
         if self.norm is not None:
             h = self.norm(h)
         return self.fc2(self.dropout(gelu(h)))
