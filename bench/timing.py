@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 
 
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """`run()` `warmup` times untimed (compiles, caches), then the median of `repeats` timed calls.
+def call_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
+    """`run()` `warmup` times untimed (compiles, caches), then the seconds of `repeats` timed calls.
     `run` must block until its work is done (`jax.block_until_ready`, `torch.cuda.synchronize`)."""
     for _ in range(warmup):
         run()
@@ -19,7 +19,12 @@ def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> 
         started = time.perf_counter()
         run()
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """The median of `call_seconds`."""
+    return statistics.median(call_seconds(run, repeats, warmup))
 
 
 class Results(dict):
@@ -94,14 +99,7 @@ def matmul_rate(precision: str, size: int, repeats: int = 20) -> float:
 
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(precision))
     product = jax.jit(lambda x: x @ x)
-    for _ in range(3):
-        jax.block_until_ready(product(a))
-    fastest = float("inf")
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(product(a))
-        fastest = min(fastest, time.perf_counter() - started)
-    return 2 * size**3 / fastest
+    return 2 * size**3 / min(call_seconds(lambda: jax.block_until_ready(product(a)), repeats, warmup=3))
 
 
 def peak_flops(precision: str, given_tflops: float | None = None) -> tuple[float, str]:
