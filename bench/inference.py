@@ -102,11 +102,10 @@ def main() -> None:
 
     import torch
     import whisper
-    from flax import nnx
 
     from convert.core import new_flax_model
     from convert.openai import from_openai_names
-    from flax_whisper import greedy_decode
+    from flax_whisper import greedy_decode, pure_jit
     from whisper_config import ModelConfig
     from whisper_io import decoding_options, tokenizer_for
 
@@ -134,7 +133,7 @@ def main() -> None:
     print(f"jax {jax.devices()[0].platform}, torch {device}, {torch.get_num_threads()} torch threads")
     print(describe())
 
-    encode = nnx.jit(lambda m, x: m.encoder(x))
+    encode = pure_jit(lambda m, x: m.encoder(x))  # nnx.jit would copy every weight back out per call
     results = Results()
     rounds = Rounds(args.rounds, args.repeats, jax.devices()[0].platform)
     results["encoder: flax_whisper (jit)"] = rounds.time(

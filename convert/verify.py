@@ -113,23 +113,18 @@ def verify(
 
 
 def _flax_outputs(model, mel, tokens):
-    """Encoder output, logits and next-token loss in one jitted call (one compile, not one per op).
-    A pure `jax.jit` over the split state: it returns only the outputs, never a copy of the
-    model's state (which `nnx.jit` hands back), so a large model is not held twice."""
-    from flax import nnx
-
+    """Encoder output, logits and next-token loss in one jitted call (one compile, not one per op),
+    through `flax_whisper.pure_jit`: it returns only the outputs, never a copy of the model's state
+    (which `nnx.jit` hands back), so a large model is not held twice."""
     import flax_whisper
 
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def run(state, mel, tokens):
-        model = nnx.merge(graphdef, state)
+    @flax_whisper.pure_jit
+    def run(model, mel, tokens):
         enc = model.encoder(mel)
         logits, _ = model.decoder(tokens, enc)
         return enc, logits, flax_whisper.cross_entropy(logits[:, :-1], tokens[:, 1:])
 
-    return run(state, mel, tokens)
+    return run(model, mel, tokens)
 
 
 def _release_freed_memory() -> None:

@@ -1,7 +1,7 @@
 """Flax NNX implementation of the Whisper-like encoder-decoder (mirrors `torch_ref` module for module)."""
 
 from flax_whisper.decoding import beam_search_decode, greedy_decode
-from flax_whisper.model import AudioEncoder, TextDecoder, Whisper, cross_entropy, shift_right
+from flax_whisper.model import AudioEncoder, TextDecoder, Whisper, cross_entropy, pure_jit, shift_right
 from whisper_config import ModelConfig
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "beam_search_decode",
     "cross_entropy",
     "greedy_decode",
+    "pure_jit",
     "shift_right",
 ]

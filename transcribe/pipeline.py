@@ -154,15 +154,15 @@ class Transcriber:
         prompt, options = decoding_options(tokenizer, config, language, task, max_new_tokens)
         if framework == "flax":
             import jax
-            from flax import nnx
 
             import flax_whisper.decoding as decoding
             from convert.core import new_flax_model
+            from flax_whisper import pure_jit
 
             model = new_flax_model(config, ckpt.tensors)
             randomness = jax.random.key
 
-            @nnx.jit
+            @pure_jit
             def cross_scores(model, mel, tokens):
                 return model.decoder.cross_attention_scores(tokens, model.encoder(mel))
         elif framework == "torch":
