@@ -92,13 +92,15 @@ PEAK_TFLOPS = {
 
 def matmul_rate(precision: str, size: int, repeats: int = 20) -> float:
     """FLOP/s of XLA's product of two `size x size` matrices in `precision` on the default
-    device: the fastest of `repeats` jitted calls after warm-up, a ceiling (a busy moment of a
-    shared machine only lowers a rate, so the best call is the closest to what the device can do)."""
+    device, accumulated in float32 (so that a CPU's bfloat16 dot-product instructions count: XLA:CPU
+    uses them only for a float32 result): the fastest of `repeats` jitted calls after warm-up, a
+    ceiling (a busy moment of a shared machine only lowers a rate, so the best call is the closest
+    to what the device can do)."""
     import jax
     import jax.numpy as jnp
 
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.dtype(precision))
-    product = jax.jit(lambda x: x @ x)
+    product = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
     return 2 * size**3 / min(call_seconds(lambda: jax.block_until_ready(product(a)), repeats, warmup=3))
 
 

@@ -71,7 +71,7 @@ def host_offset(offset) -> int:
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """x (..., in) @ kernel (in, out), both in the compute dtype -> (..., out). What autodiff of
     `x @ kernel` computes everywhere; on a CPU through `_cpu_matmul`, whose kernel gradient XLA:CPU
-    runs as one of its fast products."""
+    runs as one of its fast products, and whose bfloat16 products run at the CPU's bfloat16 rate."""
     return _cpu_matmul(x, kernel) if jax.default_backend() == "cpu" else x @ kernel
 
 
@@ -93,6 +93,14 @@ def cpu_fusion_fence(x: jax.Array) -> jax.Array:
     return jax.lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+def _product(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` accumulated in float32 and rounded once to a's dtype: the accuracy of `a @ b` (for
+    float32 operands the very same product), and for bfloat16 operands on a CPU with bfloat16
+    dot-product instructions (AVX512-BF16) about twice its rate: XLA:CPU uses them only for a
+    float32 result (`kernel.rounded_product` is the einsum form)."""
+    return jnp.matmul(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
 @jax.custom_vjp
 def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x @ kernel` whose kernel gradient transposes the smaller of its two operands first.
@@ -103,24 +111,63 @@ def _cpu_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     XLA's operations for most of 0.3 s of a `tiny` step of 3.6 s on a 2-core CPU. Here the smaller
     operand (`x`, or `g` for a layer that narrows) is transposed explicitly, behind an
     optimisation barrier that keeps XLA from folding the copy back into the product: one
-    `(in, N) @ (N, out)` product, or `((out, N) @ (N, in))^T`, both of the form YNNPACK takes."""
-    return x @ kernel
+    `(in, N) @ (N, out)` product, or `((out, N) @ (N, in))^T`, both of the form YNNPACK takes.
+    Every product accumulates in float32 (`_product`): in bfloat16 runs, the CPU's bfloat16 ones."""
+    return _product(x, kernel)
 
 
 def _cpu_matmul_forward(x: jax.Array, kernel: jax.Array):
-    return x @ kernel, (x, kernel)
+    return _product(x, kernel), (x, kernel)
+
+
+def _transposed(a: jax.Array) -> jax.Array:
+    """a (N, d) -> a^T (d, N), copied out in that order behind an optimisation barrier, so that
+    XLA:CPU cannot fold the transpose back into the product that reads it. In float32 a barrier
+    around `a.T` is enough; in bfloat16 XLA:CPU still gave that array the transposed layout and
+    multiplied in float32 (a float32 copy of the operands, at a third of the bfloat16 rate on this
+    project's CPU), so the transpose is written out flat and reshaped back, which only a copy in
+    row order can give."""
+    barrier = jax.lax.optimization_barrier
+    if a.dtype == jnp.float32:
+        return barrier(a.T)
+    return barrier(a.T.reshape(-1)).reshape(a.shape[1], a.shape[0])
 
 
 def _cpu_matmul_backward(saved, grad: jax.Array):
     x, kernel = saved
     rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])  # (N, in), (N, out)
-    barrier = jax.lax.optimization_barrier
     if rows.shape[1] > grads.shape[1]:  # a layer that narrows: ((out, N) @ (N, in))^T
-        return grad @ kernel.T, barrier(barrier(grads.T) @ rows).T
-    return grad @ kernel.T, barrier(rows.T) @ grads  # (in, N) @ (N, out)
+        return _product(grad, kernel.T), jax.lax.optimization_barrier(_product(_transposed(grads), rows)).T
+    return _product(grad, kernel.T), _product(_transposed(rows), grads)  # (in, N) @ (N, out)
 
 
 _cpu_matmul.defvjp(_cpu_matmul_forward, _cpu_matmul_backward)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """y (..., out) + bias (out,) cast to y's dtype. What autodiff computes everywhere; on a CPU
+    through `_cpu_add_bias`, whose bias gradient is one float32 sum."""
+    return _cpu_add_bias(y, bias) if jax.default_backend() == "cpu" else y + bias.astype(y.dtype)
+
+
+@jax.custom_vjp
+def _cpu_add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    """`y + bias` whose bias gradient sums the cotangent's rows in float32 (in bias's dtype). Of a
+    bfloat16 cotangent after a product, autodiff's sum became an XLA:CPU `reduce-window` tree that
+    took 48 ms for one MLP bias of a `tiny` step at batch 4 (about 1 ms as one sum)."""
+    return y + bias.astype(y.dtype)
+
+
+def _cpu_add_bias_forward(y: jax.Array, bias: jax.Array):
+    return _cpu_add_bias(y, bias), jnp.zeros((0,), bias.dtype)  # only bias's dtype is kept
+
+
+def _cpu_add_bias_backward(saved, grad: jax.Array):
+    rows = grad.reshape(-1, grad.shape[-1])
+    return grad, jnp.sum(rows, axis=0, dtype=jnp.float32).astype(saved.dtype)
+
+
+_cpu_add_bias.defvjp(_cpu_add_bias_forward, _cpu_add_bias_backward)
 
 
 class Linear(nnx.Module):
@@ -138,7 +185,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         y = matmul(x, self.kernel[...].astype(x.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(x.dtype)
+            y = add_bias(y, self.bias[...])
         return y
 
 
@@ -171,7 +218,7 @@ class Conv1d(nnx.Module):
             padding=[(self.padding, self.padding)],
             dimension_numbers=("NWC", "WIO", "NWC"),
         )
-        return y + self.bias[...].astype(x.dtype)
+        return add_bias(y, self.bias[...])
 
 
 class LayerNorm(nnx.Module):

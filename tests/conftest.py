@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -241,6 +242,20 @@ def variant(request) -> ModelConfig:
 @pytest.fixture(scope="session")
 def variant_pair(variant):
     return make_pair(variant, seed=11)
+
+
+def product_operand_dtypes(compiled_text: str) -> list[tuple[str, str]]:
+    """The element types of the two operands of each product (`dot`) in a compiled program's text,
+    as XLA writes them ("bf16", "f32")."""
+    types, found = {}, []
+    for line in compiled_text.splitlines():
+        defined = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[", line)
+        if defined:
+            types[defined.group(1)] = defined.group(2)
+        product = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+        if product:
+            found.append((types[product.group(1)], types[product.group(2)]))
+    return found
 
 
 SAMPLE_LEN = 8  # OpenAI's `sample_len` in the decoding oracle: tokens sampled after the prompt

@@ -231,3 +231,30 @@ def test_chunked_gradients_are_autodiff_of_the_materialised_softmax(name, monkey
     chunked, dense = loss("chunked")(q, k, v), loss("einsum")(q, k, v)
     for got, want in zip(chunked, dense, strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="chunked is XLA:CPU's path")
+def test_chunked_bfloat16_gradients_multiply_bfloat16_operands(monkeypatch):
+    """In bfloat16, the chunked backward multiplies bfloat16 operands into float32 (the rebuilt
+    weights and the scores' gradient rounded to bfloat16 for their products, as flash kernels on
+    GPUs do): every product of the compiled gradient takes bfloat16 operands, and the gradients
+    stay within bfloat16 rounding of float32 autodiff of the materialised softmax on the same
+    inputs."""
+    from conftest import product_operand_dtypes
+
+    monkeypatch.setattr(fk, "CHUNK", 16)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in inputs(40, 40, seed=7))
+
+    def gradient(implementation):
+        def f(q, k, v):
+            y = fk.attend(q, k, v, fk.Mask(causal=True), scale=0.5, implementation=implementation)
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))
+
+    chunked = gradient("chunked")
+    assert set(product_operand_dtypes(chunked.lower(q, k, v).compile().as_text())) == {("bf16", "bf16")}
+    want = gradient("einsum")(*(x.astype(jnp.float32) for x in (q, k, v)))
+    for got, exact in zip(chunked(q, k, v), want, strict=True):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(got, np.float32), exact, atol=2**-6 * float(np.abs(exact).max()))

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import random_batch, tiny_config
+from conftest import product_operand_dtypes, random_batch, tiny_config
 from flax import nnx
 
 from flax_whisper import Whisper
@@ -281,6 +281,74 @@ def test_cpu_matmul_is_autodiffs_product_and_compiles_no_row_contracting_product
     if dtype == jnp.float32:
         assert row_contracting_products(kernel_gradient(jnp.matmul)) == 1
         assert row_contracting_products(kernel_gradient(_cpu_matmul)) == 0
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU multiplies bfloat16")
+@pytest.mark.parametrize("shape", [(2, 256, 64, 96), (2, 256, 96, 64)], ids=["widens", "narrows"])
+def test_cpu_matmul_multiplies_bfloat16_operands_into_float32(shape, monkeypatch):
+    """In bfloat16, every product of `_cpu_matmul`'s value and gradients (the kernel's included)
+    takes bfloat16 operands and gives float32 (XLA:CPU's path to the CPU's bfloat16 dot-product
+    instructions; README "Speed", bfloat16 on a CPU). With the kernel gradient's transpose held
+    only by an optimisation barrier, XLA:CPU multiplies float32 copies instead."""
+    from flax_whisper import layers
+
+    b, t, d_in, d_out = shape
+    x = jax.ShapeDtypeStruct((b, t, d_in), jnp.bfloat16)
+    kernel = jax.ShapeDtypeStruct((d_in, d_out), jnp.bfloat16)
+
+    def products():
+        def loss(x, kernel):
+            return jnp.sum(jnp.sin(layers._cpu_matmul(x, kernel).astype(jnp.float32)))
+
+        both = jax.jit(lambda x, kernel: (layers._cpu_matmul(x, kernel), jax.grad(loss, argnums=(0, 1))(x, kernel)))
+        return product_operand_dtypes(both.lower(x, kernel).compile().as_text())
+
+    found = products()
+    assert len(found) >= 3 and set(found) == {("bf16", "bf16")}, found
+    monkeypatch.setattr(layers, "_transposed", lambda a: jax.lax.optimization_barrier(a.T))
+    assert ("f32", "f32") in products()
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_add_bias_sums_the_bias_gradient_in_float32(dtype):
+    """`add_bias` (on a CPU `_cpu_add_bias`): y + bias in y's dtype; y's gradient passes through,
+    the (float32) bias's is the float32 sum of the cotangent's rows (to float32 rounding, in
+    bfloat16 runs too)."""
+    from flax_whisper.layers import add_bias
+
+    rng = np.random.default_rng(4)
+    y = jnp.asarray(rng.standard_normal((3, 200, 8)), dtype)
+    bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((3, 200, 8)), dtype)
+    out, pullback = jax.vjp(add_bias, y, bias)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(y + bias.astype(dtype)))
+    grad_y, grad_bias = pullback(cotangent)
+    assert grad_y.dtype == dtype and grad_bias.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(grad_y), np.asarray(cotangent))
+    exact = np.asarray(cotangent.astype(jnp.float32), np.float64).sum(axis=(0, 1))
+    np.testing.assert_allclose(np.asarray(grad_bias), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU reduces bfloat16")
+def test_a_bfloat16_bias_gradient_is_one_reduction_on_a_cpu():
+    """Autodiff of a bias added in bfloat16 after a product: XLA:CPU sums the gradient through a
+    `reduce-window` tree (48 ms for one MLP bias of a `tiny` step at batch 4, against about 1 ms
+    for the sum alone); `add_bias`'s float32 sum (`_cpu_add_bias`) compiles to none."""
+    from flax_whisper.layers import _cpu_matmul, add_bias
+
+    x = jax.ShapeDtypeStruct((2, 256, 64), jnp.bfloat16)
+    kernel, bias = jax.ShapeDtypeStruct((64, 96), jnp.float32), jax.ShapeDtypeStruct((96,), jnp.float32)
+
+    def windows(plus):
+        def loss(x, kernel, bias):
+            return jnp.sum(jax.nn.gelu(plus(_cpu_matmul(x, kernel.astype(x.dtype)), bias)).astype(jnp.float32))
+
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, kernel, bias).compile()
+        return compiled.as_text().count(" reduce-window(")
+
+    assert windows(add_bias) == 0
+    assert windows(lambda y, bias: y + bias.astype(y.dtype)) >= 1
 
 
 def test_the_cpu_training_step_computes_no_weight_gradient_as_a_row_contracting_product(monkeypatch):
