@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flax_whisper.kernel import BHSD, Mask, attend, cross_kv_layout, kv_layout, scores, seq_axis, to_layout
-from flax_whisper.layers import Linear
+from flax_whisper.layers import Linear, add_bias
 from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
 
@@ -139,7 +139,7 @@ class MultiHeadAttention(nnx.Module):
         if positions is not None and self.rotary_base is not None:
             q = apply_rotary(q, positions, self.rotary_base)
         if self.content_bias is not None:
-            q = q + self.content_bias[...].astype(q.dtype)
+            q = add_bias(q, self.content_bias[...])
         return q
 
     def keys_values(

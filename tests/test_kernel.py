@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import product_operand_dtypes
 
 import flax_whisper.kernel as fk
 import torch_ref.kernel as tk
@@ -240,8 +241,6 @@ def test_chunked_bfloat16_gradients_multiply_bfloat16_operands(monkeypatch):
     GPUs do): every product of the compiled gradient takes bfloat16 operands, and the gradients
     stay within bfloat16 rounding of float32 autodiff of the materialised softmax on the same
     inputs."""
-    from conftest import product_operand_dtypes
-
     monkeypatch.setattr(fk, "CHUNK", 16)
     q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in inputs(40, 40, seed=7))
 

@@ -309,17 +309,19 @@ def test_cpu_matmul_multiplies_bfloat16_operands_into_float32(shape, monkeypatch
     assert ("f32", "f32") in products()
 
 
+@pytest.mark.parametrize("bias_shape", [(8,), (2, 4)], ids=["linear", "per_head"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_add_bias_sums_the_bias_gradient_in_float32(dtype):
+def test_add_bias_sums_the_bias_gradient_in_float32(dtype, bias_shape):
     """`add_bias` (on a CPU `_cpu_add_bias`): y + bias in y's dtype; y's gradient passes through,
-    the (float32) bias's is the float32 sum of the cotangent's rows (to float32 rounding, in
-    bfloat16 runs too)."""
+    the (float32) bias's is the float32 sum of the cotangent over y's leading axes (to float32
+    rounding, in bfloat16 runs too), for a layer's bias and for one per head (biased attention's
+    content bias)."""
     from flax_whisper.layers import add_bias
 
     rng = np.random.default_rng(4)
-    y = jnp.asarray(rng.standard_normal((3, 200, 8)), dtype)
-    bias = jnp.asarray(rng.standard_normal(8), jnp.float32)
-    cotangent = jnp.asarray(rng.standard_normal((3, 200, 8)), dtype)
+    y = jnp.asarray(rng.standard_normal((3, 200, *bias_shape)), dtype)
+    bias = jnp.asarray(rng.standard_normal(bias_shape), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((3, 200, *bias_shape)), dtype)
     out, pullback = jax.vjp(add_bias, y, bias)
     assert out.dtype == dtype
     np.testing.assert_array_equal(np.asarray(out), np.asarray(y + bias.astype(dtype)))
