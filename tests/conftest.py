@@ -115,6 +115,40 @@ def tiny_config(preset: str = "whisper", **overrides) -> ModelConfig:
     return ModelConfig.from_preset(preset, **{**TINY, **overrides})
 
 
+def variant_config(name: str) -> ModelConfig:
+    """The tiny config of the variant `name` of VARIANTS."""
+    preset, overrides = VARIANTS[name]
+    return tiny_config(preset, **overrides)
+
+
+def greedy_cover(held: dict[str, set]) -> set[str]:
+    """Names (chosen greedily, most new items first) whose sets together hold every item of every
+    set in `held`."""
+    chosen, covered = set(), set()
+    while left := {name: items - covered for name, items in held.items() if items - covered}:
+        best = max(sorted(left), key=lambda name: len(left[name]))
+        chosen.add(best)
+        covered |= held[best]
+    return chosen
+
+
+def variant_settings(name: str, fields: tuple[str, ...] | None = None) -> set[tuple[str, str]]:
+    """The (setting, value) pairs of a variant's tiny config, of every setting or of `fields`."""
+    settings = variant_config(name).to_dict()
+    return {(key, repr(value)) for key, value in settings.items() if fields is None or key in fields}
+
+
+# The variants that between them give every setting every value any variant gives it (9 of 14: each
+# mechanism on each side, each position kind and switch, each norm). The heaviest per-variant
+# parity tests run these in the main suite and the rest, combinations of the same parts, under slow.
+SETTING_COVER = greedy_cover({name: variant_settings(name) for name in VARIANTS})
+
+
+def variant_params(in_main: set[str]) -> list:
+    """Every variant as a parameter for the `variant` fixture (indirect), `slow` unless in_main."""
+    return [pytest.param(name, marks=[] if name in in_main else pytest.mark.slow) for name in sorted(VARIANTS)]
+
+
 def make_pair(config: ModelConfig, seed: int = 0):
     """(torch_ref.Whisper, flax_whisper.Whisper) in eval mode with the same weights.
 
@@ -235,8 +269,7 @@ def pair(config):
 @pytest.fixture(scope="session", params=sorted(VARIANTS))
 def variant(request) -> ModelConfig:
     """A tiny config of each position variant."""
-    preset, overrides = VARIANTS[request.param]
-    return tiny_config(preset, **overrides)
+    return variant_config(request.param)
 
 
 @pytest.fixture(scope="session")

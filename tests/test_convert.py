@@ -7,7 +7,17 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, VARIANTS, assert_close, flax_forward, make_pair, random_batch, tiny_config
+from conftest import (
+    VARIANTS,
+    assert_close,
+    flax_forward,
+    greedy_cover,
+    make_pair,
+    random_batch,
+    tiny_config,
+    variant_config,
+    variant_params,
+)
 from flax import nnx
 
 from convert import (
@@ -25,7 +35,6 @@ from convert.core import torch_to_numpy
 from convert.openai import from_openai_names, to_openai_names
 from convert.rules import CONV1D, LAYER_STACK, LINEAR
 from torch_ref import Whisper as TorchWhisper
-from whisper_config import ModelConfig
 from whisper_io.outputs import OutputError
 
 
@@ -108,7 +117,7 @@ def test_format_name_tables_are_invertible_over_every_tensor(variant):
     """Each format's rows map every torch_ref tensor of every variant to a distinct name and back."""
     from convert.rules import HF_NAMES, OPENAI_NAMES
 
-    config = ModelConfig.from_preset(VARIANTS[variant][0], **{**TINY, **VARIANTS[variant][1]})
+    config = variant_config(variant)
     keys = [entry.torch_key for entry in build_plan(config)]
     for names in (OPENAI_NAMES, HF_NAMES):
         theirs = [names.to_format(key) for key in keys]
@@ -233,30 +242,16 @@ def test_cli_converts_and_reports_errors(tmp_path, config):
     assert failed.returncode == 2 and "error:" in failed.stderr and "Traceback" not in failed.stderr
 
 
-def variants_naming_every_layer_parameter() -> set[str]:
-    """The variants (chosen greedily, most new names first) whose per-layer parameter names
-    (`encoder.blocks.N.attn.query.kernel`) together are every such name of every variant."""
-    names = {}
-    for name, (preset, overrides) in VARIANTS.items():
-        keys = (entry.flax_layer_key.split(".") for entry in build_plan(tiny_config(preset, **overrides)))
-        names[name] = {".".join("N" if part.isdigit() else part for part in key) for key in keys}
-    chosen, covered = set(), set()
-    while left := {name: held - covered for name, held in names.items() if held - covered}:
-        best = max(sorted(left), key=lambda name: len(left[name]))
-        chosen.add(best)
-        covered |= names[best]
-    return chosen
-
-
-LAYER_NAME_COVER = variants_naming_every_layer_parameter()
+def layer_parameter_names(name: str) -> set[str]:
+    """A variant's per-layer parameter names, layer numbers as N (`encoder.blocks.N.attn.query.kernel`)."""
+    keys = (entry.flax_layer_key.split(".") for entry in build_plan(variant_config(name)))
+    return {".".join("N" if part.isdigit() else part for part in key) for key in keys}
 
 
 # The layout change is generic over parameter names: the main suite loads variants that hold every
 # name between them; the others (positions and norms the chosen ones already name) are `slow`.
 @pytest.mark.parametrize(
-    "variant",
-    [pytest.param(name, marks=[] if name in LAYER_NAME_COVER else pytest.mark.slow) for name in sorted(VARIANTS)],
-    indirect=True,
+    "variant", variant_params(greedy_cover({name: layer_parameter_names(name) for name in VARIANTS})), indirect=True
 )
 def test_flax_checkpoints_of_the_per_layer_layout_still_load(tmp_path, variant, variant_pair):
     """Earlier versions stored each block separately (`encoder.blocks.3.attn.query.kernel`); such a

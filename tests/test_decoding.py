@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import SAMPLE_LEN, counting_compiles, openai_greedy
+from conftest import SAMPLE_LEN, SETTING_COVER, counting_compiles, openai_greedy, variant_params
 
 import flax_whisper.decoding as flax_decoding
 import torch_ref.decoding as torch_decoding
@@ -175,6 +175,7 @@ def test_flax_decoding_compiles_once_per_shape(decoding_setup, search):
         assert len(compiles) >= 1  # the listener does see compilations
 
 
+@pytest.mark.parametrize("variant", variant_params(SETTING_COVER), indirect=True)
 def test_decoding_parity_on_every_variant(variant_pair):
     """Same tokens from both frameworks on each mechanism and position scheme, via the cache."""
     torch_model, flax_model = variant_pair

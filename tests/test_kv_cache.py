@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, make_pair, random_batch, tiny_config, use_kv_layout
+from conftest import SETTING_COVER, assert_close, make_pair, random_batch, tiny_config, use_kv_layout, variant_params
 from flax import nnx
 
 from whisper_config import InputError
@@ -31,6 +31,7 @@ def test_torch_incremental_equals_full(variant_pair, variant):
     assert_close(torch.cat(steps, 1).numpy(), full.numpy(), 1e-5)
 
 
+@pytest.mark.parametrize("variant", variant_params(SETTING_COVER), indirect=True)
 def test_flax_incremental_equals_full(variant_pair, variant):
     _, f = variant_pair
     config = variant

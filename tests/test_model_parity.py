@@ -4,7 +4,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import VARIANTS, assert_close, flax_forward, make_pair, random_batch, tiny_config
+from conftest import (
+    SETTING_COVER,
+    VARIANTS,
+    assert_close,
+    flax_forward,
+    make_pair,
+    random_batch,
+    tiny_config,
+    variant_config,
+    variant_params,
+)
 from flax import nnx
 
 from convert import build_plan
@@ -55,6 +65,7 @@ def test_larger_model_logits():
     assert_close(flax_forward(f, mel, tokens), logits_t, 1e-4, "logits")
 
 
+@pytest.mark.parametrize("variant", variant_params(SETTING_COVER), indirect=True)
 def test_gradients_of_every_parameter(variant, variant_pair):
     config = variant
     t, f = variant_pair
@@ -99,8 +110,7 @@ def test_torch_compile_traces_the_loss_in_one_graph(name):
     backward (AOT autograd), and agrees with eager torch. The `aot_eager` backend runs the
     captured graphs without inductor's code generation (minutes of C++ compilation on a cold
     cache); `bench/train_step.py` compiles torch_ref with inductor."""
-    preset, overrides = VARIANTS[name]
-    config = tiny_config(preset, **overrides)
+    config = variant_config(name)
     if config.decoder_attention in ("memory", "integrated"):
         config = config.replace(memory_update=True)
     model = TorchWhisper(config).train()
@@ -127,8 +137,7 @@ def test_bfloat16_loss_is_within_the_stated_tolerance_of_float32(name):
     """Every preset and mechanism: the loss computed in bfloat16 (float32 weights cast at use;
     norms, softmax, attention and vocabulary logits in float32) within BF16_LOSS_RTOL of the
     float32 loss on the same weights and batch."""
-    preset, overrides = VARIANTS[name]
-    config = tiny_config(preset, **{**overrides, "n_audio_state": 64, "n_text_state": 64})
+    config = variant_config(name).replace(n_audio_state=64, n_text_state=64)
     _, f = make_pair(config, seed=21)
     mel, labels = random_batch(config, 4, 32, 12, seed=3)
     loss = nnx.jit(lambda m, x, y: m.loss(x, y))

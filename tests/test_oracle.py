@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import VARIANTS, make_pair, random_batch, tiny_config
+from conftest import VARIANTS, make_pair, random_batch, tiny_config, variant_config
 from flax import nnx
 from reference.numpy_whisper import IGNORE, Oracle
 
@@ -30,8 +30,7 @@ def assert_relative(ours, oracle, rtol: float, what: str) -> None:
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
 def case(request):
-    preset, overrides = VARIANTS[request.param]
-    config = tiny_config(preset, **overrides)
+    config = variant_config(request.param)
     t, f = make_pair(config, seed=31)
     return config, t, f, Oracle(config, torch_to_numpy(t))
 

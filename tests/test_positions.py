@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import assert_close, random_batch
+from conftest import VARIANTS, assert_close, greedy_cover, random_batch, variant_params, variant_settings
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -83,6 +83,22 @@ def test_table_kinds(variant_pair, variant):
         assert isinstance(flax_table, nnx.Param) == trainable
 
 
+# The tables depend on the position settings alone: the main suite runs variants that give each of
+# them every value, the rest are slow.
+POSITION_SETTINGS = (
+    "encoder_positions",
+    "decoder_positions",
+    "normalize_positions",
+    "encoder_rotary",
+    "decoder_rotary",
+)
+
+
+@pytest.mark.parametrize(
+    "variant",
+    variant_params(greedy_cover({name: variant_settings(name, POSITION_SETTINGS) for name in VARIANTS})),
+    indirect=True,
+)
 def test_sinusoid_tables_are_openais(variant, variant_pair):
     """The fixed and the initial learned-sinusoidal tables of both frameworks against two
     independent tables: the float64 oracle's loop (1e-6) and OpenAI's own `whisper.model.sinusoids`
