@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import VARIANTS, make_pair, random_batch, tiny_config, variant_config
+from conftest import SETTING_COVER, make_pair, random_batch, tiny_config, variant_config, variant_params
 from flax import nnx
 from reference.numpy_whisper import IGNORE, Oracle
 
@@ -28,7 +28,9 @@ def assert_relative(ours, oracle, rtol: float, what: str) -> None:
     assert error <= rtol, f"{what}: {error:.2e} relative to the oracle (> {rtol:.0e})"
 
 
-@pytest.fixture(scope="module", params=sorted(VARIANTS))
+# Every variant against the oracle under slow; the main suite, the variants that give every setting
+# each of its values (conftest.SETTING_COVER).
+@pytest.fixture(scope="module", params=variant_params(SETTING_COVER))
 def case(request):
     config = variant_config(request.param)
     t, f = make_pair(config, seed=31)
