@@ -6,6 +6,8 @@ from positions by two nested loops, softmax), independent of both kernels.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -257,3 +259,39 @@ def test_chunked_bfloat16_gradients_multiply_bfloat16_operands(monkeypatch):
     for got, exact in zip(chunked(q, k, v), want, strict=True):
         assert got.dtype == jnp.bfloat16
         np.testing.assert_allclose(np.asarray(got, np.float32), exact, atol=2**-6 * float(np.abs(exact).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="chunked is XLA:CPU's path")
+def test_chunked_bfloat16_weights_are_rounded_in_the_pass_that_makes_them(monkeypatch):
+    """In bfloat16 the chunked forward and backward write each block's `(c, S)` weights in
+    bfloat16 from the exponential that makes them: XLA:CPU ran a separate float32-to-bfloat16
+    pass over them at a fraction of the exponential's speed (a tenth of the bfloat16 `tiny` step).
+    No array of a block's weights' shape comes out of a pass that only converts."""
+    monkeypatch.setattr(fk, "CHUNK", 16)
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in inputs(32, 48, seed=3))
+
+    def loss(q, k, v):
+        y = fk.attend(q, k, v, fk.Mask(), scale=0.5, implementation="chunked")
+        return jnp.sum(jnp.sin(y.astype(jnp.float32)))
+
+    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+    bodies, name = {}, None
+    for line in text.splitlines():
+        opened = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if opened:
+            name, bodies[opened.group(1)] = opened.group(1), []
+        elif name is not None:
+            bodies[name].append(line)
+    fused = set(re.findall(r"\bfusion\(.*calls=%([\w.\-]+)", text))
+    made = [  # ops outside fused computations making a bfloat16 (c, S) or (S, c) array
+        line
+        for computation, lines in bodies.items()
+        if computation not in fused
+        for line in lines
+        if re.search(r"= bf16\[(16,48|48,16)\]\{\S* (fusion|convert)\(", line)
+    ]
+    assert made, "no block of bfloat16 weights found"
+    for line in made:
+        called = re.search(r"\bfusion\(.*calls=%([\w.\-]+)", line)
+        ops = set(re.findall(r"= \S+ ([\w\-]+)\(", "\n".join(bodies[called.group(1)]))) if called else {"convert"}
+        assert ops - {"parameter", "convert", "bitcast"}, f"a pass that only converts: {line.strip()}"
