@@ -55,19 +55,23 @@ def abstract_train_step(config: TrainConfig, batch: int, frames: int, tokens: in
     return step, state, shapes
 
 
-def counted_flops(lowered) -> float:
-    """XLA's cost analysis of a lowered (not compiled) program: its FLOPs (0.0 where there is none)."""
-    cost = lowered.cost_analysis()
+def counted_flops(lower) -> float:
+    """XLA's cost analysis of the program `lower()` lowers (not compiled): its FLOPs (0.0 where
+    there is none). Lowered for the CPU with the CPU as the default device, whatever the machine:
+    a GPU's client does not analyse unoptimised programs (jax 0.11 on an H200 answered None even
+    for a program lowered for the CPU, until the CPU was the default device)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        cost = lower().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) if cost else 0.0
 
 
 def step_flops(config: TrainConfig, batch: int, frames: int, tokens: int) -> float:
     """The model FLOPs of one training step (forward, cross-entropy, backward, optimiser), lowered
-    for the CPU whatever the device (a GPU's client does not analyse unoptimised programs)."""
+    for the CPU whatever the device (`counted_flops`)."""
     counted = dataclasses.replace(config, model={**config.model, **COUNTED})
     step, state, shapes = abstract_train_step(counted, batch, frames, tokens)
-    return counted_flops(step.trace(state, shapes).lower(lowering_platforms=("cpu",)))
+    return counted_flops(lambda: step.trace(state, shapes).lower(lowering_platforms=("cpu",)))
 
 
 def encoder_flops(config: ModelConfig, batch: int, frames: int) -> float:
@@ -76,4 +80,4 @@ def encoder_flops(config: ModelConfig, batch: int, frames: int) -> float:
     graph, state = nnx.split(model)
     encode = jax.jit(lambda state, mel: nnx.merge(graph, state).encoder(mel))
     mel = jax.ShapeDtypeStruct((batch, config.n_mels, frames), jnp.float32)
-    return counted_flops(encode.trace(state, mel).lower(lowering_platforms=("cpu",)))
+    return counted_flops(lambda: encode.trace(state, mel).lower(lowering_platforms=("cpu",)))
