@@ -153,9 +153,9 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
 @jax.custom_vjp
 def _cpu_add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     """`y + bias` whose bias gradient sums the cotangent over y's leading axes in float32 (in
-    bias's dtype). Of a
-    bfloat16 cotangent after a product, autodiff's sum became an XLA:CPU `reduce-window` tree that
-    took 48 ms for one MLP bias of a `tiny` step at batch 4 (about 1 ms as one sum)."""
+    bias's dtype). Of a bfloat16 cotangent after a product, autodiff's sum became an XLA:CPU
+    `reduce-window` tree that took 48 ms for one MLP bias of a `tiny` step at batch 4 (about 1 ms
+    as one sum)."""
     return y + bias.astype(y.dtype)
 
 
