@@ -170,7 +170,10 @@ def main() -> None:
     for implementation in args.attention:
         other = new_flax_model(dataclasses.replace(config, attention_implementation=implementation), tensors)
         other.eval()
-        flax_decode(other, f"decode: flax_whisper, {implementation} attention")
+        try:
+            flax_decode(other, f"decode: flax_whisper, {implementation} attention")
+        except ValueError as refused:  # e.g. `cudnn` for a prompt written at a traced offset
+            print(f"decode: flax_whisper, {implementation} attention: not timed, {refused}")
     if args.decode_scan:
         scanned = new_flax_model(dataclasses.replace(config, decode_unroll=False), tensors)
         scanned.eval()
