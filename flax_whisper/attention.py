@@ -8,11 +8,12 @@ sets it). Heads are an axis of their own from projection to output, and so are t
 a decoding step writes one row and reshapes nothing. The cache is a plain dict pytree passed in
 and returned, so a jitted decoding loop can carry it:
 
-- self-attention: `{"k", "v"}` buffers of fixed capacity `L`, `(B, L, H, dh)` or heads-major
-  `(B, H, L, dh)` as `kernel.kv_layout()` says for this machine, written at `offset` (which may
-  be traced); the causal mask hides every slot after the current position;
+- self-attention: `{"k", "v"}` buffers of fixed capacity `L` in `kernel.cache_layout()`,
+  heads-major `(B, H, L, dh)` (on a GPU each head's values transposed, `(B, H, dh, L)`), written
+  at `offset` (which may be traced); the causal mask hides every slot after the current position;
 - cross-attention: `{"k", "v"}` over the `S` encoder positions, projected once, in
-  `kernel.cross_kv_layout()` (on a CPU each head's keys are stored transposed, `(B, H, dh, S)`).
+  `kernel.cross_kv_layout()` (on a CPU each head's keys are stored transposed, `(B, H, dh, S)`;
+  on a GPU its values, as the self-attention caches').
 """
 
 from __future__ import annotations
@@ -21,7 +22,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.kernel import BHSD, Mask, attend, cross_kv_layout, kv_layout, scores, seq_axis, to_layout
+from flax_whisper.kernel import (
+    BHDV,
+    BHSD,
+    Mask,
+    attend,
+    cache_layout,
+    cross_kv_layout,
+    kv_layout,
+    scores,
+    seq_axis,
+    to_layout,
+)
 from flax_whisper.layers import Linear, add_bias
 from flax_whisper.positions import apply_rotary
 from whisper_config import ModelConfig
@@ -44,6 +56,12 @@ def merge_heads(x: jax.Array) -> jax.Array:
     """(B, T, H, dh) -> (B, T, d)"""
     b, t, h, dh = x.shape
     return x.reshape(b, t, h * dh)
+
+
+def self_layout(cache: Cache | None) -> str:
+    """The layout of self-attention's keys and values: a cache's (`cache_layout()`) when decoding
+    with one, else `kv_layout()`."""
+    return kv_layout() if cache is None else cache_layout()
 
 
 def value_or_none(param: nnx.Variable | None) -> jax.Array | None:
@@ -105,7 +123,8 @@ class MultiHeadAttention(nnx.Module):
                 y = self.attend(q, *self.keys_values(xa), Mask())
         else:
             q, k, v, cache = self.project_self(x, cache, offset)
-            y = self.attend(q, k, v, Mask(causal=causal, window=self.window), offset=offset)
+            mask = Mask(causal=causal, window=self.window)
+            y = self.attend(q, k, v, mask, offset=offset, layout=self_layout(cache))
         return self.out(merge_heads(y)), cache
 
     def cross_scores(self, x: jax.Array, xa: jax.Array) -> jax.Array:
@@ -154,28 +173,33 @@ class MultiHeadAttention(nnx.Module):
         return to_layout(k, layout, keys=True), to_layout(v, layout)
 
     def project_self(self, x: jax.Array, cache: Cache | None, offset, prefix: int = 0):
-        """Self-attention q (B, T, H, dh) and k, v (`kv_layout()`, S keys): rotated by position
-        when rotary, and written into the cache (then S is its capacity) at `prefix + offset` when
-        given (cached keys were rotated when written)."""
+        """Self-attention q (B, T, H, dh) and k, v in `self_layout(cache)` (S keys): rotated by
+        position when rotary, and written into the cache (then S is its capacity) at `prefix +
+        offset` when given (cached keys were rotated when written)."""
         positions = offset + jnp.arange(x.shape[1])  # new tokens sit at offset .. offset + T
+        layout = self_layout(cache)
         q = self.queries(x, positions)
-        k, v = self.keys_values(x, positions)
+        k, v = self.keys_values(x, positions, layout)
         if cache is not None:
-            axis = k.ndim + seq_axis(kv_layout())
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), prefix + offset, axis=axis)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), prefix + offset, axis=axis)
+            start, axes = prefix + offset, (k.ndim + seq_axis(layout), v.ndim + seq_axis(layout, values=True))
+            k, v = (
+                jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype), start, axis)
+                for name, new, axis in (("k", k, axes[0]), ("v", v, axes[1]))
+            )
             cache = {"k": k, "v": v}
         return q, k, v, cache
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
-        """Empty self-attention buffers of capacity `length`: {"k", "v"} in `kv_layout()`."""
+        """Empty self-attention buffers of capacity `length`: {"k", "v"} in `cache_layout()`."""
         heads, width = self.n_head, self.out.out_features // self.n_head
-        shape = (batch, heads, length, width) if kv_layout() == BHSD else (batch, length, heads, width)
-        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+        layout = cache_layout()
+        keys = (batch, heads, length, width) if layout in (BHSD, BHDV) else (batch, length, heads, width)
+        values = (batch, heads, width, length) if layout == BHDV else keys
+        return {"k": jnp.zeros(keys, dtype), "v": jnp.zeros(values, dtype)}
 
     def cache_capacity(self, cache: Cache) -> int | None:
         """Tokens the self-attention cache holds (the key buffers may carry a leading layer axis)."""
-        return cache["k"].shape[seq_axis(kv_layout())]
+        return cache["k"].shape[seq_axis(cache_layout())]
 
     def init_cross_cache(self, xa: jax.Array) -> Cache:
         """Cross-attention keys and values of the encoder output: {"k", "v"} in `cross_kv_layout()`."""

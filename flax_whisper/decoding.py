@@ -201,9 +201,9 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
 
     # Every prompt token and every sampled token but the last is fed once; padding after a
     # prompt is overwritten before any query reaches it (causal attention).
-    layers = model.decoder.layers() if model.config.decode_unroll else None  # copied out of the stack once
-    cache = model.decoder.init_cache(xa, min(width + max_new - 1, n_ctx), layers)
-    logits, cache = model.decoder(prompt, xa, cache, valid=columns < real[:, None], layers=layers)
+    decoder, layers = model.decoder.for_decoding(xa.dtype)  # weights cast (and layers copied out) once
+    cache = decoder.init_cache(xa, min(width + max_new - 1, n_ctx), layers)
+    logits, cache = decoder(prompt, xa, cache, valid=columns < real[:, None], layers=layers)
     cache = {**cache, "offset": low}
     no_speech = no_speech_probability(logits, prompt, options)
     last = jnp.take_along_axis(logits, (real - 1)[:, None, None], axis=1)[:, 0]  # (B, V): each last real token
@@ -239,7 +239,7 @@ def _greedy_decode(model: Whisper, mel, prompt, options: DecodingOptions, key, r
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], c + 1, axis=1)
         return (decoder, layers), c + 1, tokens, cache, done | (active & (chosen == eot)), scores
 
-    state = ((model.decoder, layers), low, tokens, cache, first == eot, scores)
+    state = ((decoder, layers), low, tokens, cache, first == eot, scores)
     _, _, tokens, _, _, scores = checked_loop(unfinished, step, state, every)
     return tokens, scores, no_speech
 
@@ -295,9 +295,9 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     xa = jnp.repeat(xa, k, axis=0)  # (B k, S, d): the beams of an utterance are neighbouring rows
     beam_real = jnp.repeat(real, k)  # (B k,)
     tokens = jnp.full((batch * k, length), eot, jnp.int32).at[:, :width].set(jnp.repeat(prompt, k, axis=0))
-    layers = model.decoder.layers() if model.config.decode_unroll else None  # copied out of the stack once
-    cache = model.decoder.init_cache(xa, length, layers)
-    logits, cache = model.decoder(tokens[:, :width], xa, cache, valid=columns < beam_real[:, None], layers=layers)
+    decoder, layers = model.decoder.for_decoding(xa.dtype)  # weights cast (and layers copied out) once
+    cache = decoder.init_cache(xa, length, layers)
+    logits, cache = decoder(tokens[:, :width], xa, cache, valid=columns < beam_real[:, None], layers=layers)
     cache = {**cache, "offset": low}
     no_speech = no_speech_probability(logits[::k], prompt, options)
 
@@ -359,7 +359,7 @@ def _beam_search(model: Whisper, mel, prompt, options: DecodingOptions, beam: Be
     done_scores = jnp.full((batch, size), -jnp.inf, jnp.float32)
     # (B k, V): the logits after each row's last real token
     first = jnp.take_along_axis(logits, (beam_real - 1)[:, None, None], axis=1)[:, 0]
-    state = ((model.decoder, layers), low, tokens, cache, first, jnp.zeros(batch * k),
+    state = ((decoder, layers), low, tokens, cache, first, jnp.zeros(batch * k),
              done, done_scores, jnp.zeros(batch, jnp.int32))  # fmt: skip
     _, _, tokens, _, _, scores, done, done_scores, count = checked_loop(unfinished, step, state, every)
 

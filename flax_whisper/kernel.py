@@ -21,14 +21,19 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   for short ones (XLA:CPU runs them faster than the generic fused op); `einsum` whenever
   attention dropout is active.
 
-Queries are `(B, T, H, dh)`; keys and values (and KV caches) are kept in the layout `kv_layout()`
-gives: heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
+Queries are `(B, T, H, dh)`; keys and values are kept in the layout `kv_layout()` gives:
+heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
 decoding step over a `(B, S, H, dh)` cache spent most of its time transposing it), and `(B, S,
-H, dh)`, the fused GPU kernels' layout, elsewhere. Cross-attention's cache, projected once and
-only read, is kept in `cross_kv_layout()`: on CPUs `bhds`, each head's keys transposed to `(B,
-H, dh, S)` (values stay `(B, H, S, dh)`), the operand XLA:CPU's dot takes as it is. With the keys
-`(B, H, S, dh)`, every decoding step copied each layer's cross-attention keys into that order
-again (a tenth of a `tiny` model's step at batch 1).
+H, dh)`, the fused GPU kernels' layout, elsewhere. Self-attention's KV caches are kept in
+`cache_layout()`: heads-major on CPUs too, and elsewhere `bhdv`, heads-major with each head's
+values transposed to `(B, H, dh, S)`: a decoding step's one query mixes the values along their
+rows then, and XLA's GPU compiler makes its softmax and mix one or two kernels (with the values
+`(B, S, H, dh)`: five or six, one writing every value times its weight). Cross-attention's cache,
+projected once and only read, is kept in `cross_kv_layout()`: on CPUs `bhds`, each head's keys
+transposed to `(B, H, dh, S)` (values stay `(B, H, S, dh)`), the operand XLA:CPU's dot takes as it
+is (with the keys `(B, H, S, dh)`, every decoding step copied each layer's cross-attention keys
+into that order again: a tenth of a `tiny` model's step at batch 1); elsewhere `bhdv`, as the
+self-attention caches.
 
 Logits, softmax and the log-sum-exp are float32 whatever the input dtype (model contract section 4). A
 learned temperature (a traced scale) is folded into the queries, since the fused kernels take
@@ -45,9 +50,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
-# Key/value layouts: sequence-major, heads-major, and heads-major with the keys transposed
-# (keys (B, H, dh, S), values (B, H, S, dh): a cross-attention cache on a CPU).
-BSHD, BHSD, BHDS = "bshd", "bhsd", "bhds"
+# Key/value layouts: sequence-major, heads-major, heads-major with the keys transposed (keys
+# (B, H, dh, S), values (B, H, S, dh): a cross-attention cache on a CPU), and heads-major with the
+# values transposed (keys (B, H, S, dh), values (B, H, dh, S): decoding caches elsewhere).
+BSHD, BHSD, BHDS, BHDV = "bshd", "bhsd", "bhds", "bhdv"
 # `chunked` processes at most this many queries of one head at a time; `auto` picks it on a CPU
 # once a batch row's score matrix (H x T x S floats) outgrows the cache (below it the plain
 # einsum is faster: a decoder's 448 x 448 self-attention over 6 heads is, 448 x 1500 is not).
@@ -77,23 +83,32 @@ def kv_layout() -> str:
     return BHSD if jax.default_backend() == "cpu" else BSHD
 
 
+def cache_layout() -> str:
+    """The layout of self-attention's KV caches on this machine: `kv_layout()` where that is
+    heads-major, else heads-major with the values transposed (see the module docstring)."""
+    return BHDV if kv_layout() == BSHD else kv_layout()
+
+
 def cross_kv_layout() -> str:
-    """The layout of cross-attention's keys and values on this machine: `kv_layout()`, with each
-    head's keys transposed where that is heads-major (see the module docstring)."""
-    return BHDS if kv_layout() == BHSD else kv_layout()
+    """The layout of cross-attention's keys and values on this machine: heads-major with each
+    head's keys transposed where `kv_layout()` is heads-major, else the caches' (see the module
+    docstring)."""
+    return BHDS if kv_layout() == BHSD else cache_layout()
 
 
-def seq_axis(layout: str) -> int:
-    """The sequence axis of keys (and values, but in `bhds`), counted from the end: a leading layer
+def seq_axis(layout: str, values: bool = False) -> int:
+    """The sequence axis of keys (or `values`) in `layout`, counted from the end: a leading layer
     axis of a stacked cache does not move it."""
-    return {BHSD: -2, BHDS: -1}.get(layout, -3)
+    if layout == BSHD:
+        return -3
+    return -1 if (layout == BHDS and not values) or (layout == BHDV and values) else -2
 
 
 def to_layout(x: jax.Array, layout: str, keys: bool = False) -> jax.Array:
     """Keys (`keys=True`) or values (B, S, H, dh) -> the given layout."""
-    if layout == BHDS and keys:
+    if (layout == BHDS and keys) or (layout == BHDV and not keys):
         return jnp.transpose(x, (0, 2, 3, 1))
-    return jnp.swapaxes(x, 1, 2) if layout in (BHSD, BHDS) else x
+    return x if layout == BSHD else jnp.swapaxes(x, 1, 2)
 
 
 def allowed(mask: Mask, n_queries: int, n_keys: int, offset=0, first_query=0) -> jax.Array:
@@ -124,7 +139,8 @@ def attend(
     """Scaled dot-product attention over heads.
 
     q (B, T, H, dh), k and v (B, S, H, dh) or, with `layout="bhsd"`, (B, H, S, dh) (with
-    `layout="bhds"`, k (B, H, dh, S) and v (B, H, S, dh)) -> (B, T, H, dh) in q's dtype; with
+    `layout="bhds"`, k (B, H, dh, S) and v (B, H, S, dh); with `layout="bhdv"`, k (B, H, S, dh)
+    and v (B, H, dh, S)) -> (B, T, H, dh) in q's dtype; with
     `return_lse`, also the float32 log-sum-exp of each query's scores (B, T, H), from which the
     weight of any key follows as `exp(score - lse)`. `offset` (an int, or traced in a decoding
     loop) places the queries after that many cached positions.
@@ -138,6 +154,8 @@ def attend(
         return _einsum(q, k, v, mask, float(scale), offset, layout, dropout, return_lse)
     if layout == BHDS:  # the other paths read each head's keys row by row
         k, layout = jnp.swapaxes(k, -1, -2), BHSD
+    if layout == BHDV:  # and its values; XLA takes the transpose into the kernel that reads them
+        v, layout = jnp.swapaxes(v, -1, -2), BHSD
     if how == "chunked":
         return _chunked(q, k, v, mask, float(scale), offset, layout, return_lse)
     if layout == BHSD:
@@ -279,13 +297,14 @@ def rounded_product(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def scores(q, k, scale: float | jax.Array, layout: str) -> jax.Array:
     """q (..., T, H, dh), k (..., S, H, dh), (..., H, S, dh) or (..., H, dh, S) -> float32 scores
     (..., H, T, S)."""
-    keys = {BHSD: "...hsd", BHDS: "...hds"}.get(layout, "...shd")
+    keys = {BHSD: "...hsd", BHDS: "...hds", BHDV: "...hsd"}.get(layout, "...shd")
     return jnp.einsum(f"...thd,{keys}->...hts", q, k, preferred_element_type=jnp.float32) * scale
 
 
 def _mix(weights, v, layout: str) -> jax.Array:
-    """weights (..., H, T, S), v (..., S, H, dh) or (..., H, S, dh) -> (..., T, H, dh) in v's dtype."""
-    values = "...hsd" if layout in (BHSD, BHDS) else "...shd"
+    """weights (..., H, T, S), v (..., S, H, dh), (..., H, S, dh) or (..., H, dh, S) -> (..., T, H,
+    dh) in v's dtype."""
+    values = {BHSD: "...hsd", BHDS: "...hsd", BHDV: "...hds"}.get(layout, "...shd")
     return rounded_product(f"...hts,{values}->...thd", weights.astype(v.dtype), v)
 
 

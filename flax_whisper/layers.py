@@ -1,9 +1,9 @@
 """Primitive layers of the Flax NNX model (model contract section 2), mirroring `torch_ref/layers.py`.
 
 Layouts differ from torch where JAX convention does: Linear `kernel (in, out)` (torch `weight
-(out, in)`), Conv1d NWC with `kernel (k, in, out)` (torch NCW `(out, in, k)`), LayerNorm `scale`
-(torch `weight`), Embedding `embedding` (torch `weight`). Numeric defaults are set explicitly to
-torch's: LayerNorm eps 1e-5, exact GELU.
+(out, in)`, which a GPU's decoding copy holds: `prepare_products`), Conv1d NWC with `kernel (k,
+in, out)` (torch NCW `(out, in, k)`), LayerNorm `scale` (torch `weight`), Embedding `embedding`
+(torch `weight`). Numeric defaults are set explicitly to torch's: LayerNorm eps 1e-5, exact GELU.
 
 Sharding is annotated, not decided, here: each weight carries the logical names of its axes
 (`axes` metadata: "embed", "heads", "mlp", "vocab", and "layers" once stacked; None for an axis
@@ -173,21 +173,54 @@ _cpu_add_bias.defvjp(_cpu_add_bias_forward, _cpu_add_bias_backward)
 
 class Linear(nnx.Module):
     """`y = x @ kernel + bias`, kernel `(in, out)`; Xavier-uniform kernel, zero bias. `axes` names
-    the kernel's (in, out) axes; the bias has the out axis."""
+    the kernel's (in, out) axes; the bias has the out axis. A decoding copy (`prepare_products`)
+    may hold its kernel `(out, in)` instead (`transposed`)."""
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, *, axes: Axes = (None, None), rngs: nnx.Rngs
     ):
         self.out_features = out_features
+        self.transposed = False
         init = jax.nn.initializers.xavier_uniform()
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), jnp.float32), axes=axes)
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = matmul(x, self.kernel[...].astype(x.dtype))
+        kernel = self.kernel[...].astype(x.dtype)
+        y = jnp.einsum("...i,oi->...o", x, kernel) if self.transposed else matmul(x, kernel)
         if self.bias is not None:
             y = add_bias(y, self.bias[...])
         return y
+
+
+def transposes_decoding_kernels() -> bool:
+    """Whether a decoding copy holds its kernels `(out, in)` (`prepare_products`): on a GPU. A
+    decoding step's products there are vector-matrix ones below the size XLA hands to a GEMM: it
+    multiplies and reduces, and only a reduction along each kernel row (a kernel `(out, in)`) takes
+    the multiplication into the same kernel (with `(in, out)`, at batch 1, each product was a
+    kernel writing the whole `(in, out)` matrix of products and one more reading it back)."""
+    return jax.default_backend() == "gpu"
+
+
+def prepare_products(module: nnx.Module, dtype: jnp.dtype) -> None:
+    """In place, on a copy made for a decoding loop: every `Linear`'s kernel and bias (stacked
+    ones too) cast once to the compute `dtype`, as each call would cast them, and the kernels laid
+    out `(out, in)` where `transposes_decoding_kernels()`; the token table's output copy likewise
+    (`Embedding.prepare_output`). The same products, without a cast of every weight at every step
+    (on a GPU, a kernel per weight and step at batch 32)."""
+    transpose = transposes_decoding_kernels()
+    for _, child in list(module.iter_modules()):
+        if isinstance(child, Embedding):
+            child.prepare_output(dtype)
+        if not isinstance(child, Linear) or (child.kernel.dtype == dtype and not transpose):
+            continue  # nothing to cast or lay out: the copy keeps the very arrays
+        kernel, axes = child.kernel[...].astype(dtype), child.kernel.get_metadata().get("axes")
+        if transpose and not child.transposed:
+            kernel, axes = jnp.swapaxes(kernel, -1, -2), None if axes is None else (*axes[:-2], axes[-1], axes[-2])
+            child.transposed = True
+        child.kernel = nnx.Param(kernel, axes=axes)
+        if child.bias is not None:
+            child.bias = nnx.Param(child.bias[...].astype(dtype), axes=child.bias.get_metadata().get("axes"))
 
 
 class Conv1d(nnx.Module):
@@ -396,6 +429,7 @@ class Embedding(nnx.Module):
         table = jax.nn.initializers.normal(EMBEDDING_STD)(rngs.params(), (n_vocab, n_state), jnp.float32)
         table = jnp.pad(table, ((0, rows - n_vocab), (0, 0)))
         self.embedding = nnx.Param(table, axes=("vocab", "embed"))
+        self.output = nnx.data(None)  # a decoding copy's table in the compute dtype (`prepare_output`)
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """tokens (B, T) int -> (B, T, d)"""
@@ -404,9 +438,15 @@ class Embedding(nnx.Module):
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output logits: x (B, T, d) in the compute dtype -> (B, T, rows), accumulated and
         returned in float32 (contract 5) whatever the precision; the padding rows' logits are -inf."""
-        table = self.embedding[...].astype(x.dtype)
+        table = (self.embedding if self.output is None else self.output)[...].astype(x.dtype)
         matmul = functools.partial(jnp.einsum, "btd,vd->btv") if x.dtype == jnp.float32 else float32_logits
         return mask_padding_rows(matmul(x, table), self.n_vocab)  # (B, T, rows) float32
+
+    def prepare_output(self, dtype: jnp.dtype) -> None:
+        """In place, on a decoding copy: `attend` reads the table cast once to the compute `dtype`
+        (the lookup keeps the stored table: tokens are embedded before the cast)."""
+        if self.embedding.dtype != dtype:
+            self.output = nnx.Variable(self.embedding[...].astype(dtype))
 
     def nll(self, x: jax.Array, labels: jax.Array) -> jax.Array:
         """x (B, T, d) in the compute dtype, labels (B, T) (negative: ignored) -> each label's

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.attention import Cache, merge_heads
+from flax_whisper.attention import Cache, merge_heads, self_layout
 from flax_whisper.biased import BiasedAttention
-from flax_whisper.kernel import Mask, kv_layout, scores, seq_axis
+from flax_whisper.kernel import Mask, cache_layout, kv_layout, scores, seq_axis
 from flax_whisper.layers import Buffer
 from whisper_config import ModelConfig
 
@@ -48,17 +48,18 @@ class AugmentedMemory(BiasedAttention):
         if cache is None:
             k, v = jnp.concatenate([slot_k, k], axis=axis), jnp.concatenate([slot_v, v], axis=axis)  # m + S keys
         write = not self.deterministic and self.memory_update
-        out = self.attend(q, k, v, Mask(causal=causal, prefix=m), offset=offset, return_lse=write)
+        mask = Mask(causal=causal, prefix=m)
+        out = self.attend(q, k, v, mask, offset=offset, return_lse=write, layout=self_layout(cache))
         y = self.out(merge_heads(out[0] if write else out))
         if write:
             self.memory_state[...] = self.written_state(self.slot_weights(q, slot_k, out[1]), y, valid)
         return y, cache
 
-    def slot_keys_values(self, batch: int, dtype) -> tuple[jax.Array, jax.Array]:
+    def slot_keys_values(self, batch: int, dtype, layout: str | None = None) -> tuple[jax.Array, jax.Array]:
         """Keys and values of `memory + memory_state` (no position, no rotary): m keys each, in
-        `kv_layout()`."""
+        `layout` (by default `kv_layout()`)."""
         slots = (self.memory[...] + self.memory_state[...]).astype(dtype)[None]  # (1, m, d)
-        k, v = self.keys_values(slots)
+        k, v = self.keys_values(slots, layout=layout)
         return jnp.broadcast_to(k, (batch, *k.shape[1:])), jnp.broadcast_to(v, (batch, *v.shape[1:]))
 
     def slot_weights(self, q: jax.Array, slot_k: jax.Array, lse: jax.Array) -> jax.Array:
@@ -79,13 +80,13 @@ class AugmentedMemory(BiasedAttention):
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
         """The slots' keys and values in the first `m` positions, then `length` empty ones."""
-        slot_k, slot_v = self.slot_keys_values(batch, dtype)
+        layout = cache_layout()
+        slot_k, slot_v = self.slot_keys_values(batch, dtype, layout)
         empty = super().init_cache(batch, length, dtype)
-        axis = 4 + seq_axis(kv_layout())
         return {
-            "k": jnp.concatenate([slot_k, empty["k"]], axis=axis),
-            "v": jnp.concatenate([slot_v, empty["v"]], axis=axis),
+            "k": jnp.concatenate([slot_k, empty["k"]], axis=4 + seq_axis(layout)),
+            "v": jnp.concatenate([slot_v, empty["v"]], axis=4 + seq_axis(layout, values=True)),
         }
 
     def cache_capacity(self, cache: Cache) -> int:
-        return cache["k"].shape[seq_axis(kv_layout())] - self.memory.shape[0]
+        return cache["k"].shape[seq_axis(cache_layout())] - self.memory.shape[0]

@@ -27,6 +27,7 @@ from flax_whisper.layers import (
     host_offset,
     is_traced,
     make_norm,
+    prepare_products,
 )
 from flax_whisper.positions import lookup_positions, position_table
 from whisper_config import ModelConfig, check_mel_shape, check_token_range, check_tokens_shape
@@ -196,6 +197,16 @@ class TextDecoder(nnx.Module):
         """Each block as a module of its own, its variables copied out of the stack: what
         decoding with `decode_unroll` runs (made once, before its loop; see `run_stack`)."""
         return stacked_layers(self.blocks)
+
+    def for_decoding(self, dtype: jnp.dtype) -> tuple[TextDecoder, list[ResidualAttentionBlock] | None]:
+        """(a copy of this decoder, its `layers()` with `decode_unroll`, else None), made once
+        before a decoding loop: its products' weights cast to the compute `dtype` (the encoder
+        output's) and laid out for one-token steps (`prepare_products`). The same logits as this
+        decoder's, without casting every weight again at every step."""
+        graph, state = nnx.split(self)
+        decoder = nnx.merge(graph, state)
+        prepare_products(decoder, dtype)
+        return decoder, (decoder.layers() if self.config.decode_unroll else None)
 
     def init_cache(
         self, xa: jax.Array, max_length: int | None = None, layers: Sequence[ResidualAttentionBlock] | None = None

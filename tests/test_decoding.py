@@ -365,3 +365,33 @@ def test_checking_for_the_end_every_few_steps_changes_nothing(decoding_setup, fr
         assert ends[0][-1] == new and max(ends[1]) < new - 1, ends
     with pytest.raises(InputError, match="check_every must be a positive integer"):
         decode(mel[:2], 0, [])
+
+
+def test_bfloat16_decoding_with_the_gpus_kernel_layout_picks_the_same_tokens(monkeypatch):
+    """Greedy decoding in bfloat16 runs on a copy of the decoder whose weights were cast once
+    (`TextDecoder.for_decoding`); with its kernels laid out `(out, in)` and its caches
+    sequence-major, as on a GPU (forced here), the jitted loop picks the tokens it picks in this
+    CPU's layout, with the same sums of log-probabilities (integrated: every mechanism's cache)."""
+    from conftest import make_pair, tiny_config, use_kv_layout
+
+    from flax_whisper import layers
+
+    config = tiny_config("integrated")
+    _, model = make_pair(config, seed=1)
+    mel = np.random.default_rng(1).standard_normal((3, config.n_mels, 2 * config.n_audio_ctx)).astype(np.float32)
+    mel = jax.numpy.asarray(mel, jax.numpy.bfloat16)
+    prompt = np.tile([config.start_token_id, 5, 7], (3, 1))
+    options = DecodingOptions(3, 7, suppress_tokens=(0, 1))
+    jitted = flax_decoding._greedy_decode_jit
+    jitted.clear_cache()  # programs traced in the other layout stay out of this test and the next
+    tokens, sums, _ = flax_decoding.decode_with_scores(model, mel, prompt, options)
+    jitted.clear_cache()
+    use_kv_layout(monkeypatch, "bshd")
+    monkeypatch.setattr(layers, "transposes_decoding_kernels", lambda: True)
+    try:
+        gpu_tokens, gpu_sums, _ = flax_decoding.decode_with_scores(model, mel, prompt, options)
+    finally:
+        jitted.clear_cache()
+    np.testing.assert_array_equal(np.asarray(gpu_tokens), np.asarray(tokens))
+    assert len(set(map(tuple, np.asarray(tokens)[:, 3:]))) == 3  # not degenerate: three different continuations
+    np.testing.assert_allclose(np.asarray(gpu_sums), np.asarray(sums), rtol=2e-2)

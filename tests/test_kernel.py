@@ -165,20 +165,23 @@ def test_auto_chooses_by_backend_size_and_dropout():
     assert fk.cudnn_expressible(one, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
     assert fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)  # memory slots with nothing masked: more keys
     assert not fk.cudnn_expressible(half, fk.Mask(causal=True, prefix=2), 0)
-    assert fk.kv_layout() == "bhsd"  # heads-major keys on a CPU
+    assert fk.kv_layout() == fk.cache_layout() == "bhsd"  # heads-major keys on a CPU
     assert fk.cross_kv_layout() == "bhds"  # and cross-attention's keys transposed
 
 
-@pytest.mark.parametrize("layout", ["bhsd", "bhds"])
+@pytest.mark.parametrize("layout", ["bhsd", "bhds", "bhdv"])
 @pytest.mark.parametrize("implementation", ["xla", "chunked", "einsum"])
 def test_heads_major_keys_give_the_same_attention(implementation, layout, monkeypatch):
     """Keys and values (B, H, S, dh), or (`bhds`, cross-attention's cache on a CPU) keys
-    (B, H, dh, S): every path gives the sequence-major layout's attention."""
+    (B, H, dh, S), or (`bhdv`, decoding caches on a GPU) values (B, H, dh, S): every path gives
+    the sequence-major layout's attention, and `seq_axis` finds each one's sequence."""
     monkeypatch.setattr(fk, "CHUNK", 4)
     q, k, v = inputs(7, 10, seed=4)
     expected, lse = reference(q, k, v, causal=True, prefix=3)
     keys = k.transpose(0, 2, 3, 1) if layout == "bhds" else k.transpose(0, 2, 1, 3)
-    heads_major = [jnp.asarray(x, jnp.float32) for x in (keys, v.transpose(0, 2, 1, 3))]
+    values = v.transpose(0, 2, 3, 1) if layout == "bhdv" else v.transpose(0, 2, 1, 3)
+    heads_major = [jnp.asarray(x, jnp.float32) for x in (keys, values)]
+    assert keys.shape[fk.seq_axis(layout)] == values.shape[fk.seq_axis(layout, values=True)] == 10
     for x, stored in zip((k, v), heads_major, strict=True):
         np.testing.assert_array_equal(fk.to_layout(jnp.asarray(x, jnp.float32), layout, keys=x is k), stored)
     y, got_lse = fk.attend(jnp.asarray(q, jnp.float32), *heads_major, fk.Mask(causal=True, prefix=3), scale=0.5,

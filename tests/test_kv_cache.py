@@ -72,27 +72,33 @@ def test_unrolled_decoder_layers_decode_as_the_scan(preset):
 
 @pytest.mark.parametrize("preset", ["whisper", "integrated"])
 def test_the_accelerators_cache_layout_decodes_as_this_cpus(preset, monkeypatch):
-    """GPUs and TPUs keep keys, values and caches sequence-major, `(B, S, H, dh)` (`kv_layout()`),
-    cross-attention's keys included: on this CPU, in that layout, incremental decoding gives the
-    logits of the CPU layout's full forward (integrated: memory slots, dynamic convolution and the
-    hybrid band in the cache too)."""
+    """GPUs and TPUs keep keys and values sequence-major, `(B, S, H, dh)` (`kv_layout()`), and
+    their KV caches heads-major with each head's values transposed (`cache_layout()`: keys `(B, H,
+    S, dh)`, values `(B, H, dh, S)`), cross-attention's included: on this CPU, in those layouts,
+    incremental decoding gives the logits of the CPU layout's full forward (integrated: memory
+    slots, dynamic convolution and the hybrid band in the cache too)."""
+    from flax_whisper import kernel
+
     config = tiny_config(preset)
     _, f = make_pair(config, seed=4)
     mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
     reference = f(mel, tokens)  # heads-major, this CPU's layout
 
     use_kv_layout(monkeypatch, "bshd")
+    assert kernel.cache_layout() == kernel.cross_kv_layout() == "bhdv"
     decode = nnx.jit(lambda model, tokens, xa, cache: model.decoder(tokens, xa, cache))
     xa = f.encoder(mel)
     cache, start, steps = f.decoder.init_cache(xa), 0, []
     heads, width = config.n_text_head, config.n_text_state // config.n_text_head
     buffers = [
-        (jax.tree_util.keystr(path), leaf.shape)
+        (jax.tree_util.keystr(path), path[-1].key, leaf.shape)
         for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
-        if path[-1].key in ("k", "v") and leaf.ndim == 5  # (layers, B, S, H, dh)
+        if path[-1].key in ("k", "v") and leaf.ndim == 5  # (layers, B, ...)
     ]
-    assert any("cross_attn" in name for name, _ in buffers) and any("'attn'" in name for name, _ in buffers)
-    assert all(shape[1:] == (2, shape[2], heads, width) for _, shape in buffers), buffers
+    assert any("cross_attn" in name for name, *_ in buffers) and any("'attn'" in name for name, *_ in buffers)
+    for name, key, shape in buffers:
+        length = shape[3] if key == "k" else shape[4]
+        assert shape[1:] == ((2, heads, length, width) if key == "k" else (2, heads, width, length)), name
     for n in CHUNKS:
         logits, cache = decode(f, tokens[:, start : start + n], xa, cache)
         steps.append(logits)
@@ -166,3 +172,49 @@ def test_a_jitted_loop_past_the_cache_gives_nan_logits_not_clamped_writes(pair, 
         logits, cache = step(f, jnp.asarray(tokens[:, i : i + 1]), cache)
         finite.append(bool(jnp.isfinite(logits).all()))
     assert finite == [True, True, True, False, False]
+
+
+@pytest.mark.parametrize("preset", ["whisper", "integrated"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["this_cpu", "gpu_kernels"])
+def test_the_decoding_copy_gives_the_decoders_logits(preset, transposed, monkeypatch):
+    """`TextDecoder.for_decoding` (what every decoding loop runs): every product's weights cast
+    once to the compute dtype and, as on a GPU (`gpu_kernels`, forced here, with the GPU's
+    sequence-major caches), each `Linear`'s kernel laid out `(out, in)`: the original decoder's
+    incremental logits, float32 and bfloat16 (integrated: the mechanisms' own products), while the
+    original keeps its float32 `(in, out)` weights."""
+    from flax_whisper import layers
+    from flax_whisper.layers import Embedding, Linear
+
+    config = tiny_config(preset)
+    _, f = make_pair(config, seed=4)
+    mel, tokens = random_batch(config, 2, 30, sum(CHUNKS), seed=5)
+    if transposed:
+        use_kv_layout(monkeypatch, "bshd")
+        monkeypatch.setattr(layers, "transposes_decoding_kernels", lambda: True)
+
+    def incremental(decoder, layers_, xa):
+        cache, start, steps = decoder.init_cache(xa, sum(CHUNKS), layers_), 0, []
+        for n in CHUNKS:
+            logits, cache = decoder(tokens[:, start : start + n], xa, cache, layers=layers_)
+            steps.append(np.asarray(logits, np.float32))
+            start += n
+        return np.concatenate(steps, 1)
+
+    for dtype, tolerance in ((jnp.float32, 1e-6), (jnp.bfloat16, 0.0)):
+        xa = f.encoder(jnp.asarray(mel, dtype))
+        expected = incremental(f.decoder, f.decoder.layers(), xa)
+        copy, copied_layers = f.decoder.for_decoding(dtype)
+        linears = [m for module in (copy, *copied_layers) for _, m in module.iter_modules() if isinstance(m, Linear)]
+        assert len(linears) >= 3 * 10  # the stack's and each layer's: four per attention, two in the MLP
+        for m in linears:
+            assert m.transposed == transposed and m.kernel.dtype == dtype
+        table = next(m for _, m in copy.iter_modules() if isinstance(m, Embedding))
+        assert (table.output is None) == (dtype == jnp.float32)
+        got = incremental(copy, copied_layers, xa)
+        if transposed or dtype == jnp.float32:  # products in another layout: float32 rounding apart
+            np.testing.assert_allclose(got, expected, rtol=0, atol=max(tolerance, 1e-5 * np.abs(expected).max()))
+        else:  # the same products of the same values
+            np.testing.assert_array_equal(got, expected)
+    for _, m in f.decoder.iter_modules():
+        if isinstance(m, Linear):
+            assert not m.transposed and m.kernel.dtype == jnp.float32 and m.kernel.shape[-1] == m.out_features

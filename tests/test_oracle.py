@@ -173,10 +173,10 @@ def test_a_wrong_mechanism_fails_the_oracle(monkeypatch):
         finally:
             attn.content_bias = bias
 
-    def keys_with_bias(x, positions=None):
-        k, v = original_keys(x, positions)
+    def keys_with_bias(x, positions=None, layout=None):
+        k, v = original_keys(x, positions, layout)
         u = attn.content_bias[...]  # (H, dh), onto heads-major or sequence-major keys alike
-        shift = u[:, None, :] if flax_whisper.kernel.kv_layout() == "bhsd" else u[None, :, :]
+        shift = u[:, None, :] if (layout or flax_whisper.kernel.kv_layout()) == "bhsd" else u[None, :, :]
         return k + shift.astype(k.dtype), v
 
     monkeypatch.setattr(attn, "queries", queries_without_bias)
