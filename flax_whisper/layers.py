@@ -150,6 +150,34 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     return _cpu_add_bias(y, bias) if jax.default_backend() == "cpu" else y + bias.astype(y.dtype)
 
 
+def add_positions(x: jax.Array, rows: jax.Array) -> jax.Array:
+    """x (B, T, d) + rows (T, d) cast to x's dtype: what autodiff computes; off a CPU through
+    `_add_rows`, whose rows' gradient, the cotangent summed over the batch, is its product with a
+    vector of ones. Given that sum as a reduction, XLA's GPU compiler laid the decoder's whole
+    residual stream out batch-minor to make it a row reduction, with a transpose on both sides of
+    every product and norm (the `small` step at batch 32 in XLA's program for an H200: 197
+    transposes, 7.1 GB written; none with the product, one matrix-vector kernel)."""
+    rows = rows.astype(x.dtype)
+    return x + rows if jax.default_backend() == "cpu" else _add_rows(x, rows)
+
+
+@jax.custom_vjp
+def _add_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
+    return x + rows
+
+
+def _add_rows_forward(x: jax.Array, rows: jax.Array):
+    return x + rows, None
+
+
+def _add_rows_backward(_, grad: jax.Array):
+    ones = jnp.ones(grad.shape[:1], grad.dtype)
+    return grad, jnp.einsum("b,btd->td", ones, grad, preferred_element_type=jnp.float32).astype(grad.dtype)
+
+
+_add_rows.defvjp(_add_rows_forward, _add_rows_backward)
+
+
 @jax.custom_vjp
 def _cpu_add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     """`y + bias` whose bias gradient sums the cotangent over y's leading axes in float32 (in

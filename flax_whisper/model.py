@@ -21,6 +21,7 @@ from flax_whisper.layers import (
     LOGITS,
     Conv1d,
     Embedding,
+    add_positions,
     constrain,
     cpu_fusion_fence,
     gelu,
@@ -77,7 +78,7 @@ class AudioEncoder(nnx.Module):
         x = gelu(self.conv2(x))  # (B, T, d)
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
-            x = x + lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions).astype(x.dtype)
+            x = add_positions(x, lookup_positions(table, 0, n_ctx, "audio", self.normalize_positions))
         unroll = self.config.unrolls(self.config.n_audio_layer)
         x, _ = run_stack(self.blocks, constrain(self.dropout(x), ACTIVATION), unroll=unroll)
         return self.ln_post(cpu_fusion_fence(x))
@@ -178,7 +179,7 @@ class TextDecoder(nnx.Module):
         x = self.token_embedding(tokens)  # (B, T, d)
         if self.positional_embedding is not None:
             table = self.positional_embedding[...]
-            x = x + lookup_positions(table, offset, length, "tokens", self.normalize_positions)
+            x = add_positions(x, lookup_positions(table, offset, length, "tokens", self.normalize_positions))
         return constrain(self.dropout(x.astype(dtype)), ACTIVATION)
 
     def unembed(self, x: jax.Array, padded_vocab: bool = False) -> jax.Array:

@@ -49,7 +49,11 @@ def test_loss_falls_on_a_fixed_batch(settings):
     assert step._cache_size() == 1  # one compile for all 40 steps
 
 
-def test_a_non_finite_step_changes_nothing_but_the_counters():
+@pytest.mark.parametrize("branch", [True, False], ids=["branch_as_on_a_cpu", "select_as_on_a_gpu"])
+def test_a_non_finite_step_changes_nothing_but_the_counters(branch, monkeypatch):
+    import train.step
+
+    monkeypatch.setattr(train.step, "skips_by_branch", lambda: branch)
     config = TrainConfig(warmup_steps=0)
     model_config = tiny_config()
     state, step = step_function(config, model_config)
@@ -62,6 +66,9 @@ def test_a_non_finite_step_changes_nothing_but_the_counters():
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True))
     state, metrics = step(state, {"mel": jnp.asarray(np.nan_to_num(mel)), "labels": jnp.asarray(labels)})
     assert bool(metrics["finite"]) and int(state.bad_streak) == 0 and int(state.worst_streak) == 1
+    updated = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(updated), strict=True)]
+    assert sum(changed) > len(changed) // 2  # the finite step applied its update
 
 
 def test_the_logged_learning_rate_is_the_applied_one_after_skipped_steps():
@@ -330,6 +337,27 @@ def test_add_bias_sums_the_bias_gradient_in_float32(dtype, bias_shape):
     np.testing.assert_array_equal(np.asarray(grad_y), np.asarray(cotangent))
     exact = np.asarray(cotangent.astype(jnp.float32), np.float64).sum(axis=(0, 1))
     np.testing.assert_allclose(np.asarray(grad_bias), exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_position_rows_gradient_is_the_batch_sum(dtype):
+    """`layers._add_rows` (what `add_positions` runs off a CPU): x + rows; x's gradient passes
+    through, the rows' is the cotangent summed over the batch (as a product with ones, accumulated
+    in float32), the value and both gradients of autodiff's broadcast add to float32 rounding."""
+    from flax_whisper.layers import _add_rows
+
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(rng.standard_normal((5, 7, 16)), dtype)
+    rows = jnp.asarray(rng.standard_normal((7, 16)), dtype)
+    cotangent = jnp.asarray(rng.standard_normal((5, 7, 16)), dtype)
+    out, pullback = jax.vjp(_add_rows, x, rows)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(x + rows, np.float32))
+    grad_x, grad_rows = pullback(cotangent)
+    assert grad_x.dtype == dtype and grad_rows.dtype == dtype and grad_rows.shape == rows.shape
+    np.testing.assert_array_equal(np.asarray(grad_x, np.float32), np.asarray(cotangent, np.float32))
+    exact = np.asarray(cotangent, np.float64).sum(axis=0)
+    rtol = 1e-2 if dtype == jnp.bfloat16 else 1e-6
+    np.testing.assert_allclose(np.asarray(grad_rows, np.float64), exact, rtol=rtol, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="how XLA:CPU reduces bfloat16")
