@@ -237,7 +237,7 @@ def prepare_products(module: nnx.Module, dtype: jnp.dtype) -> None:
     (`Embedding.prepare_output`). The same products, without a cast of every weight at every step
     (on a GPU, a kernel per weight and step at batch 32)."""
     transpose = transposes_decoding_kernels()
-    for _, child in list(module.iter_modules()):
+    for _, child in list(nnx.iter_modules(module)):
         if isinstance(child, Embedding):
             child.prepare_output(dtype)
         if not isinstance(child, Linear) or (child.kernel.dtype == dtype and not transpose):

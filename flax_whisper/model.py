@@ -203,11 +203,18 @@ class TextDecoder(nnx.Module):
         """(a copy of this decoder, its `layers()` with `decode_unroll`, else None), made once
         before a decoding loop: its products' weights cast to the compute `dtype` (the encoder
         output's) and laid out for one-token steps (`prepare_products`). The same logits as this
-        decoder's, without casting every weight again at every step."""
+        decoder's, without casting every weight again at every step. With `decode_unroll`, only the
+        layers' copies are prepared: the copy's stack, which their steps do not read, keeps this
+        decoder's arrays (no second copy of every weight in the loop)."""
         graph, state = nnx.split(self)
         decoder = nnx.merge(graph, state)
-        prepare_products(decoder, dtype)
-        return decoder, (decoder.layers() if self.config.decode_unroll else None)
+        if not self.config.decode_unroll:
+            prepare_products(decoder, dtype)
+            return decoder, None
+        layers = decoder.layers()
+        for part in (decoder.token_embedding, *layers):
+            prepare_products(part, dtype)
+        return decoder, layers
 
     def init_cache(
         self, xa: jax.Array, max_length: int | None = None, layers: Sequence[ResidualAttentionBlock] | None = None
