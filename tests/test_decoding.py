@@ -311,7 +311,10 @@ def test_rows_of_different_prompt_lengths_decode_together_as_each_alone(decoding
         alone = decode(mels[r : r + 1], batch[r : r + 1], options, n)
         got = text_tokens(np.asarray(together[0])[r : r + 1], n, tokenizer.eot)
         assert got == text_tokens(np.asarray(alone[0]), n, tokenizer.eot) and len(got[0]) > 0
-        np.testing.assert_allclose(np.asarray(together[1])[r], np.asarray(alone[1])[0], rtol=1e-5, atol=1e-5)
+        # A sum of 8 float32 log-probabilities over a 51,865-row vocabulary, from products of
+        # another batch shape (3 rows, or 9 beams, against 1 or 3), which BLAS blocks and so rounds
+        # differently: torch's beam search came 4.4e-5 apart (5.6e-5 relative) on one CI machine.
+        np.testing.assert_allclose(np.asarray(together[1])[r], np.asarray(alone[1])[0], rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(together[2])[r], np.asarray(alone[2])[0], rtol=1e-5, atol=1e-8)
     with pytest.raises(InputError, match="one per row"):
         decode(mels, batch, options, lengths[:2])
