@@ -12,7 +12,10 @@
 #   tests       python -m pytest -m gpu (cuDNN against the float32 XLA path)
 #   mechanisms  the training step of every mechanism, unrolled, flax alone
 #   flags       XLA flag candidates, flax alone: CUDA graphs over the decoding loop (command buffers
-#               with WHILE and CONDITIONAL), and dynamic-slice fusion in the scanned training step
+#               with WHILE and CONDITIONAL), dynamic-slice fusion in the scanned training step, and
+#               the unrolled step's products all given to cuBLAS (the deviceless program, read with
+#               bench/gpu_program.py, adds biases in cuBLAS's epilogue, where Triton's GEMM fusions
+#               take a bias only when it is a parameter of the program, never a layer's slice)
 #   profile     flax alone: the longest XLA operations of one decoding call at batch 1 and 32 and of
 #               the training step (traces under TRACE_DIR, default /tmp/gpu-traces: too large to
 #               bring back); a loop-invariant copy shows as a copy or transpose run once per token
@@ -106,6 +109,8 @@ for s in ${STAGES//,/ }; do
         stage flags $PY bench/inference.py "${SMALL[@]}" --batch 1 --new-tokens 128 --no-hf --no-openai --check-every 1
       XLA_FLAGS="--xla_gpu_enable_dynamic_slice_fusion=true" \
         stage flags $PY bench/train_step.py "${SMALL[@]}" --batch 32 --tokens 448 --mechanisms mha --layers scan --no-torch
+      XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
+        stage flags $PY bench/train_step.py "${SMALL[@]}" --batch 32 --tokens 448 --mechanisms mha --layers unrolled --no-torch
       ;;
     profile)
       for batch in 1 32; do

@@ -11,7 +11,8 @@ traces. XLA does not autotune without the device: products take its default tili
 choices may differ on the device); fusion, layouts, copies and the decoding loop's body are the
 device's.
 
-For each program (`train`: the bfloat16 training step at batch 32, 448 tokens, layers unrolled;
+For each program (`train`: the bfloat16 training step at batch 32, 448 tokens, layers unrolled or,
+with `--layers scan`, under the layer scan (the while loop's body counted once);
 `decodeN`: greedy decoding at batch N, 128 new tokens, bfloat16), prints the kernels launched
 (the step's, its update's branch included; for decoding, the body of the loop run once per token)
 and the bytes they write (an in-place update: the slice it writes), by kind, the largest first:
@@ -76,8 +77,9 @@ def update_size(body: list[str]) -> int | None:
 
 
 def kernels(comps: dict[str, list[str]], name: str) -> list[tuple[str, int]]:
-    """(kind, bytes written) of each launch among a computation's top-level instructions, and
-    those of each conditional's true branch (the training step's update)."""
+    """(kind, bytes written) of each launch among a computation's top-level instructions, those
+    of each conditional's true branch (the training step's update) and, as many times as it runs,
+    each loop's body with a known trip count (the layer scan's)."""
     found = []
     for line in comps[name]:
         match = re.match(r"(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\(", line)
@@ -87,6 +89,8 @@ def kernels(comps: dict[str, list[str]], name: str) -> list[tuple[str, int]]:
         if op in CONTROL:
             branch = re.search(r"true_computation=%([\w.\-]+)", line)
             found += kernels(comps, branch.group(1)) if op == "conditional" and branch else []
+            body, trips = re.search(r"body=%([\w.\-]+)", line), re.search(r'known_trip_count":\{"n":"(\d+)"', line)
+            found += kernels(comps, body.group(1)) * int(trips.group(1)) if op == "while" and trips else []
             continue
         if op == "custom-call":
             kind = "custom-call " + re.search(r'custom_call_target="([^"]*)"', line).group(1)
@@ -122,6 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--programs", default="train,decode1,decode32")
     parser.add_argument("--size", default="small")
+    parser.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled", help="the training step's layers")
     parser.add_argument("--target", type=Path, default=TARGET, help="the GPU described (an XLA GpuTargetConfig)")
     parser.add_argument("--dump", type=Path, help="write each compiled program's text here")
     parser.add_argument("--read", type=Path, help="report the programs a --dump wrote there, compiling nothing")
@@ -150,7 +155,7 @@ def main() -> None:
 
     for name in args.programs.split(","):
         if name == "train":
-            text = train_program(args.size, abstract)
+            text = train_program(args.size, abstract, unrolled=args.layers == "unrolled")
         elif name.startswith("decode"):
             text = decode_program(args.size, int(name[len("decode") :]), abstract)
         else:
@@ -161,12 +166,12 @@ def main() -> None:
         report(name, text, loop=name != "train")
 
 
-def train_program(size: str, abstract) -> str:
+def train_program(size: str, abstract, unrolled: bool = True) -> str:
     from steps import abstract_train_step
 
     from train.config import TrainConfig
 
-    model = {"encoder_attention": "mha", "decoder_attention": "mha", "unroll_layers": True}
+    model = {"encoder_attention": "mha", "decoder_attention": "mha", "unroll_layers": unrolled}
     config = TrainConfig(preset="whisper", size=size, precision="bfloat16", time_masks=0, freq_masks=0, model=model)
     step, state, shapes = abstract_train_step(config, 32, 3000, 448)
     return step.trace(abstract(state), abstract(shapes)).lower().compile().as_text()

@@ -440,15 +440,20 @@ def test_token_nll_is_the_log_softmax_and_keeps_no_logits(dtype):
     assert [a.shape for a in saved] == [x.shape, table.shape, labels.shape, labels.shape]
 
 
+@pytest.mark.parametrize("backend", ["cpu", "gpu"], ids=["as_on_a_cpu", "barrier_as_on_a_gpu"])
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "group_rms"])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm, dtype):
+def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm, dtype, backend, monkeypatch):
     """The norms' custom backward pass (`normalize`) against autodiff of the textbook formulas
     computed in float32 (x upcast, the result cast back to x's dtype), with a scale and bias far
     from 1 and 0: values and the gradients of x, scale and bias to float32
     rounding (bfloat16 x: its gradient within bfloat16's rounding), dtypes kept; what the
-    forward saves is x in its own dtype and float32 statistics per row (and group)."""
+    forward saves is x in its own dtype and float32 statistics per row (and group). Also as traced
+    for a GPU, where the saved statistics pass an optimisation barrier."""
+    from flax_whisper import layers
     from flax_whisper.layers import _normalize_forward, normalize
+
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: backend)
 
     rng = np.random.default_rng(1)
     d, groups = 16, {"layernorm": 1, "rmsnorm": 1, "group_rms": 4}[norm]
