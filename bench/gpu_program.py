@@ -76,10 +76,10 @@ def update_size(body: list[str]) -> int | None:
     return written(update.split(" = ", 1)[1].split(" ")[0])
 
 
-def kernels(comps: dict[str, list[str]], name: str) -> list[tuple[str, int]]:
+def kernels(comps: dict[str, list[str]], name: str, loops: bool = True) -> list[tuple[str, int]]:
     """(kind, bytes written) of each launch among a computation's top-level instructions, those
-    of each conditional's true branch (the training step's update) and, as many times as it runs,
-    each loop's body with a known trip count (the layer scan's)."""
+    of each conditional's true branch (the training step's update) and, with `loops`, as many
+    times as it runs, each loop's body with a known trip count (the layer scan's)."""
     found = []
     for line in comps[name]:
         match = re.match(r"(?:ROOT )?%([\w.\-]+) = (.*?) ([\w\-]+)\(", line)
@@ -88,9 +88,9 @@ def kernels(comps: dict[str, list[str]], name: str) -> list[tuple[str, int]]:
         instruction, shape, op = match.groups()
         if op in CONTROL:
             branch = re.search(r"true_computation=%([\w.\-]+)", line)
-            found += kernels(comps, branch.group(1)) if op == "conditional" and branch else []
+            found += kernels(comps, branch.group(1), loops) if op == "conditional" and branch else []
             body, trips = re.search(r"body=%([\w.\-]+)", line), re.search(r'known_trip_count":\{"n":"(\d+)"', line)
-            found += kernels(comps, body.group(1)) * int(trips.group(1)) if op == "while" and trips else []
+            found += kernels(comps, body.group(1)) * int(trips.group(1)) if loops and op == "while" and trips else []
             continue
         if op == "custom-call":
             kind = "custom-call " + re.search(r'custom_call_target="([^"]*)"', line).group(1)
@@ -106,9 +106,9 @@ def report(name: str, text: str, loop: bool) -> None:
     comps = computations(text)
     entry = re.search(r"^ENTRY %([\w.\-]+)", text, re.M).group(1)
     where = entry
-    if loop:  # the body of the loop run once per token: the while body launching the most
+    if loop:  # the body of the loop run once per token: the while body launching the most itself
         bodies = {m for lines in comps.values() for line in lines for m in re.findall(r"body=%([\w.\-]+)", line)}
-        where = max(bodies, key=lambda body: len(kernels(comps, body)))
+        where = max(bodies, key=lambda body: len(kernels(comps, body, loops=False)))
     launched = kernels(comps, where)
     by_kind, count = collections.Counter(), collections.Counter()
     for kind, size in launched:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -344,6 +345,16 @@ def normalize(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float
 
 
 def _normalize_forward(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: float, groups: int, center: bool):
+    if jax.default_backend() != "cpu" and math.prod(x.shape[:-1]) == 1:
+        # One row (decoding at batch 1): XLA's GPU normalisation fusion takes two rows or more,
+        # and one row's reductions became scalar ones, a kernel each; a second row of zeros,
+        # dropped after, makes the statistics and the normalisation one fusion.
+        y, (_, _, _, mean, rstd) = _normalize_forward(
+            jnp.pad(x.reshape(1, -1), ((0, 1), (0, 0))), scale, bias, eps, groups, center
+        )
+        stats = (*x.shape[:-1], groups, 1)
+        mean = None if mean is None else mean[:1].reshape(stats)
+        return y[:1].reshape(x.shape), (x, scale, bias, mean, rstd[:1].reshape(stats))
     grouped, mean, rstd = _statistics(x, eps, groups, center)
     normalized = (grouped if mean is None else grouped - mean) * rstd
     y = normalized.reshape(x.shape) * scale

@@ -500,6 +500,37 @@ def test_norms_hand_written_backward_is_autodiffs_and_keeps_no_float32_copy(norm
     assert all(a.dtype == jnp.float32 and a.size <= 2 * 5 * max(d, groups) for a in rest)  # scale, bias, statistics
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "group_rms"])
+def test_a_one_row_norm_traced_for_a_gpu_is_the_same_norm(norm, monkeypatch):
+    """Off a CPU, a norm of one row (decoding at batch 1) runs over that row and a row of zeros
+    (XLA's GPU normalisation fusion takes two rows or more): its values, its gradients and what
+    it saves for the backward pass are those of the row alone, as a CPU computes them."""
+    from flax_whisper import layers
+    from flax_whisper.layers import _normalize_forward, normalize
+
+    rng = np.random.default_rng(2)
+    d, groups, center = 16, {"layernorm": 1, "rmsnorm": 1, "group_rms": 4}[norm], norm == "layernorm"
+    x = jnp.asarray(rng.standard_normal((1, 1, d)) * 3 + 1, jnp.float32)
+    scale = jnp.asarray(rng.standard_normal(d) + 1, jnp.float32)
+    bias = None if norm == "rmsnorm" else jnp.asarray(rng.standard_normal(d), jnp.float32)
+    weights = jnp.asarray(rng.standard_normal((1, 1, d)), jnp.float32)
+
+    def run(backend):
+        monkeypatch.setattr(layers.jax, "default_backend", lambda: backend)
+        value = normalize(x, scale, bias, 1e-5, groups, center)
+        loss = lambda *a: jnp.sum(normalize(*a, 1e-5, groups, center) * weights)  # noqa: E731
+        grads = jax.grad(loss, (0, 1) if bias is None else (0, 1, 2))(x, scale, bias)
+        return value, grads, _normalize_forward(x, scale, bias, 1e-5, groups, center)[1]
+
+    (value, grads, saved), (want, want_grads, want_saved) = run("gpu"), run("cpu")
+    np.testing.assert_allclose(value, want, rtol=1e-6, atol=1e-6)
+    for got, expected in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    assert [None if a is None else a.shape for a in saved] == [None if a is None else a.shape for a in want_saved]
+    for got, expected in zip(jax.tree.leaves(saved), jax.tree.leaves(want_saved), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_gelu_backward_is_the_exact_derivative_and_keeps_only_its_input(dtype):
     """GELU's hand-written backward against autodiff of x * Phi(x) (the normal CDF from erf) in
