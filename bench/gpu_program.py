@@ -11,8 +11,9 @@ traces. XLA does not autotune without the device: products take its default tili
 choices may differ on the device); fusion, layouts, copies and the decoding loop's body are the
 device's.
 
-For each program (`train`: the bfloat16 training step at batch 32, 448 tokens, layers unrolled or,
-with `--layers scan`, under the layer scan (the while loop's body counted once);
+For each program (`train`: the bfloat16 training step at batch 32, 448 tokens, `--mechanism` (default
+`mha`) on both sides, layers unrolled or, with `--layers scan`, under the layer scan (each loop
+body counted as many times as it runs);
 `decodeN`: greedy decoding at batch N, 128 new tokens, bfloat16), prints the kernels launched
 (the step's, its update's branch included; for decoding, the body of the loop run once per token)
 and the bytes they write (an in-place update: the slice it writes), by kind, the largest first:
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--programs", default="train,decode1,decode32")
     parser.add_argument("--size", default="small")
     parser.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled", help="the training step's layers")
+    parser.add_argument("--mechanism", default="mha", help="the training step's attention, both sides")
     parser.add_argument("--target", type=Path, default=TARGET, help="the GPU described (an XLA GpuTargetConfig)")
     parser.add_argument("--dump", type=Path, help="write each compiled program's text here")
     parser.add_argument("--read", type=Path, help="report the programs a --dump wrote there, compiling nothing")
@@ -155,7 +157,7 @@ def main() -> None:
 
     for name in args.programs.split(","):
         if name == "train":
-            text = train_program(args.size, abstract, unrolled=args.layers == "unrolled")
+            text = train_program(args.size, abstract, args.layers == "unrolled", args.mechanism)
         elif name.startswith("decode"):
             text = decode_program(args.size, int(name[len("decode") :]), abstract)
         else:
@@ -166,12 +168,12 @@ def main() -> None:
         report(name, text, loop=name != "train")
 
 
-def train_program(size: str, abstract, unrolled: bool = True) -> str:
+def train_program(size: str, abstract, unrolled: bool = True, mechanism: str = "mha") -> str:
     from steps import abstract_train_step
 
     from train.config import TrainConfig
 
-    model = {"encoder_attention": "mha", "decoder_attention": "mha", "unroll_layers": unrolled}
+    model = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unrolled}
     config = TrainConfig(preset="whisper", size=size, precision="bfloat16", time_masks=0, freq_masks=0, model=model)
     step, state, shapes = abstract_train_step(config, 32, 3000, 448)
     return step.trace(abstract(state), abstract(shapes)).lower().compile().as_text()
