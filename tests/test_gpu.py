@@ -115,3 +115,18 @@ def test_gpu_decoding_checks_for_the_end_every_few_steps_with_the_same_tokens():
     each = decode_with_scores(f, mel, prompts, options, prompt_length=lengths, check_every=1)
     np.testing.assert_array_equal(np.asarray(default[0]), np.asarray(each[0]))
     np.testing.assert_allclose(np.asarray(default[1]), np.asarray(each[1]), rtol=1e-6)
+
+
+def test_decoding_one_row_gives_that_row_of_a_batch():
+    """At batch 1 a decoding step's norms have one row, which the GPU path pads with a row of
+    zeros (`layers._normalize_forward`): greedy decoding of one utterance gives its tokens and
+    sum of log-probabilities in a batch of two (float32 products at full precision)."""
+    config = tiny_config(n_vocab=51865, decoder_start_token_id=None)
+    _, f = make_pair(config)
+    prompt, options = decoding_options(tokenizer_for(config), config, language="en", max_new_tokens=9)
+    mel = np.random.default_rng(1).standard_normal((2, config.n_mels, 32)).astype(np.float32)
+    with jax.default_matmul_precision("highest"):
+        alone = decode_with_scores(f, mel[:1], np.asarray([prompt]), options)
+        both = decode_with_scores(f, mel, np.tile(prompt, (2, 1)), options)
+    np.testing.assert_array_equal(np.asarray(alone[0])[0], np.asarray(both[0])[0])
+    np.testing.assert_allclose(np.asarray(alone[1])[0], np.asarray(both[1])[0], rtol=1e-4, atol=1e-4)
