@@ -30,8 +30,6 @@ import re
 import sys
 from pathlib import Path
 
-os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
-os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax
@@ -140,6 +138,9 @@ def main() -> None:
 
     from jax.experimental import topologies
     from jax.sharding import NamedSharding, PartitionSpec
+
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver to check
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")  # read when the CUDA plugin starts
 
     jax.config.update("jax_platforms", "cpu")  # traced on the CPU, compiled for the topology's GPU
     try:
