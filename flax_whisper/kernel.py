@@ -169,7 +169,8 @@ def _static_zero(offset) -> bool:
     return isinstance(offset, int) and offset == 0
 
 
-def _dropping(dropout: nnx.Dropout | None) -> bool:
+def drops_weights(dropout: nnx.Dropout | None) -> bool:
+    """Whether `dropout` acts on the attention weights (training with a nonzero rate)."""
     return dropout is not None and dropout.rate > 0 and not dropout.deterministic
 
 
@@ -190,7 +191,7 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
     """The path `attend` takes (see the module docstring)."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
-    if _dropping(dropout):
+    if drops_weights(dropout):
         return "einsum"  # the fused kernels have no dropout on the weights
     if implementation == "cudnn":
         if not cudnn_expressible(q, mask, offset):

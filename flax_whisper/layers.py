@@ -215,11 +215,13 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32), axes=axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.product(x)
+        return y if self.bias is None else add_bias(y, self.bias[...])
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """x (..., in) -> x @ kernel (..., out) in x's dtype, without the bias."""
         kernel = self.kernel[...].astype(x.dtype)
-        y = jnp.einsum("...i,oi->...o", x, kernel) if self.transposed else matmul(x, kernel)
-        if self.bias is not None:
-            y = add_bias(y, self.bias[...])
-        return y
+        return jnp.einsum("...i,oi->...o", x, kernel) if self.transposed else matmul(x, kernel)
 
 
 def transposes_decoding_kernels() -> bool:

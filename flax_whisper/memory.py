@@ -41,25 +41,27 @@ class AugmentedMemory(BiasedAttention):
     ) -> tuple[jax.Array, Cache | None]:
         """x (B, T, d) -> (B, T, d), updated cache; in training, also writes `memory_state`
         from the positions `valid` (B, T) marks real (all of them when None)."""
-        m = self.memory.shape[0]
-        q, k, v, cache = self.project_self(x, cache, offset, prefix=m)  # k, v: m + S keys with a cache
+        m, fold = self.memory.shape[0], self.folds_value_bias(cache)
+        q, k, v, cache = self.project_self(x, cache, offset, prefix=m, value_bias=not fold)  # m + S keys with a cache
         axis = k.ndim + seq_axis(kv_layout())
-        slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype)
+        slot_k, slot_v = self.slot_keys_values(x.shape[0], x.dtype, value_bias=not fold)
         if cache is None:
             k, v = jnp.concatenate([slot_k, k], axis=axis), jnp.concatenate([slot_v, v], axis=axis)  # m + S keys
         write = not self.deterministic and self.memory_update
         mask = Mask(causal=causal, prefix=m)
         out = self.attend(q, k, v, mask, offset=offset, return_lse=write, layout=self_layout(cache))
-        y = self.out(merge_heads(out[0] if write else out))
+        y = self.output(merge_heads(out[0] if write else out), value_bias_folded=fold)
         if write:
             self.memory_state[...] = self.written_state(self.slot_weights(q, slot_k, out[1]), y, valid)
         return y, cache
 
-    def slot_keys_values(self, batch: int, dtype, layout: str | None = None) -> tuple[jax.Array, jax.Array]:
+    def slot_keys_values(
+        self, batch: int, dtype, layout: str | None = None, value_bias: bool = True
+    ) -> tuple[jax.Array, jax.Array]:
         """Keys and values of `memory + memory_state` (no position, no rotary): m keys each, in
-        `layout` (by default `kv_layout()`)."""
+        `layout` (by default `kv_layout()`); `value_bias` as `keys_values`."""
         slots = (self.memory[...] + self.memory_state[...]).astype(dtype)[None]  # (1, m, d)
-        k, v = self.keys_values(slots, layout=layout)
+        k, v = self.keys_values(slots, layout=layout, value_bias=value_bias)
         return jnp.broadcast_to(k, (batch, *k.shape[1:])), jnp.broadcast_to(v, (batch, *v.shape[1:]))
 
     def slot_weights(self, q: jax.Array, slot_k: jax.Array, lse: jax.Array) -> jax.Array:

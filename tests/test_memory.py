@@ -49,16 +49,22 @@ def torch_step(model, mel, labels):
     [
         ("rotary_rotary_sinusoidal", "memory", "bhsd"),
         ("rotary_rotary_sinusoidal", "memory", "bshd"),
+        ("rotary_rotary_sinusoidal", "memory", "as_on_a_gpu"),
         pytest.param("integrated", "integrated", "bhsd", marks=pytest.mark.slow),
     ],
 )
 def test_memory_state_after_training_steps(preset, attention, layout, monkeypatch):
     """`layout`: keys and values heads-major as on a CPU (`bhsd`), or sequence-major as on GPUs
-    and TPUs (`bshd`), where the slots' weights read the keys in that layout."""
+    and TPUs (`bshd`), where the slots' weights read the keys in that layout; or the whole model
+    traced as for a GPU (`as_on_a_gpu`), where the values, the slots' too, leave out their bias
+    for the output projection to add (`MultiHeadAttention.folds_value_bias`)."""
     config = tiny_config(
         preset, encoder_attention=attention, decoder_attention=attention, memory_update=True, n_audio_layer=1
     )
-    use_kv_layout(monkeypatch, layout)
+    if layout == "as_on_a_gpu":
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    else:
+        use_kv_layout(monkeypatch, layout)
     step_in_layout = nnx.jit(loss_and_grads)  # traced afresh: the module's flax_step may hold another layout's trace
     t, f = make_pair(config, seed=12)
     t.train()

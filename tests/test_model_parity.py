@@ -1,5 +1,6 @@
 """Whole-model parity: logits (<= 1e-4), loss, and the gradient of the loss w.r.t. every parameter."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -67,8 +68,36 @@ def test_larger_model_logits():
 
 @pytest.mark.parametrize("variant", variant_params(SETTING_COVER), indirect=True)
 def test_gradients_of_every_parameter(variant, variant_pair):
-    config = variant
-    t, f = variant_pair
+    assert_loss_and_gradients_match(variant, *variant_pair)
+
+
+# Main-suite variants of the test below: between them every mechanism (integrated holds memory).
+AS_ON_A_GPU = {"whisper", "hybrid_rotary", "integrated"}
+
+
+@pytest.mark.parametrize("variant", variant_params(AS_ON_A_GPU), indirect=True)
+def test_traced_as_for_a_gpu_gives_the_same_loss_and_gradients(variant, variant_pair, monkeypatch):
+    """Off a CPU the model takes other paths to the same values: keys and values sequence-major,
+    the norms' statistics behind a barrier, the position rows' gradient as a product, XLA's fused
+    attention, and the value projection's bias added after attention through the output
+    projection's (`MultiHeadAttention.folds_value_bias`). Traced as for a GPU on this CPU, in
+    float32, the loss and every parameter's gradient are torch_ref's, and the value bias was
+    folded."""
+    from flax_whisper.attention import MultiHeadAttention
+
+    folded = []
+    folds = MultiHeadAttention.folds_value_bias
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(
+        MultiHeadAttention, "folds_value_bias", lambda self, cache: folded.append(folds(self, cache)) or folded[-1]
+    )
+    assert_loss_and_gradients_match(variant, *variant_pair)
+    assert any(folded)
+
+
+def assert_loss_and_gradients_match(config, t, f):
+    """The loss of a batch with padded labels and the gradient of every parameter, torch_ref's
+    against flax_whisper's (traced afresh, so under whatever the test has patched)."""
     mel, labels = random_batch(config, 2, 24, 10, seed=1)
     labels[1, 6:] = -100  # padding is ignored by the loss
     loss_t = t.loss(torch.from_numpy(mel), torch.from_numpy(labels))
