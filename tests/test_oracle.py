@@ -173,8 +173,8 @@ def test_a_wrong_mechanism_fails_the_oracle(monkeypatch):
         finally:
             attn.content_bias = bias
 
-    def keys_with_bias(x, positions=None, layout=None):
-        k, v = original_keys(x, positions, layout)
+    def keys_with_bias(x, positions=None, layout=None, value_bias=True):
+        k, v = original_keys(x, positions, layout, value_bias)
         u = attn.content_bias[...]  # (H, dh), onto heads-major or sequence-major keys alike
         shift = u[:, None, :] if (layout or flax_whisper.kernel.kv_layout()) == "bhsd" else u[None, :, :]
         return k + shift.astype(k.dtype), v
