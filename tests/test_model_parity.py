@@ -85,12 +85,14 @@ def test_traced_as_for_a_gpu_gives_the_same_loss_and_gradients(variant, variant_
     folded."""
     from flax_whisper.attention import MultiHeadAttention
 
-    folded = []
-    folds = MultiHeadAttention.folds_value_bias
+    folded, folds = [], MultiHeadAttention.folds_value_bias
+
+    def recorded(self, cache):  # folds_value_bias, each answer kept
+        folded.append(folds(self, cache))
+        return folded[-1]
+
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    monkeypatch.setattr(
-        MultiHeadAttention, "folds_value_bias", lambda self, cache: folded.append(folds(self, cache)) or folded[-1]
-    )
+    monkeypatch.setattr(MultiHeadAttention, "folds_value_bias", recorded)
     assert_loss_and_gradients_match(variant, *variant_pair)
     assert any(folded)
 
