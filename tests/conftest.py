@@ -20,7 +20,7 @@ from whisper_io import huge_pages
 # Tests compile many tiny programs, and two settings of XLA's CPU backend make that much faster:
 # LLVM's optimisation level 0 (fast-math stays off either way), and XLA's elemental code generator
 # in place of its newer fusion emitters (`--xla_cpu_use_fusion_emitters=false`: XLA's compile
-# time about 2.3x shorter, the main suite 1,068 s -> 694 s on 2 cores). Element-wise results can
+# time about 2.3x shorter, the main suite 720 s -> 469 s on 2 cores). Element-wise results can
 # differ from a default compilation in their last bits (measured: tanh up to 7 ulp, GELU 3,
 # rsqrt and log1p 1; exp, log, erf, softmax and logsumexp bit for bit), far inside every
 # tolerance; a test comparing two JAX programs compiles both alike. Set before jax is imported,
