@@ -223,6 +223,16 @@ class Linear(nnx.Module):
         kernel = self.kernel[...].astype(x.dtype)
         return jnp.einsum("...i,oi->...o", x, kernel) if self.transposed else matmul(x, kernel)
 
+    def product_of_heads(self, x: jax.Array) -> jax.Array:
+        """x (..., H, dh), the input's features split in heads (in = H dh) -> the product of the
+        merged heads, x (..., in) @ kernel (..., out), in x's dtype, without the bias: the heads
+        contracted where they lie, against the kernel viewed `(H, dh, out)` (or `(out, H, dh)`)."""
+        kernel = self.kernel[...].astype(x.dtype)
+        heads, width = x.shape[-2:]
+        if self.transposed:
+            return jnp.einsum("...hd,ohd->...o", x, kernel.reshape(-1, heads, width))
+        return jnp.einsum("...hd,hdo->...o", x, kernel.reshape(heads, width, -1))
+
 
 def transposes_decoding_kernels() -> bool:
     """Whether a decoding copy holds its kernels `(out, in)` (`prepare_products`): on a GPU. A

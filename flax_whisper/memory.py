@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flax_whisper.attention import Cache, merge_heads, self_layout
+from flax_whisper.attention import Cache, self_layout
 from flax_whisper.biased import BiasedAttention
 from flax_whisper.kernel import Mask, cache_layout, kv_layout, scores, seq_axis
 from flax_whisper.layers import Buffer
@@ -50,7 +50,7 @@ class AugmentedMemory(BiasedAttention):
         write = not self.deterministic and self.memory_update
         mask = Mask(causal=causal, prefix=m)
         out = self.attend(q, k, v, mask, offset=offset, return_lse=write, layout=self_layout(cache))
-        y = self.output(merge_heads(out[0] if write else out), value_bias_folded=fold)
+        y = self.output(out[0] if write else out, value_bias_folded=fold)
         if write:
             self.memory_state[...] = self.written_state(self.slot_weights(q, slot_k, out[1]), y, valid)
         return y, cache

@@ -6,8 +6,10 @@ the conversion table puts every tensor where the Flax module reads it. Modules: 
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 from conftest import assert_close
 from flax import nnx
@@ -104,6 +106,26 @@ def test_attention_self_causal_and_cross(pair, config, shape, n_audio):
     assert_close(run_flax(dec_f, x, causal=True), run_torch(dec_t, x, causal=True), ATOL, "causal")
     cross_t, cross_f = t.decoder.blocks[0].cross_attn, layer(f.decoder.blocks, 0).cross_attn
     assert_close(run_flax(cross_f, x, xa), run_torch(cross_t, x, xa), ATOL, "cross")
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["kernel_in_out", "decoding_copy_out_in"])
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_the_output_projection_takes_the_heads_as_attention_leaves_them(pair, config, backend, transposed, monkeypatch):
+    """`MultiHeadAttention.output` takes `attend`'s (B, T, H, dh): on a CPU it merges the heads
+    for its product; traced as for a GPU it contracts them where they lie, with the kernel `(in,
+    out)` or, as a GPU's decoding copy holds it (`prepare_products`), `(out, in)`. Either way,
+    torch's output projection of the merged heads."""
+    from flax_whisper import layers
+
+    t, f = pair
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    monkeypatch.setattr(layers, "transposes_decoding_kernels", lambda: transposed)
+    attn = layer(f.encoder.blocks, 0).attn
+    layers.prepare_products(attn, jnp.float32)
+    assert attn.out.transposed == transposed
+    y = states(config, 2, 5, seed=3)
+    got = nnx.jit(lambda m, heads: m.output(heads))(attn, jnp.asarray(y.reshape(2, 5, attn.n_head, -1)))
+    assert_close(np.asarray(got), run_torch(t.encoder.blocks[0].attn.out, y), ATOL, "out")
 
 
 @SETTINGS
