@@ -163,12 +163,10 @@ class MultiHeadAttention(nnx.Module):
         the merged heads' product is the one `matmul` runs fastest."""
         on_cpu = jax.default_backend() == "cpu"
         product = self.out.product(merge_heads(y)) if on_cpu else self.out.product_of_heads(y)
-        if not value_bias_folded:
-            return product if self.out.bias is None else add_bias(product, self.out.bias[...])
-        folded = self.out.bias[...] + jnp.matmul(
-            self.value.bias[...], self.out.kernel[...], precision=jax.lax.Precision.HIGHEST
-        )
-        return add_bias(product, folded)
+        bias = self.out.bias[...]
+        if value_bias_folded:
+            bias = bias + jnp.matmul(self.value.bias[...], self.out.kernel[...], precision=jax.lax.Precision.HIGHEST)
+        return add_bias(product, bias)
 
     def cross_scores(self, x: jax.Array, xa: jax.Array) -> jax.Array:
         """x (B, T, d), xa (B, S, d) -> cross-attention's scaled float32 scores (B, H, T, S) before
