@@ -41,10 +41,16 @@ class DynamicConvAttention(nnx.Module):
                 cache = {"v": padded[:, t:]}  # the last K - 1 rows
         else:
             padded = jnp.pad(v, ((0, 0), (k // 2, k - 1 - k // 2), (0, 0)))  # (B, T + K - 1, d)
-        windows = jnp.stack([padded[:, j : j + t] for j in range(k)], axis=2)  # (B, T, K, d)
-        windows = windows.reshape(b, t, k, h, d // h)  # (B, T, K, H, dh)
-        y = jnp.einsum("bthk,btkhc->bthc", w, windows).reshape(b, t, d)
-        return self.out(y), cache
+        # y[t] = sum_j w[t, :, j] v[t + j - p], head by head: the K shifted views of the values,
+        # weighted and summed in one pass that writes y alone (a stack of the K windows was K
+        # copies of the values, and its backward K more), in float32 and rounded once, as a
+        # product accumulates.
+        heads = (b, t, h, d // h)
+        y = sum(
+            w[..., j, None].astype(jnp.float32) * padded[:, j : j + t].reshape(heads).astype(jnp.float32)
+            for j in range(k)
+        )
+        return self.out(y.astype(v.dtype).reshape(b, t, d)), cache
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> Cache:
         """The values of the `K - 1` positions before the first token: zeros, (B, K - 1, d)."""

@@ -49,10 +49,11 @@ class DynamicConvAttention(nn.Module):
                 cache = {"v": padded[:, t:]}  # the last K - 1 rows
         else:
             padded = F.pad(v, (0, 0, k // 2, k - 1 - k // 2))  # (B, T + K - 1, d)
-        windows = torch.stack([padded[:, j : j + t] for j in range(k)], dim=2)  # (B, T, K, d)
-        windows = windows.view(b, t, k, h, d // h)  # (B, T, K, H, dh)
-        y = torch.einsum("bthk,btkhc->bthc", w, windows).reshape(b, t, d)
-        return self.out(y), cache
+        # y[t] = sum_j w[t, :, j] v[t + j - p], head by head: the K shifted views of the values,
+        # weighted and summed, in float32 and rounded once, as a product accumulates.
+        heads = (b, t, h, d // h)
+        y = sum(w[..., j, None].float() * padded[:, j : j + t].reshape(heads).float() for j in range(k))
+        return self.out(y.to(v.dtype).reshape(b, t, d)), cache
 
     def init_cache(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> Cache:
         """The values of the `K - 1` positions before the first token: zeros, (B, K - 1, d)."""
