@@ -7,7 +7,8 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
 
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
   NVIDIA GPUs, for bfloat16/float16 inputs and masks it can express without materialising them
-  (causal, a causal left window, valid key lengths in a KV cache);
+  (causal, a causal left window, valid key lengths in a KV cache, memory slots before causal
+  keys as a causal mask over queries with zero rows put in front);
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot; a
   band (hybrid's local branch) in blocks of the band instead (`_banded`), so its memory grows
   with `T * window`, not `T * T`;
@@ -180,11 +181,11 @@ def cudnn_expressible(q: jax.Array, mask: Mask, offset) -> bool:
         return False
     if not mask.masks_anything:
         return True  # a prefix of memory slots is only more keys when nothing is masked
-    if mask.prefix or (mask.window is not None and not mask.causal):
-        return False  # cuDNN takes left windows only (with a causal mask), and no unmasked prefix
+    if mask.window is not None and (mask.prefix or not mask.causal):
+        return False  # cuDNN takes left windows only (with a causal mask)
     if _static_zero(offset):  # training, or a prompt written at the start of a cache
-        return True
-    return q.shape[1] == 1 and mask.window is None  # one cached step: valid key lengths suffice
+        return True  # memory slots before causal keys too (`_fused` puts queries in front)
+    return q.shape[1] == 1 and mask.window is None and not mask.prefix  # one cached step: key lengths
 
 
 def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, dropout) -> str:
@@ -219,8 +220,17 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
     """`jax.nn.dot_product_attention`, with the mask in the cheapest form the case allows."""
     t, s = q.shape[1], k.shape[1]
     kwargs: dict = {}
+    front = 0  # zero query rows put before the queries, their outputs dropped
     if not mask.masks_anything:
         pass
+    elif _static_zero(offset) and mask.prefix and mask.causal and mask.window is None:
+        # Memory slots before causal keys: query i sees keys 0 .. prefix + i. With `prefix` rows
+        # in front of the queries that is the plain causal mask (query prefix + i sees keys up
+        # to prefix + i), which the fused kernels take without a materialised (T, S) mask. The
+        # front rows' outputs are dropped, so no gradient flows through them.
+        front = mask.prefix
+        q = jnp.pad(q, ((0, 0), (front, 0), (0, 0), (0, 0)))
+        kwargs["is_causal"] = True
     elif _static_zero(offset) and not mask.prefix and (mask.causal or how == "xla"):
         # Queries at positions 0 .. T - 1 against keys 0 .. S - 1 (S > T in a fresh cache: the
         # causal mask already hides the unwritten slots).
@@ -234,8 +244,8 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=how, return_residual=return_lse, **kwargs)
     if return_lse:
         y, lse = out
-        return y, lse.astype(jnp.float32)
-    return out
+        return y[:, front:], lse[:, front:].astype(jnp.float32)
+    return out[:, front:]
 
 
 def band_block(mask: Mask) -> int:

@@ -35,14 +35,40 @@ def qkv(t: int, s: int, seed: int = 0):
 
 @pytest.mark.parametrize(
     "mask",
-    [fk.Mask(), fk.Mask(causal=True), fk.Mask(causal=True, window=16), fk.Mask(prefix=8)],
-    ids=["full", "causal", "left_window", "memory_slots"],
+    [
+        fk.Mask(),
+        fk.Mask(causal=True),
+        fk.Mask(causal=True, window=16),
+        fk.Mask(prefix=8),
+        fk.Mask(causal=True, prefix=8),
+    ],
+    ids=["full", "causal", "left_window", "memory_slots", "memory_slots_causal"],
 )
 def test_cudnn_matches_float32_xla(mask):
-    q, k, v = qkv(128, 128)
+    q, k, v = qkv(128, 128 + mask.prefix)
     fast = fk.attend(q, k, v, mask, scale=0.125, implementation="cudnn")
-    exact = fk.attend(*(x.astype(jnp.float32) for x in (q, k, v)), mask, scale=0.125, implementation="xla")
+    exact = fk.attend(*(x.astype(jnp.float32) for x in (q, k, v)), mask, scale=0.125, implementation="einsum")
     np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(exact), atol=2e-2)
+
+
+def test_cudnn_gradients_of_memory_slots_before_causal_keys():
+    """The decoder's memory slots (a prefix before causal keys) reach cuDNN as a causal mask over
+    queries with zero rows in front: every gradient against the float32 materialised softmax's."""
+    q, k, v = qkv(128, 136, seed=3)
+    mask = fk.Mask(causal=True, prefix=8)
+    assert fk.choose("auto", q, 136, mask, 0, None) == "cudnn"
+
+    def grads(implementation, *args):
+        def loss(*a):
+            y = fk.attend(*a, mask, scale=0.125, implementation=implementation)
+            return jnp.sum(y.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(*args)
+
+    fast = grads("cudnn", q, k, v)
+    exact = grads("einsum", *(x.astype(jnp.float32) for x in (q, k, v)))
+    for got, want in zip(fast, exact, strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=5e-2, rtol=5e-2)
 
 
 def test_cudnn_log_sum_exp_of_memory_slots():

@@ -164,7 +164,11 @@ def test_auto_chooses_by_backend_size_and_dropout():
     one = jnp.zeros((1, 1, 2, 4), jnp.bfloat16)
     assert fk.cudnn_expressible(one, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
     assert fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)  # memory slots with nothing masked: more keys
-    assert not fk.cudnn_expressible(half, fk.Mask(causal=True, prefix=2), 0)
+    # Memory slots before causal keys: with as many queries in front, the plain causal mask;
+    # not for a cached step, whose key lengths would have to count the slots.
+    assert fk.cudnn_expressible(half, fk.Mask(causal=True, prefix=2), 0)
+    assert not fk.cudnn_expressible(one, fk.Mask(causal=True, prefix=2), jnp.int32(5))
+    assert not fk.cudnn_expressible(half, fk.Mask(causal=True, window=3, prefix=2), 0)
     assert fk.kv_layout() == fk.cache_layout() == "bhsd"  # heads-major keys on a CPU
     assert fk.cross_kv_layout() == "bhds"  # and cross-attention's keys transposed
 
@@ -214,6 +218,33 @@ def test_a_band_in_blocks_computes_the_mask_and_its_gradient(block, mask, monkey
     banded = jax.grad(loss("xla"), argnums=(0, 1, 2))(*args)
     dense = jax.grad(loss("einsum"), argnums=(0, 1, 2))(*args)
     for got, want in zip(banded, dense, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+@pytest.mark.parametrize("n_keys", [10, 14])
+def test_memory_slots_before_causal_keys_as_queries_in_front(n_keys):
+    """The fused op takes memory slots before causal keys as the plain causal mask over queries
+    with `prefix` zero rows put in front (their outputs dropped): training (3 slots, 7 queries,
+    10 keys) and a prompt at the start of a cache of capacity 11 (14 keys, the unwritten ones
+    hidden). Output, log-sum-exp and every gradient, through both, as the reference and the
+    materialised softmax's autodiff."""
+    mask = fk.Mask(causal=True, prefix=3)
+    q, k, v = inputs(7, n_keys, seed=7)
+    expected, lse = reference(q, k, v, causal=True, prefix=3)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    y, got_lse = fk.attend(*args, mask, scale=0.5, implementation="xla", return_lse=True)
+    assert y.shape == (2, 7, 3, 8) and got_lse.shape == (2, 7, 3)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+
+    def loss(implementation):
+        def f(q, k, v):
+            y, lse = fk.attend(q, k, v, mask, scale=0.5, implementation=implementation, return_lse=True)
+            return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.cos(jax.lax.stop_gradient(lse)))
+
+        return jax.grad(f, argnums=(0, 1, 2))
+
+    for got, want in zip(loss("xla")(*args), loss("einsum")(*args), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
