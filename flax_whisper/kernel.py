@@ -7,8 +7,8 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
 
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, the fused flash kernel on
   NVIDIA GPUs, for bfloat16/float16 inputs and masks it can express without materialising them
-  (causal, a causal left window, valid key lengths in a KV cache, memory slots before causal
-  keys as a causal mask over queries with zero rows put in front);
+  (causal, a causal left window, valid key lengths in a KV cache; memory slots before causal
+  keys, and a symmetric band, as causal masks over queries moved behind zero rows);
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot; a
   band (hybrid's local branch) in blocks of the band instead (`_banded`), so its memory grows
   with `T * window`, not `T * T`;
@@ -163,6 +163,8 @@ def attend(
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if how == "xla" and banded_applies(mask, q.shape[1], n_keys, offset):
         return _banded(q, k, v, mask, float(scale), return_lse)
+    if how == "cudnn" and mask.window is not None and not mask.causal:
+        return _band_as_causal_window(q, k, v, mask, float(scale), how, return_lse)
     return _fused(q, k, v, mask, float(scale), offset, how, return_lse)
 
 
@@ -175,14 +177,17 @@ def drops_weights(dropout: nnx.Dropout | None) -> bool:
     return dropout is not None and dropout.rate > 0 and not dropout.deterministic
 
 
-def cudnn_expressible(q: jax.Array, mask: Mask, offset) -> bool:
-    """Can cuDNN's flash kernel compute this without a materialised mask?"""
+def cudnn_expressible(q: jax.Array, mask: Mask, offset, n_keys: int | None = None) -> bool:
+    """Can cuDNN's flash kernel compute this without a materialised mask? (`n_keys`: default as
+    many as queries.)"""
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return False
     if not mask.masks_anything:
         return True  # a prefix of memory slots is only more keys when nothing is masked
-    if mask.window is not None and (mask.prefix or not mask.causal):
-        return False  # cuDNN takes left windows only (with a causal mask)
+    if mask.window is not None and mask.prefix:
+        return False
+    if mask.window is not None and not mask.causal:  # cuDNN takes left windows only (with a causal mask)
+        return symmetric_band_applies(mask, q.shape[1], q.shape[1] if n_keys is None else n_keys, offset)
     if _static_zero(offset):  # training, or a prompt written at the start of a cache
         return True  # memory slots before causal keys too (`_fused` puts queries in front)
     return q.shape[1] == 1 and mask.window is None and not mask.prefix  # one cached step: key lengths
@@ -195,7 +200,7 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
     if drops_weights(dropout):
         return "einsum"  # the fused kernels have no dropout on the weights
     if implementation == "cudnn":
-        if not cudnn_expressible(q, mask, offset):
+        if not cudnn_expressible(q, mask, offset, n_keys):
             raise ValueError(
                 f"attention_implementation='cudnn' needs bfloat16/float16 inputs (got {q.dtype}) and a mask of "
                 f"causal, causal-window or key-length form (got {mask}, offset {offset!r}); use 'auto' to fall back"
@@ -204,7 +209,7 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
-    if backend == "gpu" and cudnn_expressible(q, mask, offset):
+    if backend == "gpu" and cudnn_expressible(q, mask, offset, n_keys):
         # One query (a decoding step): a call of cuDNN's flash kernel costs tens of microseconds
         # whatever its size, and a decoding step makes two per layer; XLA's fused dot-softmax-dot
         # over one query row is a few small kernels.
@@ -246,6 +251,40 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
         y, lse = out
         return y[:, front:], lse[:, front:].astype(jnp.float32)
     return out[:, front:]
+
+
+def symmetric_band_applies(mask: Mask, n_queries: int, n_keys: int, offset) -> bool:
+    """A symmetric band self-attention from position 0 (an encoder's `hybrid` band) long enough
+    for `_band_as_causal_window`."""
+    if mask.window is None or mask.causal or mask.prefix or not _static_zero(offset):
+        return False
+    return n_queries == n_keys > 2 * mask.window
+
+
+def _band_as_causal_window(q, k, v, mask: Mask, scale: float, how: str, return_lse: bool):
+    """A symmetric band (`|i - j| <= w`) through a kernel that takes only causal left windows
+    (cuDNN's), q, k, v (B, T, H, dh) at positions 0 .. T - 1 -> (B, T, H, dh) [and the float32 lse
+    (B, T, H)].
+
+    Behind w zero rows, query i sits at row i + w, and a causal window of 2w keys to its left
+    shows it keys i - w .. i + w: the band. The zero rows' outputs are dropped (no gradient flows
+    through them), and so that the call keeps as many queries as keys, the last w queries attend
+    apart, in a materialised softmax over the last 2w keys (`_einsum`, a `(w, 2w)` score matrix).
+    """
+    t, w = q.shape[1], mask.window
+    moved = jnp.pad(q[:, : t - w], ((0, 0), (w, 0), (0, 0), (0, 0)))  # row i + w holds query i
+    out = jax.nn.dot_product_attention(
+        moved, k, v, scale=scale, is_causal=True, local_window_size=(2 * w, 0), implementation=how,
+        return_residual=return_lse,
+    )  # fmt: skip
+    # The last w queries (positions T - w ..) against keys T - 2w ..: positions shifted by T - 2w.
+    tail = _einsum(q[:, t - w :], k[:, t - 2 * w :], v[:, t - 2 * w :], mask, scale, w, BSHD, None, return_lse)
+    if not return_lse:
+        return jnp.concatenate([out[:, w:], tail], axis=1)
+    (y, lse), (y_tail, lse_tail) = out, tail
+    return jnp.concatenate([y[:, w:], y_tail], axis=1), jnp.concatenate(
+        [lse[:, w:].astype(jnp.float32), lse_tail], axis=1
+    )
 
 
 def band_block(mask: Mask) -> int:

@@ -39,10 +39,11 @@ def qkv(t: int, s: int, seed: int = 0):
         fk.Mask(),
         fk.Mask(causal=True),
         fk.Mask(causal=True, window=16),
+        fk.Mask(window=16),
         fk.Mask(prefix=8),
         fk.Mask(causal=True, prefix=8),
     ],
-    ids=["full", "causal", "left_window", "memory_slots", "memory_slots_causal"],
+    ids=["full", "causal", "left_window", "symmetric_band", "memory_slots", "memory_slots_causal"],
 )
 def test_cudnn_matches_float32_xla(mask):
     q, k, v = qkv(128, 128 + mask.prefix)
@@ -51,12 +52,13 @@ def test_cudnn_matches_float32_xla(mask):
     np.testing.assert_allclose(np.asarray(fast, np.float32), np.asarray(exact), atol=2e-2)
 
 
-def test_cudnn_gradients_of_memory_slots_before_causal_keys():
-    """The decoder's memory slots (a prefix before causal keys) reach cuDNN as a causal mask over
-    queries with zero rows in front: every gradient against the float32 materialised softmax's."""
-    q, k, v = qkv(128, 136, seed=3)
-    mask = fk.Mask(causal=True, prefix=8)
-    assert fk.choose("auto", q, 136, mask, 0, None) == "cudnn"
+@pytest.mark.parametrize("mask", [fk.Mask(causal=True, prefix=8), fk.Mask(window=16)], ids=["memory_slots", "band"])
+def test_cudnn_gradients_of_masks_it_takes_as_causal_ones(mask):
+    """The decoder's memory slots (a prefix before causal keys) and the encoder's symmetric band
+    reach cuDNN as causal masks over queries moved behind zero rows: every gradient against the
+    float32 materialised softmax's."""
+    q, k, v = qkv(128, 128 + mask.prefix, seed=3)
+    assert fk.choose("auto", q, 128 + mask.prefix, mask, 0, None) == "cudnn"
 
     def grads(implementation, *args):
         def loss(*a):

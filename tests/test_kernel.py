@@ -127,7 +127,8 @@ def test_auto_on_a_gpu_takes_xla_for_one_query_and_cudnn_for_more(monkeypatch):
     """The choice `auto` makes on a GPU (decided without one: only the backend's name is read).
     A decoding step (one query over a cache) goes to XLA, whose kernels for one query row are
     small, rather than to cuDNN's flash kernel and its fixed cost per call; longer inputs that
-    cuDNN can express go to cuDNN; float32 and a symmetric band go to XLA."""
+    cuDNN can express go to cuDNN, a symmetric band too where it is longer than twice its
+    window (`_band_as_causal_window`); float32 goes to XLA."""
     monkeypatch.setattr(fk.jax, "default_backend", lambda: "gpu")
     one = jnp.zeros((2, 1, 4, 64), jnp.bfloat16)
     many = jnp.zeros((2, 128, 4, 64), jnp.bfloat16)
@@ -137,7 +138,8 @@ def test_auto_on_a_gpu_takes_xla_for_one_query_and_cudnn_for_more(monkeypatch):
     assert fk.choose("auto", many, 128, causal, 0, None) == "cudnn"  # training, a prompt
     assert fk.choose("auto", many, 1500, fk.Mask(), 0, None) == "cudnn"  # the encoder
     assert fk.choose("auto", many.astype(jnp.float32), 128, causal, 0, None) == "xla"
-    assert fk.choose("auto", many, 128, fk.Mask(window=8), 0, None) == "xla"
+    assert fk.choose("auto", many, 128, fk.Mask(window=8), 0, None) == "cudnn"  # an encoder's band
+    assert fk.choose("auto", many[:, :16], 16, fk.Mask(window=8), 0, None) == "xla"  # shorter than 2w + 1
     assert fk.choose("cudnn", one, 64, causal, jnp.int32(40), None) == "cudnn"  # still there when asked for
 
 
@@ -159,9 +161,12 @@ def test_auto_chooses_by_backend_size_and_dropout():
     with pytest.raises(ValueError, match="not one of"):
         fk.choose("flash", small, 8, fk.Mask(), 0, None)
     half = small.astype(jnp.bfloat16)
-    assert not fk.cudnn_expressible(half, fk.Mask(window=3), 0)  # a symmetric band
-    assert fk.cudnn_expressible(half, fk.Mask(causal=True, window=3), 0)
+    assert fk.cudnn_expressible(half, fk.Mask(window=3), 0)  # a symmetric band over 8 > 2 x 3 positions
+    assert not fk.cudnn_expressible(half, fk.Mask(window=4), 0)  # 8 = 2 x 4: too short
+    assert not fk.cudnn_expressible(half, fk.Mask(window=3), 0, n_keys=12)  # not a self-attention
     one = jnp.zeros((1, 1, 2, 4), jnp.bfloat16)
+    assert not fk.cudnn_expressible(one, fk.Mask(window=3), jnp.int32(5))  # nor after a cache offset
+    assert fk.cudnn_expressible(half, fk.Mask(causal=True, window=3), 0)
     assert fk.cudnn_expressible(one, fk.Mask(causal=True), jnp.int32(5))  # a cached step: key lengths
     assert fk.cudnn_expressible(half, fk.Mask(prefix=2), 0)  # memory slots with nothing masked: more keys
     # Memory slots before causal keys: with as many queries in front, the plain causal mask;
@@ -245,6 +250,31 @@ def test_memory_slots_before_causal_keys_as_queries_in_front(n_keys):
         return jax.grad(f, argnums=(0, 1, 2))
 
     for got, want in zip(loss("xla")(*args), loss("einsum")(*args), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+@pytest.mark.parametrize("window", [2, 5])
+def test_a_symmetric_band_as_a_causal_window_over_moved_queries(window):
+    """cuDNN takes causal left windows only; a symmetric band reaches it as one over queries moved
+    `window` rows later behind zero rows, the last `window` queries apart. The same call through
+    XLA's fused op here: 11 positions, output, log-sum-exp and every gradient as the reference
+    and the materialised softmax's autodiff."""
+    mask = fk.Mask(window=window)
+    assert fk.symmetric_band_applies(mask, 11, 11, 0)
+    q, k, v = inputs(11, 11, seed=8)
+    expected, lse = reference(q, k, v, window=window)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    y, got_lse = fk._band_as_causal_window(*args, mask, 0.5, "xla", return_lse=True)
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+
+    def banded(*a):
+        return jnp.sum(jnp.sin(fk._band_as_causal_window(*a, mask, 0.5, "xla", return_lse=False)))
+
+    def dense(*a):
+        return jnp.sum(jnp.sin(fk.attend(*a, mask, scale=0.5, implementation="einsum")))
+
+    for got, want in zip(jax.grad(banded, (0, 1, 2))(*args), jax.grad(dense, (0, 1, 2))(*args), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
 
 
