@@ -203,7 +203,8 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
         if not cudnn_expressible(q, mask, offset, n_keys):
             raise ValueError(
                 f"attention_implementation='cudnn' needs bfloat16/float16 inputs (got {q.dtype}) and a mask of "
-                f"causal, causal-window or key-length form (got {mask}, offset {offset!r}); use 'auto' to fall back"
+                f"causal, causal-window or key-length form, memory slots before causal keys, or a band over more than "
+                f"twice its window (got {mask}, offset {offset!r}); use 'auto' to fall back"
             )
         return "cudnn"
     if implementation != "auto":
