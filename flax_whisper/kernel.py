@@ -163,7 +163,7 @@ def attend(
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
     if how == "xla" and banded_applies(mask, q.shape[1], n_keys, offset):
         return _banded(q, k, v, mask, float(scale), return_lse)
-    if how == "cudnn" and mask.window is not None and not mask.causal:
+    if how == "cudnn" and symmetric_band_applies(mask, q.shape[1], n_keys, offset):
         return _band_as_causal_window(q, k, v, mask, float(scale), how, return_lse)
     return _fused(q, k, v, mask, float(scale), offset, how, return_lse)
 
@@ -226,17 +226,12 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
     """`jax.nn.dot_product_attention`, with the mask in the cheapest form the case allows."""
     t, s = q.shape[1], k.shape[1]
     kwargs: dict = {}
-    front = 0  # zero query rows put before the queries, their outputs dropped
     if not mask.masks_anything:
         pass
     elif _static_zero(offset) and mask.prefix and mask.causal and mask.window is None:
-        # Memory slots before causal keys: query i sees keys 0 .. prefix + i. With `prefix` rows
-        # in front of the queries that is the plain causal mask (query prefix + i sees keys up
-        # to prefix + i), which the fused kernels take without a materialised (T, S) mask. The
-        # front rows' outputs are dropped, so no gradient flows through them.
-        front = mask.prefix
-        q = jnp.pad(q, ((0, 0), (front, 0), (0, 0), (0, 0)))
-        kwargs["is_causal"] = True
+        # Memory slots before causal keys: query i sees keys 0 .. prefix + i, the plain causal
+        # mask for query rows moved `prefix` rows later.
+        return _causal_behind_zero_rows(q, k, v, mask.prefix, None, scale, how, return_lse)
     elif _static_zero(offset) and not mask.prefix and (mask.causal or how == "xla"):
         # Queries at positions 0 .. T - 1 against keys 0 .. S - 1 (S > T in a fresh cache: the
         # causal mask already hides the unwritten slots).
@@ -248,6 +243,24 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
     else:
         kwargs["mask"] = allowed(mask, t, s, offset)[None, None]
     out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=how, return_residual=return_lse, **kwargs)
+    if return_lse:
+        y, lse = out
+        return y, lse.astype(jnp.float32)
+    return out
+
+
+def _causal_behind_zero_rows(q, k, v, front: int, window: int | None, scale: float, how: str, return_lse: bool):
+    """Causal attention (within a left `window` of keys, if given) of the queries moved `front`
+    rows later, behind zero rows: query i sits at row front + i and sees keys up to front + i
+    (and from front + i - window). q (B, T, H, dh), k and v (B, S, H, dh) -> (B, T, H, dh) [and
+    the float32 lse (B, T, H)]. A mask the fused kernels take without materialising it; the zero
+    rows' outputs are dropped, so no gradient flows through them."""
+    moved = jnp.pad(q, ((0, 0), (front, 0), (0, 0), (0, 0)))
+    window_size = None if window is None else (window, 0)
+    out = jax.nn.dot_product_attention(
+        moved, k, v, scale=scale, is_causal=True, local_window_size=window_size, implementation=how,
+        return_residual=return_lse,
+    )  # fmt: skip
     if return_lse:
         y, lse = out
         return y[:, front:], lse[:, front:].astype(jnp.float32)
@@ -273,19 +286,12 @@ def _band_as_causal_window(q, k, v, mask: Mask, scale: float, how: str, return_l
     apart, in a materialised softmax over the last 2w keys (`_einsum`, a `(w, 2w)` score matrix).
     """
     t, w = q.shape[1], mask.window
-    moved = jnp.pad(q[:, : t - w], ((0, 0), (w, 0), (0, 0), (0, 0)))  # row i + w holds query i
-    out = jax.nn.dot_product_attention(
-        moved, k, v, scale=scale, is_causal=True, local_window_size=(2 * w, 0), implementation=how,
-        return_residual=return_lse,
-    )  # fmt: skip
+    head = _causal_behind_zero_rows(q[:, : t - w], k, v, w, 2 * w, scale, how, return_lse)  # queries 0 .. T - w - 1
     # The last w queries (positions T - w ..) against keys T - 2w ..: positions shifted by T - 2w.
     tail = _einsum(q[:, t - w :], k[:, t - 2 * w :], v[:, t - 2 * w :], mask, scale, w, BSHD, None, return_lse)
     if not return_lse:
-        return jnp.concatenate([out[:, w:], tail], axis=1)
-    (y, lse), (y_tail, lse_tail) = out, tail
-    return jnp.concatenate([y[:, w:], y_tail], axis=1), jnp.concatenate(
-        [lse[:, w:].astype(jnp.float32), lse_tail], axis=1
-    )
+        return jnp.concatenate([head, tail], axis=1)
+    return tuple(jnp.concatenate(parts, axis=1) for parts in zip(head, tail, strict=True))
 
 
 def band_block(mask: Mask) -> int:
