@@ -20,6 +20,10 @@
 #               the training step (traces under TRACE_DIR, default /tmp/gpu-traces: too large to
 #               bring back); a loop-invariant copy shows as a copy or transpose run once per token
 #
+# DRY_RUN=1 prints each stage's command instead of running it (tests/test_bench_gpu_program.py
+# reads every one with its script's own argument parser, so a lent GPU's minutes never go to a
+# misspelt flag).
+#
 # Each stage writes LOG_DIR/STAGE.log (default LOG_DIR: runs/gpu-bench) and its wall time to
 # LOG_DIR/summary.txt. DEADLINE_S (default 540): a stage that would start after that many seconds
 # from the start is skipped, so a leased machine's time limit never cuts a stage's table off.
@@ -48,32 +52,18 @@ STAGES=${1:-train,decode32,decode1,tests,mechanisms,flags,profile}
 LOG_DIR=${2:-runs/gpu-bench}
 DEADLINE_S=${DEADLINE_S:-540}
 TRACE_DIR=${TRACE_DIR:-/tmp/gpu-traces}
-mkdir -p "$LOG_DIR"
-export PYTHONUNBUFFERED=1
-# The decoder, the training step and the peers share one GPU: JAX takes what it needs, not 75%.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=.94
+DRY_RUN=${DRY_RUN:-}
 PY=${PYTHON:-python3}
-
-if compgen -G ".whl/*.whl" >/dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-$PY - <<'EOF' 2>&1 | tee "$LOG_DIR/versions.txt"
-import importlib.metadata as m, jax
-print("devices:", jax.devices())
-for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "openai-whisper", "soundfile"):
-    try:
-        print(name, m.version(name))
-    except m.PackageNotFoundError:
-        print(name, "MISSING")
-EOF
-
 SMALL=(--size small --precision bfloat16)
 start=$SECONDS
 
 stage() {  # stage NAME COMMAND...: run it unless past the deadline; log its output and wall time
   local name=$1
   shift
+  if [ -n "$DRY_RUN" ]; then
+    echo "$name:${XLA_FLAGS:+ XLA_FLAGS=$(printf %q "$XLA_FLAGS")} $*"
+    return
+  fi
   if ((SECONDS - start > DEADLINE_S)); then
     echo "$name: skipped (past DEADLINE_S=$DEADLINE_S)" | tee -a "$LOG_DIR/summary.txt"
     return
@@ -83,6 +73,28 @@ stage() {  # stage NAME COMMAND...: run it unless past the deadline; log its out
   "$@" 2>&1 | tee -a "$LOG_DIR/$name.log"
   echo "$name: exit ${PIPESTATUS[0]}, $((SECONDS - began)) s" | tee -a "$LOG_DIR/summary.txt"
 }
+
+prepare() {  # the log folder, the environment, the wheels under .whl/, the versions
+  mkdir -p "$LOG_DIR"
+  export PYTHONUNBUFFERED=1
+  # The decoder, the training step and the peers share one GPU: JAX takes what it needs, not 75%.
+  export XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=.94
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  $PY - <<'EOF' 2>&1 | tee "$LOG_DIR/versions.txt"
+import importlib.metadata as m, jax
+print("devices:", jax.devices())
+for name in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "openai-whisper", "soundfile"):
+    try:
+        print(name, m.version(name))
+    except m.PackageNotFoundError:
+        print(name, "MISSING")
+EOF
+}
+
+[ -n "$DRY_RUN" ] || prepare
 
 for s in ${STAGES//,/ }; do
   case $s in
@@ -126,5 +138,6 @@ for s in ${STAGES//,/ }; do
       ;;
   esac
 done
+[ -n "$DRY_RUN" ] && exit 0
 echo "== summary ($LOG_DIR/summary.txt, every run so far)"
 cat "$LOG_DIR/summary.txt"

@@ -158,18 +158,23 @@ def main() -> None:
 
     for name in args.programs.split(","):
         if name == "train":
-            text = train_program(args.size, abstract, args.layers == "unrolled", args.mechanism)
+            compiled = train_program(args.size, abstract, args.layers == "unrolled", args.mechanism)
         elif name.startswith("decode"):
-            text = decode_program(args.size, int(name[len("decode") :]), abstract)
+            compiled = decode_program(args.size, int(name[len("decode") :]), abstract)
         else:
             raise SystemExit(f"unknown program {name!r}: train or decodeN")
+        text = compiled.as_text()
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
             (args.dump / f"{name}.hlo").write_text(text)
         report(name, text, loop=name != "train")
+        memory = compiled.memory_analysis()
+        if memory is not None:  # XLA's buffer assignment for the device: what the program holds beyond its inputs
+            temporaries, outputs = memory.temp_size_in_bytes / 1e9, memory.output_size_in_bytes / 1e9
+            print(f"  temporaries {temporaries:.2f} GB, outputs {outputs:.2f} GB")
 
 
-def train_program(size: str, abstract, unrolled: bool = True, mechanism: str = "mha") -> str:
+def train_program(size: str, abstract, unrolled: bool = True, mechanism: str = "mha"):
     from steps import abstract_train_step
 
     from train.config import TrainConfig
@@ -177,10 +182,10 @@ def train_program(size: str, abstract, unrolled: bool = True, mechanism: str = "
     model = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unrolled}
     config = TrainConfig(preset="whisper", size=size, precision="bfloat16", time_masks=0, freq_masks=0, model=model)
     step, state, shapes = abstract_train_step(config, 32, 3000, 448)
-    return step.trace(abstract(state), abstract(shapes)).lower().compile().as_text()
+    return step.trace(abstract(state), abstract(shapes)).lower().compile()
 
 
-def decode_program(size: str, batch: int, abstract) -> str:
+def decode_program(size: str, batch: int, abstract):
     from flax import nnx
 
     from flax_whisper import Whisper
@@ -206,7 +211,7 @@ def decode_program(size: str, batch: int, abstract) -> str:
         abstract(jnp.float32(0)),
         steps_per_check("gpu"),
     )
-    return traced.lower().compile().as_text()
+    return traced.lower().compile()
 
 
 if __name__ == "__main__":

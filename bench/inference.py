@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from peers import hf_config
 from steps import encoder_flops
-from timing import Results, Rounds, peak_flops, profile
+from timing import Results, Rounds, comma_list, peak_flops, profile
 
 from whisper_io.huge_pages import describe, restart_with_huge_pages
 
@@ -62,9 +62,14 @@ def windows(batch: int, n_mels: int) -> np.ndarray:
     return np.asarray(log_mel_spectrogram(np.stack(rows), n_mels))
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line, checked as it is read: a misspelt size or attention implementation stops
+    the run before any competitor is timed."""
+    from flax_whisper.kernel import IMPLEMENTATIONS
+    from whisper_config import SIZES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny.en")
+    parser.add_argument("--size", default="tiny.en", choices=tuple(SIZES))
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--precision", default="float32", choices=("float32", "bfloat16"))
@@ -83,9 +88,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--attention",
-        type=lambda text: text.split(","),
+        type=comma_list(IMPLEMENTATIONS),
         default=[],
-        help="comma-separated attention implementations (xla, einsum, ...): also time flax decoding with each",
+        help=f"comma-separated attention implementations ({', '.join(IMPLEMENTATIONS)}): also time flax "
+        "decoding with each",
     )
     parser.add_argument(
         "--profile",
@@ -98,7 +104,11 @@ def main() -> None:
         help="the device's peak, for the encoder's MFU (default: known GPUs' dense peak, else XLA's large "
         "product measured here)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
 
     import torch
     import whisper

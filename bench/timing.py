@@ -1,12 +1,28 @@
 """Shared by the benchmarks: median wall times after warm-up calls, rounds that time every
-competitor again in turn, so that a shared machine's slow drifts fall on all of them alike, and
-the peak a model FLOPs utilisation is taken of."""
+competitor again in turn, so that a shared machine's slow drifts fall on all of them alike, the
+peak a model FLOPs utilisation is taken of, and command-line lists checked as they are read."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+
+def comma_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse `type`: "a,b" -> ["a", "b"], each one of `allowed`, else argparse's usage error."""
+
+    def parse(text: str) -> list[str]:
+        items = text.split(",")
+        unknown = [item for item in items if item not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown {', '.join(map(repr, unknown))}: choose from {', '.join(allowed)}"
+            )
+        return items
+
+    return parse
 
 
 def call_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

@@ -40,12 +40,14 @@ import numpy as np
 from flax import nnx
 from peers import hf_config
 from steps import LAYOUTS, layout_name, step_flops
-from timing import Results, Rounds, peak_flops, profile
+from timing import Results, Rounds, comma_list, peak_flops, profile
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper
 from train.config import TrainConfig
 from train.step import Graphs, make_optimizer, new_state, train_step
+from whisper_config import PRESETS, SIZES
+from whisper_config.config import ATTENTION_KINDS
 from whisper_io.huge_pages import describe, restart_with_huge_pages
 
 
@@ -154,11 +156,18 @@ def time_torch(
     return results
 
 
-def main() -> None:
+def arguments() -> argparse.ArgumentParser:
+    """The command line, checked as it is read: a misspelt size or mechanism stops the run before
+    any competitor is timed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", default="tiny")
-    parser.add_argument("--preset", default="whisper")
-    parser.add_argument("--mechanisms", default="mha", help="comma-separated self-attention mechanisms")
+    parser.add_argument("--size", default="tiny", choices=tuple(SIZES))
+    parser.add_argument("--preset", default="whisper", choices=tuple(PRESETS))
+    parser.add_argument(
+        "--mechanisms",
+        default="mha",
+        type=comma_list(ATTENTION_KINDS),
+        help=f"comma-separated self-attention mechanisms: {', '.join(ATTENTION_KINDS)}",
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--frames", type=int, help="mel frames (default: the model's 2 * n_audio_ctx)")
     parser.add_argument("--tokens", type=int, default=64)
@@ -189,7 +198,11 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     parser.add_argument("--no-torch-ref", action="store_true", help="skip torch_ref (Hugging Face stays)")
     parser.add_argument("--no-torch", action="store_true", help="time flax_whisper only")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
 
     base = dict(preset=args.preset, size=args.size, precision=args.precision, time_masks=0, freq_masks=0)
     config = TrainConfig(**base, warmup_steps=0)
@@ -212,7 +225,7 @@ def main() -> None:
         results.update({name: {**row, "flops": flops} for name, row in peers.items()})
     flax_rows = []
     layouts = [LAYOUTS["scan"], LAYOUTS["unrolled"]] if args.layers == "both" else [LAYOUTS[args.layers]]
-    for mechanism, unroll in itertools.product(args.mechanisms.split(","), layouts):
+    for mechanism, unroll in itertools.product(args.mechanisms, layouts):
         overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unroll}
         if mechanism in ("memory", "integrated"):
             overrides["memory_update"] = True

@@ -1,15 +1,23 @@
-"""`bench/gpu_program.py`'s reading of a compiled program (here XLA:CPU's, the same HLO text the
-deviceless GPU compilation gives): each launch and the bytes it writes, loops counted as they run."""
+"""What the GPU benchmarks run, checked without a GPU: `bench/gpu_program.py`'s reading of a
+compiled program (here XLA:CPU's, the same HLO text the deviceless GPU compilation gives): each
+launch and the bytes it writes, loops counted as they run; and `bench/gpu.sh`'s commands, each
+read by its script's argument parser."""
 
+import os
 import re
+import shlex
+import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
 from gpu_program import computations, kernels, report
+
+ROOT = Path(__file__).parent.parent
 
 
 def test_a_loop_body_counts_as_often_as_it_runs_and_is_the_per_token_report(capsys):
@@ -30,3 +38,39 @@ def test_a_loop_body_counts_as_often_as_it_runs_and_is_the_per_token_report(caps
     assert sorted(kernels(comps, entry)) == sorted(own + per_step * 7)
     report("decode", text, loop=True)
     assert capsys.readouterr().out.startswith(f"decode: {len(per_step)} kernels per token")
+
+
+def test_every_command_of_the_gpu_runbook_is_one_its_script_accepts():
+    """`DRY_RUN=1 bash bench/gpu.sh` prints every stage's command without running it; each
+    benchmark's own argument parser reads its arguments, which checks the flags, the sizes, the
+    mechanisms and the attention implementations (a misspelt one would cost a lent GPU's minutes),
+    and the test stage selects the marker the GPU tests carry."""
+    import inference
+    import train_step
+
+    env = {**os.environ, "DRY_RUN": "1", "PYTHON": "python"}
+    printed = subprocess.run(["bash", "bench/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    lines = printed.stdout.splitlines()
+    assert {line.split(":", 1)[0] for line in lines} == {
+        "train", "decode32", "decode1", "tests", "mechanisms", "flags", "profile"
+    }  # fmt: skip
+    assert not (ROOT / "runs").exists() or not any((ROOT / "runs").glob("gpu-bench/*.log"))  # nothing ran
+    parsers = {"bench/train_step.py": train_step.arguments(), "bench/inference.py": inference.arguments()}
+    read = 0
+    for line in lines:
+        python, script, *argv = [
+            word for word in shlex.split(line.split(": ", 1)[1]) if not word.startswith("XLA_FLAGS=")
+        ]
+        assert python == "python"
+        if script == "-m":
+            assert (
+                argv[:3] == ["pytest", "-m", "gpu"]
+                and "pytestmark = pytest.mark.gpu" in (ROOT / "tests" / "test_gpu.py").read_text()
+            )
+            continue
+        try:
+            parsers[script].parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{script} refuses {' '.join(argv)} (bench/gpu.sh, stage {line.split(':', 1)[0]})")
+        read += 1
+    assert read == 11
