@@ -10,7 +10,8 @@
 #               attention, the layer scan (forcing cuDNN everywhere is refused: a prompt written into the
 #               cache at a traced offset is no mask cuDNN takes)
 #   tests       python -m pytest -m gpu (cuDNN against the float32 XLA path)
-#   mechanisms  the training step of every mechanism, unrolled, flax alone
+#   mechanisms  the training step of every mechanism, unrolled, flax alone; hybrid's and integrated's also
+#               with the encoder's band through XLA's blocks, which decides whether cuDNN's form pays
 #   flags       XLA flag candidates, flax alone: CUDA graphs over the decoding loop (command buffers
 #               with WHILE and CONDITIONAL), dynamic-slice fusion in the scanned training step, and
 #               the unrolled step's products all given to cuBLAS (the deviceless program, read with
@@ -114,7 +115,7 @@ for s in ${STAGES//,/ }; do
       ;;
     mechanisms)
       stage mechanisms $PY bench/train_step.py "${SMALL[@]}" --batch 32 --tokens 448 --no-torch --layers unrolled \
-        --mechanisms mha,biased,memory,dynamic_conv,integrated,hybrid
+        --mechanisms mha,biased,memory,dynamic_conv,integrated,hybrid --band cudnn,xla
       ;;
     flags)
       XLA_FLAGS="--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE" \

@@ -25,6 +25,7 @@ by more than the gaps measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import os
@@ -43,12 +44,14 @@ from steps import LAYOUTS, layout_name, step_flops
 from timing import Results, Rounds, comma_list, peak_flops, profile
 
 from convert.core import flax_to_torch
-from flax_whisper import Whisper
+from flax_whisper import Whisper, kernel
 from train.config import TrainConfig
 from train.step import Graphs, make_optimizer, new_state, train_step
 from whisper_config import PRESETS, SIZES
 from whisper_config.config import ATTENTION_KINDS
 from whisper_io.huge_pages import describe, restart_with_huge_pages
+
+BANDS = ("cudnn", "xla")
 
 
 def time_flax(
@@ -198,7 +201,29 @@ def arguments() -> argparse.ArgumentParser:
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face transformers")
     parser.add_argument("--no-torch-ref", action="store_true", help="skip torch_ref (Hugging Face stays)")
     parser.add_argument("--no-torch", action="store_true", help="time flax_whisper only")
+    parser.add_argument(
+        "--band",
+        default=["cudnn"],
+        type=comma_list(BANDS),
+        help="GPUs: the hybrid encoder's symmetric band through cuDNN behind zero rows (the default, "
+        "kernel.symmetric_band_applies) or XLA's blocks (_banded); 'cudnn,xla' times both, a row each",
+    )
     return parser
+
+
+@contextlib.contextmanager
+def band_through(band: str):
+    """While tracing: the hybrid encoder's band through cuDNN (as `attend` chooses) or, for "xla",
+    through XLA's blocks, as before cuDNN took it (`kernel.symmetric_band_applies` answers no)."""
+    if band == "cudnn":
+        yield
+        return
+    chosen = kernel.symmetric_band_applies
+    kernel.symmetric_band_applies = lambda *args: False
+    try:
+        yield
+    finally:
+        kernel.symmetric_band_applies = chosen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,18 +250,25 @@ def main(argv: list[str] | None = None) -> None:
         results.update({name: {**row, "flops": flops} for name, row in peers.items()})
     flax_rows = []
     layouts = [LAYOUTS["scan"], LAYOUTS["unrolled"]] if args.layers == "both" else [LAYOUTS[args.layers]]
-    for mechanism, unroll in itertools.product(args.mechanisms, layouts):
+    for mechanism, unroll, band in itertools.product(args.mechanisms, layouts, args.band):
+        if band != "cudnn" and mechanism not in ("hybrid", "integrated"):
+            continue  # no band to move
         overrides = {"encoder_attention": mechanism, "decoder_attention": mechanism, "unroll_layers": unroll}
         if mechanism in ("memory", "integrated"):
             overrides["memory_update"] = True
         if args.remat:
             overrides["gradient_checkpointing"] = True
         mechanism_config = TrainConfig(**base, warmup_steps=0, model=overrides)
-        how = ", ".join(["jit", layout_name(mechanism_config.model_config())] + ["remat"] * args.remat)
+        how = ", ".join(
+            ["jit", layout_name(mechanism_config.model_config())]
+            + ["remat"] * args.remat
+            + ["xla band"] * (band == "xla")
+        )
         name = f"flax_whisper {mechanism} ({how})"
         mechanism_model = Whisper(mechanism_config.model_config(), rngs=nnx.Rngs(0))
         try:
-            results[name] = time_flax(args, rounds, name, mechanism_config, mechanism_model, mel, labels)
+            with band_through(band):  # traced and compiled here; later rounds run the compiled step
+                results[name] = time_flax(args, rounds, name, mechanism_config, mechanism_model, mel, labels)
         except jax.errors.JaxRuntimeError as error:  # report it and go on to the next mechanism
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
