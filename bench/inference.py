@@ -197,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             out = whisper.decoding.decode(openai_model, mel_openai, openai_options)
         sync()
-        generated["decode: openai-whisper"] = sum(len(r.tokens) + 1 for r in out)  # + end of text
+        # Its tokens stop before the end of text; a row cut at sample_len ends with one that
+        # openai-whisper appends (GreedyDecoder.finalize) but never generated.
+        generated["decode: openai-whisper"] = sum(min(len(r.tokens) + 1, args.new_tokens) for r in out)
 
     if not args.no_openai:
         results["decode: openai-whisper"] = rounds.time("decode: openai-whisper", openai_decode)

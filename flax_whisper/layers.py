@@ -449,7 +449,10 @@ def token_nll(x: jax.Array, table: jax.Array, labels: jax.Array, n_vocab: int) -
     What the log-softmax of the logits gives, but its backward keeps no (B, T, rows) array from
     the forward pass: it saves x, the table and each position's log-sum-exp, computes the logits
     again, and writes their cotangent (softmax - one-hot) in the compute dtype straight away for
-    its two matmuls (accumulated in float32), as `float32_logits` rounds it."""
+    its two matmuls (accumulated in float32), as `float32_logits` rounds it. (Jitted with its
+    forward pass, XLA merges the two logits products into one and keeps its float32 result for
+    the backward pass: the step's peak is where the forward pass ends and the backward begins,
+    with the logits alive there either way.)"""
     return _token_nll_forward(x, table, labels, n_vocab)[0]
 
 
