@@ -239,9 +239,12 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 sync()
                 # Whisper's `generate` returns the new tokens alone (transformers 5), or after the
-                # prompt (older versions, or `return_dict_in_generate`): count what follows it.
+                # prompt (older versions, or `return_dict_in_generate`): count what follows it, each
+                # row up to its end of text (the rest of a row that ended early is padding).
                 given = out.shape[1] >= len(prompt) and torch.equal(out[:, : len(prompt)], hf_prompt)
-                generated["decode: transformers generate"] = int((out.shape[1] - len(prompt) * given) * out.shape[0])
+                ended = out[:, len(prompt) * given :] == options.eot
+                lengths = torch.where(ended.any(1), ended.int().argmax(1) + 1, ended.shape[1])
+                generated["decode: transformers generate"] = int(lengths.sum())
 
             results["encoder: transformers"] = rounds.time("encoder: transformers", hf_encoder)
             results["decode: transformers generate"] = rounds.time("decode: transformers generate", hf_decode)
