@@ -121,19 +121,44 @@ def report(name: str, text: str, loop: bool) -> None:
     print(f"  copies, transposes and lone conversions: {sum(moved.values())} {dict(sorted(moved.items())) or ''}")
 
 
-def main() -> None:
+def program_names(text: str) -> list[str]:
+    """An argparse `type`: "train,decode1,decode32" -> the names, each `train` or `decode` and a
+    batch size, else argparse's usage error (before anything is compiled)."""
+    names = text.split(",")
+    unknown = [name for name in names if name != "train" and not re.fullmatch(r"decode[1-9][0-9]*", name)]
+    if unknown:
+        listed = ", ".join(map(repr, unknown))
+        raise argparse.ArgumentTypeError(f"unknown program {listed}: train or decodeN (N a batch size)")
+    return names
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The command line, checked as it is read: a misspelt program, size or mechanism stops the run
+    before the first (minutes-long) compilation rather than after it."""
+    from whisper_config import SIZES
+    from whisper_config.config import ATTENTION_KINDS
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--programs", default="train,decode1,decode32")
-    parser.add_argument("--size", default="small")
+    parser.add_argument("--programs", default="train,decode1,decode32", type=program_names)
+    parser.add_argument("--size", default="small", choices=tuple(SIZES))
     parser.add_argument("--layers", choices=("unrolled", "scan"), default="unrolled", help="the training step's layers")
-    parser.add_argument("--mechanism", default="mha", help="the training step's attention, both sides")
+    parser.add_argument(
+        "--mechanism", default="mha", choices=ATTENTION_KINDS, help="the training step's attention, both sides"
+    )
     parser.add_argument("--target", type=Path, default=TARGET, help="the GPU described (an XLA GpuTargetConfig)")
     parser.add_argument("--dump", type=Path, help="write each compiled program's text here")
     parser.add_argument("--read", type=Path, help="report the programs a --dump wrote there, compiling nothing")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = arguments().parse_args(argv)
     if args.read:
-        for name in args.programs.split(","):
-            report(name, (args.read / f"{name}.hlo").read_text(), loop=name != "train")
+        for name in args.programs:
+            path = args.read / f"{name}.hlo"
+            if not path.is_file():
+                raise SystemExit(f"no {path}: write it first with --programs {name} --dump {args.read}")
+            report(name, path.read_text(), loop=name != "train")
         return
 
     from jax.experimental import topologies
@@ -156,13 +181,11 @@ def main() -> None:
     def abstract(tree):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
 
-    for name in args.programs.split(","):
+    for name in args.programs:
         if name == "train":
             compiled = train_program(args.size, abstract, args.layers == "unrolled", args.mechanism)
-        elif name.startswith("decode"):
-            compiled = decode_program(args.size, int(name[len("decode") :]), abstract)
         else:
-            raise SystemExit(f"unknown program {name!r}: train or decodeN")
+            compiled = decode_program(args.size, int(name[len("decode") :]), abstract)
         text = compiled.as_text()
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)

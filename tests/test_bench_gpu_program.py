@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
-from gpu_program import computations, kernels, report
+from gpu_program import arguments, computations, kernels, report
 
 ROOT = Path(__file__).parent.parent
 
@@ -77,3 +77,17 @@ def test_every_command_of_the_gpu_runbook_is_one_its_script_accepts(tmp_path):
             pytest.fail(f"{script} refuses {' '.join(argv)} (bench/gpu.sh, stage {line.split(':', 1)[0]})")
         read += 1
     assert read == 11
+
+
+def test_the_program_reader_refuses_a_misspelt_name_before_compiling_anything(capsys):
+    """`bench/gpu_program.py`'s parser reads the programs as train or decode with a batch size,
+    and the size and mechanism from the project's own lists; anything else is a usage error."""
+    parser = arguments()
+    args = parser.parse_args(["--programs", "train,decode1,decode32", "--mechanism", "hybrid", "--size", "tiny"])
+    assert (args.programs, args.mechanism, args.size) == (["train", "decode1", "decode32"], "hybrid", "tiny")
+    assert parser.parse_args([]).programs == ["train", "decode1", "decode32"]
+    misspelt = {"--programs": "train,decod32", "--mechanism": "dynamic-conv", "--size": "smal"}
+    for flag, value in [*misspelt.items(), ("--programs", "decode0")]:
+        with pytest.raises(SystemExit):
+            parser.parse_args([flag, value])
+        assert value.split(",")[-1] in capsys.readouterr().err.splitlines()[-1]
