@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from peers import hf_config
 from steps import encoder_flops
-from timing import Results, Rounds, comma_list, peak_flops, profile
+from timing import Results, Rounds, comma_list, peak_flops, processor, profile
 
 from whisper_io.huge_pages import describe, restart_with_huge_pages
 
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"{args.size}: batch {args.batch} x 30 s, {args.new_tokens} new tokens, {args.precision}")
     print(f"jax {jax.devices()[0].platform}, torch {device}, {torch.get_num_threads()} torch threads")
+    print(processor())
     print(describe())
 
     encode = pure_jit(lambda m, x: m.encoder(x))  # nnx.jit would copy every weight back out per call

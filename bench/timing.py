@@ -1,6 +1,7 @@
 """Shared by the benchmarks: median wall times after warm-up calls, rounds that time every
 competitor again in turn, so that a shared machine's slow drifts fall on all of them alike, the
-peak a model FLOPs utilisation is taken of, and command-line lists checked as they are read."""
+peak a model FLOPs utilisation is taken of, the processor a table ran on, and command-line lists
+checked as they are read."""
 
 from __future__ import annotations
 
@@ -23,6 +24,40 @@ def comma_list(allowed: Sequence[str]) -> Callable[[str], list[str]]:
         return items
 
     return parse
+
+
+def processor(cpuinfo: str | None = None) -> str:
+    """One line for a benchmark's header: the CPU's model, its cores and its widest vector
+    instructions, read from Linux's /proc/cpuinfo (`cpuinfo`: that file's text). This project's
+    2-core EPYC machines come with and without AVX-512, and the ratios to torch differ between the
+    two kinds (bench/NOTES.md): a table compares with another from the same kind of machine."""
+    import os
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            import platform
+
+            return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    first: dict[str, str] = {}
+    cores = 0
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        cores += key == "processor"
+        first.setdefault(key, value.strip())
+    flags = set(first.get("flags", "").split())
+    if "avx512f" in flags:
+        extras = [name for flag, name in (("avx512_bf16", "BF16"), ("amx_bf16", "AMX")) if flag in flags]
+        vector = "AVX-512" + (f" with {' and '.join(extras)}" if extras else "")
+    elif "avx2" in flags:
+        vector = "AVX2 (no AVX-512)"
+    else:
+        vector = "no AVX2"
+    family = f" (family {first['cpu family']}, model {first['model']})" if "cpu family" in first else ""
+    return f"cpu: {first.get('model name', 'unknown')}{family}, {cores or os.cpu_count()} cores, {vector}"
 
 
 def call_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

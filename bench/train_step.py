@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from peers import hf_config
 from steps import LAYOUTS, layout_name, step_flops
-from timing import Results, Rounds, comma_list, peak_flops, profile
+from timing import Results, Rounds, comma_list, peak_flops, processor, profile
 
 from convert.core import flax_to_torch
 from flax_whisper import Whisper, kernel
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     labels = rng.integers(0, model_config.n_vocab, (args.batch, tokens)).astype(np.int32)
     print(f"{args.preset}/{args.size}: batch {args.batch}, {frames} frames, {tokens} tokens, {args.precision}")
     print(f"jax devices: {jax.devices()}")
+    print(processor())
     print(describe())
 
     model = Whisper(model_config, rngs=nnx.Rngs(0))

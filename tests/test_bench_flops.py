@@ -68,3 +68,24 @@ def test_the_measured_rate_is_the_fastest_call(monkeypatch):
     clock = iter([0.0, 4.0, 10.0, 12.0, 20.0, 23.0])  # calls of 4, 2 and 3 seconds
     monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
     assert timing.matmul_rate("float32", 8, repeats=3) == 2 * 8**3 / 2.0
+
+
+def test_the_header_names_the_processor_and_its_widest_vector_instructions():
+    """`timing.processor` reads /proc/cpuinfo's text: the model of the first processor, the number
+    of processors listed, and AVX-512 (with its bfloat16 and AMX extensions when flagged) before
+    AVX2, whose flags a line holds among many others."""
+
+    def cpuinfo(flags: str, processors: int = 2) -> str:
+        one = (
+            "processor\t: {}\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9B14\n"
+        )
+        return "\n".join(one.format(i) + f"flags\t\t: fpu sse2 {flags} xsave\n" for i in range(processors))
+
+    assert timing.processor(cpuinfo("avx avx2 fma")) == (
+        "cpu: AMD EPYC 9B14 (family 25, model 17), 2 cores, AVX2 (no AVX-512)"
+    )
+    assert timing.processor(cpuinfo("avx2 avx512f avx512_bf16 avx512vl", 4)).endswith("4 cores, AVX-512 with BF16")
+    assert timing.processor(cpuinfo("avx2 avx512f amx_bf16 avx512_bf16")).endswith("AVX-512 with BF16 and AMX")
+    assert timing.processor(cpuinfo("avx2 avx512f")).endswith("AVX-512")
+    assert timing.processor(cpuinfo("sse4_2 avx")).endswith("no AVX2")
+    assert timing.processor().startswith("cpu: ")  # this machine's, whatever it is
