@@ -1,7 +1,8 @@
-"""What the GPU benchmarks run, checked without a GPU: `bench/gpu_program.py`'s reading of a
-compiled program (here XLA:CPU's, the same HLO text the deviceless GPU compilation gives): each
-launch and the bytes it writes, loops counted as they run; and `bench/gpu.sh`'s commands, each
-read by its script's argument parser."""
+"""What the accelerator benchmarks run, checked without an accelerator: `bench/gpu_program.py`'s
+reading of a compiled program (here XLA:CPU's, the same HLO text the deviceless GPU compilation
+gives): each launch and the bytes it writes, loops counted as they run; `bench/gpu.sh`'s
+commands, each read by its script's argument parser; `bench/tpu_program.py`'s count of
+collectives and its word where libtpu is missing."""
 
 import os
 import re
@@ -91,3 +92,31 @@ def test_the_program_reader_refuses_a_misspelt_name_before_compiling_anything(ca
         with pytest.raises(SystemExit):
             parser.parse_args([flag, value])
         assert value.split(",")[-1] in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_tpu_program_counts_each_collective_once_and_names_what_it_needs():
+    """`bench/tpu_program.py`: a collective is counted once whether XLA emits it whole or as an
+    asynchronous start/done pair (its result a tuple, whose text holds spaces); an instruction's
+    name (`%all-gather.3`) is not an operation. Without libtpu (as here, unless installed) the
+    command says what to install rather than failing in jax."""
+    import tpu_program
+
+    text = """
+  %all-gather.3 = bf16[8,768]{1,0} all-gather(%p.1), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}
+  %collective-permute-start.2 = (bf16[4,768]{1,0}, bf16[4,768]{1,0}) collective-permute-start(%p.2), channel_id=2
+  %collective-permute-done.2 = bf16[4,768]{1,0} collective-permute-done(%collective-permute-start.2)
+  %all-reduce-start = (f32[], f32[]) all-reduce-start(%a, %b), channel_id=3, to_apply=%add
+  %all-reduce-done = (f32[], f32[]) all-reduce-done(%all-reduce-start)
+  %reduce-scatter.1 = f32[96]{0} reduce-scatter(%g), channel_id=4, dimensions={0}, to_apply=%add
+  %fusion.7 = bf16[4,768]{1,0} fusion(%all-gather.3), kind=kLoop, calls=%fused_computation
+"""
+    assert tpu_program.collectives(text) == {
+        "all-gather": 1, "all-reduce": 1, "collective-permute": 1, "reduce-scatter": 1
+    }  # fmt: skip
+    args = tpu_program.arguments().parse_args(["--topology", "v4:2x2x2", "--fsdp", "4", "--tensor", "2"])
+    assert (args.topology, args.fsdp, args.tensor, args.size, args.layers) == ("v4:2x2x2", 4, 2, "small", "scan")
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match=r"needs libtpu \(pip install 'jax\[tpu\]'\)"):
+            tpu_program.main(["--size", "tiny"])
