@@ -9,6 +9,10 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   NVIDIA GPUs, for bfloat16/float16 inputs and masks it can express without materialising them
   (causal, a causal left window, valid key lengths in a KV cache; memory slots before causal
   keys, and a symmetric band, as causal masks over queries moved behind zero rows);
+- `splash`: Pallas' flash kernel for TPUs (splash attention) for any mask known when tracing
+  (queries from position 0), built as a NumPy array whose empty tiles the kernel skips; run on
+  each device's rows and heads (`shard_map`) under the training loop's sharding rules; elsewhere
+  Pallas interprets it (tests);
 - `xla`: `jax.nn.dot_product_attention(implementation="xla")`, XLA's fused dot-softmax-dot; a
   band (hybrid's local branch) in blocks of the band instead (`_banded`), so its memory grows
   with `T * window`, not `T * T`;
@@ -17,10 +21,11 @@ query at index `i` sits at position `offset + i`; key `j` after the prefix at po
   so, since it never writes the whole `(B, H, T, S)` matrix to memory;
 - `einsum`: the plain materialised softmax, the only path with dropout on the weights;
 - `auto` (default): `cudnn` on a GPU when it applies, except for one query (a decoding step),
-  else `xla`; on a CPU `xla` for a self-attention band whose three key blocks are fewer keys
-  than the sequence (`banded_applies`: `_banded`), else `chunked` for long inputs and `einsum`
-  for short ones (XLA:CPU runs them faster than the generic fused op); `einsum` whenever
-  attention dropout is active.
+  else `xla`; on a TPU `splash` for more than one query from position 0, else `xla`; on a CPU
+  `xla` for a self-attention band whose three key blocks are fewer keys than the sequence
+  (`banded_applies`: `_banded`), else `chunked` for long inputs and `einsum` for short ones
+  (XLA:CPU runs them faster than the generic fused op); `einsum` whenever attention dropout is
+  active.
 
 Queries are `(B, T, H, dh)`; keys and values are kept in the layout `kv_layout()` gives:
 heads-major `(B, H, S, dh)` on CPUs, where XLA's dot wants each head's keys contiguous (a
@@ -48,9 +53,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
+IMPLEMENTATIONS = ("auto", "cudnn", "splash", "xla", "chunked", "einsum")
 # Key/value layouts: sequence-major, heads-major, heads-major with the keys transposed (keys
 # (B, H, dh, S), values (B, H, S, dh): a cross-attention cache on a CPU), and heads-major with the
 # values transposed (keys (B, H, S, dh), values (B, H, dh, S): decoding caches elsewhere).
@@ -60,6 +66,11 @@ BSHD, BHSD, BHDS, BHDV = "bshd", "bhsd", "bhds", "bhdv"
 # einsum is faster: a decoder's 448 x 448 self-attention over 6 heads is, 448 x 1500 is not).
 CHUNK = 512
 CHUNKED_MIN_SCORES = 2**21
+# `splash` pads queries and keys to multiples of its blocks (Pallas' TPU kernel tiles them so).
+SPLASH_BLOCK = 128
+# Whether Pallas interprets `splash` rather than compiling it for a TPU: None decides by
+# `jax.default_backend()` (interpreted off a TPU, as in the tests).
+SPLASH_INTERPRET: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +123,12 @@ def to_layout(x: jax.Array, layout: str, keys: bool = False) -> jax.Array:
     return x if layout == BSHD else jnp.swapaxes(x, 1, 2)
 
 
-def allowed(mask: Mask, n_queries: int, n_keys: int, offset=0, first_query=0) -> jax.Array:
-    """`(T, S)` bool: may query `first_query + i` (at position `offset + first_query + i`) see key `j`?"""
-    q_pos = offset + first_query + jnp.arange(n_queries)[:, None]  # (T, 1)
-    k_pos = jnp.arange(n_keys)[None, :] - mask.prefix  # (1, S); the prefix sits at negative positions
-    ok = jnp.ones((n_queries, n_keys), bool)
+def allowed(mask: Mask, n_queries: int, n_keys: int, offset=0, first_query=0, xp=jnp) -> jax.Array:
+    """`(T, S)` bool: may query `first_query + i` (at position `offset + first_query + i`) see key `j`?
+    (`xp=np` for a NumPy array, a static mask, from static positions.)"""
+    q_pos = offset + first_query + xp.arange(n_queries)[:, None]  # (T, 1)
+    k_pos = xp.arange(n_keys)[None, :] - mask.prefix  # (1, S); the prefix sits at negative positions
+    ok = xp.ones((n_queries, n_keys), bool)
     if mask.causal:
         ok &= k_pos <= q_pos
     if mask.window is not None:
@@ -161,6 +173,10 @@ def attend(
         return _chunked(q, k, v, mask, float(scale), offset, layout, return_lse)
     if layout == BHSD:
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+    if how == "splash":
+        if return_lse:  # the kernel's log-sum-exp has no gradient: the materialised softmax gives both
+            return _einsum(q, k, v, mask, float(scale), offset, BSHD, None, return_lse)
+        return _splash(q, k, v, mask, float(scale))
     if how == "xla" and banded_applies(mask, q.shape[1], n_keys, offset):
         return _banded(q, k, v, mask, float(scale), return_lse)
     if how == "cudnn" and symmetric_band_applies(mask, q.shape[1], n_keys, offset):
@@ -207,9 +223,16 @@ def choose(implementation: str, q: jax.Array, n_keys: int, mask: Mask, offset, d
                 f"twice its window (got {mask}, offset {offset!r}); use 'auto' to fall back"
             )
         return "cudnn"
+    if implementation == "splash" and not _static_zero(offset):
+        raise ValueError(
+            f"attention_implementation='splash' needs queries from position 0, a mask known when tracing (got offset "
+            f"{offset!r}); use 'auto' to fall back"
+        )
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
+    if backend == "tpu" and _static_zero(offset) and q.shape[1] > 1:
+        return "splash"  # Pallas' flash kernel, tiles of the mask that see nothing skipped
     if backend == "gpu" and cudnn_expressible(q, mask, offset, n_keys):
         # One query (a decoding step): a call of cuDNN's flash kernel costs tens of microseconds
         # whatever its size, and a decoding step makes two per layer; XLA's fused dot-softmax-dot
@@ -247,6 +270,49 @@ def _fused(q, k, v, mask: Mask, scale: float, offset, how: str, return_lse: bool
         y, lse = out
         return y, lse.astype(jnp.float32)
     return out
+
+
+def _splash(q, k, v, mask: Mask, scale: float):
+    """Pallas' TPU flash kernel (splash attention), q (B, T, H, dh), k and v (B, S, H, dh) at
+    positions from 0 -> (B, T, H, dh). The mask is built once, as a NumPy array, when tracing: the
+    kernel skips each tile of it that sees nothing (a band's or a causal mask's far corner) and
+    masks the rest. Queries and keys are padded to whole tiles: padded keys are seen by no query,
+    padded queries see the first key and are dropped. The scale is folded into the queries (the
+    kernel takes none); scores, softmax and their sums in float32. Off a TPU Pallas interprets the
+    kernel (slowly: for tests)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    from flax_whisper.layers import placed
+
+    t, s = q.shape[1], k.shape[1]
+    tp, sp = (-(-n // SPLASH_BLOCK) * SPLASH_BLOCK for n in (t, s))
+    seen = np.zeros((tp, sp), bool)
+    seen[:t, :s] = allowed(mask, t, s, xp=np)
+    seen[t:, 0] = True
+
+    def local(qh, kh, vh):  # (b, h, tp, dh), (b, h, sp, dh): one device's rows and heads
+        kernel = splash.make_splash_mha(
+            masks.MultiHeadMask([masks.NumpyMask(seen)] * qh.shape[1]),
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=splash.BlockSizes(*(SPLASH_BLOCK,) * 8),
+            interpret=jax.default_backend() != "tpu" if SPLASH_INTERPRET is None else SPLASH_INTERPRET,
+        )
+        return jax.vmap(kernel)(qh, kh, vh)
+
+    def heads_major(x, rows):  # (B, n, H, dh) -> (B, H, rows, dh), zero rows appended
+        return jnp.swapaxes(jnp.pad(x, ((0, 0), (0, rows - x.shape[1]), (0, 0), (0, 0))), 1, 2)
+
+    scaled = (q.astype(jnp.float32) * scale).astype(q.dtype)
+    args = heads_major(scaled, tp), heads_major(k, sp), heads_major(v, sp)
+    sharding = placed(("batch", "heads", None, None), args[0].shape)
+    if sharding is None:
+        y = local(*args)  # (B, H, tp, dh)
+    else:  # XLA does not partition a Pallas kernel: each device runs it on its own rows and heads
+        spec = sharding.spec
+        y = jax.shard_map(local, mesh=sharding.mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)(*args)
+    return jnp.swapaxes(y, 1, 2)[:, :t]
 
 
 def _causal_behind_zero_rows(q, k, v, front: int, window: int | None, scale: float, how: str, return_lse: bool):

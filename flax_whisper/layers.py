@@ -46,11 +46,17 @@ def sharding_rules(placement: Callable[[Axes, tuple[int, ...]], jax.sharding.Sha
         _PLACEMENT.reset(token)
 
 
+def placed(axes: Axes, shape: tuple[int, ...]) -> jax.sharding.Sharding | None:
+    """The sharding `sharding_rules` give an activation of `shape` whose dimensions are named
+    `axes`; None outside them."""
+    placement = _PLACEMENT.get()
+    return None if placement is None else placement(axes, shape)
+
+
 def constrain(x: jax.Array, axes: Axes) -> jax.Array:
     """`x` with its sharding pinned to the one its logical `axes` map to under `sharding_rules`;
     `x` unchanged outside them."""
-    placement = _PLACEMENT.get()
-    sharding = None if placement is None else placement(axes, x.shape)
+    sharding = placed(axes, x.shape)
     return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
 
 

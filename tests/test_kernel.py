@@ -143,6 +143,72 @@ def test_auto_on_a_gpu_takes_xla_for_one_query_and_cudnn_for_more(monkeypatch):
     assert fk.choose("cudnn", one, 64, causal, jnp.int32(40), None) == "cudnn"  # still there when asked for
 
 
+def test_auto_on_a_tpu_takes_splash_for_queries_from_position_zero(monkeypatch):
+    """The choice `auto` makes on a TPU (decided without one): Pallas' flash kernel wherever the
+    mask is known when tracing (queries from position 0: training, the encoder, a prompt written
+    at the start of a cache), XLA's op for a decoding step after a traced offset, the
+    materialised softmax under attention dropout. Asked for, `splash` refuses a traced offset;
+    asked for the log-sum-exp (memory write-back), it gives the materialised softmax's."""
+    from flax import nnx
+
+    monkeypatch.setattr(fk.jax, "default_backend", lambda: "tpu")
+    one = jnp.zeros((2, 1, 4, 64), jnp.bfloat16)
+    many = jnp.zeros((2, 128, 4, 64), jnp.bfloat16)
+    causal = fk.Mask(causal=True)
+    assert fk.choose("auto", many, 128, causal, 0, None) == "splash"  # training, a prompt
+    assert fk.choose("auto", many, 1500, fk.Mask(), 0, None) == "splash"  # the encoder, cross-attention
+    assert fk.choose("auto", many, 128, fk.Mask(window=8), 0, None) == "splash"  # hybrid's band
+    assert fk.choose("auto", many.astype(jnp.float32), 136, fk.Mask(causal=True, prefix=8), 0, None) == "splash"
+    assert fk.choose("auto", one, 64, causal, jnp.int32(40), None) == "xla"  # a cached step
+    assert fk.choose("auto", one, 1500, fk.Mask(), 0, None) == "xla"  # a step's cross-attention
+    assert fk.choose("auto", many, 128, causal, 0, nnx.Dropout(0.1, rngs=nnx.Rngs(0))) == "einsum"
+    with pytest.raises(ValueError, match="needs queries from position 0"):
+        fk.choose("splash", one, 64, causal, jnp.int32(40), None)
+    mask = MASKS["causal_prefix"]
+    q, k, v = inputs(7, 10, seed=3)
+    expected, lse = reference(q, k, v, **mask)
+    y, got_lse = fk.attend(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), fk.Mask(**mask), scale=0.5,
+                           implementation="splash", return_lse=True)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(got_lse), lse, atol=2e-6)
+
+
+# Pallas interprets the TPU kernel here, a few seconds a case: the main suite takes two masks.
+@pytest.mark.parametrize(
+    "name", [n if n in ("band", "causal_prefix") else pytest.param(n, marks=pytest.mark.slow) for n in sorted(MASKS)]
+)
+def test_splash_computes_the_mask_and_its_gradient(name):
+    """Pallas' TPU flash kernel (splash attention), interpreted on this CPU, queries and keys
+    padded to one tile: the float64 reference's outputs, and the gradients of the materialised
+    softmax's autodiff."""
+    mask = fk.Mask(**MASKS[name])
+    q, k, v = (jnp.asarray(x, jnp.float32) for x in inputs(7, 10 if mask.prefix else 7, seed=4))
+    expected, _ = reference(*(np.asarray(x, np.float64) for x in (q, k, v)), **MASKS[name])
+
+    def loss(implementation):
+        return lambda *a: jnp.sum(jnp.sin(fk.attend(*a, mask, scale=0.5, implementation=implementation)))
+
+    np.testing.assert_allclose(
+        np.asarray(fk.attend(q, k, v, mask, scale=0.5, implementation="splash")), expected, atol=2e-6
+    )
+    splash = jax.grad(loss("splash"), argnums=(0, 1, 2))(q, k, v)
+    dense = jax.grad(loss("einsum"), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(splash, dense, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+
+
+@pytest.mark.slow
+def test_splash_over_tiles_a_band_never_sees():
+    """A band over 300 positions in tiles of 128 (three a side, the last padded): the first
+    queries' tile of the last keys holds nothing the band sees (the kernel skips such tiles), and
+    the outputs are the reference's."""
+    q, k, v = inputs(300, 300, seed=5)
+    expected, _ = reference(q, k, v, window=2)
+    args = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+    y = fk.attend(*args, fk.Mask(window=2), scale=0.5, implementation="splash")
+    np.testing.assert_allclose(np.asarray(y), expected, atol=2e-6)
+
+
 def test_auto_chooses_by_backend_size_and_dropout():
     small = jnp.zeros((1, 8, 2, 4))
     long = jnp.zeros((1, 1024, 4, 4))

@@ -97,6 +97,30 @@ def test_traced_as_for_a_gpu_gives_the_same_loss_and_gradients(variant, variant_
     assert any(folded)
 
 
+# Pallas interprets the TPU kernel on this CPU, seconds a call (this test about 40 s): `slow`, and
+# only the variant whose attention holds every mask (integrated: hybrid's band, memory's slots,
+# causal and full masks); tests/test_kernel.py checks each mask in the main suite.
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["integrated"], indirect=True)
+def test_traced_as_for_a_tpu_gives_the_same_loss_and_gradients(variant, variant_pair, monkeypatch):
+    """On a TPU attention goes through Pallas' flash kernel (`splash`) wherever queries start at
+    position 0. Traced as for a TPU on this CPU (the kernel interpreted), in float32, the loss and
+    every parameter's gradient are torch_ref's, and the kernel was called."""
+    import flax_whisper.kernel as fk
+
+    calls, splash = [], fk._splash
+
+    def counted(*args):
+        calls.append(args[3])  # the mask
+        return splash(*args)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    monkeypatch.setattr(fk, "SPLASH_INTERPRET", True)
+    monkeypatch.setattr(fk, "_splash", counted)
+    assert_loss_and_gradients_match(variant, *variant_pair)
+    assert calls
+
+
 def assert_loss_and_gradients_match(config, t, f):
     """The loss of a batch with padded labels and the gradient of every parameter, torch_ref's
     against flax_whisper's (traced afresh, so under whatever the test has patched)."""

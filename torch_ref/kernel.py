@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IMPLEMENTATIONS = ("auto", "cudnn", "xla", "chunked", "einsum")
+IMPLEMENTATIONS = ("auto", "cudnn", "splash", "xla", "chunked", "einsum")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,7 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "encoder_positions": ("sinusoidal", "learned_sinusoidal", "none"),
     "decoder_positions": ("learned", "sinusoidal", "learned_sinusoidal", "none"),
     "norm": ("layernorm", "rmsnorm", "group_rms"),
-    "attention_implementation": ("auto", "cudnn", "xla", "chunked", "einsum"),
+    "attention_implementation": ("auto", "cudnn", "splash", "xla", "chunked", "einsum"),
     "remat_policy": ("full", "save_matmuls"),
 }
 
