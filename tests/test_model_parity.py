@@ -97,15 +97,17 @@ def test_traced_as_for_a_gpu_gives_the_same_loss_and_gradients(variant, variant_
     assert any(folded)
 
 
-# Pallas interprets the TPU kernel on this CPU, seconds a call (this test about 40 s): `slow`, and
-# only the variant whose attention holds every mask (integrated: hybrid's band, memory's slots,
-# causal and full masks); tests/test_kernel.py checks each mask in the main suite.
+# Pallas interprets the TPU kernel on this CPU, seconds a call (about 30 s a variant): `slow`, and
+# the two variants whose attention holds every kind of mask between them (hybrid_rotary: a band;
+# integrated: memory's slots; both causal and full masks); tests/test_kernel.py checks two masks
+# in the main suite.
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["integrated"], indirect=True)
+@pytest.mark.parametrize("variant", ["hybrid_rotary", "integrated"], indirect=True)
 def test_traced_as_for_a_tpu_gives_the_same_loss_and_gradients(variant, variant_pair, monkeypatch):
     """On a TPU attention goes through Pallas' flash kernel (`splash`) wherever queries start at
     position 0. Traced as for a TPU on this CPU (the kernel interpreted), in float32, the loss and
-    every parameter's gradient are torch_ref's, and the kernel was called."""
+    every parameter's gradient are torch_ref's, and the kernel took the variant's own mask: hybrid's
+    band, or memory's slots."""
     import flax_whisper.kernel as fk
 
     calls, splash = [], fk._splash
@@ -118,7 +120,9 @@ def test_traced_as_for_a_tpu_gives_the_same_loss_and_gradients(variant, variant_
     monkeypatch.setattr(fk, "SPLASH_INTERPRET", True)
     monkeypatch.setattr(fk, "_splash", counted)
     assert_loss_and_gradients_match(variant, *variant_pair)
-    assert calls
+    assert any(mask.window is not None for mask in calls) == variant.encoder_attention.startswith("hybrid")
+    assert any(mask.prefix for mask in calls) == (variant.encoder_attention == "integrated")
+    assert any(mask.causal for mask in calls) and any(not mask.masks_anything for mask in calls)
 
 
 def assert_loss_and_gradients_match(config, t, f):
