@@ -67,15 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     import jax
     import numpy as np
     from jax.experimental import topologies
-    from jax.sharding import Mesh
 
     try:
         topology = topologies.get_topology_desc(platform="tpu", topology_name=args.topology)
     except Exception as error:  # no libtpu: say what to install
         raise SystemExit(f"deviceless TPU compilation needs libtpu (pip install 'jax[tpu]'): {error}") from error
     devices = topology.devices
-    if len(devices) % (args.fsdp * args.tensor):
-        raise SystemExit(f"--fsdp {args.fsdp} x --tensor {args.tensor} does not divide the {len(devices)} chips")
     jax.default_backend = lambda: "tpu"  # what the model's code asks when it chooses kernels and layouts
 
     from flax import nnx
@@ -83,12 +80,14 @@ def main(argv: list[str] | None = None) -> None:
     from flax_whisper import Whisper
     from train.config import TrainConfig
     from train.loop import sharded_train_step
-    from train.sharding import MESH_AXES, batch_sharding, state_shardings
+    from train.sharding import batch_sharding, make_mesh, state_shardings
     from train.step import Graphs, make_optimizer, new_state
+    from whisper_config import ConfigError
 
-    # `train.sharding.make_mesh`'s layout; built here because it counts this process's own
-    # devices (the CPU's), where the slice's chips all belong to it.
-    mesh = Mesh(np.asarray(devices).reshape(-1, args.fsdp, args.tensor), MESH_AXES)
+    try:
+        mesh = make_mesh(fsdp=args.fsdp, tensor=args.tensor, devices=devices)
+    except ConfigError as error:
+        raise SystemExit(f"{args.topology} ({len(devices)} chips): {error}") from error
     model = {
         "encoder_attention": args.mechanism,
         "decoder_attention": args.mechanism,

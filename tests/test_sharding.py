@@ -173,5 +173,16 @@ def test_a_mesh_that_does_not_fit_the_devices_is_named():
         make_mesh(fsdp=3, devices=eight)
     with pytest.raises(ConfigError, match=r"a 2 x 2 x 1 \(data x fsdp x tensor\) mesh needs 4 devices, found 8"):
         make_mesh(data=2, fsdp=2, devices=eight)
-    with pytest.raises(ConfigError, match="mesh_tensor=8 must divide the 1 devices of each process"):
-        make_mesh(tensor=8, devices=eight)
+
+    class Chip:  # a device of another process, as a multi-host topology lists them
+        def __init__(self, process_index):
+            self.process_index = process_index
+
+    two_hosts = [Chip(0)] * 4 + [Chip(1)] * 4
+    with pytest.raises(ConfigError, match=r"mesh_tensor=8 must divide .* \(found 4 on process 0, 4 on process 1\)"):
+        make_mesh(tensor=8, devices=two_hosts)
+    interleaved = [Chip(0), Chip(1)] * 4  # groups of 2 neighbours would each straddle both hosts
+    with pytest.raises(ConfigError, match="mesh_tensor=2 must divide the devices of each process"):
+        make_mesh(tensor=2, devices=interleaved)
+    # a slice whose chips all belong to this process takes any tensor axis that divides them
+    assert dict(make_mesh(fsdp=2, tensor=4, devices=jax.devices() * 8).shape) == {"data": 1, "fsdp": 2, "tensor": 4}

@@ -60,9 +60,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"a {data} x {fsdp} x {tensor} (data x fsdp x tensor) mesh needs {data * fsdp * tensor} devices, "
             f"found {len(devices)}"
         )
-    local = jax.local_device_count()
-    if tensor > 1 and local % tensor:
-        raise ConfigError(f"mesh_tensor={tensor} must divide the {local} devices of each process")
+    if tensor > 1:
+        # each run of `tensor` neighbours in `devices` is one tensor group: it must sit on one process
+        owners = np.asarray([getattr(device, "process_index", 0) for device in devices]).reshape(-1, tensor)
+        if (owners != owners[:, :1]).any():
+            counts = dict(zip(*np.unique(owners, return_counts=True), strict=True))
+            per_process = ", ".join(f"{int(n)} on process {int(p)}" for p, n in counts.items())
+            raise ConfigError(
+                f"mesh_tensor={tensor} must divide the devices of each process, listed process by process "
+                f"(found {per_process})"
+            )
     return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), MESH_AXES)
 
 
