@@ -276,6 +276,38 @@ def test_flax_checkpoints_of_the_per_layer_layout_still_load(tmp_path, variant, 
     assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
 
 
+def test_flax_arrays_are_read_by_tensorstore_and_by_orbax_where_it_cannot(tmp_path, monkeypatch):
+    """A flax checkpoint's arrays are read straight from their Zarr arrays, never through orbax's
+    partial restore (which reads every array's metadata for each one); where TensorStore cannot
+    open an array, orbax reads it. Both give the saved tensors."""
+    import orbax.checkpoint as ocp
+
+    from convert import checkpoints
+
+    config = tiny_config("whisper")
+    tensors = torch_to_numpy(TorchWhisper(config))
+    save_checkpoint(tmp_path / "flax", "flax", config, tensors)
+
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("orbax restored an array TensorStore can read")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp, "PyTreeCheckpointer", Refused)
+        loaded = load_checkpoint(tmp_path / "flax").tensors
+        assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+
+    def unopenable(path):
+        def read(name, index):
+            raise checkpoints.ConversionError(f"{path}: cannot read {name}")
+
+        return read
+
+    monkeypatch.setattr(checkpoints, "_region_reader", unopenable)
+    loaded = load_checkpoint(tmp_path / "flax").tensors
+    assert all(np.array_equal(loaded[k], v) for k, v in tensors.items())
+
+
 def test_revision_1_memory_update_tensors_are_dropped_with_a_notice(tmp_path, capsys):
     """Model contract revision 2 removed augmented memory's `memory_update` linear; checkpoints
     that have it load without it, and say so."""
