@@ -48,8 +48,10 @@ RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
     """A (data, fsdp, tensor) mesh over `devices` (default: all); `data=-1` takes what the others leave.
 
-    "tensor" is innermost, so a tensor-parallel group is neighbouring devices of one host; it
-    must divide each process's device count (a batch row is read by the process whose devices hold it)."""
+    "tensor" is innermost, so a tensor-parallel group is `tensor` neighbouring devices, which must
+    belong to one process: `tensor` divides each process's device count and the devices are listed
+    process by process, as `jax.devices()` and a TPU topology list them (a batch row is read by
+    the process whose devices hold it)."""
     devices = list(jax.devices() if devices is None else devices)
     if data == -1:
         if len(devices) % (fsdp * tensor):
