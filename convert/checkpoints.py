@@ -139,28 +139,16 @@ def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray
     last: dict[tuple, np.ndarray] = {}
     regions = _region_reader(path)
 
-    def restore(keys: tuple[str, ...]) -> np.ndarray:
-        if keys not in last and regions is not None:
-            last.clear()  # before reading the next array, not after: one array at a time
+    def read(keys: tuple[str, ...]) -> np.ndarray:
+        if regions is not None:
             with contextlib.suppress(ConversionError):  # one TensorStore did not open: orbax says why
-                last[keys] = regions(".".join(keys), ())
+                return regions(".".join(keys), ())
+        return _orbax_restore(path, keys)
+
+    def restore(keys: tuple[str, ...]) -> np.ndarray:
         if keys not in last:
-            last.clear()
-            item: dict = {}
-            node = item
-            for key in keys[:-1]:
-                node = node.setdefault(key, {})
-            node[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
-            try:
-                with ocp.PyTreeCheckpointer() as checkpointer:
-                    restored = checkpointer.restore(
-                        path.absolute(), args=ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True)
-                    )
-            except Exception as err:  # orbax raises many types for unreadable arrays
-                raise ConversionError(f"{path}: cannot read {'.'.join(keys)}: {first_line(err)}") from None
-            for key in keys:
-                restored = restored[key]
-            last[keys] = np.asarray(restored)
+            last.clear()  # before reading the next array, not after: one array at a time
+            last[keys] = read(keys)
         return last[keys]
 
     specs: dict[str, Spec] = {}
@@ -178,6 +166,27 @@ def _read_flax_state(path: Path, config: ModelConfig) -> Mapping[str, np.ndarray
 
     walk(tree, ())
     return flax_arrays_lazily(drop_removed(LazyTensors(specs), f"checkpoint {path.parent}"), config)
+
+
+def _orbax_restore(path: Path, keys: tuple[str, ...]) -> np.ndarray:
+    """The array at `keys` of the orbax checkpoint at `path`, alone (orbax's partial restore)."""
+    import orbax.checkpoint as ocp
+
+    item: dict = {}
+    node = item
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = ocp.RestoreArgs(restore_type=np.ndarray)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            restored = checkpointer.restore(
+                path.absolute(), args=ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True)
+            )
+    except Exception as err:  # orbax raises many types for unreadable arrays
+        raise ConversionError(f"{path}: cannot read {'.'.join(keys)}: {first_line(err)}") from None
+    for key in keys:
+        restored = restored[key]
+    return np.asarray(restored)
 
 
 def _chunked(metadata) -> bool:

@@ -64,7 +64,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
         )
     if tensor > 1:
         # each run of `tensor` neighbours in `devices` is one tensor group: it must sit on one process
-        owners = np.asarray([getattr(device, "process_index", 0) for device in devices]).reshape(-1, tensor)
+        owners = np.asarray([device.process_index for device in devices]).reshape(-1, tensor)
         if (owners != owners[:, :1]).any():
             counts = dict(zip(*np.unique(owners, return_counts=True), strict=True))
             per_process = ", ".join(f"{int(n)} on process {int(p)}" for p, n in counts.items())
